@@ -1,0 +1,548 @@
+//! The command line: argument definitions and one function per command, printing tables for people
+//! and `--json` for programs (stdout), logs and progress to stderr.
+//!
+//! The edge of the program: it may use `anyhow`; everything below it returns typed errors.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::bench;
+use crate::collection::{Catalog, CollectionSettings};
+use crate::config::{FusionMethod, Settings, Sources};
+use crate::embed::Embedder;
+use crate::eval::{self, QuestionFormat};
+use crate::ingest::{Format, Ingestor, Progress};
+use crate::retrieve::{Mode, Retriever};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "domainrag",
+    version,
+    about = "On-prem RAG: collections, hybrid search, evaluation"
+)]
+pub struct Cli {
+    /// Extra config file (TOML), applied after config/default.toml and config/$DOMAINRAG_ENV.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where collections live (default `data/`).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where model files live (default `data/models/`).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, list, show, change or delete collections.
+    #[command(subcommand)]
+    Collection(CollectionCmd),
+    /// Add files or directories to a collection (txt, md, html, pdf, jsonl; SQuAD with --format squad).
+    Ingest {
+        #[arg(long, short)]
+        collection: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: Format,
+        /// Hide the progress bar.
+        #[arg(long)]
+        no_progress: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Search a collection.
+    Search {
+        #[arg(long, short)]
+        collection: String,
+        #[arg(long, value_enum, default_value = "hybrid")]
+        mode: Mode,
+        #[arg(long, short, default_value_t = 5)]
+        k: usize,
+        #[arg(long)]
+        json: bool,
+        query: String,
+    },
+    /// Evaluate retrieval quality.
+    #[command(subcommand)]
+    Eval(EvalCmd),
+    /// Measure speed (writes JSON and prints a table).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CollectionCmd {
+    /// Create a collection (settings default to the config's collection_defaults).
+    Create {
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// List collections with their counts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one collection's settings and counts.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a collection's fusion settings (chunking is fixed once documents are stored).
+    Set {
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Delete a collection and everything in it.
+    Delete { name: String },
+}
+
+#[derive(Debug, Args, Default)]
+pub struct SettingsArgs {
+    /// Words per chunk.
+    #[arg(long)]
+    pub max_words: Option<usize>,
+    /// Words repeated between consecutive chunks.
+    #[arg(long)]
+    pub overlap_words: Option<usize>,
+    /// rrf or weighted.
+    #[arg(long, value_parser = parse_fusion)]
+    pub fusion: Option<FusionMethod>,
+    #[arg(long)]
+    pub rrf_k: Option<f32>,
+    #[arg(long)]
+    pub bm25_weight: Option<f32>,
+    #[arg(long)]
+    pub dense_weight: Option<f32>,
+    /// Candidates fetched from each retriever before fusion.
+    #[arg(long)]
+    pub candidates: Option<usize>,
+}
+
+fn parse_fusion(s: &str) -> Result<FusionMethod, String> {
+    match s {
+        "rrf" => Ok(FusionMethod::Rrf),
+        "weighted" => Ok(FusionMethod::Weighted),
+        other => Err(format!(
+            "unknown fusion method {other:?}: use rrf or weighted"
+        )),
+    }
+}
+
+impl SettingsArgs {
+    fn apply(&self, s: &mut CollectionSettings) {
+        if let Some(v) = self.max_words {
+            s.chunking.max_words = v;
+        }
+        if let Some(v) = self.overlap_words {
+            s.chunking.overlap_words = v;
+        }
+        if let Some(v) = self.fusion {
+            s.fusion.method = v;
+        }
+        if let Some(v) = self.rrf_k {
+            s.fusion.rrf_k = v;
+        }
+        if let Some(v) = self.bm25_weight {
+            s.fusion.bm25_weight = v;
+        }
+        if let Some(v) = self.dense_weight {
+            s.fusion.dense_weight = v;
+        }
+        if let Some(v) = self.candidates {
+            s.fusion.candidates = v;
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCmd {
+    /// recall@1/5/10, MRR@10, nDCG@10 for bm25, dense and hybrid side by side.
+    Retrieval {
+        #[arg(long, short)]
+        collection: String,
+        #[arg(long, value_enum)]
+        format: QuestionFormat,
+        #[arg(long)]
+        questions: PathBuf,
+        /// Evaluate only the first N questions.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Override the collection's fusion for this run (to compare settings).
+        #[command(flatten)]
+        fusion: SettingsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Search latency per mode, with and without query embedding.
+    Search {
+        #[arg(long, short)]
+        collection: String,
+        #[arg(long, value_enum)]
+        format: QuestionFormat,
+        #[arg(long)]
+        questions: PathBuf,
+        /// Number of queries per mode.
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        #[arg(long, short, default_value_t = 10)]
+        k: usize,
+        /// Write the JSON here (it is also printed with --json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ingest throughput: ingest into a fresh throwaway collection and report chunks/s.
+    Ingest {
+        #[arg(long, value_enum, default_value = "auto")]
+        format: Format,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Load settings from the global flags.
+pub fn settings(cli: &Cli) -> Result<Settings> {
+    Ok(Settings::load(&Sources::from_process(
+        cli.config.clone(),
+        cli.data_dir.clone(),
+        cli.models_dir.clone(),
+    ))?)
+}
+
+/// Run a parsed command.
+pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
+    let catalog = Catalog::new(&settings);
+    match cli.command {
+        Command::Collection(cmd) => collection(&catalog, cmd).await,
+        Command::Ingest {
+            collection,
+            format,
+            no_progress,
+            json,
+            paths,
+        } => {
+            let embedder = Embedder::load_async(&settings).await?;
+            let col = catalog.open(&collection).await?;
+            let ingestor = Ingestor::new(col, embedder, settings.ingest.batch_docs);
+            let bar = Bar::new(!no_progress);
+            let report = ingestor.ingest_paths(&paths, format, &bar).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for f in &report.failures {
+                    eprintln!("error: {}: {}", f.source, f.error);
+                }
+                println!(
+                    "ingested {} files into {collection}: {} documents written, {} unchanged, {} chunks, \
+                     {} failures, {} files skipped (unsupported type), {:.1} s ({:.0} chunks/s)",
+                    report.files,
+                    report.documents,
+                    report.unchanged,
+                    report.chunks,
+                    report.failures.len(),
+                    report.skipped_files,
+                    report.seconds,
+                    report.chunks_per_second()
+                );
+            }
+            Ok(())
+        }
+        Command::Search {
+            collection,
+            mode,
+            k,
+            json,
+            query,
+        } => {
+            let embedder = Embedder::load_async(&settings).await?;
+            let col = catalog.open(&collection).await?;
+            let hits = Retriever::new(embedder)
+                .search(&col, &query, mode, k)
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "results": hits }))?
+                );
+            } else if hits.is_empty() {
+                println!("no results");
+            } else {
+                for (i, h) in hits.iter().enumerate() {
+                    let fmt = |s: Option<f32>| s.map_or("-".to_string(), |v| format!("{v:.3}"));
+                    println!(
+                        "{}. {} (score {:.4}, bm25 {}, dense {})\n   {}\n   {}\n",
+                        i + 1,
+                        h.title,
+                        h.score,
+                        fmt(h.bm25_score),
+                        fmt(h.dense_score),
+                        h.source,
+                        preview(&h.text, 220)
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Eval(EvalCmd::Retrieval {
+            collection,
+            format,
+            questions,
+            limit,
+            fusion,
+            json,
+        }) => {
+            let mut qs = eval::load_questions(&questions, format)?;
+            if let Some(limit) = limit {
+                qs.truncate(limit);
+            }
+            let embedder = Embedder::load_async(&settings).await?;
+            let col = catalog.open(&collection).await?;
+            let mut settings_for_run = col.settings.clone();
+            fusion.apply(&mut settings_for_run);
+            settings_for_run.validate()?;
+            let bar = Bar::new(!json);
+            bar.start((qs.len() * Mode::ALL.len()) as u64);
+            let report = eval::evaluate(
+                &col,
+                &embedder,
+                &qs,
+                &Mode::ALL,
+                &settings_for_run.fusion,
+                &|n| bar.advance(n as u64, ""),
+            )
+            .await?;
+            bar.finish();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} questions, collection {collection}, fusion {:?}\n\
+                     | mode | recall@1 | recall@5 | recall@10 | MRR@10 | nDCG@10 |\n|---|---|---|---|---|---|",
+                    report.questions, settings_for_run.fusion
+                );
+                for (mode, m) in &report.modes {
+                    println!(
+                        "| {mode} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+                        m.recall_1, m.recall_5, m.recall_10, m.mrr_10, m.ndcg_10
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Search {
+            collection,
+            format,
+            questions,
+            n,
+            k,
+            out,
+            json,
+        }) => {
+            let qs = eval::load_questions(&questions, format)?;
+            let embedder = Embedder::load_async(&settings).await?;
+            let col = catalog.open(&collection).await?;
+            let result = bench::search_latency(&col, &embedder, &qs, n, k).await?;
+            let text = serde_json::to_string_pretty(&result)?;
+            if let Some(out) = out {
+                std::fs::write(&out, &text)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+            if json {
+                println!("{text}");
+            } else {
+                print!("{}", bench::search_table(&result));
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Ingest {
+            format,
+            out,
+            json,
+            paths,
+        }) => {
+            let scratch =
+                std::env::temp_dir().join(format!("domainrag-bench-{}", std::process::id()));
+            let mut bench_settings = settings.clone();
+            bench_settings.paths.data_dir = scratch.clone();
+            let scratch_catalog = Catalog::new(&bench_settings);
+            let name = "bench-ingest";
+            scratch_catalog
+                .create(scratch_catalog.default_settings(name))
+                .await?;
+            let embedder = Embedder::load_async(&bench_settings).await?;
+            let col = scratch_catalog.open(name).await?;
+            let ingestor = Ingestor::new(col, embedder, bench_settings.ingest.batch_docs);
+            let bar = Bar::new(!json);
+            let report = ingestor.ingest_paths(&paths, format, &bar).await;
+            let cleanup = std::fs::remove_dir_all(&scratch);
+            let report = report?;
+            cleanup.with_context(|| format!("removing {}", scratch.display()))?;
+            let result = serde_json::json!({
+                "files": report.files,
+                "documents": report.documents,
+                "chunks": report.chunks,
+                "failures": report.failures.len(),
+                "seconds": report.seconds,
+                "chunks_per_second": report.chunks_per_second(),
+                "vector_backend": settings.vectors.backend,
+            });
+            let text = serde_json::to_string_pretty(&result)?;
+            if let Some(out) = out {
+                std::fs::write(&out, &text)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+            if json {
+                println!("{text}");
+            } else {
+                println!(
+                    "| files | documents | chunks | seconds | chunks/s |\n|---|---|---|---|---|\n| {} | {} | {} | {:.1} | {:.1} |",
+                    report.files,
+                    report.documents,
+                    report.chunks,
+                    report.seconds,
+                    report.chunks_per_second()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn collection(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
+    match cmd {
+        CollectionCmd::Create { name, settings } => {
+            crate::collection::validate_name(&name)?;
+            let mut s = catalog.default_settings(&name);
+            settings.apply(&mut s);
+            catalog.create(s).await?;
+            println!("created collection {name}");
+        }
+        CollectionCmd::List { json } => {
+            let mut rows = Vec::new();
+            for name in catalog.list()? {
+                let col = catalog.open(&name).await?;
+                let stats = col.stats().await?;
+                rows.push(serde_json::json!({
+                    "name": name,
+                    "documents": stats.documents,
+                    "chunks": stats.chunks,
+                    "adapter": col.settings.adapter,
+                    "fusion": col.settings.fusion.method,
+                }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no collections (create one with `domainrag collection create NAME`)");
+            } else {
+                println!(
+                    "{:<24} {:>10} {:>10}  fusion",
+                    "name", "documents", "chunks"
+                );
+                for r in rows {
+                    println!(
+                        "{:<24} {:>10} {:>10}  {}",
+                        r["name"].as_str().unwrap_or_default(),
+                        r["documents"],
+                        r["chunks"],
+                        r["fusion"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+        CollectionCmd::Show { name, json } => {
+            let col = catalog.open(&name).await?;
+            let stats = col.stats().await?;
+            let value = serde_json::json!({ "settings": col.settings, "stats": stats });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("{}", toml::to_string_pretty(&value)?);
+            }
+        }
+        CollectionCmd::Set { name, settings } => {
+            let mut s = catalog.settings(&name)?;
+            if settings.max_words.is_some() || settings.overlap_words.is_some() {
+                let col = catalog.open(&name).await?;
+                if col.stats().await?.documents > 0 {
+                    bail!(
+                        "collection {name} already holds documents; chunking applies at ingest, so \
+                         create a new collection to change it"
+                    );
+                }
+            }
+            settings.apply(&mut s);
+            catalog.save_settings(&s)?;
+            println!("updated collection {name}: fusion {:?}", s.fusion);
+        }
+        CollectionCmd::Delete { name } => {
+            catalog.delete(&name).await?;
+            println!("deleted collection {name}");
+        }
+    }
+    Ok(())
+}
+
+fn preview(text: &str, max_chars: usize) -> String {
+    let mut s: String = text.chars().take(max_chars).collect();
+    if text.chars().count() > max_chars {
+        s.push('…');
+    }
+    s.replace('\n', " ")
+}
+
+/// The progress bar on stderr (hidden when not wanted or stderr is not a terminal).
+struct Bar(ProgressBar);
+
+impl Bar {
+    fn new(visible: bool) -> Bar {
+        let bar = if visible {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}")
+                .expect("static template is valid"),
+        );
+        Bar(bar)
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn advance(&self, n: u64, message: &str) {
+        self.0.inc(n);
+        if !message.is_empty() {
+            self.0.set_message(message.to_string());
+        }
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Shared handle type for callers that keep an embedder around.
+pub type SharedEmbedder = Arc<Embedder>;

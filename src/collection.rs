@@ -1,0 +1,420 @@
+//! Collections: named knowledge bases, each a directory under `<data_dir>/collections/<name>/` with
+//! its settings (`collection.json`: embedding model, chunking, fusion, adapter), its document ledger
+//! (`documents.json`: which documents are stored, their content hash and chunk count), its BM25
+//! index (`bm25/`) and, with the embedded backend, its vectors (`vectors/`).
+//!
+//! Owns creating, listing, opening, updating and deleting collections and the atomic writes of their
+//! JSON files. Searching and ingesting live in `retrieve` and `ingest`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ChunkingConfig, FusionConfig, Settings};
+use crate::error::ErrorKind;
+use crate::index::{Bm25Index, IndexError};
+use crate::vectors::{self, VectorError, VectorStore};
+
+const SETTINGS_FILE: &str = "collection.json";
+const LEDGER_FILE: &str = "documents.json";
+
+/// Errors about collections.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectionError {
+    #[error(
+        "invalid collection name {name:?}: use 1-64 characters from a-z, 0-9, '-' and '_', \
+         starting with a letter or digit"
+    )]
+    InvalidName { name: String },
+    #[error("collection {name:?} does not exist (see `domainrag collection list`)")]
+    NotFound { name: String },
+    #[error("collection {name:?} already exists")]
+    AlreadyExists { name: String },
+    #[error("invalid setting for collection {name:?}: `{key}` {problem}")]
+    InvalidSetting {
+        name: String,
+        key: &'static str,
+        problem: String,
+    },
+    #[error(
+        "collection {name:?} was built with {expected}-dimensional embeddings ({model}), the \
+         configured embedding model gives {got}"
+    )]
+    EmbeddingMismatch {
+        name: String,
+        model: String,
+        expected: usize,
+        got: usize,
+    },
+    #[error("collection {name:?}: cannot read or write {path}: {source}")]
+    Io {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("collection {name:?}: {path} is corrupt: {source}")]
+    Corrupt {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Vectors(#[from] VectorError),
+    #[error("collection task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl CollectionError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CollectionError::InvalidName { .. } | CollectionError::InvalidSetting { .. } => {
+                ErrorKind::InvalidInput
+            }
+            CollectionError::NotFound { .. } => ErrorKind::NotFound,
+            CollectionError::AlreadyExists { .. } => ErrorKind::Conflict,
+            CollectionError::EmbeddingMismatch { .. } => ErrorKind::Conflict,
+            CollectionError::Index(e) => e.kind(),
+            CollectionError::Vectors(e) => e.kind(),
+            CollectionError::Io { .. }
+            | CollectionError::Corrupt { .. }
+            | CollectionError::Join(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// A collection's own settings, persisted in `collection.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionSettings {
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// The embedding model the vectors were made with (its directory name) and their size.
+    pub embedding_model: String,
+    pub dimension: usize,
+    pub chunking: ChunkingConfig,
+    pub fusion: FusionConfig,
+    /// The LoRA adapter answering for this collection, if any.
+    #[serde(default)]
+    pub adapter: Option<String>,
+}
+
+impl CollectionSettings {
+    /// Checks chunking and fusion, naming the key.
+    pub fn validate(&self) -> Result<(), CollectionError> {
+        let invalid = |(key, problem)| CollectionError::InvalidSetting {
+            name: self.name.clone(),
+            key,
+            problem,
+        };
+        self.chunking.validate().map_err(invalid)?;
+        self.fusion.validate().map_err(invalid)?;
+        Ok(())
+    }
+}
+
+/// What the ledger knows of one stored document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentEntry {
+    pub title: String,
+    pub source: String,
+    /// sha256 of the document's text and title; unchanged documents are skipped on re-ingest.
+    pub content_hash: String,
+    pub chunks: usize,
+    pub ingested_at: u64,
+}
+
+/// Document id -> entry.
+pub type Ledger = BTreeMap<String, DocumentEntry>;
+
+/// Checks a collection name: it becomes a directory name and a Qdrant collection name.
+pub fn validate_name(name: &str) -> Result<(), CollectionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(CollectionError::InvalidName {
+            name: name.to_string(),
+        })
+    }
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Write `bytes` to `path` atomically (temp file + rename), so a crash never leaves half a file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The set of collections in one data dir.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    root: PathBuf,
+    settings: Settings,
+}
+
+impl Catalog {
+    pub fn new(settings: &Settings) -> Catalog {
+        Catalog {
+            root: settings.paths.data_dir.join("collections"),
+            settings: settings.clone(),
+        }
+    }
+
+    pub fn dir_of(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn io_err(name: &str, path: &Path) -> impl FnOnce(std::io::Error) -> CollectionError {
+        let (name, path) = (name.to_string(), path.to_path_buf());
+        move |source| CollectionError::Io { name, path, source }
+    }
+
+    /// Names of all collections, sorted.
+    pub fn list(&self) -> Result<Vec<String>, CollectionError> {
+        let mut names = Vec::new();
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+            Err(e) => return Err(Self::io_err("*", &self.root)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(Self::io_err("*", &self.root))?;
+            if entry.path().join(SETTINGS_FILE).is_file() {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Read a collection's settings.
+    pub fn settings(&self, name: &str) -> Result<CollectionSettings, CollectionError> {
+        validate_name(name)?;
+        let path = self.dir_of(name).join(SETTINGS_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CollectionError::NotFound {
+                    name: name.to_string(),
+                });
+            }
+            Err(e) => return Err(Self::io_err(name, &path)(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|source| CollectionError::Corrupt {
+            name: name.to_string(),
+            path,
+            source,
+        })
+    }
+
+    /// Persist changed settings of an existing collection (after validating them).
+    pub fn save_settings(&self, settings: &CollectionSettings) -> Result<(), CollectionError> {
+        settings.validate()?;
+        let dir = self.dir_of(&settings.name);
+        if !dir.join(SETTINGS_FILE).is_file() {
+            return Err(CollectionError::NotFound {
+                name: settings.name.clone(),
+            });
+        }
+        let path = dir.join(SETTINGS_FILE);
+        let bytes = serde_json::to_vec_pretty(settings).expect("settings serialise to JSON");
+        write_atomic(&path, &bytes).map_err(Self::io_err(&settings.name, &path))
+    }
+
+    /// New settings for `name` from the configured defaults.
+    pub fn default_settings(&self, name: &str) -> CollectionSettings {
+        let model = self
+            .settings
+            .embedding
+            .model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.settings.embedding.model_dir.display().to_string());
+        CollectionSettings {
+            name: name.to_string(),
+            created_at: now_secs(),
+            embedding_model: model,
+            dimension: self.settings.embedding.dimension,
+            chunking: self.settings.collection_defaults.chunking,
+            fusion: self.settings.collection_defaults.fusion,
+            adapter: None,
+        }
+    }
+
+    /// Create a collection with `settings` (its name included). Creates its indexes too, so a
+    /// broken backend is reported now rather than at first ingest.
+    pub async fn create(&self, settings: CollectionSettings) -> Result<(), CollectionError> {
+        validate_name(&settings.name)?;
+        settings.validate()?;
+        let dir = self.dir_of(&settings.name);
+        if dir.join(SETTINGS_FILE).exists() {
+            return Err(CollectionError::AlreadyExists {
+                name: settings.name.clone(),
+            });
+        }
+        std::fs::create_dir_all(&dir).map_err(Self::io_err(&settings.name, &dir))?;
+        let path = dir.join(SETTINGS_FILE);
+        let bytes = serde_json::to_vec_pretty(&settings).expect("settings serialise to JSON");
+        write_atomic(&path, &bytes).map_err(Self::io_err(&settings.name, &path))?;
+        let collection = self.open(&settings.name).await?;
+        collection.close().await
+    }
+
+    /// Open a collection's indexes.
+    pub async fn open(&self, name: &str) -> Result<Arc<Collection>, CollectionError> {
+        let settings = self.settings(name)?;
+        if settings.dimension != self.settings.embedding.dimension {
+            return Err(CollectionError::EmbeddingMismatch {
+                name: name.to_string(),
+                model: settings.embedding_model.clone(),
+                expected: settings.dimension,
+                got: self.settings.embedding.dimension,
+            });
+        }
+        let dir = self.dir_of(name);
+        let heap = self.settings.ingest.writer_heap_mb;
+        let bm25_dir = dir.join("bm25");
+        let index = tokio::task::spawn_blocking(move || Bm25Index::open_or_create(&bm25_dir, heap))
+            .await??;
+        let vectors = vectors::open(&self.settings.vectors, name, &dir, settings.dimension).await?;
+        let ledger_path = dir.join(LEDGER_FILE);
+        let ledger = match std::fs::read(&ledger_path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| CollectionError::Corrupt {
+                    name: name.to_string(),
+                    path: ledger_path.clone(),
+                    source,
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger::new(),
+            Err(e) => return Err(Self::io_err(name, &ledger_path)(e)),
+        };
+        Ok(Arc::new(Collection {
+            settings,
+            dir,
+            index: Arc::new(index),
+            vectors,
+            ledger: Mutex::new(ledger),
+        }))
+    }
+
+    /// Delete a collection and everything stored in it.
+    pub async fn delete(&self, name: &str) -> Result<(), CollectionError> {
+        let collection = self.open(name).await?;
+        collection.vectors.drop_store().await?;
+        collection.index.close_writer()?;
+        let dir = collection.dir.clone();
+        drop(collection);
+        std::fs::remove_dir_all(&dir).map_err(Self::io_err(name, &dir))
+    }
+}
+
+/// An open collection: settings, BM25 index, vector store and document ledger.
+#[derive(Debug)]
+pub struct Collection {
+    pub settings: CollectionSettings,
+    pub dir: PathBuf,
+    pub index: Arc<Bm25Index>,
+    pub vectors: Arc<dyn VectorStore>,
+    ledger: Mutex<Ledger>,
+}
+
+/// Counts shown by `collection list` / `show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CollectionStats {
+    pub documents: usize,
+    pub chunks: usize,
+    pub vectors: usize,
+}
+
+impl Collection {
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// A copy of the ledger.
+    pub fn ledger(&self) -> Ledger {
+        self.ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Record documents as stored (or removed, with `None`) and persist the ledger.
+    pub fn update_ledger(
+        &self,
+        changes: Vec<(String, Option<DocumentEntry>)>,
+    ) -> Result<(), CollectionError> {
+        let mut ledger = self
+            .ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (doc_id, entry) in changes {
+            match entry {
+                Some(entry) => ledger.insert(doc_id, entry),
+                None => ledger.remove(&doc_id),
+            };
+        }
+        let path = self.dir.join(LEDGER_FILE);
+        let bytes = serde_json::to_vec(&*ledger).expect("ledger serialises to JSON");
+        write_atomic(&path, &bytes).map_err(Catalog::io_err(self.name(), &path))
+    }
+
+    pub async fn stats(&self) -> Result<CollectionStats, CollectionError> {
+        let index = Arc::clone(&self.index);
+        let chunks = tokio::task::spawn_blocking(move || index.num_chunks()).await??;
+        let documents = self
+            .ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        Ok(CollectionStats {
+            documents,
+            chunks,
+            vectors: self.vectors.count().await?,
+        })
+    }
+
+    /// Flush vectors and release the index writer.
+    pub async fn close(&self) -> Result<(), CollectionError> {
+        self.vectors.flush().await?;
+        let index = Arc::clone(&self.index);
+        tokio::task::spawn_blocking(move || index.close_writer()).await??;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["postgres", "a", "legal-v1", "x_2", "0abc"] {
+            validate_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["", "Postgres", "-x", "a b", "../etc", "é", &"a".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

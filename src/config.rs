@@ -1,0 +1,457 @@
+//! Settings: the compiled-in `config/default.toml`, then `config/$DOMAINRAG_ENV.toml`, then
+//! `--config FILE`, then `DOMAINRAG__SECTION__KEY` environment variables, then the global CLI flags.
+//!
+//! Every struct denies unknown keys, and [`Settings::validate`] refuses values that would only fail
+//! later, naming the key and the fix. This module reads files and the environment; it opens nothing
+//! else (no models, no indexes).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Errors while loading or validating settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file or variable could not be parsed, or a key is unknown or of the wrong type.
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] config::ConfigError),
+    /// The explicit `--config` file does not exist.
+    #[error("config file {path} does not exist")]
+    MissingFile { path: PathBuf },
+    /// A value parsed but is not acceptable.
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub paths: PathsConfig,
+    pub embedding: EmbeddingConfig,
+    pub vectors: VectorsConfig,
+    pub collection_defaults: CollectionDefaults,
+    pub ingest: IngestConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathsConfig {
+    pub data_dir: PathBuf,
+    pub models_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingConfig {
+    pub model_dir: PathBuf,
+    pub onnx_file: String,
+    pub ort_library: PathBuf,
+    pub dimension: usize,
+    pub max_length: usize,
+    pub batch_size: usize,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VectorBackend {
+    Edge,
+    Qdrant,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VectorsConfig {
+    pub backend: VectorBackend,
+    pub qdrant: QdrantConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QdrantConfig {
+    pub url: String,
+    /// Empty means no key.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    pub collection_prefix: String,
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionDefaults {
+    pub chunking: ChunkingConfig,
+    pub fusion: FusionConfig,
+}
+
+/// How documents are cut into chunks. Kept per collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkingConfig {
+    pub max_words: usize,
+    pub overlap_words: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FusionMethod {
+    Rrf,
+    Weighted,
+}
+
+/// How BM25 and dense results are fused. Kept per collection.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FusionConfig {
+    pub method: FusionMethod,
+    pub rrf_k: f32,
+    pub bm25_weight: f32,
+    pub dense_weight: f32,
+    pub candidates: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub batch_docs: usize,
+    pub writer_heap_mb: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+/// Where settings come from besides the compiled-in defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// `config/` directory holding `$DOMAINRAG_ENV.toml`; `None` skips it.
+    pub config_dir: Option<PathBuf>,
+    /// Value of `DOMAINRAG_ENV`.
+    pub env_name: Option<String>,
+    /// `--config FILE`.
+    pub file: Option<PathBuf>,
+    /// Whether to read `DOMAINRAG__*` variables (off in tests that must not see the caller's env).
+    pub read_env: bool,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--models-dir`.
+    pub models_dir: Option<PathBuf>,
+}
+
+impl Sources {
+    /// The sources a normal process uses: `./config`, `DOMAINRAG_ENV`, the environment.
+    pub fn from_process(
+        file: Option<PathBuf>,
+        data_dir: Option<PathBuf>,
+        models_dir: Option<PathBuf>,
+    ) -> Self {
+        Sources {
+            config_dir: Some(PathBuf::from("config")),
+            env_name: std::env::var("DOMAINRAG_ENV")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            file,
+            read_env: true,
+            data_dir,
+            models_dir,
+        }
+    }
+}
+
+impl Settings {
+    /// Load and validate settings from `sources`.
+    pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let (Some(dir), Some(env)) = (&sources.config_dir, &sources.env_name) {
+            let path = dir.join(format!("{env}.toml"));
+            builder = builder.add_source(config::File::from(path).required(false));
+        }
+        if let Some(file) = &sources.file {
+            if !file.exists() {
+                return Err(ConfigError::MissingFile { path: file.clone() });
+            }
+            builder = builder.add_source(config::File::from(file.as_path()).required(true));
+        }
+        if sources.read_env {
+            builder = builder.add_source(
+                config::Environment::with_prefix("DOMAINRAG")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            );
+        }
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        if let Some(dir) = &sources.data_dir {
+            settings.paths.data_dir = dir.clone();
+        }
+        if let Some(dir) = &sources.models_dir {
+            settings.paths.models_dir = dir.clone();
+        }
+        if settings
+            .vectors
+            .qdrant
+            .api_key
+            .as_deref()
+            .is_some_and(str::is_empty)
+        {
+            settings.vectors.qdrant.api_key = None;
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Refuse values that would fail later, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, problem: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.to_string(),
+            })
+        };
+        if self.paths.data_dir.as_os_str().is_empty() {
+            return invalid(
+                "paths.data_dir",
+                "is empty; set a directory for collections",
+            );
+        }
+        if self.embedding.dimension == 0 {
+            return invalid(
+                "embedding.dimension",
+                "must be > 0 (384 for all-MiniLM-L6-v2)",
+            );
+        }
+        if !(8..=8192).contains(&self.embedding.max_length) {
+            return invalid("embedding.max_length", "must be between 8 and 8192 tokens");
+        }
+        if self.embedding.batch_size == 0 {
+            return invalid("embedding.batch_size", "must be > 0");
+        }
+        if self.embedding.onnx_file.is_empty() {
+            return invalid(
+                "embedding.onnx_file",
+                "is empty; name the .onnx file in model_dir",
+            );
+        }
+        if self.vectors.backend == VectorBackend::Qdrant
+            && !(self.vectors.qdrant.url.starts_with("http://")
+                || self.vectors.qdrant.url.starts_with("https://"))
+        {
+            return invalid(
+                "vectors.qdrant.url",
+                "must start with http:// or https:// (the gRPC port, usually 6334)",
+            );
+        }
+        if self.ingest.batch_docs == 0 {
+            return invalid("ingest.batch_docs", "must be > 0");
+        }
+        if self.ingest.writer_heap_mb < 15 {
+            return invalid(
+                "ingest.writer_heap_mb",
+                "must be at least 15 (tantivy's minimum)",
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid(
+                "log.level",
+                "is not a valid filter (try \"info\" or \"domainrag=debug\")",
+            );
+        }
+        self.collection_defaults
+            .chunking
+            .validate()
+            .map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
+        self.collection_defaults
+            .fusion
+            .validate()
+            .map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
+        Ok(())
+    }
+
+    /// The embedding model directory, resolved against `models_dir`.
+    pub fn embedding_model_dir(&self) -> PathBuf {
+        resolve(&self.paths.models_dir, &self.embedding.model_dir)
+    }
+
+    /// The ONNX Runtime library, resolved against `models_dir`.
+    pub fn ort_library(&self) -> PathBuf {
+        resolve(&self.paths.models_dir, &self.embedding.ort_library)
+    }
+}
+
+impl ChunkingConfig {
+    /// Checks the chunking settings; the error names the key (relative to the chunking section).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.max_words < 8 {
+            return Err(("chunking.max_words", "must be at least 8".into()));
+        }
+        if self.overlap_words >= self.max_words {
+            return Err((
+                "chunking.overlap_words",
+                format!("must be smaller than max_words ({})", self.max_words),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FusionConfig {
+    /// Checks the fusion settings; the error names the key (relative to the fusion section).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(self.rrf_k.is_finite() && self.rrf_k >= 0.0) {
+            return Err(("fusion.rrf_k", "must be a finite number >= 0".into()));
+        }
+        for (key, w) in [
+            ("fusion.bm25_weight", self.bm25_weight),
+            ("fusion.dense_weight", self.dense_weight),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err((key, "must be a finite number >= 0".into()));
+            }
+        }
+        if self.bm25_weight == 0.0 && self.dense_weight == 0.0 {
+            return Err((
+                "fusion.bm25_weight",
+                "and dense_weight cannot both be 0".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&self.candidates) {
+            return Err(("fusion.candidates", "must be between 1 and 10000".into()));
+        }
+        Ok(())
+    }
+}
+
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources_with_file(body: &str) -> (tempfile::TempDir, Sources) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("extra.toml");
+        std::fs::write(&file, body).expect("write config");
+        let sources = Sources {
+            file: Some(file),
+            ..Sources::default()
+        };
+        (dir, sources)
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load(&Sources::default()).expect("defaults are valid");
+        assert_eq!(s.embedding.dimension, 384);
+        assert_eq!(s.vectors.backend, VectorBackend::Edge);
+        assert_eq!(s.vectors.qdrant.api_key, None);
+        assert_eq!(
+            s.embedding_model_dir(),
+            PathBuf::from("data/models/all-MiniLM-L6-v2")
+        );
+    }
+
+    #[test]
+    fn every_file_in_config_dir_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("config dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let sources = Sources {
+                    file: Some(path.clone()),
+                    ..Sources::default()
+                };
+                Settings::load(&sources)
+                    .unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 1);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let (_d, sources) = sources_with_file("[embedding]\nbatchsize = 3\n");
+        let err = Settings::load(&sources)
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("batchsize"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_refused_by_name() {
+        let (_d, sources) = sources_with_file("[retrieval]\nk = 3\n");
+        let err = Settings::load(&sources)
+            .expect_err("unknown section")
+            .to_string();
+        assert!(err.contains("retrieval"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_refused_by_name() {
+        let (_d, sources) = sources_with_file("[embedding]\nbatch_size = \"many\"\n");
+        let err = Settings::load(&sources)
+            .expect_err("wrong type")
+            .to_string();
+        assert!(err.contains("batch_size"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        for (body, key) in [
+            ("[embedding]\nbatch_size = 0\n", "embedding.batch_size"),
+            (
+                "[collection_defaults.chunking]\nmax_words = 50\noverlap_words = 50\n",
+                "chunking.overlap_words",
+            ),
+            (
+                "[collection_defaults.fusion]\nrrf_k = -1.0\n",
+                "fusion.rrf_k",
+            ),
+            ("[collection_defaults.fusion]\nmethod = \"max\"\n", "method"),
+            (
+                "[vectors]\nbackend = \"qdrant\"\n[vectors.qdrant]\nurl = \"localhost\"\n",
+                "vectors.qdrant.url",
+            ),
+            ("[log]\nlevel = \"=[\"\n", "log.level"),
+        ] {
+            let (_d, sources) = sources_with_file(body);
+            let err = Settings::load(&sources).expect_err(body).to_string();
+            assert!(err.contains(key), "{body} -> {err}");
+        }
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let sources = Sources {
+            file: Some(PathBuf::from("/nonexistent/domainrag.toml")),
+            ..Sources::default()
+        };
+        let err = Settings::load(&sources)
+            .expect_err("missing file")
+            .to_string();
+        assert!(err.contains("/nonexistent/domainrag.toml"), "{err}");
+    }
+
+    #[test]
+    fn cli_flags_override_files() {
+        let (_d, mut sources) = sources_with_file("[paths]\ndata_dir = \"from-file\"\n");
+        sources.data_dir = Some(PathBuf::from("from-flag"));
+        let s = Settings::load(&sources).expect("valid");
+        assert_eq!(s.paths.data_dir, PathBuf::from("from-flag"));
+    }
+}

@@ -1,0 +1,364 @@
+//! The BM25 index of one collection: a tantivy index on disk with English stemming, holding every
+//! chunk's text and its document's metadata (the chunk store the other retrievers join against).
+//!
+//! One [`Bm25Index`] owns the collection's single `IndexWriter` (tantivy allows one per index; a
+//! second process gets [`IndexError::Locked`]). Calls are blocking: async callers go through
+//! `spawn_blocking`. Knows nothing of vectors or fusion.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::{AllQuery, QueryParser, TermQuery};
+use tantivy::schema::{
+    Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value,
+};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+
+use crate::error::ErrorKind;
+
+/// Errors of the BM25 index.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// Another process holds the index writer.
+    #[error("BM25 index at {path} is being written by another process; retry when it finishes")]
+    Locked { path: PathBuf },
+    /// Tantivy failed to open, write or search the index.
+    #[error("BM25 index at {path}: {source}")]
+    Tantivy {
+        path: PathBuf,
+        #[source]
+        source: tantivy::TantivyError,
+    },
+}
+
+impl IndexError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            IndexError::Locked { .. } => ErrorKind::Conflict,
+            IndexError::Tantivy { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+/// A chunk as stored in the index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkRecord {
+    pub chunk_id: String,
+    pub doc_id: String,
+    pub title: String,
+    pub source: String,
+    pub text: String,
+    /// Position of the chunk in its document.
+    pub ordinal: u64,
+    /// The document's metadata, as JSON text (`{}` when none).
+    pub metadata: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Fields {
+    chunk_id: Field,
+    doc_id: Field,
+    title: Field,
+    source: Field,
+    text: Field,
+    ordinal: Field,
+    metadata: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut builder = Schema::builder();
+    let stemmed = TextOptions::default()
+        .set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer("en_stem")
+                .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+        )
+        .set_stored();
+    let fields = Fields {
+        chunk_id: builder.add_text_field("chunk_id", STRING | STORED),
+        doc_id: builder.add_text_field("doc_id", STRING | STORED),
+        title: builder.add_text_field("title", stemmed.clone()),
+        source: builder.add_text_field("source", STORED),
+        text: builder.add_text_field("text", stemmed),
+        ordinal: builder.add_u64_field("ordinal", STORED),
+        metadata: builder.add_text_field("metadata", STORED),
+    };
+    (builder.build(), fields)
+}
+
+/// One collection's BM25 index and chunk store.
+pub struct Bm25Index {
+    path: PathBuf,
+    index: Index,
+    reader: IndexReader,
+    fields: Fields,
+    writer: Mutex<Option<IndexWriter<TantivyDocument>>>,
+    writer_heap_bytes: usize,
+}
+
+impl std::fmt::Debug for Bm25Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bm25Index")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bm25Index {
+    /// Open the index in `dir`, creating it when the directory is empty or missing.
+    pub fn open_or_create(dir: &Path, writer_heap_mb: usize) -> Result<Bm25Index, IndexError> {
+        let err = |source| IndexError::Tantivy {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
+        let (schema, fields) = schema();
+        let index = if dir.join("meta.json").exists() {
+            Index::open_in_dir(dir).map_err(err)?
+        } else {
+            Index::create_in_dir(dir, schema).map_err(err)?
+        };
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(err)?;
+        Ok(Bm25Index {
+            path: dir.to_path_buf(),
+            index,
+            reader,
+            fields,
+            writer: Mutex::new(None),
+            writer_heap_bytes: writer_heap_mb * 1024 * 1024,
+        })
+    }
+
+    fn tantivy_err(&self, source: tantivy::TantivyError) -> IndexError {
+        match source {
+            tantivy::TantivyError::LockFailure(..) => IndexError::Locked {
+                path: self.path.clone(),
+            },
+            source => IndexError::Tantivy {
+                path: self.path.clone(),
+                source,
+            },
+        }
+    }
+
+    /// Run `f` with the writer, opening it on first use.
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut IndexWriter<TantivyDocument>, &Fields) -> tantivy::Result<T>,
+    ) -> Result<T, IndexError> {
+        let mut guard = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.is_none() {
+            *guard = Some(
+                self.index
+                    .writer(self.writer_heap_bytes)
+                    .map_err(|e| self.tantivy_err(e))?,
+            );
+        }
+        let writer = guard.as_mut().expect("writer was just opened");
+        f(writer, &self.fields).map_err(|e| self.tantivy_err(e))
+    }
+
+    /// Replace the chunks of each given document with `chunks` (documents not in `chunks` but in
+    /// `doc_ids` end up with none), then commit, so a search sees all of it or none of it.
+    pub fn replace_documents(
+        &self,
+        doc_ids: &[String],
+        chunks: &[ChunkRecord],
+    ) -> Result<(), IndexError> {
+        self.with_writer(|writer, f| {
+            for doc_id in doc_ids {
+                writer.delete_term(Term::from_field_text(f.doc_id, doc_id));
+            }
+            for c in chunks {
+                let mut doc = TantivyDocument::default();
+                doc.add_text(f.chunk_id, &c.chunk_id);
+                doc.add_text(f.doc_id, &c.doc_id);
+                doc.add_text(f.title, &c.title);
+                doc.add_text(f.source, &c.source);
+                doc.add_text(f.text, &c.text);
+                doc.add_u64(f.ordinal, c.ordinal);
+                doc.add_text(f.metadata, &c.metadata);
+                writer.add_document(doc)?;
+            }
+            writer.commit()?;
+            Ok(())
+        })?;
+        self.reader.reload().map_err(|e| self.tantivy_err(e))
+    }
+
+    /// Remove every chunk of these documents and commit.
+    pub fn delete_documents(&self, doc_ids: &[String]) -> Result<(), IndexError> {
+        self.replace_documents(doc_ids, &[])
+    }
+
+    /// Wait for background merges and release the writer (before the process exits).
+    pub fn close_writer(&self) -> Result<(), IndexError> {
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(writer) = writer {
+            writer
+                .wait_merging_threads()
+                .map_err(|e| self.tantivy_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Number of chunks searchable now.
+    pub fn num_chunks(&self) -> Result<usize, IndexError> {
+        self.reader
+            .searcher()
+            .search(&AllQuery, &Count)
+            .map_err(|e| self.tantivy_err(e))
+    }
+
+    /// BM25 top `k` chunk ids for a free-text query, best first. Query syntax errors never fail:
+    /// the parser is lenient, so `C++` or an unbalanced quote still searches.
+    pub fn search(&self, query: &str, k: usize) -> Result<Vec<(String, f32)>, IndexError> {
+        if k == 0 || query.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let searcher = self.reader.searcher();
+        // Plain disjunctive BM25 over title and text; lenient, so syntax never fails a search.
+        let parser = QueryParser::for_index(&self.index, vec![self.fields.title, self.fields.text]);
+        let (query, _ignored_syntax_errors) = parser.parse_query_lenient(query);
+        let top = searcher
+            .search(&query, &TopDocs::with_limit(k).order_by_score())
+            .map_err(|e| self.tantivy_err(e))?;
+        top.into_iter()
+            .map(|(score, addr)| {
+                let doc: TantivyDocument = searcher.doc(addr).map_err(|e| self.tantivy_err(e))?;
+                Ok((text_of(&doc, self.fields.chunk_id), score))
+            })
+            .collect()
+    }
+
+    /// The stored chunks for these ids (missing ids are left out).
+    pub fn get_chunks(
+        &self,
+        chunk_ids: &[String],
+    ) -> Result<HashMap<String, ChunkRecord>, IndexError> {
+        let searcher = self.reader.searcher();
+        let mut out = HashMap::with_capacity(chunk_ids.len());
+        for id in chunk_ids {
+            let query = TermQuery::new(
+                Term::from_field_text(self.fields.chunk_id, id),
+                IndexRecordOption::Basic,
+            );
+            let top = searcher
+                .search(&query, &TopDocs::with_limit(1).order_by_score())
+                .map_err(|e| self.tantivy_err(e))?;
+            if let Some((_, addr)) = top.first() {
+                let doc: TantivyDocument = searcher.doc(*addr).map_err(|e| self.tantivy_err(e))?;
+                out.insert(id.clone(), self.record(&doc));
+            }
+        }
+        Ok(out)
+    }
+
+    fn record(&self, doc: &TantivyDocument) -> ChunkRecord {
+        let f = &self.fields;
+        ChunkRecord {
+            chunk_id: text_of(doc, f.chunk_id),
+            doc_id: text_of(doc, f.doc_id),
+            title: text_of(doc, f.title),
+            source: text_of(doc, f.source),
+            text: text_of(doc, f.text),
+            ordinal: doc
+                .get_first(f.ordinal)
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0),
+            metadata: text_of(doc, f.metadata),
+        }
+    }
+}
+
+fn text_of(doc: &TantivyDocument, field: Field) -> String {
+    doc.get_first(field)
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(id: &str, doc: &str, text: &str) -> ChunkRecord {
+        ChunkRecord {
+            chunk_id: id.into(),
+            doc_id: doc.into(),
+            title: format!("title of {doc}"),
+            source: format!("/src/{doc}"),
+            text: text.into(),
+            ordinal: 0,
+            metadata: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn stemmed_search_replace_and_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
+        index
+            .replace_documents(
+                &["a".into(), "b".into()],
+                &[
+                    chunk("c1", "a", "Creating partial indexes speeds up queries"),
+                    chunk("c2", "b", "Vacuum reclaims storage occupied by dead tuples"),
+                ],
+            )
+            .expect("write");
+        let hits = index.search("create a partial index", 5).expect("search");
+        assert_eq!(
+            hits[0].0, "c1",
+            "stemming matches create/creating, index/indexes"
+        );
+        assert_eq!(index.num_chunks().expect("count"), 2);
+
+        // Replacing doc a with new chunks removes the old ones.
+        index
+            .replace_documents(
+                &["a".into()],
+                &[chunk("c3", "a", "Partial index definition")],
+            )
+            .expect("replace");
+        assert_eq!(index.num_chunks().expect("count"), 2);
+        assert!(index.get_chunks(&["c1".into()]).expect("get").is_empty());
+        let got = index.get_chunks(&["c3".into(), "c2".into()]).expect("get");
+        assert_eq!(got["c3"].title, "title of a");
+        assert_eq!(got["c2"].source, "/src/b");
+
+        index.delete_documents(&["b".into()]).expect("delete");
+        assert_eq!(index.num_chunks().expect("count"), 1);
+        index.close_writer().expect("close");
+
+        // Reopen from disk.
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("reopen");
+        assert_eq!(index.num_chunks().expect("count"), 1);
+    }
+
+    #[test]
+    fn query_syntax_never_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
+        index
+            .replace_documents(&["a".into()], &[chunk("c1", "a", "C++ templates")])
+            .expect("write");
+        for q in ["C++", "\"unbalanced", "title:(", "AND OR NOT", "   "] {
+            index.search(q, 5).unwrap_or_else(|e| panic!("{q}: {e}"));
+        }
+        assert_eq!(index.search("templates", 0).expect("k=0"), vec![]);
+    }
+}

@@ -1,0 +1,21 @@
+//! domainrag: an on-prem RAG appliance. Collections of documents are chunked, embedded and indexed
+//! (tantivy BM25 + Qdrant vectors) and searched with hybrid retrieval.
+//!
+//! Module graph (one way): `cli` -> {`ingest`, `retrieve`, `eval`, `bench`} -> `collection` ->
+//! {`index`, `vectors`, `embed`, `chunk`} -> {`config`, `error`}. See ARCHITECTURE.md.
+
+#![warn(unreachable_pub)]
+
+pub mod bench;
+pub mod chunk;
+pub mod cli;
+pub mod collection;
+pub mod config;
+pub mod embed;
+pub mod error;
+pub mod eval;
+pub mod index;
+pub mod ingest;
+pub mod retrieve;
+pub mod telemetry;
+pub mod vectors;

@@ -1,0 +1,422 @@
+//! Retrieval over one collection: BM25 top-k, dense top-k, and their fusion (reciprocal rank fusion
+//! or weighted sum of min-max normalised scores), with the collection's own fusion settings.
+//!
+//! Results are joined against the BM25 index's chunk store for text and metadata. Owns the fusion
+//! maths (pure, property-tested) and the search flow; embedding and storage are called, not owned.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::collection::{Collection, CollectionError};
+use crate::config::{FusionConfig, FusionMethod};
+use crate::embed::{EmbedError, Embedder};
+use crate::error::ErrorKind;
+
+/// Which retrievers to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Bm25,
+    Dense,
+    Hybrid,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Bm25, Mode::Dense, Mode::Hybrid];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Bm25 => "bm25",
+            Mode::Dense => "dense",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+
+    fn needs_vector(self) -> bool {
+        self != Mode::Bm25
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetrieveError {
+    #[error("k must be between 1 and 1000, got {0}")]
+    InvalidK(usize),
+    #[error("the query is empty")]
+    EmptyQuery,
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
+    #[error(transparent)]
+    Collection(#[from] CollectionError),
+    #[error("retrieval task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl RetrieveError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RetrieveError::InvalidK(_) | RetrieveError::EmptyQuery => ErrorKind::InvalidInput,
+            RetrieveError::Embed(e) => e.kind(),
+            RetrieveError::Collection(e) => e.kind(),
+            RetrieveError::Join(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// One result.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SearchHit {
+    pub chunk_id: String,
+    pub doc_id: String,
+    pub title: String,
+    pub source: String,
+    pub text: String,
+    /// The score results are ranked by (the fused score in hybrid mode).
+    pub score: f32,
+    /// BM25 score, when BM25 found this chunk among its candidates.
+    pub bm25_score: Option<f32>,
+    /// Cosine similarity, when the dense retriever found this chunk among its candidates.
+    pub dense_score: Option<f32>,
+}
+
+/// A fused candidate before it is joined with its stored text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fused {
+    pub chunk_id: String,
+    pub score: f32,
+    pub bm25_score: Option<f32>,
+    pub dense_score: Option<f32>,
+}
+
+/// Fuse two ranked lists (best first) into the top `k`.
+pub fn fuse(
+    bm25: &[(String, f32)],
+    dense: &[(String, f32)],
+    cfg: &FusionConfig,
+    k: usize,
+) -> Vec<Fused> {
+    let mut by_id: HashMap<&str, Fused> = HashMap::new();
+    let mut first_seen: Vec<&str> = Vec::new();
+    for (list, weight, is_bm25) in [
+        (bm25, cfg.bm25_weight, true),
+        (dense, cfg.dense_weight, false),
+    ] {
+        let norm = Normaliser::new(list);
+        for (rank, (id, raw)) in list.iter().enumerate() {
+            let contribution = match cfg.method {
+                FusionMethod::Rrf => weight / (cfg.rrf_k + rank as f32 + 1.0),
+                FusionMethod::Weighted => weight * norm.apply(*raw),
+            };
+            let fused = by_id.entry(id.as_str()).or_insert_with(|| {
+                first_seen.push(id.as_str());
+                Fused {
+                    chunk_id: id.clone(),
+                    score: 0.0,
+                    bm25_score: None,
+                    dense_score: None,
+                }
+            });
+            // A list may (in theory) repeat an id; only its best rank counts.
+            let slot = if is_bm25 {
+                &mut fused.bm25_score
+            } else {
+                &mut fused.dense_score
+            };
+            if slot.is_none() {
+                *slot = Some(*raw);
+                fused.score += contribution;
+            }
+        }
+    }
+    let mut out: Vec<Fused> = first_seen
+        .into_iter()
+        .filter_map(|id| by_id.remove(id))
+        .collect();
+    // Stable sort: ties keep BM25-then-dense first-seen order, so results are deterministic.
+    out.sort_by(|a, b| b.score.total_cmp(&a.score));
+    out.truncate(k);
+    out
+}
+
+/// Min-max normalisation of one list's scores to [0, 1] (a single score, or all equal, maps to 1).
+struct Normaliser {
+    min: f32,
+    range: f32,
+}
+
+impl Normaliser {
+    fn new(list: &[(String, f32)]) -> Self {
+        let min = list.iter().map(|(_, s)| *s).fold(f32::INFINITY, f32::min);
+        let max = list
+            .iter()
+            .map(|(_, s)| *s)
+            .fold(f32::NEG_INFINITY, f32::max);
+        Normaliser {
+            min,
+            range: max - min,
+        }
+    }
+
+    fn apply(&self, s: f32) -> f32 {
+        if self.range > f32::EPSILON {
+            (s - self.min) / self.range
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Searches collections.
+#[derive(Debug, Clone)]
+pub struct Retriever {
+    embedder: Arc<Embedder>,
+}
+
+impl Retriever {
+    pub fn new(embedder: Arc<Embedder>) -> Self {
+        Retriever { embedder }
+    }
+
+    pub fn embedder(&self) -> &Arc<Embedder> {
+        &self.embedder
+    }
+
+    /// Search `collection` for `query`, embedding the query when the mode needs it.
+    pub async fn search(
+        &self,
+        collection: &Collection,
+        query: &str,
+        mode: Mode,
+        k: usize,
+    ) -> Result<Vec<SearchHit>, RetrieveError> {
+        if query.trim().is_empty() {
+            return Err(RetrieveError::EmptyQuery);
+        }
+        let vector = if mode.needs_vector() {
+            let mut v = self.embedder.embed(vec![query.to_string()]).await?;
+            v.pop()
+        } else {
+            None
+        };
+        search_with_vector(
+            collection,
+            query,
+            vector,
+            mode,
+            k,
+            &collection.settings.fusion,
+        )
+        .await
+    }
+}
+
+/// Search with a query vector computed beforehand (evaluation and benchmarks embed queries in
+/// batches). `vector` is required for dense and hybrid modes.
+pub async fn search_with_vector(
+    collection: &Collection,
+    query: &str,
+    vector: Option<Vec<f32>>,
+    mode: Mode,
+    k: usize,
+    fusion: &FusionConfig,
+) -> Result<Vec<SearchHit>, RetrieveError> {
+    if !(1..=1000).contains(&k) {
+        return Err(RetrieveError::InvalidK(k));
+    }
+    let candidates = match mode {
+        Mode::Hybrid => fusion.candidates.max(k),
+        _ => k,
+    };
+    let bm25 = if mode != Mode::Dense {
+        let index = Arc::clone(&collection.index);
+        let q = query.to_string();
+        tokio::task::spawn_blocking(move || index.search(&q, candidates))
+            .await?
+            .map_err(CollectionError::from)?
+    } else {
+        Vec::new()
+    };
+    let dense = match (mode, vector) {
+        (Mode::Bm25, _) => Vec::new(),
+        (_, Some(v)) => collection
+            .vectors
+            .search(v, candidates)
+            .await
+            .map_err(CollectionError::from)?
+            .into_iter()
+            .map(|h| (h.chunk_id, h.score))
+            .collect(),
+        (_, None) => return Err(RetrieveError::EmptyQuery),
+    };
+    let fused: Vec<Fused> = match mode {
+        Mode::Bm25 => bm25
+            .into_iter()
+            .map(|(id, s)| Fused {
+                chunk_id: id,
+                score: s,
+                bm25_score: Some(s),
+                dense_score: None,
+            })
+            .collect(),
+        Mode::Dense => dense
+            .into_iter()
+            .map(|(id, s)| Fused {
+                chunk_id: id,
+                score: s,
+                bm25_score: None,
+                dense_score: Some(s),
+            })
+            .collect(),
+        Mode::Hybrid => fuse(&bm25, &dense, fusion, k),
+    };
+    let ids: Vec<String> = fused.iter().map(|f| f.chunk_id.clone()).collect();
+    let index = Arc::clone(&collection.index);
+    let mut records = tokio::task::spawn_blocking(move || index.get_chunks(&ids))
+        .await?
+        .map_err(CollectionError::from)?;
+    // A dense hit whose chunk is not in the index (an interrupted ingest) is dropped.
+    Ok(fused
+        .into_iter()
+        .filter_map(|f| {
+            let r = records.remove(&f.chunk_id)?;
+            Some(SearchHit {
+                chunk_id: f.chunk_id,
+                doc_id: r.doc_id,
+                title: r.title,
+                source: r.source,
+                text: r.text,
+                score: f.score,
+                bm25_score: f.bm25_score,
+                dense_score: f.dense_score,
+            })
+        })
+        .take(k)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg(method: FusionMethod, bm25_weight: f32, dense_weight: f32) -> FusionConfig {
+        FusionConfig {
+            method,
+            rrf_k: 60.0,
+            bm25_weight,
+            dense_weight,
+            candidates: 50,
+        }
+    }
+
+    fn list(ids: &[&str]) -> Vec<(String, f32)> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| (id.to_string(), 10.0 - i as f32))
+            .collect()
+    }
+
+    #[test]
+    fn rrf_rewards_agreement() {
+        let fused = fuse(
+            &list(&["a", "b", "c"]),
+            &list(&["c", "b", "d"]),
+            &cfg(FusionMethod::Rrf, 1.0, 1.0),
+            10,
+        );
+        let ids: Vec<_> = fused.iter().map(|f| f.chunk_id.as_str()).collect();
+        // c (ranks 3 and 1) edges out b (2 and 2): 1/63 + 1/61 > 2/62.
+        assert_eq!(ids, ["c", "b", "a", "d"]);
+        assert_eq!(fused[0].bm25_score, Some(8.0));
+        assert_eq!(fused[0].dense_score, Some(10.0));
+        assert_eq!(fused[3].bm25_score, None);
+    }
+
+    #[test]
+    fn weighted_uses_normalised_scores() {
+        let bm25 = vec![("a".to_string(), 30.0), ("b".to_string(), 10.0)];
+        let dense = vec![("b".to_string(), 0.9), ("a".to_string(), 0.1)];
+        let fused = fuse(&bm25, &dense, &cfg(FusionMethod::Weighted, 1.0, 2.0), 10);
+        assert_eq!(fused[0].chunk_id, "b");
+        assert!((fused[0].score - 2.0).abs() < 1e-6);
+        assert!((fused[1].score - 1.0).abs() < 1e-6);
+    }
+
+    fn ranked() -> impl Strategy<Value = Vec<(String, f32)>> {
+        proptest::collection::btree_set(0u32..60, 0..25).prop_flat_map(|ids| {
+            let n = ids.len();
+            (Just(ids), proptest::collection::vec(0.0f32..100.0, n)).prop_map(
+                |(ids, mut scores)| {
+                    scores.sort_by(|a, b| b.total_cmp(a));
+                    ids.into_iter()
+                        .map(|i| format!("c{i}"))
+                        .zip(scores)
+                        .collect::<Vec<_>>()
+                },
+            )
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn fusion_properties(
+            bm25 in ranked(),
+            dense in ranked(),
+            k in 1usize..40,
+            weighted in any::<bool>(),
+            wb in 0.0f32..3.0,
+            wd in 0.01f32..3.0,
+        ) {
+            let method = if weighted { FusionMethod::Weighted } else { FusionMethod::Rrf };
+            let fused = fuse(&bm25, &dense, &cfg(method, wb, wd), k);
+            // At most k, no duplicates, every result came from an input list.
+            let union: std::collections::HashSet<&str> =
+                bm25.iter().chain(&dense).map(|(id, _)| id.as_str()).collect();
+            prop_assert!(fused.len() <= k);
+            prop_assert_eq!(fused.len(), union.len().min(k));
+            let ids: std::collections::HashSet<&str> = fused.iter().map(|f| f.chunk_id.as_str()).collect();
+            prop_assert_eq!(ids.len(), fused.len());
+            prop_assert!(ids.is_subset(&union));
+            // Sorted by score, descending.
+            prop_assert!(fused.windows(2).all(|w| w[0].score >= w[1].score));
+            // Per-retriever scores are carried through unchanged.
+            for f in &fused {
+                let b = bm25.iter().find(|(id, _)| *id == f.chunk_id).map(|(_, s)| *s);
+                let d = dense.iter().find(|(id, _)| *id == f.chunk_id).map(|(_, s)| *s);
+                prop_assert_eq!(f.bm25_score, b);
+                prop_assert_eq!(f.dense_score, d);
+            }
+        }
+
+        #[test]
+        fn rrf_with_one_retriever_keeps_its_order(bm25 in ranked(), k in 1usize..40) {
+            let fused = fuse(&bm25, &[], &cfg(FusionMethod::Rrf, 1.0, 1.0), k);
+            let got: Vec<&str> = fused.iter().map(|f| f.chunk_id.as_str()).collect();
+            let want: Vec<&str> = bm25.iter().take(k).map(|(id, _)| id.as_str()).collect();
+            prop_assert_eq!(got, want);
+        }
+
+        #[test]
+        fn rrf_is_symmetric_in_equal_weights(a in ranked(), b in ranked()) {
+            let c = cfg(FusionMethod::Rrf, 1.0, 1.0);
+            let x = fuse(&a, &b, &c, 100);
+            let y = fuse(&b, &a, &c, 100);
+            let sx: HashMap<_, _> = x.iter().map(|f| (f.chunk_id.clone(), f.score)).collect();
+            for f in &y {
+                prop_assert!((sx[&f.chunk_id] - f.score).abs() < 1e-6);
+            }
+        }
+
+        #[test]
+        fn top_of_both_lists_wins(rest_a in ranked(), rest_b in ranked(), weighted in any::<bool>()) {
+            let method = if weighted { FusionMethod::Weighted } else { FusionMethod::Rrf };
+            let mut a = vec![("winner".to_string(), 1000.0)];
+            a.extend(rest_a);
+            let mut b = vec![("winner".to_string(), 1000.0)];
+            b.extend(rest_b);
+            let fused = fuse(&a, &b, &cfg(method, 1.0, 1.0), 5);
+            prop_assert_eq!(fused[0].chunk_id.as_str(), "winner");
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! The embedded vector store: one qdrant-edge shard on disk per collection, in `<collection dir>/vectors`.
+//!
+//! Owns that directory and every call into qdrant-edge; no qdrant-edge type leaves this file. It must not
+//! touch anything else in the collection directory (the BM25 index lives next to it) and knows nothing
+//! about chunk text, embedding or fusion.
+//!
+//! qdrant-edge is synchronous, so every call runs on tokio's blocking pool. Two properties of the shard
+//! shape this file:
+//! - `EdgeShard::load` does not replay the write-ahead log: only what `EdgeShard::flush` wrote survives a
+//!   crash or a restart. [`VectorStore::flush`] is therefore the durability point, and the shard also
+//!   flushes itself when dropped.
+//! - `EdgeShard::flush` takes the shard's internal locks with `try_lock` and panics if an update holds
+//!   them, so flushing (and dropping the store) takes an exclusive guard, while updates and reads,
+//!   which qdrant-edge synchronises internally, share it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use async_trait::async_trait;
+use qdrant_edge::{
+    Condition, CountRequest, CreateIndex, DEFAULT_VECTOR_NAME, Distance, EdgeConfig, EdgeShard,
+    EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, NamedQuery,
+    PayloadFieldSchema, PayloadSchemaType, PointInsertOperations, PointOperations, PointStruct,
+    PointStructPersisted, QueryEnum, QueryRequest, ScoredPoint, ScoringQuery, UpdateOperation,
+    VectorInternal, WithPayloadInterface, WithVector,
+};
+use serde_json::json;
+
+use super::{VectorError, VectorHit, VectorPoint, VectorStore};
+
+/// Payload key holding the chunk id of a point.
+const CHUNK_ID: &str = "chunk_id";
+/// Payload key holding the document id of a point; deletes filter on it.
+const DOC_ID: &str = "doc_id";
+
+/// Files qdrant-edge writes into a shard directory (`edge_config.json` and `segments/` in 0.7.1);
+/// either one present means a shard was created here before.
+const EDGE_CONFIG_FILE: &str = "edge_config.json";
+const SEGMENTS_DIR: &str = "segments";
+
+/// Points per update operation. Each operation is one write-ahead-log record, and a record must stay
+/// well below the WAL segment size (32 MiB by default): 256 points of 4096 f32 are 4 MiB.
+const UPSERT_BATCH: usize = 256;
+
+/// A collection's vectors in an embedded qdrant-edge shard.
+pub(crate) struct EdgeStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    dimension: usize,
+    /// `None` once [`VectorStore::drop_store`] has closed and removed the shard.
+    shard: RwLock<Option<EdgeShard>>,
+}
+
+/// Whether an operation may run alongside others (reads and updates) or needs the shard to itself
+/// (flush, because of `EdgeShard::flush`'s `try_lock`).
+#[derive(Clone, Copy)]
+enum Access {
+    Shared,
+    Exclusive,
+}
+
+impl fmt::Debug for EdgeStore {
+    // The shard's own Debug output lists every segment; the path and size say which store this is.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EdgeStore")
+            .field("path", &self.inner.path)
+            .field("dimension", &self.inner.dimension)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EdgeStore {
+    /// Open the shard in `dir`, creating it (and `dir`) when there is none yet.
+    ///
+    /// An existing shard must hold one unnamed cosine vector of `dimension` values, else
+    /// [`VectorError::Dimension`] (size differs) or [`VectorError::Edge`] (another layout).
+    pub(crate) async fn open(dir: PathBuf, dimension: usize) -> Result<Self, VectorError> {
+        let path = dir.clone();
+        let shard = tokio::task::spawn_blocking(move || open_shard(&path, dimension)).await??;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: dir,
+                dimension,
+                shard: RwLock::new(Some(shard)),
+            }),
+        })
+    }
+
+    fn check_dimension(&self, got: usize) -> Result<(), VectorError> {
+        if got == self.inner.dimension {
+            Ok(())
+        } else {
+            Err(VectorError::Dimension {
+                expected: self.inner.dimension,
+                got,
+            })
+        }
+    }
+
+    /// Run `op` on the shard on the blocking pool, under the guard `access` asks for.
+    async fn run<T, F>(&self, access: Access, op: F) -> Result<T, VectorError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Path, &EdgeShard) -> Result<T, VectorError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let path = inner.path.as_path();
+            match access {
+                Access::Shared => {
+                    let guard = inner.shard.read().map_err(|_| poisoned(path))?;
+                    let shard = guard.as_ref().ok_or_else(|| dropped(path))?;
+                    op(path, shard)
+                }
+                Access::Exclusive => {
+                    let guard = inner.shard.write().map_err(|_| poisoned(path))?;
+                    let shard = guard.as_ref().ok_or_else(|| dropped(path))?;
+                    op(path, shard)
+                }
+            }
+        })
+        .await?
+    }
+}
+
+#[async_trait]
+impl VectorStore for EdgeStore {
+    async fn upsert(&self, points: Vec<VectorPoint>) -> Result<(), VectorError> {
+        // Check every vector before writing any, so a bad batch leaves the store untouched.
+        for point in &points {
+            self.check_dimension(point.vector.len())?;
+        }
+        if points.is_empty() {
+            return Ok(());
+        }
+        self.run(Access::Shared, move |path, shard| {
+            let mut batch = Vec::with_capacity(points.len().min(UPSERT_BATCH));
+            for point in points {
+                batch.push(persisted(point));
+                if batch.len() == UPSERT_BATCH {
+                    upsert_batch(path, shard, std::mem::take(&mut batch))?;
+                }
+            }
+            if !batch.is_empty() {
+                upsert_batch(path, shard, batch)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_docs(&self, doc_ids: Vec<String>) -> Result<(), VectorError> {
+        if doc_ids.is_empty() {
+            return Ok(());
+        }
+        self.run(Access::Shared, move |path, shard| {
+            // Match-any on the keyword field; the payload index created with the shard makes this
+            // an index lookup, and qdrant falls back to reading payloads where a segment lacks it.
+            let filter = Filter::new_must(Condition::Field(FieldCondition::new_match(
+                payload_key(DOC_ID),
+                Match::from(doc_ids),
+            )));
+            shard
+                .update(UpdateOperation::PointOperation(
+                    PointOperations::DeletePointsByFilter(filter),
+                ))
+                .map_err(|e| edge_error(path, format!("cannot delete points: {e}")))
+        })
+        .await
+    }
+
+    async fn search(&self, vector: Vec<f32>, k: usize) -> Result<Vec<VectorHit>, VectorError> {
+        self.check_dimension(vector.len())?;
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        self.run(Access::Shared, move |path, shard| {
+            // Without `optimize` every point stays in plain (unindexed) segments, which qdrant
+            // searches exhaustively: exact results, visible right after the update returns.
+            let points = shard
+                .query(nearest(vector, k))
+                .map_err(|e| edge_error(path, format!("search failed: {e}")))?;
+            Ok(points
+                .into_iter()
+                .filter_map(|point| hit(path, point))
+                .collect())
+        })
+        .await
+    }
+
+    async fn count(&self) -> Result<usize, VectorError> {
+        self.run(Access::Shared, |path, shard| {
+            shard
+                .count(CountRequest {
+                    filter: None,
+                    exact: true,
+                })
+                .map_err(|e| edge_error(path, format!("cannot count points: {e}")))
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), VectorError> {
+        // `EdgeShard::flush` panics on I/O errors; the panic surfaces as `VectorError::Join` and
+        // poisons the guard, so later calls fail instead of writing to a shard in an unknown state.
+        self.run(Access::Exclusive, |_, shard| {
+            shard.flush();
+            Ok(())
+        })
+        .await
+    }
+
+    async fn drop_store(&self) -> Result<(), VectorError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let path = inner.path.as_path();
+            // The store is being deleted, so a guard poisoned by an earlier panic is no reason to
+            // keep the files.
+            let mut guard = inner.shard.write().unwrap_or_else(PoisonError::into_inner);
+            // Dropping the shard flushes it and closes its files before they are removed.
+            drop(guard.take());
+            match std::fs::remove_dir_all(path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(edge_error(path, format!("cannot remove the store: {e}"))),
+            }
+        })
+        .await?
+    }
+}
+
+/// Load the shard at `path`, or create it when the directory holds none.
+fn open_shard(path: &Path, dimension: usize) -> Result<EdgeShard, VectorError> {
+    if holds_shard(path) {
+        let shard = EdgeShard::load(path, None).map_err(|e| {
+            let message = e.to_string();
+            // The shard's WAL is file-locked by whichever process (or handle) opened it first.
+            if message.contains("WouldBlock") {
+                VectorError::InUse {
+                    path: path.display().to_string(),
+                }
+            } else {
+                edge_error(path, format!("cannot load the shard: {message}"))
+            }
+        })?;
+        check_layout(&shard, path, dimension)?;
+        return Ok(shard);
+    }
+    if dimension == 0 {
+        return Err(edge_error(
+            path,
+            "cannot create a shard for 0-dimensional vectors".to_owned(),
+        ));
+    }
+    std::fs::create_dir_all(path)
+        .map_err(|e| edge_error(path, format!("cannot create the directory: {e}")))?;
+    // One unnamed dense vector. Vectors are kept in RAM (and persisted in mmap files): the store is
+    // never optimised into HNSW, so searches read every vector. Payloads are only read for hits and
+    // deletes, so they stay on disk.
+    let config = EdgeConfig::builder()
+        .vector(
+            DEFAULT_VECTOR_NAME,
+            EdgeVectorParams::builder(dimension, Distance::Cosine)
+                .on_disk(false)
+                .build(),
+        )
+        .on_disk_payload(true)
+        .build();
+    let shard = EdgeShard::new(path, config)
+        .map_err(|e| edge_error(path, format!("cannot create the shard: {e}")))?;
+    shard
+        .update(UpdateOperation::FieldIndexOperation(
+            FieldIndexOperations::CreateIndex(CreateIndex {
+                field_name: payload_key(DOC_ID),
+                field_schema: Some(PayloadFieldSchema::FieldType(PayloadSchemaType::Keyword)),
+            }),
+        ))
+        .map_err(|e| edge_error(path, format!("cannot index {DOC_ID}: {e}")))?;
+    // Loading does not replay the WAL, so write the new shard and its index out now.
+    shard.flush();
+    Ok(shard)
+}
+
+/// Whether qdrant-edge has written a shard into `path` before.
+fn holds_shard(path: &Path) -> bool {
+    if path.join(EDGE_CONFIG_FILE).is_file() {
+        return true;
+    }
+    std::fs::read_dir(path.join(SEGMENTS_DIR))
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false)
+}
+
+/// An existing shard must have the layout [`open_shard`] creates.
+fn check_layout(shard: &EdgeShard, path: &Path, dimension: usize) -> Result<(), VectorError> {
+    let config = shard.config();
+    let Some(params) = config.vectors.get(DEFAULT_VECTOR_NAME) else {
+        return Err(edge_error(
+            path,
+            "the shard has no unnamed dense vector; it was not written by domainrag".to_owned(),
+        ));
+    };
+    if params.distance != Distance::Cosine {
+        return Err(edge_error(
+            path,
+            format!("the shard uses {:?} distance, not Cosine", params.distance),
+        ));
+    }
+    if params.size != dimension {
+        return Err(VectorError::Dimension {
+            expected: params.size,
+            got: dimension,
+        });
+    }
+    Ok(())
+}
+
+fn persisted(point: VectorPoint) -> PointStructPersisted {
+    let id = super::point_id(&point.chunk_id);
+    let payload = json!({ CHUNK_ID: point.chunk_id, DOC_ID: point.doc_id });
+    PointStruct::new(id, point.vector, payload).into()
+}
+
+fn upsert_batch(
+    path: &Path,
+    shard: &EdgeShard,
+    batch: Vec<PointStructPersisted>,
+) -> Result<(), VectorError> {
+    shard
+        .update(UpdateOperation::PointOperation(
+            PointOperations::UpsertPoints(PointInsertOperations::PointsList(batch)),
+        ))
+        .map_err(|e| edge_error(path, format!("cannot upsert points: {e}")))
+}
+
+/// A top-`k` nearest-neighbour query on the unnamed vector, returning payloads.
+fn nearest(vector: Vec<f32>, k: usize) -> QueryRequest {
+    QueryRequest {
+        prefetches: Vec::new(),
+        query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
+            query: VectorInternal::Dense(vector),
+            using: None,
+        }))),
+        filter: None,
+        score_threshold: None,
+        limit: k,
+        offset: 0,
+        params: None,
+        with_vector: WithVector::Bool(false),
+        with_payload: WithPayloadInterface::Bool(true),
+    }
+}
+
+/// The hit of a scored point, or `None` (logged) for a point without our payload, which only a
+/// foreign writer could have stored.
+fn hit(path: &Path, point: ScoredPoint) -> Option<VectorHit> {
+    let text = |key: &str| {
+        point
+            .payload
+            .as_ref()
+            .and_then(|payload| payload.0.get(key))
+            .and_then(|value| value.as_str())
+            .map(str::to_owned)
+    };
+    match (text(CHUNK_ID), text(DOC_ID)) {
+        (Some(chunk_id), Some(doc_id)) => Some(VectorHit {
+            chunk_id,
+            doc_id,
+            score: point.score,
+        }),
+        _ => {
+            tracing::warn!(path = %path.display(), point = %point.id, "vector point without chunk_id/doc_id payload skipped");
+            None
+        }
+    }
+}
+
+fn payload_key(key: &str) -> JsonPath {
+    key.parse()
+        .expect("payload keys here are plain identifiers, which are valid JSON paths")
+}
+
+fn edge_error(path: &Path, message: String) -> VectorError {
+    VectorError::Edge {
+        path: path.display().to_string(),
+        message,
+    }
+}
+
+fn poisoned(path: &Path) -> VectorError {
+    edge_error(
+        path,
+        "an earlier operation panicked; restart to reload the shard".to_owned(),
+    )
+}
+
+fn dropped(path: &Path) -> VectorError {
+    edge_error(path, "the store was dropped".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIM: usize = 4;
+
+    /// A 64-hex-digit chunk id whose point id (first 16 digits) differs for every `n`.
+    fn chunk_id(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
+
+    fn point(n: u8, doc: &str, vector: [f32; DIM]) -> VectorPoint {
+        VectorPoint {
+            chunk_id: chunk_id(n),
+            doc_id: doc.to_owned(),
+            vector: vector.to_vec(),
+        }
+    }
+
+    async fn store_with_three_points(dir: &Path) -> EdgeStore {
+        let store = EdgeStore::open(dir.join("vectors"), DIM)
+            .await
+            .expect("a new store opens");
+        store
+            .upsert(vec![
+                point(1, "doc-a", [1.0, 0.0, 0.0, 0.0]),
+                point(2, "doc-a", [0.0, 1.0, 0.0, 0.0]),
+                point(3, "doc-b", [0.0, 0.0, 1.0, 0.0]),
+            ])
+            .await
+            .expect("upsert succeeds");
+        store
+    }
+
+    #[tokio::test]
+    async fn a_new_store_is_empty() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = EdgeStore::open(dir.path().join("vectors"), DIM)
+            .await
+            .expect("a new store opens");
+        assert_eq!(store.count().await.expect("count"), 0);
+        let hits = store
+            .search(vec![1.0, 0.0, 0.0, 0.0], 5)
+            .await
+            .expect("search");
+        assert!(hits.is_empty());
+    }
+
+    #[tokio::test]
+    async fn search_returns_the_nearest_point_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_three_points(dir.path()).await;
+
+        let hits = store
+            .search(vec![0.1, 0.9, 0.2, 0.0], 2)
+            .await
+            .expect("search");
+
+        assert_eq!(hits.len(), 2);
+        assert_eq!(hits[0].chunk_id, chunk_id(2));
+        assert_eq!(hits[0].doc_id, "doc-a");
+        assert_eq!(hits[1].chunk_id, chunk_id(3));
+        assert_eq!(hits[1].doc_id, "doc-b");
+        assert!(hits[0].score > hits[1].score);
+        // Cosine similarity of the query with the unit vector e2.
+        let expected = 0.9 / (0.1f32 * 0.1 + 0.9 * 0.9 + 0.2 * 0.2).sqrt();
+        assert!(
+            (hits[0].score - expected).abs() < 1e-4,
+            "score {} is not the cosine {expected}",
+            hits[0].score
+        );
+    }
+
+    #[tokio::test]
+    async fn delete_docs_removes_only_that_documents_points() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_three_points(dir.path()).await;
+        assert_eq!(store.count().await.expect("count"), 3);
+
+        store
+            .delete_docs(vec!["doc-a".to_owned()])
+            .await
+            .expect("delete");
+
+        assert_eq!(store.count().await.expect("count"), 1);
+        let hits = store
+            .search(vec![1.0, 1.0, 1.0, 1.0], 10)
+            .await
+            .expect("search");
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].chunk_id, chunk_id(3));
+        assert_eq!(hits[0].doc_id, "doc-b");
+
+        store
+            .delete_docs(vec!["no-such-doc".to_owned()])
+            .await
+            .expect("deleting an unknown document is fine");
+        assert_eq!(store.count().await.expect("count"), 1);
+    }
+
+    #[tokio::test]
+    async fn upserting_a_chunk_again_replaces_its_point() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_three_points(dir.path()).await;
+
+        store
+            .upsert(vec![point(1, "doc-c", [0.0, 0.0, 0.0, 1.0])])
+            .await
+            .expect("upsert");
+
+        assert_eq!(store.count().await.expect("count"), 3);
+        let hits = store
+            .search(vec![0.0, 0.0, 0.0, 1.0], 1)
+            .await
+            .expect("search");
+        assert_eq!(hits[0].chunk_id, chunk_id(1));
+        assert_eq!(hits[0].doc_id, "doc-c");
+    }
+
+    #[tokio::test]
+    async fn points_survive_flush_and_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let store = store_with_three_points(dir.path()).await;
+            store.flush().await.expect("flush");
+        }
+
+        let store = EdgeStore::open(dir.path().join("vectors"), DIM)
+            .await
+            .expect("the store reopens");
+
+        assert_eq!(store.count().await.expect("count"), 3);
+        let hits = store
+            .search(vec![0.0, 0.0, 1.0, 0.0], 1)
+            .await
+            .expect("search");
+        assert_eq!(hits[0].chunk_id, chunk_id(3));
+        assert_eq!(hits[0].doc_id, "doc-b");
+        store
+            .delete_docs(vec!["doc-b".to_owned()])
+            .await
+            .expect("delete after reopen");
+        assert_eq!(store.count().await.expect("count"), 2);
+    }
+
+    #[tokio::test]
+    async fn wrong_dimensions_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_three_points(dir.path()).await;
+
+        let short = VectorPoint {
+            chunk_id: chunk_id(9),
+            doc_id: "doc-z".to_owned(),
+            vector: vec![1.0; 3],
+        };
+        let err = store
+            .upsert(vec![point(8, "doc-z", [1.0, 0.0, 0.0, 0.0]), short])
+            .await
+            .expect_err("a 3-dimensional vector is refused");
+        assert!(matches!(
+            err,
+            VectorError::Dimension {
+                expected: 4,
+                got: 3
+            }
+        ));
+        assert_eq!(
+            store.count().await.expect("count"),
+            3,
+            "nothing of the bad batch is written"
+        );
+
+        let err = store
+            .search(vec![1.0; 5], 1)
+            .await
+            .expect_err("a 5-dimensional query is refused");
+        assert!(matches!(
+            err,
+            VectorError::Dimension {
+                expected: 4,
+                got: 5
+            }
+        ));
+
+        store.flush().await.expect("flush");
+        drop(store);
+        let err = EdgeStore::open(dir.path().join("vectors"), 8)
+            .await
+            .expect_err("reopening with another dimension fails");
+        assert!(matches!(
+            err,
+            VectorError::Dimension {
+                expected: 4,
+                got: 8
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn drop_store_removes_the_directory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_three_points(dir.path()).await;
+
+        store.drop_store().await.expect("drop");
+
+        assert!(!dir.path().join("vectors").exists());
+        assert!(matches!(store.count().await, Err(VectorError::Edge { .. })));
+    }
+}

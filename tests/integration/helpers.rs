@@ -1,0 +1,206 @@
+//! Shared test setup: settings pointing at a temp data dir and the fetched models, a loaded
+//! embedder shared by the whole binary, and small fixture builders.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use domainrag::collection::{Catalog, Collection};
+use domainrag::config::{Settings, Sources};
+use domainrag::embed::Embedder;
+use domainrag::ingest::Ingestor;
+use tokio::sync::OnceCell;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("DOMAINRAG_TEST_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("data/models"));
+    assert!(
+        dir.join("all-MiniLM-L6-v2/model.onnx").is_file(),
+        "models missing under {}: run scripts/fetch-models.sh first",
+        dir.display()
+    );
+    dir
+}
+
+/// Settings for a test: its own data dir, the shared models, no environment variables.
+pub fn settings(data_dir: &Path) -> Settings {
+    let sources = Sources {
+        data_dir: Some(data_dir.to_path_buf()),
+        models_dir: Some(models_dir()),
+        ..Sources::default()
+    };
+    let mut s = Settings::load(&sources).expect("default settings are valid");
+    // Small writer heap: many tests run at once.
+    s.ingest.writer_heap_mb = 20;
+    s
+}
+
+/// One embedder for the whole test binary (ONNX Runtime allows one environment per process).
+pub async fn embedder() -> Arc<Embedder> {
+    static EMBEDDER: OnceCell<Arc<Embedder>> = OnceCell::const_new();
+    EMBEDDER
+        .get_or_init(|| async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            Embedder::load_async(&settings(dir.path()))
+                .await
+                .expect("embedder loads from data/models")
+        })
+        .await
+        .clone()
+}
+
+/// A temp data dir with one empty collection `name`.
+pub struct TestCollection {
+    pub dir: tempfile::TempDir,
+    pub catalog: Catalog,
+    pub name: String,
+}
+
+impl TestCollection {
+    pub async fn new(name: &str) -> TestCollection {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = settings(dir.path());
+        let catalog = Catalog::new(&settings);
+        catalog
+            .create(catalog.default_settings(name))
+            .await
+            .expect("create collection");
+        TestCollection {
+            dir,
+            catalog,
+            name: name.to_string(),
+        }
+    }
+
+    pub async fn open(&self) -> Arc<Collection> {
+        self.catalog
+            .open(&self.name)
+            .await
+            .expect("open collection")
+    }
+
+    pub async fn ingestor(&self) -> Ingestor {
+        Ingestor::new(self.open().await, embedder().await, 8)
+    }
+
+    /// A directory inside the temp dir for input files.
+    pub fn inputs(&self) -> PathBuf {
+        let p = self.dir.path().join("inputs");
+        std::fs::create_dir_all(&p).expect("mkdir inputs");
+        p
+    }
+}
+
+/// A minimal, valid one-page PDF with `text` in Helvetica, built by hand (no PDF tool is installed
+/// here); the xref offsets are computed so strict parsers accept it.
+pub fn pdf_with_text(text: &str) -> Vec<u8> {
+    let content = format!(
+        "BT /F1 12 Tf 72 720 Td ({}) Tj ET",
+        text.replace('(', "\\(").replace(')', "\\)")
+    );
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+        format!("<< /Length {} >>\nstream\n{}\nendstream", content.len(), content),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
+    ];
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, body) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend(format!("{} 0 obj\n{}\nendobj\n", i + 1, body).as_bytes());
+    }
+    let xref = out.len();
+    out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    for off in offsets {
+        out.extend(format!("{off:010} 00000 n \n").as_bytes());
+    }
+    out.extend(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+/// The small fixture corpus: one file per format, each on its own topic.
+/// Returns (file name, the doc id suffix to expect).
+pub fn write_corpus(dir: &Path) {
+    std::fs::write(
+        dir.join("vacuum.txt"),
+        "Routine vacuuming\n\nVACUUM reclaims storage occupied by dead tuples. In normal operation, \
+         tuples that are deleted or obsoleted by an update are not physically removed from their \
+         table; they remain present until a VACUUM is done. Therefore it is necessary to do VACUUM \
+         periodically, especially on frequently-updated tables.",
+    )
+    .expect("write txt");
+    std::fs::write(
+        dir.join("partial-indexes.md"),
+        "# Partial indexes\n\nA **partial index** is an index built over a subset of a table; the \
+         subset is defined by a conditional expression called the predicate of the partial index. \
+         Use `CREATE INDEX ... WHERE` to create one.\n",
+    )
+    .expect("write md");
+    std::fs::write(
+        dir.join("backup.html"),
+        "<html><head><title>Backup and Restore</title><script>track()</script></head><body>\
+         <h1>Backup and Restore</h1><p>The pg_dump utility writes an SQL dump of a database to an \
+         archive file. Restore the archive with pg_restore or psql.</p></body></html>",
+    )
+    .expect("write html");
+    std::fs::write(
+        dir.join("revenue.pdf"),
+        pdf_with_text(
+            "Quarterly revenue of the widget division grew twelve percent year over year",
+        ),
+    )
+    .expect("write pdf");
+    std::fs::write(
+        dir.join("faq.jsonl"),
+        concat!(
+            r#"{"id": "faq-password", "title": "Password reset", "text": "To reset your password, open Settings, choose Security and click Reset password. A reset link is emailed to you.", "metadata": {"team": "support"}}"#,
+            "\n",
+            r#"{"id": "faq-shipping", "title": "Shipping times", "text": "Orders ship within two business days; delivery by courier takes three to five days."}"#,
+            "\n"
+        ),
+    )
+    .expect("write jsonl");
+}
+
+/// The doc id a corpus file gets (its canonical path).
+pub fn doc_id(dir: &Path, file: &str) -> String {
+    std::fs::canonicalize(dir.join(file))
+        .expect("fixture exists")
+        .display()
+        .to_string()
+}
+
+/// A small SQuAD-format file: two articles, three paragraphs, four questions.
+pub fn squad_json() -> String {
+    serde_json::json!({
+        "version": "1.1",
+        "data": [
+            {"title": "Rhine", "paragraphs": [
+                {"context": "The Rhine is a European river that begins in the Swiss canton of Graubünden and flows into the North Sea in the Netherlands.",
+                 "qas": [{"id": "r1", "question": "Where does the Rhine begin?", "answers": [{"text": "Graubünden", "answer_start": 60}]}]},
+                {"context": "The Rhine is about 1,230 kilometres long and is one of the major rivers of Europe, carrying barge traffic.",
+                 "qas": [{"id": "r2", "question": "How long is the Rhine?", "answers": [{"text": "1,230 kilometres", "answer_start": 18}]}]}
+            ]},
+            {"title": "Oxygen", "paragraphs": [
+                {"context": "Oxygen is a chemical element with symbol O and atomic number 8. It is a highly reactive nonmetal and oxidizing agent.",
+                 "qas": [
+                    {"id": "o1", "question": "What is the atomic number of oxygen?", "answers": [{"text": "8", "answer_start": 61}]},
+                    {"id": "o2", "question": "Which element has the symbol O?", "answers": [{"text": "Oxygen", "answer_start": 0}]}
+                 ]}
+            ]}
+        ]
+    })
+    .to_string()
+}

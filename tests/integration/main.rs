@@ -1,0 +1,9 @@
+//! The integration suite, one test binary: real tantivy, real qdrant-edge, real MiniLM embeddings
+//! (from `data/models`, fetched by scripts/fetch-models.sh), the real CLI binary.
+
+mod cli;
+mod embedding;
+mod helpers;
+mod ingest;
+mod retrieval;
+mod vector_store;
