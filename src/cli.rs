@@ -10,12 +10,15 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::adapters::{AdapterRegistry, BaseModelInfo};
 use crate::bench;
 use crate::collection::{Catalog, CollectionSettings};
 use crate::config::{FusionMethod, Settings, Sources};
 use crate::embed::Embedder;
 use crate::eval::{self, QuestionFormat};
+use crate::generate::{Generator, Sampling};
 use crate::ingest::{Format, Ingestor, Progress};
+use crate::rag::{self, AdapterChoice, Rag};
 use crate::retrieve::{Mode, Retriever};
 
 #[derive(Debug, Parser)]
@@ -70,6 +73,23 @@ pub enum Command {
         json: bool,
         query: String,
     },
+    /// Answer a question from a collection with the local LLM (streams, then lists cited sources).
+    Ask {
+        #[arg(long, short)]
+        collection: String,
+        /// Answer with this adapter instead of the collection's.
+        #[arg(long, conflicts_with = "no_adapter")]
+        adapter: Option<String>,
+        /// Answer with the base model.
+        #[arg(long)]
+        no_adapter: bool,
+        #[arg(long)]
+        json: bool,
+        question: String,
+    },
+    /// Manage LoRA adapters (PEFT format).
+    #[command(subcommand)]
+    Adapters(AdaptersCmd),
     /// Evaluate retrieval quality.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -127,6 +147,12 @@ pub struct SettingsArgs {
     /// Candidates fetched from each retriever before fusion.
     #[arg(long)]
     pub candidates: Option<usize>,
+    /// The LoRA adapter answering for the collection.
+    #[arg(long, conflicts_with = "no_adapter")]
+    pub adapter: Option<String>,
+    /// Answer with the base model.
+    #[arg(long)]
+    pub no_adapter: bool,
 }
 
 fn parse_fusion(s: &str) -> Result<FusionMethod, String> {
@@ -162,7 +188,26 @@ impl SettingsArgs {
         if let Some(v) = self.candidates {
             s.fusion.candidates = v;
         }
+        if let Some(v) = &self.adapter {
+            s.adapter = Some(v.clone());
+        }
+        if self.no_adapter {
+            s.adapter = None;
+        }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdaptersCmd {
+    /// Validate and copy a PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors).
+    Add { name: String, dir: PathBuf },
+    /// List adapters: name, base model, rank, alpha, targets, size, created.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an adapter (refused while a collection uses it).
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,6 +247,17 @@ pub enum BenchCmd {
         #[arg(long, short, default_value_t = 10)]
         k: usize,
         /// Write the JSON here (it is also printed with --json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// LLM speed: load time, TTFT and decode tokens/s (base vs adapter), adapter switch latency,
+    /// memory with 1/2/4 adapters resident, throughput with 1/4/8 concurrent requests.
+    Generate {
+        /// Completion tokens per request.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long)]
@@ -303,6 +359,55 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             }
             Ok(())
         }
+        Command::Ask {
+            collection,
+            adapter,
+            no_adapter,
+            json,
+            question,
+        } => {
+            let choice = match (adapter, no_adapter) {
+                (Some(name), _) => AdapterChoice::Named(name),
+                (None, true) => AdapterChoice::Base,
+                (None, false) => AdapterChoice::Collection,
+            };
+            let col = catalog.open(&collection).await?;
+            let embedder = Embedder::load_async(&settings).await?;
+            let generator = Generator::load(&settings).await?;
+            let rag = Rag::new(
+                Retriever::new(embedder),
+                generator,
+                settings.rag.clone(),
+                Sampling::from_config(&settings.generate),
+            );
+            let stream = rag.answer_stream(&col, &question, &choice).await?;
+            let answer = if json {
+                rag::collect(stream, |_| {}).await?
+            } else {
+                use std::io::Write;
+                let answer = rag::collect(stream, |t| {
+                    print!("{t}");
+                    let _ = std::io::stdout().flush();
+                })
+                .await?;
+                println!();
+                answer
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                if answer.citations.is_empty() {
+                    println!("\n(no sources cited)");
+                } else {
+                    println!();
+                }
+                for c in &answer.citations {
+                    println!("[{}] {} ({})", c.n, c.title, c.source);
+                }
+            }
+            Ok(())
+        }
+        Command::Adapters(cmd) => adapters(&catalog, &settings, cmd),
         Command::Eval(EvalCmd::Retrieval {
             collection,
             format,
@@ -374,6 +479,52 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench(BenchCmd::Generate {
+            max_tokens,
+            out,
+            json,
+        }) => {
+            let mut bench_settings = settings.clone();
+            bench_settings.generate.max_resident_adapters = 4;
+            bench_settings.generate.max_concurrent = 8;
+            // Four fixed synthetic adapters (random but deterministic weights): the speed of a
+            // merged adapter model does not depend on what the adapter learned.
+            let registry = AdapterRegistry::new(&settings.paths.data_dir);
+            let base = BaseModelInfo::from_dir(&settings.generate_base_dir())?;
+            let mut names = Vec::new();
+            for i in 1..=4 {
+                let name = format!("bench-lora-{i}");
+                if registry.get(&name).is_err() {
+                    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+                    let layers: Vec<usize> = (0..base.num_hidden_layers).collect();
+                    crate::adapters::write_test_adapter(
+                        &dir,
+                        &base,
+                        8,
+                        16.0,
+                        &["q_proj", "k_proj", "v_proj", "o_proj"],
+                        &layers,
+                        |j| ((j * (7919 + i) % 17) as f32 - 8.0) * 0.01,
+                    )
+                    .with_context(|| format!("writing {}", dir.display()))?;
+                    registry.add(&name, &dir, &base)?;
+                    std::fs::remove_dir_all(&dir).ok();
+                }
+                names.push(name);
+            }
+            let result = bench::generate_speed(&bench_settings, &names, max_tokens).await?;
+            let text = serde_json::to_string_pretty(&result)?;
+            if let Some(out) = out {
+                std::fs::write(&out, &text)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+            if json {
+                println!("{text}");
+            } else {
+                print!("{}", bench::generate_table(&result));
+            }
+            Ok(())
+        }
         Command::Bench(BenchCmd::Ingest {
             format,
             out,
@@ -432,12 +583,69 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
     }
 }
 
+fn adapters(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> Result<()> {
+    let registry = AdapterRegistry::new(&settings.paths.data_dir);
+    match cmd {
+        AdaptersCmd::Add { name, dir } => {
+            let base = BaseModelInfo::from_dir(&settings.generate_base_dir())?;
+            let info = registry.add(&name, &dir, &base)?;
+            println!(
+                "added adapter {} (rank {}, alpha {}, targets {}) for {}",
+                info.name,
+                info.rank,
+                info.alpha,
+                info.target_modules.join(","),
+                info.base_model
+            );
+        }
+        AdaptersCmd::List { json } => {
+            let list = registry.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no adapters (add one with `domainrag adapters add NAME DIR`)");
+            } else {
+                println!(
+                    "{:<20} {:<28} {:>4} {:>6} {:<40} {:>10} created",
+                    "name", "base", "rank", "alpha", "targets", "bytes"
+                );
+                for a in list {
+                    println!(
+                        "{:<20} {:<28} {:>4} {:>6} {:<40} {:>10} {}",
+                        a.name,
+                        a.base_model,
+                        a.rank,
+                        a.alpha,
+                        a.target_modules.join(","),
+                        a.size_bytes,
+                        a.created_at
+                    );
+                }
+            }
+        }
+        AdaptersCmd::Remove { name } => {
+            let mut used_by = Vec::new();
+            for c in catalog.list()? {
+                if catalog.settings(&c)?.adapter.as_deref() == Some(name.as_str()) {
+                    used_by.push(c);
+                }
+            }
+            registry.remove(&name, &used_by)?;
+            println!("removed adapter {name}");
+        }
+    }
+    Ok(())
+}
+
 async fn collection(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
     match cmd {
         CollectionCmd::Create { name, settings } => {
             crate::collection::validate_name(&name)?;
             let mut s = catalog.default_settings(&name);
             settings.apply(&mut s);
+            if let Some(adapter) = &s.adapter {
+                AdapterRegistry::new(catalog.data_dir()).get(adapter)?;
+            }
             catalog.create(s).await?;
             println!("created collection {name}");
         }
@@ -496,8 +704,16 @@ async fn collection(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
                 }
             }
             settings.apply(&mut s);
+            if let Some(adapter) = &s.adapter {
+                // Only registered adapters can be assigned.
+                AdapterRegistry::new(catalog.data_dir()).get(adapter)?;
+            }
             catalog.save_settings(&s)?;
-            println!("updated collection {name}: fusion {:?}", s.fusion);
+            println!(
+                "updated collection {name}: fusion {:?}, adapter {}",
+                s.fusion,
+                s.adapter.as_deref().unwrap_or("(none)")
+            );
         }
         CollectionCmd::Delete { name } => {
             catalog.delete(&name).await?;

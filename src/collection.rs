@@ -180,6 +180,11 @@ impl Catalog {
         }
     }
 
+    /// The data dir this catalog lives in.
+    pub fn data_dir(&self) -> &Path {
+        &self.settings.paths.data_dir
+    }
+
     pub fn dir_of(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }

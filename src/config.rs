@@ -33,6 +33,8 @@ pub struct Settings {
     pub vectors: VectorsConfig,
     pub collection_defaults: CollectionDefaults,
     pub ingest: IngestConfig,
+    pub generate: GenerateConfig,
+    pub rag: RagConfig,
     pub log: LogConfig,
 }
 
@@ -118,6 +120,27 @@ pub struct FusionConfig {
 pub struct IngestConfig {
     pub batch_docs: usize,
     pub writer_heap_mb: usize,
+}
+
+/// The LLM and how it samples.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    pub base_model_dir: PathBuf,
+    pub dtype: String,
+    pub max_resident_adapters: usize,
+    pub max_concurrent: usize,
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+}
+
+/// How retrieved chunks become the prompt.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RagConfig {
+    pub max_sources: usize,
+    pub context_tokens: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -258,6 +281,32 @@ impl Settings {
                 "must be at least 15 (tantivy's minimum)",
             );
         }
+        if !["f32", "bf16", "f16", "auto"].contains(&self.generate.dtype.as_str()) {
+            return invalid("generate.dtype", "must be one of f32, bf16, f16, auto");
+        }
+        if self.generate.max_resident_adapters == 0 {
+            return invalid("generate.max_resident_adapters", "must be > 0");
+        }
+        if self.generate.max_concurrent == 0 {
+            return invalid("generate.max_concurrent", "must be > 0");
+        }
+        if !(1..=32_768).contains(&self.generate.max_tokens) {
+            return invalid("generate.max_tokens", "must be between 1 and 32768");
+        }
+        if !(self.generate.temperature.is_finite()
+            && (0.0..=5.0).contains(&self.generate.temperature))
+        {
+            return invalid("generate.temperature", "must be between 0 and 5");
+        }
+        if !(self.generate.top_p > 0.0 && self.generate.top_p <= 1.0) {
+            return invalid("generate.top_p", "must be in (0, 1]");
+        }
+        if self.rag.max_sources == 0 {
+            return invalid("rag.max_sources", "must be > 0");
+        }
+        if self.rag.context_tokens < 64 {
+            return invalid("rag.context_tokens", "must be at least 64");
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(
                 "log.level",
@@ -278,6 +327,11 @@ impl Settings {
     /// The embedding model directory, resolved against `models_dir`.
     pub fn embedding_model_dir(&self) -> PathBuf {
         resolve(&self.paths.models_dir, &self.embedding.model_dir)
+    }
+
+    /// The LLM's model directory, resolved against `models_dir`.
+    pub fn generate_base_dir(&self) -> PathBuf {
+        resolve(&self.paths.models_dir, &self.generate.base_model_dir)
     }
 
     /// The ONNX Runtime library, resolved against `models_dir`.

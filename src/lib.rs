@@ -1,11 +1,13 @@
 //! domainrag: an on-prem RAG appliance. Collections of documents are chunked, embedded and indexed
 //! (tantivy BM25 + Qdrant vectors) and searched with hybrid retrieval.
 //!
-//! Module graph (one way): `cli` -> {`ingest`, `retrieve`, `eval`, `bench`} -> `collection` ->
-//! {`index`, `vectors`, `embed`, `chunk`} -> {`config`, `error`}. See ARCHITECTURE.md.
+//! Module graph (one way): `cli` -> `rag` -> {`retrieve`, `generate`}; `cli` -> {`ingest`, `eval`,
+//! `bench`} -> `collection` -> {`index`, `vectors`, `embed`, `chunk`}; `generate` -> `adapters`;
+//! everything -> {`config`, `error`}. See ARCHITECTURE.md.
 
 #![warn(unreachable_pub)]
 
+pub mod adapters;
 pub mod bench;
 pub mod chunk;
 pub mod cli;
@@ -14,8 +16,10 @@ pub mod config;
 pub mod embed;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod index;
 pub mod ingest;
+pub mod rag;
 pub mod retrieve;
 pub mod telemetry;
 pub mod vectors;

@@ -4,8 +4,7 @@ use clap::Parser;
 
 use domainrag::cli::{self, Cli};
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let settings = match cli::settings(&cli) {
         Ok(s) => s,
@@ -14,8 +13,28 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    // mistral.rs finds LoRA adapters only through the Hugging Face hub cache: point it at the
+    // adapter registry, offline. Set before any thread exists (the runtime is built below).
+    // SAFETY: single-threaded here; nothing reads the environment concurrently.
+    unsafe {
+        std::env::set_var(
+            "HF_HUB_CACHE",
+            domainrag::adapters::AdapterRegistry::new(&settings.paths.data_dir).hub_dir(),
+        );
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
     domainrag::telemetry::init(&settings.log.level);
-    match cli::run(cli, settings).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(cli, settings)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

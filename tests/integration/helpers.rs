@@ -7,6 +7,7 @@ use std::sync::Arc;
 use domainrag::collection::{Catalog, Collection};
 use domainrag::config::{Settings, Sources};
 use domainrag::embed::Embedder;
+use domainrag::generate::Generator;
 use domainrag::ingest::Ingestor;
 use tokio::sync::OnceCell;
 
@@ -48,6 +49,30 @@ pub async fn embedder() -> Arc<Embedder> {
             Embedder::load_async(&settings(dir.path()))
                 .await
                 .expect("embedder loads from data/models")
+        })
+        .await
+        .clone()
+}
+
+/// One generator (base model + adapter pool) for the whole test binary. Its adapter registry lives
+/// in a process-wide temp data dir, which is also where mistral.rs looks for adapters: it resolves
+/// them only through the Hugging Face hub cache named by `HF_HUB_CACHE`.
+pub async fn generator() -> Arc<Generator> {
+    static GENERATOR: OnceCell<Arc<Generator>> = OnceCell::const_new();
+    GENERATOR
+        .get_or_init(|| async {
+            let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
+            let settings = settings(dir.path());
+            let hub = domainrag::adapters::AdapterRegistry::new(dir.path()).hub_dir();
+            // SAFETY: set once, before any adapter model is built (the only reader); the binary's
+            // main does the same before starting threads.
+            unsafe {
+                std::env::set_var("HF_HUB_CACHE", &hub);
+                std::env::set_var("HF_HUB_OFFLINE", "1");
+            }
+            Generator::load(&settings)
+                .await
+                .expect("base model loads from data/models")
         })
         .await
         .clone()

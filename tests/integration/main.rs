@@ -3,6 +3,7 @@
 
 mod cli;
 mod embedding;
+mod generate;
 mod helpers;
 mod ingest;
 mod retrieval;

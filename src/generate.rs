@@ -1,0 +1,453 @@
+//! Text generation with mistral.rs: one base model, plus a pool of LoRA-adapted models.
+//!
+//! mistral.rs 0.8.1 merges a LoRA adapter into the weights when it loads it, and ignores per-request
+//! adapter selection, so each adapter in use is its own merged `Model`; at most
+//! `generate.max_resident_adapters` are kept (least recently used evicted). Every model is built on a
+//! fresh OS thread because mistral.rs keeps the list of applied LoRAs in a thread-local that is never
+//! cleared: a base model loaded on a thread that loaded an adapter before would silently carry it.
+//!
+//! Owns mistral.rs: no mistral.rs type leaves this file. Knows nothing of retrieval or prompts
+//! beyond the chat messages it is given.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mistralrs::{Model, ModelDType, RequestBuilder, Response, TextMessageRole, TextModelBuilder};
+use serde::Serialize;
+use tokio::sync::{Mutex, Semaphore, mpsc};
+
+use crate::adapters::{AdapterError, AdapterRegistry};
+use crate::config::{GenerateConfig, Settings};
+use crate::error::ErrorKind;
+
+/// Errors of the generator.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(
+        "base model directory {path} is missing or incomplete (needs config.json, \
+         model.safetensors, tokenizer.json, tokenizer_config.json); run scripts/fetch-models.sh or \
+         set generate.base_model_dir"
+    )]
+    MissingBase { path: PathBuf },
+    #[error("cannot load model {what}: {message}")]
+    Load { what: String, message: String },
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error("generation failed: {0}")]
+    Generation(String),
+    #[error("the generator is busy ({0} requests in flight); retry shortly")]
+    Busy(usize),
+}
+
+impl GenerateError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            GenerateError::MissingBase { .. } | GenerateError::Load { .. } => {
+                ErrorKind::Unavailable
+            }
+            GenerateError::Adapter(e) => e.kind(),
+            GenerateError::Generation(_) => ErrorKind::Internal,
+            GenerateError::Busy(_) => ErrorKind::Unavailable,
+        }
+    }
+}
+
+/// Who says a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// What a generation stream yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// A piece of the answer.
+    Token(String),
+    /// The end, with token counts.
+    Done {
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        finish_reason: String,
+    },
+    /// Generation failed part-way.
+    Error(String),
+}
+
+/// Sampling for one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_tokens: usize,
+}
+
+impl Sampling {
+    pub fn from_config(c: &GenerateConfig) -> Sampling {
+        Sampling {
+            temperature: c.temperature,
+            top_p: c.top_p,
+            max_tokens: c.max_tokens,
+        }
+    }
+}
+
+/// The base model and the adapter pool.
+pub struct Generator {
+    config: GenerateConfig,
+    base_dir: PathBuf,
+    registry: AdapterRegistry,
+    base: Arc<Model>,
+    /// Resident adapter models, least recently used first.
+    adapters: Mutex<Vec<(String, Arc<Model>)>>,
+    /// Serialises adapter builds so two requests for the same cold adapter build it once.
+    building: Mutex<()>,
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("base_dir", &self.base_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn dtype(name: &str) -> ModelDType {
+    match name {
+        "bf16" => ModelDType::BF16,
+        "f16" => ModelDType::F16,
+        "auto" => ModelDType::Auto,
+        _ => ModelDType::F32,
+    }
+}
+
+/// Build a model on a fresh OS thread with its own runtime (see the module doc for why).
+async fn build_on_fresh_thread(
+    what: String,
+    builder: impl FnOnce() -> Result<Model, String> + Send + 'static,
+) -> Result<Model, GenerateError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = what.clone();
+    std::thread::Builder::new()
+        .name(format!("load-{name}"))
+        .spawn(move || {
+            let _ = tx.send(builder());
+        })
+        .map_err(|e| GenerateError::Load {
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
+    rx.await
+        .map_err(|_| GenerateError::Load {
+            what: what.clone(),
+            message: "the loader thread panicked".into(),
+        })?
+        .map_err(|message| GenerateError::Load { what, message })
+}
+
+impl Generator {
+    /// Load the base model (blocking work happens on its own thread).
+    pub async fn load(settings: &Settings) -> Result<Arc<Generator>, GenerateError> {
+        let config = settings.generate.clone();
+        let base_dir = settings.generate_base_dir();
+        for file in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            if !base_dir.join(file).is_file() {
+                return Err(GenerateError::MissingBase { path: base_dir });
+            }
+        }
+        let registry = AdapterRegistry::new(&settings.paths.data_dir);
+        let base = Self::build(&config, &base_dir, None).await?;
+        Ok(Arc::new(Generator {
+            permits: Arc::new(Semaphore::new(config.max_concurrent)),
+            config,
+            base_dir,
+            registry,
+            base: Arc::new(base),
+            adapters: Mutex::new(Vec::new()),
+            building: Mutex::new(()),
+        }))
+    }
+
+    async fn build(
+        config: &GenerateConfig,
+        base_dir: &std::path::Path,
+        adapter_id: Option<String>,
+    ) -> Result<Model, GenerateError> {
+        let dir = base_dir.display().to_string();
+        let dtype = dtype(&config.dtype);
+        let max_seqs = config.max_concurrent;
+        let what = adapter_id.clone().unwrap_or_else(|| dir.clone());
+        build_on_fresh_thread(what, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let builder = TextModelBuilder::new(&dir)
+                    .with_dtype(dtype)
+                    .with_max_num_seqs(max_seqs);
+                // The CPU build never probes for accelerators; `--features cuda` uses the GPU.
+                #[cfg(not(feature = "cuda"))]
+                let builder = builder.with_force_cpu();
+                match adapter_id {
+                    None => builder.build().await,
+                    Some(id) => {
+                        mistralrs::LoraModelBuilder::from_text_model_builder(builder, [id])
+                            .build()
+                            .await
+                    }
+                }
+                .map_err(|e| format!("{e:#}"))
+            })
+        })
+        .await
+    }
+
+    pub fn registry(&self) -> &AdapterRegistry {
+        &self.registry
+    }
+
+    /// Names of the adapters resident now, least recently used first.
+    pub async fn resident_adapters(&self) -> Vec<String> {
+        self.adapters
+            .lock()
+            .await
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The model serving `adapter` (the base for `None`), building it if it is not resident.
+    async fn model_for(&self, adapter: Option<&str>) -> Result<Arc<Model>, GenerateError> {
+        let Some(name) = adapter else {
+            return Ok(Arc::clone(&self.base));
+        };
+        if let Some(model) = self.touch(name).await {
+            return Ok(model);
+        }
+        let _building = self.building.lock().await;
+        if let Some(model) = self.touch(name).await {
+            return Ok(model);
+        }
+        // Checked (and its files verified present) before the expensive build.
+        self.registry.get(name)?;
+        let started = Instant::now();
+        let model = Arc::new(
+            Self::build(
+                &self.config,
+                &self.base_dir,
+                Some(self.registry.model_id(name)),
+            )
+            .await?,
+        );
+        tracing::info!(
+            adapter = name,
+            seconds = started.elapsed().as_secs_f64(),
+            "adapter model built"
+        );
+        let mut resident = self.adapters.lock().await;
+        resident.push((name.to_string(), Arc::clone(&model)));
+        while resident.len() > self.config.max_resident_adapters.max(1) {
+            let (evicted, _) = resident.remove(0);
+            // In-flight requests keep their `Arc`; the model is freed when they finish.
+            tracing::info!(adapter = evicted, "adapter model evicted");
+        }
+        Ok(model)
+    }
+
+    /// The resident model for `name`, marked most recently used.
+    async fn touch(&self, name: &str) -> Option<Arc<Model>> {
+        let mut resident = self.adapters.lock().await;
+        let pos = resident.iter().position(|(n, _)| n == name)?;
+        let entry = resident.remove(pos);
+        let model = Arc::clone(&entry.1);
+        resident.push(entry);
+        Some(model)
+    }
+
+    /// Build the models of these adapters now (at start, for the collections' adapters).
+    pub async fn preload(&self, adapters: &[String]) -> Result<(), GenerateError> {
+        for name in adapters.iter().take(self.config.max_resident_adapters) {
+            self.model_for(Some(name)).await?;
+        }
+        Ok(())
+    }
+
+    /// Evict an adapter's model (after it is removed from the registry).
+    pub async fn evict(&self, name: &str) {
+        self.adapters.lock().await.retain(|(n, _)| n != name);
+    }
+
+    /// Number of tokens of `text` in the base tokenizer (no special tokens).
+    pub async fn count_tokens(&self, text: &str) -> Result<usize, GenerateError> {
+        self.base
+            .tokenize(
+                either::Either::Right(text.to_string()),
+                None,
+                false,
+                false,
+                None,
+            )
+            .await
+            .map(|t| t.len())
+            .map_err(|e| GenerateError::Generation(e.to_string()))
+    }
+
+    /// Stream a chat completion from the model of `adapter`. Fails fast with `Busy` when
+    /// `generate.max_concurrent` requests are already running.
+    pub async fn stream(
+        &self,
+        adapter: Option<&str>,
+        messages: Vec<ChatMessage>,
+        sampling: Sampling,
+    ) -> Result<mpsc::Receiver<GenEvent>, GenerateError> {
+        let permit = Arc::clone(&self.permits)
+            .try_acquire_owned()
+            .map_err(|_| GenerateError::Busy(self.config.max_concurrent))?;
+        let model = self.model_for(adapter).await?;
+        let mut request = RequestBuilder::new().set_sampler_max_len(sampling.max_tokens);
+        if sampling.temperature > 0.0 {
+            request = request
+                .set_sampler_temperature(sampling.temperature)
+                .set_sampler_topp(sampling.top_p)
+                .set_sampler_topk(0);
+        }
+        for m in messages {
+            let role = match m.role {
+                Role::System => TextMessageRole::System,
+                Role::User => TextMessageRole::User,
+                Role::Assistant => TextMessageRole::Assistant,
+            };
+            request = request.add_message(role, m.content);
+        }
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut stream = match model.stream_chat_request(request).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(GenEvent::Error(e.to_string())).await;
+                    return;
+                }
+            };
+            let mut completion_tokens = 0;
+            while let Some(response) = stream.next().await {
+                match response {
+                    Response::Chunk(chunk) => {
+                        let choice = chunk.choices.first();
+                        if let Some(text) = choice.and_then(|c| c.delta.content.clone()) {
+                            completion_tokens += 1;
+                            if !text.is_empty() && tx.send(GenEvent::Token(text)).await.is_err() {
+                                return; // the caller went away: dropping the stream cancels it
+                            }
+                        }
+                        let finish = choice.and_then(|c| c.finish_reason.clone());
+                        if let Some(finish_reason) = finish {
+                            let (prompt_tokens, completion) = chunk
+                                .usage
+                                .as_ref()
+                                .map(|u| (u.prompt_tokens, u.completion_tokens))
+                                .unwrap_or((0, completion_tokens));
+                            let _ = tx
+                                .send(GenEvent::Done {
+                                    prompt_tokens,
+                                    completion_tokens: completion,
+                                    finish_reason,
+                                })
+                                .await;
+                            return;
+                        }
+                    }
+                    Response::Done(done) => {
+                        let _ = tx
+                            .send(GenEvent::Done {
+                                prompt_tokens: done.usage.prompt_tokens,
+                                completion_tokens: done.usage.completion_tokens,
+                                finish_reason: done
+                                    .choices
+                                    .first()
+                                    .map(|c| c.finish_reason.clone())
+                                    .unwrap_or_default(),
+                            })
+                            .await;
+                        return;
+                    }
+                    Response::InternalError(e) | Response::ValidationError(e) => {
+                        let _ = tx.send(GenEvent::Error(e.to_string())).await;
+                        return;
+                    }
+                    Response::ModelError(e, _) => {
+                        let _ = tx.send(GenEvent::Error(e)).await;
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Generate a whole answer (collects the stream).
+    pub async fn complete(
+        &self,
+        adapter: Option<&str>,
+        messages: Vec<ChatMessage>,
+        sampling: Sampling,
+    ) -> Result<Completion, GenerateError> {
+        let started = Instant::now();
+        let mut rx = self.stream(adapter, messages, sampling).await?;
+        let mut text = String::new();
+        let mut first_token_ms = None;
+        while let Some(event) = rx.recv().await {
+            match event {
+                GenEvent::Token(t) => {
+                    first_token_ms.get_or_insert(started.elapsed().as_secs_f64() * 1e3);
+                    text.push_str(&t);
+                }
+                GenEvent::Done {
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } => {
+                    return Ok(Completion {
+                        text,
+                        prompt_tokens,
+                        completion_tokens,
+                        first_token_ms: first_token_ms.unwrap_or_default(),
+                        total_ms: started.elapsed().as_secs_f64() * 1e3,
+                    });
+                }
+                GenEvent::Error(e) => return Err(GenerateError::Generation(e)),
+            }
+        }
+        Err(GenerateError::Generation(
+            "the stream ended without a result".into(),
+        ))
+    }
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Completion {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub first_token_ms: f64,
+    pub total_ms: f64,
+}

@@ -1,0 +1,356 @@
+//! The RAG pipeline: retrieve (hybrid) -> numbered sources within a token budget -> chat prompt ->
+//! generate with the collection's adapter -> keep the `[n]` citations that point at sources given.
+//!
+//! Owns prompt construction and citation parsing (pure, unit-tested). Retrieval and generation are
+//! called, not owned; nothing here touches tantivy, Qdrant or mistral.rs types.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::collection::Collection;
+use crate::config::RagConfig;
+use crate::error::ErrorKind;
+use crate::generate::{ChatMessage, GenEvent, GenerateError, Generator, Role, Sampling};
+use crate::retrieve::{Mode, RetrieveError, Retriever, SearchHit};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RagError {
+    #[error(transparent)]
+    Retrieve(#[from] RetrieveError),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+}
+
+impl RagError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RagError::Retrieve(e) => e.kind(),
+            RagError::Generate(e) => e.kind(),
+        }
+    }
+}
+
+/// Which adapter answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdapterChoice {
+    /// The collection's configured adapter (or the base model if it has none).
+    Collection,
+    /// This adapter.
+    Named(String),
+    /// The base model.
+    Base,
+}
+
+impl AdapterChoice {
+    fn resolve(&self, collection: &Collection) -> Option<String> {
+        match self {
+            AdapterChoice::Collection => collection.settings.adapter.clone(),
+            AdapterChoice::Named(n) => Some(n.clone()),
+            AdapterChoice::Base => None,
+        }
+    }
+}
+
+/// A source given to the model.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Source {
+    pub n: usize,
+    pub chunk_id: String,
+    pub doc_id: String,
+    pub title: String,
+    pub source: String,
+    pub text: String,
+    pub score: f32,
+}
+
+/// A source the answer cites.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Citation {
+    pub n: usize,
+    pub chunk_id: String,
+    pub doc_id: String,
+    pub title: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Timings {
+    pub retrieve: f64,
+    pub first_token: f64,
+    pub total: f64,
+}
+
+/// A complete answer, as `ask --json` prints it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Answer {
+    pub answer: String,
+    pub adapter: Option<String>,
+    pub citations: Vec<Citation>,
+    pub sources: Vec<Source>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub timings_ms: Timings,
+}
+
+/// A question being answered: its sources are known, its tokens arrive on `events`.
+#[derive(Debug)]
+pub struct AnswerStream {
+    pub adapter: Option<String>,
+    pub sources: Vec<Source>,
+    pub events: mpsc::Receiver<GenEvent>,
+    pub retrieve_ms: f64,
+    started: Instant,
+}
+
+const SYSTEM_PROMPT: &str = "You answer questions using only the numbered sources you are given. \
+Cite the sources you use with their numbers in brackets, like [1]. If the sources do not contain \
+the answer, say \"I don't know.\"";
+
+/// The chat messages for `question` over `sources`.
+pub fn build_messages(question: &str, sources: &[Source]) -> Vec<ChatMessage> {
+    let mut user = String::from("Sources:\n");
+    for s in sources {
+        user.push_str(&format!("[{}] {}\n{}\n\n", s.n, s.title, s.text));
+    }
+    user.push_str(&format!(
+        "Question: {question}\nAnswer briefly from the sources and cite them like [1]."
+    ));
+    vec![
+        ChatMessage {
+            role: Role::System,
+            content: SYSTEM_PROMPT.to_string(),
+        },
+        ChatMessage {
+            role: Role::User,
+            content: user,
+        },
+    ]
+}
+
+/// Source numbers cited in `answer` as `[n]` or `[n, m]`, in order of first citation, keeping only
+/// numbers from 1 to `n_sources` (a model can invent numbers; those are dropped).
+pub fn parse_citations(answer: &str, n_sources: usize) -> Vec<usize> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    let mut rest = answer;
+    while let Some(open) = rest.find('[') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(']') else { break };
+        let inside = &after[..close];
+        let numbers: Option<Vec<usize>> = inside
+            .split(',')
+            .map(|p| p.trim().parse::<usize>().ok())
+            .collect();
+        for n in numbers.unwrap_or_default() {
+            if (1..=n_sources).contains(&n) && seen.insert(n) {
+                out.push(n);
+            }
+        }
+        rest = &after[close + 1..];
+    }
+    out
+}
+
+/// The citations of `answer` resolved against `sources`.
+pub fn citations(answer: &str, sources: &[Source]) -> Vec<Citation> {
+    parse_citations(answer, sources.len())
+        .into_iter()
+        .filter_map(|n| sources.iter().find(|s| s.n == n))
+        .map(|s| Citation {
+            n: s.n,
+            chunk_id: s.chunk_id.clone(),
+            doc_id: s.doc_id.clone(),
+            title: s.title.clone(),
+            source: s.source.clone(),
+        })
+        .collect()
+}
+
+/// The pipeline.
+#[derive(Debug, Clone)]
+pub struct Rag {
+    retriever: Retriever,
+    generator: Arc<Generator>,
+    config: RagConfig,
+    sampling: Sampling,
+}
+
+impl Rag {
+    pub fn new(
+        retriever: Retriever,
+        generator: Arc<Generator>,
+        config: RagConfig,
+        sampling: Sampling,
+    ) -> Rag {
+        Rag {
+            retriever,
+            generator,
+            config,
+            sampling,
+        }
+    }
+
+    pub fn generator(&self) -> &Arc<Generator> {
+        &self.generator
+    }
+
+    /// Retrieve and pick the sources that fit the token budget.
+    async fn sources(
+        &self,
+        collection: &Collection,
+        question: &str,
+    ) -> Result<Vec<Source>, RagError> {
+        let hits: Vec<SearchHit> = self
+            .retriever
+            .search(collection, question, Mode::Hybrid, self.config.max_sources)
+            .await?;
+        let mut sources = Vec::new();
+        let mut used = 0;
+        for hit in hits {
+            let tokens = self
+                .generator
+                .count_tokens(&format!("{}\n{}", hit.title, hit.text))
+                .await?;
+            if used + tokens > self.config.context_tokens && !sources.is_empty() {
+                break;
+            }
+            used += tokens;
+            sources.push(Source {
+                n: sources.len() + 1,
+                chunk_id: hit.chunk_id,
+                doc_id: hit.doc_id,
+                title: hit.title,
+                source: hit.source,
+                text: hit.text,
+                score: hit.score,
+            });
+        }
+        Ok(sources)
+    }
+
+    /// Start answering: retrieval happens now, tokens stream on the returned receiver.
+    pub async fn answer_stream(
+        &self,
+        collection: &Collection,
+        question: &str,
+        adapter: &AdapterChoice,
+    ) -> Result<AnswerStream, RagError> {
+        let started = Instant::now();
+        let sources = self.sources(collection, question).await?;
+        let retrieve_ms = started.elapsed().as_secs_f64() * 1e3;
+        let adapter = adapter.resolve(collection);
+        let events = self
+            .generator
+            .stream(
+                adapter.as_deref(),
+                build_messages(question, &sources),
+                self.sampling,
+            )
+            .await?;
+        Ok(AnswerStream {
+            adapter,
+            sources,
+            events,
+            retrieve_ms,
+            started,
+        })
+    }
+
+    /// Answer a question completely.
+    pub async fn answer(
+        &self,
+        collection: &Collection,
+        question: &str,
+        adapter: &AdapterChoice,
+    ) -> Result<Answer, RagError> {
+        let stream = self.answer_stream(collection, question, adapter).await?;
+        collect(stream, |_| {}).await
+    }
+}
+
+/// Drain a stream into an [`Answer`], calling `on_token` for each piece as it arrives.
+pub async fn collect(
+    mut stream: AnswerStream,
+    mut on_token: impl FnMut(&str),
+) -> Result<Answer, RagError> {
+    let mut text = String::new();
+    let mut first_token = None;
+    let mut counts = (0, 0);
+    while let Some(event) = stream.events.recv().await {
+        match event {
+            GenEvent::Token(t) => {
+                first_token.get_or_insert(stream.started.elapsed().as_secs_f64() * 1e3);
+                on_token(&t);
+                text.push_str(&t);
+            }
+            GenEvent::Done {
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => {
+                counts = (prompt_tokens, completion_tokens);
+                break;
+            }
+            GenEvent::Error(e) => return Err(GenerateError::Generation(e).into()),
+        }
+    }
+    let answer = text.trim().to_string();
+    Ok(Answer {
+        citations: citations(&answer, &stream.sources),
+        answer,
+        adapter: stream.adapter,
+        sources: stream.sources,
+        prompt_tokens: counts.0,
+        completion_tokens: counts.1,
+        timings_ms: Timings {
+            retrieve: stream.retrieve_ms,
+            first_token: first_token.unwrap_or_default(),
+            total: stream.started.elapsed().as_secs_f64() * 1e3,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(n: usize) -> Source {
+        Source {
+            n,
+            chunk_id: format!("c{n}"),
+            doc_id: format!("d{n}"),
+            title: format!("T{n}"),
+            source: format!("/s/{n}"),
+            text: format!("text {n}"),
+            score: 1.0,
+        }
+    }
+
+    #[test]
+    fn citations_keep_only_given_sources_in_first_cited_order() {
+        assert_eq!(
+            parse_citations("A [2] and B [1][2], C [7] [0].", 3),
+            vec![2, 1]
+        );
+        assert_eq!(parse_citations("see [1, 3] and [x] [", 3), vec![1, 3]);
+        assert_eq!(parse_citations("no citations", 3), Vec::<usize>::new());
+        let sources = [source(1), source(2)];
+        let c = citations("It is so [2][5].", &sources);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].chunk_id, "c2");
+    }
+
+    #[test]
+    fn prompt_numbers_sources_and_asks_the_question() {
+        let m = build_messages("Why?", &[source(1), source(2)]);
+        assert_eq!(m[0].role, Role::System);
+        assert!(m[0].content.contains("only the numbered sources"));
+        assert!(m[1].content.contains("[1] T1\ntext 1"));
+        assert!(m[1].content.contains("[2] T2\ntext 2"));
+        assert!(m[1].content.contains("Question: Why?\n"));
+    }
+}
