@@ -231,3 +231,115 @@ fn bad_names_and_unknown_collections_are_refused() {
     let out = domainrag(dir.path(), &["collection", "create", "twice"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 }
+
+#[test]
+fn adapters_and_ask_from_the_command_line() {
+    use domainrag::adapters::{BaseModelInfo, write_test_adapter};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let inputs = dir.path().join("docs");
+    std::fs::create_dir_all(&inputs).expect("mkdir");
+    write_corpus(&inputs);
+    ok(&domainrag(&data, &["collection", "create", "docs"]));
+    ok(&domainrag(
+        &data,
+        &[
+            "ingest",
+            "-c",
+            "docs",
+            "--no-progress",
+            inputs.to_str().unwrap(),
+        ],
+    ));
+
+    // A malformed adapter is refused and leaves the registry empty.
+    let bad = dir.path().join("bad-adapter");
+    std::fs::create_dir_all(&bad).expect("mkdir");
+    std::fs::write(bad.join("adapter_config.json"), "{not json").expect("write");
+    let out = domainrag(&data, &["adapters", "add", "broken", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("adapter_config.json"));
+    assert_eq!(
+        json(&domainrag(&data, &["adapters", "list", "--json"])),
+        serde_json::json!([])
+    );
+
+    let base =
+        BaseModelInfo::from_dir(&models_dir().join("SmolLM2-135M-Instruct-hf")).expect("base");
+    let good = dir.path().join("good-adapter");
+    let layers: Vec<usize> = (0..base.num_hidden_layers).collect();
+    write_test_adapter(&good, &base, 4, 8.0, &["v_proj"], &layers, |i| {
+        (i % 5) as f32 * 0.001
+    })
+    .expect("write adapter");
+    ok(&domainrag(
+        &data,
+        &["adapters", "add", "support-v1", good.to_str().unwrap()],
+    ));
+    let list = json(&domainrag(&data, &["adapters", "list", "--json"]));
+    assert_eq!(list[0]["name"], "support-v1");
+    assert_eq!(list[0]["rank"], 4);
+
+    let out = domainrag(&data, &["collection", "set", "docs", "--adapter", "nope"]);
+    assert!(!out.status.success(), "unknown adapters cannot be assigned");
+    ok(&domainrag(
+        &data,
+        &["collection", "set", "docs", "--adapter", "support-v1"],
+    ));
+    let out = domainrag(&data, &["adapters", "remove", "support-v1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("docs"),
+        "names the user"
+    );
+
+    let answer = json(&domainrag(
+        &data,
+        &["ask", "-c", "docs", "How do I reset my password?", "--json"],
+    ));
+    assert_eq!(answer["adapter"], "support-v1");
+    for key in [
+        "answer",
+        "citations",
+        "sources",
+        "prompt_tokens",
+        "completion_tokens",
+        "timings_ms",
+    ] {
+        assert!(answer.get(key).is_some(), "missing {key}: {answer}");
+    }
+    assert_eq!(answer["sources"][0]["doc_id"], "faq-password");
+    for key in [
+        "n", "chunk_id", "doc_id", "title", "source", "text", "score",
+    ] {
+        assert!(
+            answer["sources"][0].get(key).is_some(),
+            "source lacks {key}"
+        );
+    }
+    for key in ["retrieve", "first_token", "total"] {
+        assert!(answer["timings_ms"][key].as_f64().is_some());
+    }
+    let base_answer = json(&domainrag(
+        &data,
+        &[
+            "ask",
+            "-c",
+            "docs",
+            "How do I reset my password?",
+            "--no-adapter",
+            "--json",
+        ],
+    ));
+    assert_eq!(base_answer["adapter"], serde_json::Value::Null);
+
+    ok(&domainrag(
+        &data,
+        &["collection", "set", "docs", "--no-adapter"],
+    ));
+    ok(&domainrag(&data, &["adapters", "remove", "support-v1"]));
+    assert_eq!(
+        json(&domainrag(&data, &["adapters", "list", "--json"])),
+        serde_json::json!([])
+    );
+}
