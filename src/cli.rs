@@ -467,17 +467,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             let embedder = Embedder::load_async(&settings).await?;
             let col = catalog.open(&collection).await?;
             let result = bench::search_latency(&col, &embedder, &qs, n, k).await?;
-            let text = serde_json::to_string_pretty(&result)?;
-            if let Some(out) = out {
-                std::fs::write(&out, &text)
-                    .with_context(|| format!("writing {}", out.display()))?;
-            }
-            if json {
-                println!("{text}");
-            } else {
-                print!("{}", bench::search_table(&result));
-            }
-            Ok(())
+            emit_bench(&result, &bench::search_table(&result), out, json)
         }
         Command::Bench(BenchCmd::Generate {
             max_tokens,
@@ -513,17 +503,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
                 names.push(name);
             }
             let result = bench::generate_speed(&bench_settings, &names, max_tokens).await?;
-            let text = serde_json::to_string_pretty(&result)?;
-            if let Some(out) = out {
-                std::fs::write(&out, &text)
-                    .with_context(|| format!("writing {}", out.display()))?;
-            }
-            if json {
-                println!("{text}");
-            } else {
-                print!("{}", bench::generate_table(&result));
-            }
-            Ok(())
+            emit_bench(&result, &bench::generate_table(&result), out, json)
         }
         Command::Bench(BenchCmd::Ingest {
             format,
@@ -561,26 +541,36 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
                 "chunks_per_second": report.chunks_per_second(),
                 "vector_backend": settings.vectors.backend,
             });
-            let text = serde_json::to_string_pretty(&result)?;
-            if let Some(out) = out {
-                std::fs::write(&out, &text)
-                    .with_context(|| format!("writing {}", out.display()))?;
-            }
-            if json {
-                println!("{text}");
-            } else {
-                println!(
-                    "| files | documents | chunks | seconds | chunks/s |\n|---|---|---|---|---|\n| {} | {} | {} | {:.1} | {:.1} |",
-                    report.files,
-                    report.documents,
-                    report.chunks,
-                    report.seconds,
-                    report.chunks_per_second()
-                );
-            }
-            Ok(())
+            let table = format!(
+                "| files | documents | chunks | seconds | chunks/s |\n|---|---|---|---|---|\n| {} | {} | {} | {:.1} | {:.1} |\n",
+                report.files,
+                report.documents,
+                report.chunks,
+                report.seconds,
+                report.chunks_per_second()
+            );
+            emit_bench(&result, &table, out, json)
         }
     }
+}
+
+/// Print a benchmark as JSON (`--json`) or its table, and write the JSON to `out` if given.
+fn emit_bench<T: serde::Serialize>(
+    result: &T,
+    table: &str,
+    out: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    let text = serde_json::to_string_pretty(result)?;
+    if let Some(out) = out {
+        std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if json {
+        println!("{text}");
+    } else {
+        print!("{table}");
+    }
+    Ok(())
 }
 
 fn adapters(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> Result<()> {
