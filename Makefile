@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo eval-squad bench clean-demo
+.PHONY: models build test lint demo serve eval-squad bench clean-demo
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -20,6 +20,7 @@ build:
 
 ## The test suite: unit + integration tests (real tantivy, qdrant-edge, MiniLM embeddings).
 test: models
+	bash scripts/test-deps.sh
 	cargo test --release
 
 lint:
@@ -33,6 +34,12 @@ demo: models build
 	$(DR) search --collection postgres "how do I create a partial index" --k 3
 	$(DR) search --collection postgres "reclaim disk space after deleting many rows" --k 3
 	$(DR) search --collection postgres "pg_dump restore into a different database" --mode bm25 --k 3
+	@echo "starting the appliance at http://127.0.0.1:8080 (Ctrl-C stops it)"
+	$(DR) serve
+
+## The appliance alone (API, OpenAI-compatible /v1, web UI) on the config's server.bind.
+serve: build
+	$(DR) serve
 
 ## Retrieval quality on SQuAD 1.1 dev (all 10565 questions; bm25, dense, hybrid side by side).
 eval-squad: models build

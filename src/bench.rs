@@ -114,7 +114,15 @@ pub async fn search_latency(
             with.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
             let vector = if mode == Mode::Bm25 { None } else { v.clone() };
-            search_with_vector(collection, q, vector, mode, k, &collection.settings.fusion).await?;
+            search_with_vector(
+                collection,
+                q,
+                vector,
+                mode,
+                k,
+                &collection.settings().fusion,
+            )
+            .await?;
             without.push(t.elapsed().as_secs_f64() * 1e3);
         }
         modes.insert(

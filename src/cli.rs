@@ -73,6 +73,12 @@ pub enum Command {
         json: bool,
         query: String,
     },
+    /// Run the appliance: HTTP API, OpenAI-compatible chat, web UI.
+    Serve {
+        /// Address to listen on (default: server.bind from config).
+        #[arg(long)]
+        bind: Option<String>,
+    },
     /// Answer a question from a collection with the local LLM (streams, then lists cited sources).
     Ask {
         #[arg(long, short)]
@@ -359,6 +365,16 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             }
             Ok(())
         }
+        Command::Serve { bind } => {
+            let bind = bind.unwrap_or_else(|| settings.server.bind.clone());
+            let state = crate::http::AppState::load(settings).await?;
+            let server = crate::http::start(state, &bind).await?;
+            eprintln!("domainrag serving on http://{}", server.addr);
+            // actix stops on SIGTERM/SIGINT: no new connections, in-flight requests get
+            // server.shutdown_timeout_secs, then collections are flushed.
+            server.wait().await?;
+            Ok(())
+        }
         Command::Ask {
             collection,
             adapter,
@@ -422,7 +438,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             }
             let embedder = Embedder::load_async(&settings).await?;
             let col = catalog.open(&collection).await?;
-            let mut settings_for_run = col.settings.clone();
+            let mut settings_for_run = col.settings();
             fusion.apply(&mut settings_for_run);
             settings_for_run.validate()?;
             let bar = Bar::new(!json);
@@ -648,8 +664,8 @@ async fn collection(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
                     "name": name,
                     "documents": stats.documents,
                     "chunks": stats.chunks,
-                    "adapter": col.settings.adapter,
-                    "fusion": col.settings.fusion.method,
+                    "adapter": col.settings().adapter,
+                    "fusion": col.settings().fusion.method,
                 }));
             }
             if json {
@@ -675,7 +691,7 @@ async fn collection(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
         CollectionCmd::Show { name, json } => {
             let col = catalog.open(&name).await?;
             let stats = col.stats().await?;
-            let value = serde_json::json!({ "settings": col.settings, "stats": stats });
+            let value = serde_json::json!({ "settings": col.settings(), "stats": stats });
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {

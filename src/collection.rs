@@ -315,7 +315,8 @@ impl Catalog {
             Err(e) => return Err(Self::io_err(name, &ledger_path)(e)),
         };
         Ok(Arc::new(Collection {
-            settings,
+            name: settings.name.clone(),
+            settings: std::sync::RwLock::new(settings),
             dir,
             index: Arc::new(index),
             vectors,
@@ -326,6 +327,14 @@ impl Catalog {
     /// Delete a collection and everything stored in it.
     pub async fn delete(&self, name: &str) -> Result<(), CollectionError> {
         let collection = self.open(name).await?;
+        self.delete_open(collection).await
+    }
+
+    /// Delete a collection through a handle that is already open (a server keeps one per
+    /// collection; the embedded vector store cannot be opened twice).
+    pub async fn delete_open(&self, collection: Arc<Collection>) -> Result<(), CollectionError> {
+        let name = collection.name().to_string();
+        let name = name.as_str();
         collection.vectors.drop_store().await?;
         collection.index.close_writer()?;
         let dir = collection.dir.clone();
@@ -337,7 +346,9 @@ impl Catalog {
 /// An open collection: settings, BM25 index, vector store and document ledger.
 #[derive(Debug)]
 pub struct Collection {
-    pub settings: CollectionSettings,
+    /// Changeable while open (adapter, fusion) through [`Collection::update_settings`].
+    settings: std::sync::RwLock<CollectionSettings>,
+    name: String,
     pub dir: PathBuf,
     pub index: Arc<Bm25Index>,
     pub vectors: Arc<dyn VectorStore>,
@@ -354,7 +365,34 @@ pub struct CollectionStats {
 
 impl Collection {
     pub fn name(&self) -> &str {
-        &self.settings.name
+        &self.name
+    }
+
+    /// A copy of the current settings.
+    pub fn settings(&self) -> CollectionSettings {
+        self.settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Validate, persist and apply new settings (the name cannot change; chunking applies to
+    /// documents ingested from now on).
+    pub fn update_settings(
+        &self,
+        catalog: &Catalog,
+        change: impl FnOnce(&mut CollectionSettings),
+    ) -> Result<CollectionSettings, CollectionError> {
+        let mut guard = self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = guard.clone();
+        change(&mut next);
+        next.name = self.name.clone();
+        catalog.save_settings(&next)?;
+        *guard = next.clone();
+        Ok(next)
     }
 
     /// A copy of the ledger.

@@ -35,6 +35,7 @@ pub struct Settings {
     pub ingest: IngestConfig,
     pub generate: GenerateConfig,
     pub rag: RagConfig,
+    pub server: ServerConfig,
     pub log: LogConfig,
 }
 
@@ -141,6 +142,17 @@ pub struct GenerateConfig {
 pub struct RagConfig {
     pub max_sources: usize,
     pub context_tokens: usize,
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: String,
+    pub max_json_bytes: usize,
+    pub max_upload_bytes: usize,
+    pub request_timeout_secs: u64,
+    pub shutdown_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -306,6 +318,15 @@ impl Settings {
         }
         if self.rag.context_tokens < 64 {
             return invalid("rag.context_tokens", "must be at least 64");
+        }
+        if self.server.bind.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("server.bind", "must be an address like 127.0.0.1:8080");
+        }
+        if self.server.max_json_bytes < 1024 || self.server.max_upload_bytes < 1024 {
+            return invalid(
+                "server.max_json_bytes",
+                "and max_upload_bytes must be at least 1024",
+            );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(

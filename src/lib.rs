@@ -17,6 +17,7 @@ pub mod embed;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod http;
 pub mod index;
 pub mod ingest;
 pub mod rag;

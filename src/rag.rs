@@ -48,7 +48,7 @@ pub enum AdapterChoice {
 impl AdapterChoice {
     fn resolve(&self, collection: &Collection) -> Option<String> {
         match self {
-            AdapterChoice::Collection => collection.settings.adapter.clone(),
+            AdapterChoice::Collection => collection.settings().adapter,
             AdapterChoice::Named(n) => Some(n.clone()),
             AdapterChoice::Base => None,
         }
@@ -109,6 +109,21 @@ pub struct AnswerStream {
 const SYSTEM_PROMPT: &str = "You answer questions using only the numbered sources you are given. \
 Cite the sources you use with their numbers in brackets, like [1]. If the sources do not contain \
 the answer, say \"I don't know.\"";
+
+/// The chat messages for `question` over `sources`, after earlier turns of the conversation.
+pub fn build_messages_with_history(
+    history: &[ChatMessage],
+    question: &str,
+    sources: &[Source],
+) -> Vec<ChatMessage> {
+    let mut messages = build_messages(question, sources);
+    let user = messages
+        .pop()
+        .expect("build_messages returns system + user");
+    messages.extend(history.iter().filter(|m| m.role != Role::System).cloned());
+    messages.push(user);
+    messages
+}
 
 /// The chat messages for `question` over `sources`.
 pub fn build_messages(question: &str, sources: &[Source]) -> Vec<ChatMessage> {
@@ -239,8 +254,26 @@ impl Rag {
         question: &str,
         adapter: &AdapterChoice,
     ) -> Result<AnswerStream, RagError> {
+        self.answer_stream_with_history(collection, &[], question, adapter)
+            .await
+    }
+
+    /// Like [`Rag::answer_stream`], continuing a conversation: the previous user turn joins the
+    /// retrieval query (follow-ups like "and how do I drop it?" need it) and earlier turns precede
+    /// the question in the prompt.
+    pub async fn answer_stream_with_history(
+        &self,
+        collection: &Collection,
+        history: &[ChatMessage],
+        question: &str,
+        adapter: &AdapterChoice,
+    ) -> Result<AnswerStream, RagError> {
         let started = Instant::now();
-        let sources = self.sources(collection, question).await?;
+        let query = match history.iter().rev().find(|m| m.role == Role::User) {
+            Some(previous) => format!("{}\n{question}", previous.content),
+            None => question.to_string(),
+        };
+        let sources = self.sources(collection, &query).await?;
         let retrieve_ms = started.elapsed().as_secs_f64() * 1e3;
         let adapter = adapter.resolve(collection);
         let events = self
@@ -317,6 +350,31 @@ pub async fn collect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_goes_between_system_and_question() {
+        let history = vec![
+            ChatMessage {
+                role: Role::User,
+                content: "first".into(),
+            },
+            ChatMessage {
+                role: Role::Assistant,
+                content: "reply".into(),
+            },
+            ChatMessage {
+                role: Role::System,
+                content: "ignored".into(),
+            },
+        ];
+        let m = build_messages_with_history(&history, "next?", &[source(1)]);
+        let roles: Vec<Role> = m.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            [Role::System, Role::User, Role::Assistant, Role::User]
+        );
+        assert!(m[3].content.contains("Question: next?"));
+    }
 
     fn source(n: usize) -> Source {
         Source {

@@ -15,7 +15,7 @@ use crate::embed::{EmbedError, Embedder};
 use crate::error::ErrorKind;
 
 /// Which retrievers to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Bm25,
@@ -205,7 +205,7 @@ impl Retriever {
             vector,
             mode,
             k,
-            &collection.settings.fusion,
+            &collection.settings().fusion,
         )
         .await
     }

@@ -261,7 +261,7 @@ impl Ingestor {
         report: &mut IngestReport,
     ) -> Result<(), IngestError> {
         let ledger = self.collection.ledger();
-        let chunking = self.collection.settings.chunking;
+        let chunking = self.collection.settings().chunking;
         // Later duplicates of a doc id in the same batch win, as they would across batches.
         let mut by_id: std::collections::BTreeMap<String, Document> = Default::default();
         for doc in docs {

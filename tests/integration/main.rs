@@ -5,6 +5,7 @@ mod cli;
 mod embedding;
 mod generate;
 mod helpers;
+mod http;
 mod ingest;
 mod retrieval;
 mod vector_store;

@@ -75,7 +75,7 @@ async fn fusion_follows_the_collection_settings() {
         .expect("embed")
         .pop();
 
-    let mut bm25_only = col.settings.fusion;
+    let mut bm25_only = col.settings().fusion;
     bm25_only.dense_weight = 0.0;
     let fused = search_with_vector(&col, query, vector.clone(), Mode::Hybrid, 5, &bm25_only)
         .await
@@ -92,7 +92,7 @@ async fn fusion_follows_the_collection_settings() {
         "dense weight 0: BM25 order"
     );
 
-    let mut weighted = col.settings.fusion;
+    let mut weighted = col.settings().fusion;
     weighted.method = FusionMethod::Weighted;
     let hits = search_with_vector(&col, query, vector, Mode::Hybrid, 5, &weighted)
         .await
@@ -101,7 +101,7 @@ async fn fusion_follows_the_collection_settings() {
     assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
 
     // Settings persist per collection.
-    let mut s = col.settings.clone();
+    let mut s = col.settings();
     s.fusion.method = FusionMethod::Weighted;
     s.fusion.bm25_weight = 0.3;
     t.catalog.save_settings(&s).expect("save");

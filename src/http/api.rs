@@ -1,0 +1,610 @@
+//! `/api` routes: collections, documents (multipart upload ingested as background jobs), jobs,
+//! search, ask (JSON or server-sent events), adapters.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use actix_multipart::form::{MultipartForm, tempfile::TempFile, text::Text};
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, web};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::{ApiError, AppState, sse_event};
+use crate::collection::{CollectionSettings, CollectionStats};
+use crate::config::{ChunkingConfig, FusionConfig};
+use crate::ingest::{Format, Ingestor, Progress};
+use crate::rag::{self, AdapterChoice};
+use crate::retrieve::{Mode, Retriever};
+
+type State = web::Data<AppState>;
+
+/// Collection as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct CollectionView {
+    pub name: String,
+    pub documents: usize,
+    pub chunks: usize,
+    pub vectors: usize,
+    pub adapter: Option<String>,
+    pub fusion: FusionConfig,
+    pub chunking: ChunkingConfig,
+    pub embedding_model: String,
+    pub created_at: u64,
+}
+
+fn view(s: CollectionSettings, stats: CollectionStats) -> CollectionView {
+    CollectionView {
+        name: s.name,
+        documents: stats.documents,
+        chunks: stats.chunks,
+        vectors: stats.vectors,
+        adapter: s.adapter,
+        fusion: s.fusion,
+        chunking: s.chunking,
+        embedding_model: s.embedding_model,
+        created_at: s.created_at,
+    }
+}
+
+async fn list_collections(state: State) -> Result<HttpResponse, ApiError> {
+    let mut out = Vec::new();
+    for name in state.catalog.list()? {
+        let c = state.collection(&name).await?;
+        out.push(view(c.settings(), c.stats().await?));
+    }
+    Ok(HttpResponse::Ok().json(out))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCollection {
+    name: String,
+    #[serde(default)]
+    chunking: Option<ChunkingConfig>,
+    #[serde(default)]
+    fusion: Option<FusionConfig>,
+    #[serde(default)]
+    adapter: Option<String>,
+}
+
+async fn create_collection(
+    state: State,
+    body: web::Json<CreateCollection>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    crate::collection::validate_name(&body.name)?;
+    let mut s = state.catalog.default_settings(&body.name);
+    if let Some(c) = body.chunking {
+        s.chunking = c;
+    }
+    if let Some(f) = body.fusion {
+        s.fusion = f;
+    }
+    if let Some(a) = &body.adapter {
+        state.registry.get(a)?;
+        s.adapter = Some(a.clone());
+    }
+    state.catalog.create(s).await?;
+    let c = state.collection(&body.name).await?;
+    Ok(HttpResponse::Created().json(view(c.settings(), c.stats().await?)))
+}
+
+async fn get_collection(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let c = state.collection(&name).await?;
+    Ok(HttpResponse::Ok().json(view(c.settings(), c.stats().await?)))
+}
+
+/// `adapter`: absent = unchanged, null = none, string = that adapter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateCollection {
+    #[serde(default, deserialize_with = "some_option")]
+    adapter: Option<Option<String>>,
+    #[serde(default)]
+    fusion: Option<FusionConfig>,
+}
+
+/// Distinguishes a missing field (None) from an explicit null (Some(None)).
+fn some_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+async fn update_collection(
+    state: State,
+    name: web::Path<String>,
+    body: web::Json<UpdateCollection>,
+) -> Result<HttpResponse, ApiError> {
+    let c = state.collection(&name).await?;
+    let body = body.into_inner();
+    if let Some(Some(a)) = &body.adapter {
+        state.registry.get(a)?;
+    }
+    let s = c.update_settings(&state.catalog, |s| {
+        if let Some(a) = body.adapter {
+            s.adapter = a;
+        }
+        if let Some(f) = body.fusion {
+            s.fusion = f;
+        }
+    })?;
+    Ok(HttpResponse::Ok().json(view(s, c.stats().await?)))
+}
+
+async fn delete_collection(
+    state: State,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let c = state.collection(&name).await?;
+    let lock = state.write_lock(&name).await;
+    let _writing = lock.lock().await;
+    state.take_collection(&name).await;
+    state.catalog.delete_open(c).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchRequest {
+    query: String,
+    #[serde(default)]
+    mode: Option<Mode>,
+    #[serde(default)]
+    k: Option<usize>,
+}
+
+async fn search(
+    state: State,
+    name: web::Path<String>,
+    body: web::Json<SearchRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let c = state.collection(&name).await?;
+    let started = Instant::now();
+    let hits = Retriever::new(Arc::clone(&state.embedder))
+        .search(
+            &c,
+            &body.query,
+            body.mode.unwrap_or(Mode::Hybrid),
+            body.k.unwrap_or(5),
+        )
+        .await?;
+    state.metrics.searches.fetch_add(1, Ordering::Relaxed);
+    state
+        .metrics
+        .search_micros
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "results": hits })))
+}
+
+/// `adapter`: absent = the collection's, null = base model, string = that adapter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AskRequest {
+    question: String,
+    #[serde(default, deserialize_with = "some_option")]
+    adapter: Option<Option<String>>,
+    #[serde(default)]
+    stream: bool,
+}
+
+pub(crate) fn adapter_choice(adapter: Option<Option<String>>) -> AdapterChoice {
+    match adapter {
+        None => AdapterChoice::Collection,
+        Some(None) => AdapterChoice::Base,
+        Some(Some(a)) => AdapterChoice::Named(a),
+    }
+}
+
+async fn ask(
+    state: State,
+    name: web::Path<String>,
+    body: web::Json<AskRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let c = state.collection(&name).await?;
+    let body = body.into_inner();
+    if body.question.trim().is_empty() {
+        return Err(ApiError::bad_request("`question` is empty"));
+    }
+    let choice = adapter_choice(body.adapter);
+    if let AdapterChoice::Named(a) = &choice {
+        state.registry.get(a)?;
+    }
+    let stream = state.rag.answer_stream(&c, &body.question, &choice).await?;
+    state
+        .metrics
+        .in_flight_answers
+        .fetch_add(1, Ordering::Relaxed);
+    if !body.stream {
+        let answer = rag::collect(stream, |_| {}).await;
+        state
+            .metrics
+            .in_flight_answers
+            .fetch_sub(1, Ordering::Relaxed);
+        let answer = answer?;
+        record_answer(&state, &answer);
+        return Ok(HttpResponse::Ok().json(answer));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(64);
+    let state2 = state.clone();
+    tokio::spawn(async move {
+        let tx_tokens = tx.clone();
+        let result = collect_streaming(stream, move |t| {
+            // A full channel means a slow client: tokens are dropped only if it went away.
+            let _ = tx_tokens.try_send(Ok(sse_event("token", &serde_json::json!({ "text": t }))));
+        })
+        .await;
+        state2
+            .metrics
+            .in_flight_answers
+            .fetch_sub(1, Ordering::Relaxed);
+        let event = match result {
+            Ok(answer) => {
+                record_answer(&state2, &answer);
+                sse_event("done", &answer)
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                sse_event(
+                    "error",
+                    &serde_json::json!({"error": {"code": e.code, "message": e.message}}),
+                )
+            }
+        };
+        let _ = tx.send(Ok(event)).await;
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(tokio_stream_from(rx)))
+}
+
+async fn collect_streaming(
+    stream: rag::AnswerStream,
+    on_token: impl FnMut(&str),
+) -> Result<rag::Answer, rag::RagError> {
+    rag::collect(stream, on_token).await
+}
+
+pub(crate) fn record_answer(state: &AppState, answer: &rag::Answer) {
+    let m = &state.metrics;
+    m.answers.fetch_add(1, Ordering::Relaxed);
+    m.answer_micros
+        .fetch_add((answer.timings_ms.total * 1e3) as u64, Ordering::Relaxed);
+    m.retrieve_micros
+        .fetch_add((answer.timings_ms.retrieve * 1e3) as u64, Ordering::Relaxed);
+    m.completion_tokens
+        .fetch_add(answer.completion_tokens as u64, Ordering::Relaxed);
+}
+
+/// A `futures::Stream` over an mpsc receiver, for streaming bodies.
+pub(crate) fn tokio_stream_from<T>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// The state of a background ingest.
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: String,
+    pub collection: String,
+    pub status: &'static str,
+    pub files_total: u64,
+    pub files_done: u64,
+    pub documents: usize,
+    pub chunks: usize,
+    pub failures: Vec<crate::ingest::IngestFailure>,
+    pub error: Option<String>,
+}
+
+/// Background ingest jobs by id.
+#[derive(Debug, Default)]
+pub struct Jobs(Mutex<HashMap<String, Arc<std::sync::Mutex<Job>>>>);
+
+impl Jobs {
+    pub async fn running(&self) -> usize {
+        let jobs = self.0.lock().await;
+        jobs.values()
+            .filter(|j| {
+                let s = j
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .status;
+                s == "running" || s == "queued"
+            })
+            .count()
+    }
+}
+
+struct JobProgress(Arc<std::sync::Mutex<Job>>);
+
+impl Progress for JobProgress {
+    fn start(&self, total: u64) {
+        let mut j = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        j.status = "running";
+        j.files_total = total;
+    }
+    fn advance(&self, n: u64, _: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .files_done += n;
+    }
+    fn finish(&self) {}
+}
+
+#[derive(MultipartForm)]
+struct Upload {
+    #[multipart(rename = "files")]
+    files: Vec<TempFile>,
+}
+
+#[derive(Debug, Deserialize)]
+struct UploadQuery {
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// A safe file name from an upload: its last path component, no hidden or traversal names.
+fn safe_file_name(name: Option<&str>) -> Result<String, ApiError> {
+    let name = name.ok_or_else(|| ApiError::bad_request("an uploaded file has no file name"))?;
+    let base = Path::new(name)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| ApiError::bad_request(format!("invalid file name {name:?}")))?;
+    if base != name || base.starts_with('.') || base.contains('\\') || base.len() > 200 {
+        return Err(ApiError::bad_request(format!(
+            "invalid file name {name:?}: use a plain name without directories"
+        )));
+    }
+    Ok(base.to_string())
+}
+
+fn parse_format(s: Option<&str>) -> Result<Format, ApiError> {
+    Ok(match s.unwrap_or("auto") {
+        "auto" => Format::Auto,
+        "txt" => Format::Txt,
+        "md" => Format::Md,
+        "html" => Format::Html,
+        "pdf" => Format::Pdf,
+        "jsonl" => Format::Jsonl,
+        "squad" => Format::Squad,
+        other => return Err(ApiError::bad_request(format!("unknown format {other:?}"))),
+    })
+}
+
+async fn upload_documents(
+    state: State,
+    name: web::Path<String>,
+    query: web::Query<UploadQuery>,
+    form: MultipartForm<Upload>,
+) -> Result<HttpResponse, ApiError> {
+    let c = state.collection(&name).await?;
+    let format = parse_format(query.format.as_deref())?;
+    let form = form.into_inner();
+    if form.files.is_empty() {
+        return Err(ApiError::bad_request("no files: send parts named `files`"));
+    }
+    let mut names = Vec::new();
+    for f in &form.files {
+        names.push(safe_file_name(f.file_name.as_deref())?);
+    }
+    // Uploaded originals are kept in the collection, so re-uploading a file replaces its chunks.
+    let dir = c.dir.join("uploads");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ApiError::from_kind(crate::error::ErrorKind::Internal, &e))?;
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for (f, n) in form.files.into_iter().zip(names) {
+        let dest = dir.join(&n);
+        let tmp = dir.join(format!(".{n}.part"));
+        std::fs::copy(f.file.path(), &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &dest))
+            .map_err(|e| ApiError::from_kind(crate::error::ErrorKind::Internal, &e))?;
+        paths.push(dest);
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let job = Arc::new(std::sync::Mutex::new(Job {
+        id: id.clone(),
+        collection: name.to_string(),
+        status: "queued",
+        files_total: paths.len() as u64,
+        files_done: 0,
+        documents: 0,
+        chunks: 0,
+        failures: Vec::new(),
+        error: None,
+    }));
+    state
+        .jobs
+        .0
+        .lock()
+        .await
+        .insert(id.clone(), Arc::clone(&job));
+    let state2 = state.clone();
+    tokio::spawn(async move {
+        let lock = state2.write_lock(c.name()).await;
+        let _writing = lock.lock().await;
+        let ingestor = Ingestor::new(
+            Arc::clone(&c),
+            Arc::clone(&state2.embedder),
+            state2.settings.ingest.batch_docs,
+        );
+        let result = ingestor
+            .ingest_paths(&paths, format, &JobProgress(Arc::clone(&job)))
+            .await;
+        let mut j = job
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(report) => {
+                j.status = "done";
+                j.documents = report.documents + report.unchanged;
+                j.chunks = report.chunks;
+                j.failures = report.failures;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "ingest job failed");
+                j.status = "failed";
+                j.error = Some(e.to_string());
+            }
+        }
+    });
+    Ok(HttpResponse::Accepted().json(serde_json::json!({ "job_id": id, "status": "queued" })))
+}
+
+async fn get_job(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let jobs = state.jobs.0.lock().await;
+    let job = jobs
+        .get(id.as_str())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}")))?;
+    let job = job
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    Ok(HttpResponse::Ok().json(job))
+}
+
+async fn list_documents(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let c = state.collection(&name).await?;
+    let docs: Vec<_> = c
+        .ledger()
+        .into_iter()
+        .map(|(doc_id, e)| {
+            serde_json::json!({
+                "doc_id": doc_id, "title": e.title, "source": e.source,
+                "chunks": e.chunks, "ingested_at": e.ingested_at,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(docs))
+}
+
+async fn delete_document(
+    state: State,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (name, doc_id) = path.into_inner();
+    let c = state.collection(&name).await?;
+    if !c.ledger().contains_key(&doc_id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no document {doc_id:?} in collection {name:?}"),
+        ));
+    }
+    let lock = state.write_lock(&name).await;
+    let _writing = lock.lock().await;
+    Ingestor::new(c, Arc::clone(&state.embedder), 1)
+        .delete_documents(vec![doc_id])
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn list_adapters(state: State) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.registry.list()?))
+}
+
+#[derive(MultipartForm)]
+struct AdapterUpload {
+    name: Text<String>,
+    #[multipart(rename = "files")]
+    files: Vec<TempFile>,
+}
+
+async fn add_adapter(
+    state: State,
+    form: MultipartForm<AdapterUpload>,
+) -> Result<HttpResponse, ApiError> {
+    let form = form.into_inner();
+    let staging = tempfile_dir()?;
+    for f in &form.files {
+        let n = safe_file_name(f.file_name.as_deref())?;
+        if n != "adapter_config.json" && n != "adapter_model.safetensors" {
+            return Err(ApiError::bad_request(format!(
+                "unexpected file {n:?}: send adapter_config.json and adapter_model.safetensors"
+            )));
+        }
+        std::fs::copy(f.file.path(), staging.join(&n))
+            .map_err(|e| ApiError::from_kind(crate::error::ErrorKind::Internal, &e))?;
+    }
+    let base = crate::adapters::BaseModelInfo::from_dir(&state.settings.generate_base_dir())?;
+    let result = state.registry.add(&form.name, &staging, &base);
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(HttpResponse::Created().json(result?))
+}
+
+fn tempfile_dir() -> Result<PathBuf, ApiError> {
+    let dir = std::env::temp_dir().join(format!("domainrag-adapter-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ApiError::from_kind(crate::error::ErrorKind::Internal, &e))?;
+    Ok(dir)
+}
+
+async fn delete_adapter(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let mut used_by = Vec::new();
+    for c in state.catalog.list()? {
+        if state.catalog.settings(&c)?.adapter.as_deref() == Some(name.as_str()) {
+            used_by.push(c);
+        }
+    }
+    state.registry.remove(&name, &used_by)?;
+    state.generator.evict(&name).await;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `/api` routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api")
+            .route("/collections", web::get().to(list_collections))
+            .route("/collections", web::post().to(create_collection))
+            .route("/collections/{name}", web::get().to(get_collection))
+            .route("/collections/{name}", web::patch().to(update_collection))
+            .route("/collections/{name}", web::delete().to(delete_collection))
+            .route("/collections/{name}/search", web::post().to(search))
+            .route("/collections/{name}/ask", web::post().to(ask))
+            .route(
+                "/collections/{name}/documents",
+                web::get().to(list_documents),
+            )
+            .route(
+                "/collections/{name}/documents",
+                web::post().to(upload_documents),
+            )
+            .route(
+                "/collections/{name}/documents/{doc_id}",
+                web::delete().to(delete_document),
+            )
+            .route("/jobs/{id}", web::get().to(get_job))
+            .route("/adapters", web::get().to(list_adapters))
+            .route("/adapters", web::post().to(add_adapter))
+            .route("/adapters/{name}", web::delete().to(delete_adapter)),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_names_cannot_escape() {
+        assert_eq!(safe_file_name(Some("a.txt")).expect("plain"), "a.txt");
+        for bad in [
+            "../a.txt",
+            "/etc/passwd",
+            "x/y.txt",
+            ".hidden",
+            "..",
+            "a\\b.txt",
+        ] {
+            assert!(safe_file_name(Some(bad)).is_err(), "{bad}");
+        }
+        assert!(safe_file_name(None).is_err());
+    }
+}

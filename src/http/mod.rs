@@ -1,0 +1,469 @@
+//! The HTTP appliance (actix-web): shared state, the error shape, health, metrics, the embedded web
+//! UI, and server start/stop. Route groups live in [`api`] (collections, documents, jobs, search,
+//! ask, adapters) and [`openai`] (`/v1`).
+//!
+//! Handlers are thin: request DTO -> one call into `rag` / `retrieve` / `ingest` / `collection` ->
+//! DTO back. No tantivy, Qdrant or mistral.rs types here. Nothing imports this module.
+
+pub mod api;
+pub mod openai;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError, web};
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::adapters::{AdapterError, AdapterRegistry};
+use crate::collection::{Catalog, Collection, CollectionError};
+use crate::config::Settings;
+use crate::embed::{EmbedError, Embedder};
+use crate::error::ErrorKind;
+use crate::generate::{GenerateError, Generator, Sampling};
+use crate::ingest::IngestError;
+use crate::rag::{Rag, RagError};
+use crate::retrieve::{RetrieveError, Retriever};
+
+/// An error as the API returns it: `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Seconds for a `Retry-After` header (429/503).
+    pub retry_after: Option<u64>,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", message)
+    }
+
+    /// Map a domain error by its kind. 5xx bodies stay opaque; the cause goes to the log.
+    pub fn from_kind(kind: ErrorKind, err: &dyn std::error::Error) -> ApiError {
+        let status = match kind {
+            ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            let mut chain = err.to_string();
+            let mut source = err.source();
+            while let Some(s) = source {
+                chain.push_str(": ");
+                chain.push_str(&s.to_string());
+                source = s.source();
+            }
+            tracing::error!(error = %chain, "request failed");
+            let message = match kind {
+                ErrorKind::Unavailable => "a dependency is unavailable; retry later".to_string(),
+                _ => "internal error".to_string(),
+            };
+            return ApiError::new(status, kind.code(), message);
+        }
+        ApiError::new(status, kind.code(), err.to_string())
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(secs) = self.retry_after {
+            response.insert_header(("Retry-After", secs.to_string()));
+        }
+        response.json(serde_json::json!({"error": {"code": self.code, "message": self.message}}))
+    }
+}
+
+macro_rules! api_error_from {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for ApiError {
+            fn from(e: $ty) -> ApiError {
+                ApiError::from_kind(e.kind(), &e)
+            }
+        }
+    )*};
+}
+api_error_from!(
+    CollectionError,
+    RetrieveError,
+    IngestError,
+    AdapterError,
+    EmbedError
+);
+
+impl From<GenerateError> for ApiError {
+    fn from(e: GenerateError) -> ApiError {
+        match e {
+            GenerateError::Busy(n) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "busy",
+                    format!("{n} answers are being generated; retry shortly"),
+                )
+            },
+            e => ApiError::from_kind(e.kind(), &e),
+        }
+    }
+}
+
+impl From<RagError> for ApiError {
+    fn from(e: RagError) -> ApiError {
+        match e {
+            RagError::Generate(g) => g.into(),
+            RagError::Retrieve(r) => r.into(),
+        }
+    }
+}
+
+/// Counters for `/metrics` (Prometheus text format).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub errors_4xx: AtomicU64,
+    pub errors_5xx: AtomicU64,
+    pub searches: AtomicU64,
+    pub search_micros: AtomicU64,
+    pub answers: AtomicU64,
+    pub answer_micros: AtomicU64,
+    pub retrieve_micros: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    pub rejected_busy: AtomicU64,
+    pub in_flight_answers: AtomicU64,
+}
+
+impl Metrics {
+    fn render(&self, resident_adapters: usize, jobs_running: usize) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "# TYPE domainrag_http_requests_total counter\ndomainrag_http_requests_total {}\n\
+             # TYPE domainrag_http_errors_total counter\ndomainrag_http_errors_total{{class=\"4xx\"}} {}\ndomainrag_http_errors_total{{class=\"5xx\"}} {}\n\
+             # TYPE domainrag_search_seconds summary\ndomainrag_search_seconds_count {}\ndomainrag_search_seconds_sum {}\n\
+             # TYPE domainrag_answer_seconds summary\ndomainrag_answer_seconds_count {}\ndomainrag_answer_seconds_sum {}\n\
+             # TYPE domainrag_answer_retrieve_seconds_sum counter\ndomainrag_answer_retrieve_seconds_sum {}\n\
+             # TYPE domainrag_completion_tokens_total counter\ndomainrag_completion_tokens_total {}\n\
+             # TYPE domainrag_generation_rejected_total counter\ndomainrag_generation_rejected_total {}\n\
+             # TYPE domainrag_generation_in_flight gauge\ndomainrag_generation_in_flight {}\n\
+             # TYPE domainrag_adapters_resident gauge\ndomainrag_adapters_resident {}\n\
+             # TYPE domainrag_ingest_jobs_running gauge\ndomainrag_ingest_jobs_running {}\n",
+            g(&self.requests),
+            g(&self.errors_4xx),
+            g(&self.errors_5xx),
+            g(&self.searches),
+            g(&self.search_micros) as f64 / 1e6,
+            g(&self.answers),
+            g(&self.answer_micros) as f64 / 1e6,
+            g(&self.retrieve_micros) as f64 / 1e6,
+            g(&self.completion_tokens),
+            g(&self.rejected_busy),
+            g(&self.in_flight_answers),
+            resident_adapters,
+            jobs_running,
+        )
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub settings: Settings,
+    pub catalog: Catalog,
+    pub registry: AdapterRegistry,
+    pub embedder: Arc<Embedder>,
+    pub generator: Arc<Generator>,
+    pub rag: Rag,
+    /// One open handle per collection (the embedded vector store cannot be opened twice).
+    collections: Mutex<HashMap<String, Arc<Collection>>>,
+    /// One writer at a time per collection.
+    write_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    pub jobs: api::Jobs,
+    pub metrics: Metrics,
+}
+
+impl AppState {
+    /// Load the embedder and the base model, preload the adapters collections use.
+    pub async fn load(settings: Settings) -> anyhow::Result<Arc<AppState>> {
+        let catalog = Catalog::new(&settings);
+        let registry = AdapterRegistry::new(&settings.paths.data_dir);
+        let embedder = Embedder::load_async(&settings).await?;
+        let generator = Generator::load(&settings).await?;
+        let mut in_use = Vec::new();
+        for name in catalog.list()? {
+            if let Some(a) = catalog.settings(&name)?.adapter
+                && !in_use.contains(&a)
+            {
+                in_use.push(a);
+            }
+        }
+        generator.preload(&in_use).await?;
+        let rag = Rag::new(
+            Retriever::new(Arc::clone(&embedder)),
+            Arc::clone(&generator),
+            settings.rag.clone(),
+            Sampling::from_config(&settings.generate),
+        );
+        Ok(Arc::new(AppState {
+            catalog,
+            registry,
+            embedder,
+            generator,
+            rag,
+            collections: Mutex::new(HashMap::new()),
+            write_locks: Mutex::new(HashMap::new()),
+            jobs: api::Jobs::default(),
+            metrics: Metrics::default(),
+            settings,
+        }))
+    }
+
+    /// The open handle of collection `name`.
+    pub async fn collection(&self, name: &str) -> Result<Arc<Collection>, ApiError> {
+        crate::collection::validate_name(name)?;
+        let mut open = self.collections.lock().await;
+        if let Some(c) = open.get(name) {
+            return Ok(Arc::clone(c));
+        }
+        let c = self.catalog.open(name).await?;
+        open.insert(name.to_string(), Arc::clone(&c));
+        Ok(c)
+    }
+
+    /// Forget a collection's handle (it is being deleted).
+    pub async fn take_collection(&self, name: &str) -> Option<Arc<Collection>> {
+        self.collections.lock().await.remove(name)
+    }
+
+    /// The write lock of collection `name`.
+    pub async fn write_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        Arc::clone(
+            self.write_locks
+                .lock()
+                .await
+                .entry(name.to_string())
+                .or_default(),
+        )
+    }
+
+    /// Flush every open collection (shutdown).
+    pub async fn close_all(&self) {
+        for (name, c) in self.collections.lock().await.iter() {
+            if let Err(e) = c.close().await {
+                tracing::error!(collection = %name, error = %e, "closing collection failed");
+            }
+        }
+    }
+}
+
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+const STYLE_CSS: &str = include_str!("../../web/style.css");
+const OPENAPI_JSON: &str = include_str!("../../web/openapi.json");
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    match state.catalog.list() {
+        Ok(names) => HttpResponse::Ok().json(serde_json::json!({
+            "status": "ready",
+            "collections": names.len(),
+            "embedding_dimension": state.embedder.dimension(),
+        })),
+        Err(e) => ApiError::from(e).error_response(),
+    }
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let resident = state.generator.resident_adapters().await.len();
+    let running = state.jobs.running().await;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render(resident, running))
+}
+
+fn static_file(body: &'static str, content_type: &'static str) -> HttpResponse {
+    HttpResponse::Ok().content_type(content_type).body(body)
+}
+
+/// Health, metrics, UI and OpenAPI routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route(
+            "/openapi.json",
+            web::get().to(|| async { static_file(OPENAPI_JSON, "application/json") }),
+        )
+        .route(
+            "/",
+            web::get().to(|| async { static_file(INDEX_HTML, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/app.js",
+            web::get().to(|| async { static_file(APP_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/style.css",
+            web::get().to(|| async { static_file(STYLE_CSS, "text/css; charset=utf-8") }),
+        );
+}
+
+/// JSON body errors as the API's error shape.
+fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(|err, _| {
+            let status = match &err {
+                actix_web::error::JsonPayloadError::OverflowKnownLength { .. }
+                | actix_web::error::JsonPayloadError::Overflow { .. } => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                actix_web::error::JsonPayloadError::ContentType => {
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE
+                }
+                _ => StatusCode::BAD_REQUEST,
+            };
+            ApiError::new(status, "invalid_input", format!("bad JSON body: {err}")).into()
+        })
+}
+
+/// Multipart errors in the API's error shape; an upload over `server.max_upload_bytes` is 413.
+fn multipart_error(
+    err: actix_multipart::MultipartError,
+    _: &actix_web::HttpRequest,
+) -> actix_web::Error {
+    let too_large = matches!(
+        err,
+        actix_multipart::MultipartError::Payload(actix_web::error::PayloadError::Overflow)
+    );
+    let status = if too_large {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    ApiError::new(status, "invalid_input", format!("bad upload: {err}")).into()
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub handle: actix_web::dev::ServerHandle,
+    pub state: Arc<AppState>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Wait until the server stops (SIGTERM/SIGINT or [`Server::stop`]), then flush collections.
+    pub async fn wait(self) -> std::io::Result<()> {
+        let result = self.task.await.map_err(std::io::Error::other)?;
+        self.state.close_all().await;
+        result
+    }
+
+    /// Stop gracefully: stop accepting, let in-flight requests finish (up to the shutdown timeout).
+    pub async fn stop(self) -> std::io::Result<()> {
+        self.handle.stop(true).await;
+        self.wait().await
+    }
+}
+
+/// Bind and start the server on `bind` (e.g. `127.0.0.1:8080`, or port 0 for tests).
+pub async fn start(state: Arc<AppState>, bind: &str) -> anyhow::Result<Server> {
+    let data = web::Data::from(Arc::clone(&state));
+    let json_limit = state.settings.server.max_json_bytes;
+    let upload_limit = state.settings.server.max_upload_bytes;
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(data.clone())
+            .app_data(json_config(json_limit))
+            .app_data(
+                actix_multipart::form::MultipartFormConfig::default()
+                    .total_limit(upload_limit)
+                    .memory_limit(upload_limit)
+                    .error_handler(multipart_error),
+            )
+            .wrap(actix_web::middleware::from_fn(count_requests))
+            .configure(configure)
+            .configure(api::configure)
+            .configure(openai::configure)
+            .default_service(web::to(|| async {
+                Err::<HttpResponse, ApiError>(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such route",
+                ))
+            }))
+    })
+    .shutdown_timeout(state.settings.server.shutdown_timeout_secs)
+    .client_request_timeout(std::time::Duration::from_secs(
+        state.settings.server.request_timeout_secs,
+    ))
+    .bind(bind)?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("bound to no address"))?;
+    let server = server.run();
+    let handle = server.handle();
+    let task = tokio::spawn(server);
+    tracing::info!(%addr, "listening");
+    Ok(Server {
+        addr,
+        handle,
+        state,
+        task,
+    })
+}
+
+async fn count_requests(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let res = next.call(req).await?;
+    if let Some(state) = state {
+        state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let status = res.status();
+        if status.is_client_error() {
+            state.metrics.errors_4xx.fetch_add(1, Ordering::Relaxed);
+        } else if status.is_server_error() {
+            state.metrics.errors_5xx.fetch_add(1, Ordering::Relaxed);
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(res)
+}
+
+/// Serialise for an SSE `data:` line.
+pub(crate) fn sse_event(event: &str, data: &impl Serialize) -> web::Bytes {
+    let json = serde_json::to_string(data).unwrap_or_else(|_| "{}".into());
+    web::Bytes::from(format!("event: {event}\ndata: {json}\n\n"))
+}

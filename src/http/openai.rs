@@ -1,0 +1,198 @@
+//! The OpenAI-compatible `/v1` routes: `model` names a collection (`collection` uses its adapter,
+//! `collection:adapter` a given adapter, `collection:base` the base model). The last user message
+//! is the question; earlier turns condition it. Responses have the usual OpenAI shapes plus
+//! `citations`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, web};
+use serde::Deserialize;
+
+use super::api::{record_answer, tokio_stream_from};
+use super::{ApiError, AppState};
+use crate::collection::now_secs;
+use crate::generate::{ChatMessage, Role};
+use crate::rag::{self, AdapterChoice};
+
+type State = web::Data<AppState>;
+
+async fn models(state: State) -> Result<HttpResponse, ApiError> {
+    let created = now_secs();
+    let mut data = Vec::new();
+    let adapters = state.registry.list()?;
+    for name in state.catalog.list()? {
+        data.push(serde_json::json!({"id": name, "object": "model", "created": created, "owned_by": "domainrag"}));
+        data.push(serde_json::json!({"id": format!("{name}:base"), "object": "model", "created": created, "owned_by": "domainrag"}));
+        for a in &adapters {
+            data.push(serde_json::json!({
+                "id": format!("{name}:{}", a.name), "object": "model", "created": created, "owned_by": "domainrag"
+            }));
+        }
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<serde_json::Value>,
+}
+
+/// Unknown OpenAI parameters are accepted and ignored, as OpenAI-compatible servers do.
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<Message>,
+    #[serde(default)]
+    stream: bool,
+}
+
+fn text_of(content: &Option<serde_json::Value>) -> String {
+    match content {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        // The array form: [{"type": "text", "text": "..."}].
+        Some(serde_json::Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+async fn chat_completions(
+    state: State,
+    body: web::Json<ChatRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let (collection, choice) = match body.model.split_once(':') {
+        None => (body.model.as_str(), AdapterChoice::Collection),
+        Some((c, "base")) => (c, AdapterChoice::Base),
+        Some((c, a)) => {
+            state.registry.get(a)?;
+            (c, AdapterChoice::Named(a.to_string()))
+        }
+    };
+    let c = state.collection(collection).await?;
+    let mut history = Vec::new();
+    for m in &body.messages {
+        let role = match m.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unsupported message role {other:?}"
+                )));
+            }
+        };
+        history.push(ChatMessage {
+            role,
+            content: text_of(&m.content),
+        });
+    }
+    let last_user = history
+        .iter()
+        .rposition(|m| m.role == Role::User)
+        .ok_or_else(|| ApiError::bad_request("`messages` has no user message"))?;
+    let question = history.remove(last_user).content;
+    history.truncate(last_user);
+    if question.trim().is_empty() {
+        return Err(ApiError::bad_request("the last user message is empty"));
+    }
+    let stream = state
+        .rag
+        .answer_stream_with_history(&c, &history, &question, &choice)
+        .await?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = now_secs();
+    let model = body.model.clone();
+    state
+        .metrics
+        .in_flight_answers
+        .fetch_add(1, Ordering::Relaxed);
+    if !body.stream {
+        let answer = rag::collect(stream, |_| {}).await;
+        state
+            .metrics
+            .in_flight_answers
+            .fetch_sub(1, Ordering::Relaxed);
+        let answer = answer?;
+        record_answer(&state, &answer);
+        return Ok(HttpResponse::Ok().json(serde_json::json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                      "total_tokens": answer.prompt_tokens + answer.completion_tokens},
+            "citations": answer.citations,
+        })));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(64);
+    let state2 = Arc::clone(&state.into_inner());
+    tokio::spawn(async move {
+        let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+            let v = serde_json::json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            });
+            web::Bytes::from(format!("data: {v}\n\n"))
+        };
+        let _ = tx
+            .send(Ok(chunk(
+                serde_json::json!({"role": "assistant", "content": ""}),
+                None,
+            )))
+            .await;
+        let tx_tokens = tx.clone();
+        let result = rag::collect(stream, |t| {
+            let _ = tx_tokens.try_send(Ok(chunk(serde_json::json!({ "content": t }), None)));
+        })
+        .await;
+        state2
+            .metrics
+            .in_flight_answers
+            .fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(answer) => {
+                record_answer(&state2, &answer);
+                let v = serde_json::json!({
+                    "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                              "total_tokens": answer.prompt_tokens + answer.completion_tokens},
+                    "citations": answer.citations,
+                });
+                let _ = tx
+                    .send(Ok(web::Bytes::from(format!("data: {v}\n\n"))))
+                    .await;
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                let v = serde_json::json!({"error": {"code": e.code, "message": e.message}});
+                let _ = tx
+                    .send(Ok(web::Bytes::from(format!("data: {v}\n\n"))))
+                    .await;
+            }
+        }
+        let _ = tx
+            .send(Ok(web::Bytes::from_static(b"data: [DONE]\n\n")))
+            .await;
+    });
+    Ok(HttpResponse::build(StatusCode::OK)
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(tokio_stream_from(rx)))
+}
+
+/// `/v1` routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/v1")
+            .route("/models", web::get().to(models))
+            .route("/chat/completions", web::post().to(chat_completions)),
+    );
+}

@@ -1,0 +1,459 @@
+//! The appliance over real HTTP: `spawn_app` starts the server on port 0 with a temp data dir and
+//! the real models; every route group, bad input, streaming, the OpenAI client, back-pressure.
+
+use std::time::Duration;
+
+use domainrag::http::{AppState, Server};
+use serde_json::{Value, json};
+
+use crate::helpers::{models_dir, settings, write_corpus};
+
+struct App {
+    server: Server,
+    base: String,
+    client: reqwest::Client,
+    dir: tempfile::TempDir,
+}
+
+async fn spawn_app(max_concurrent: usize) -> App {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = settings(dir.path());
+    s.generate.max_concurrent = max_concurrent;
+    s.generate.max_tokens = 48;
+    s.server.max_upload_bytes = 256 * 1024;
+    let state = AppState::load(s).await.expect("state loads");
+    let server = domainrag::http::start(state, "127.0.0.1:0")
+        .await
+        .expect("binds");
+    let base = format!("http://{}", server.addr);
+    App {
+        server,
+        base,
+        client: reqwest::Client::new(),
+        dir,
+    }
+}
+
+impl App {
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("get");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+    async fn send(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+    async fn upload(&self, collection: &str, files: &[(&str, Vec<u8>)]) -> (u16, Value) {
+        let mut form = reqwest::multipart::Form::new();
+        for (name, bytes) in files {
+            form = form.part(
+                "files",
+                reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.to_string()),
+            );
+        }
+        let r = self
+            .client
+            .post(format!(
+                "{}/api/collections/{collection}/documents",
+                self.base
+            ))
+            .multipart(form)
+            .send()
+            .await
+            .expect("upload");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+    async fn wait_job(&self, id: &str) -> Value {
+        for _ in 0..600 {
+            let (_, job) = self.get(&format!("/api/jobs/{id}")).await;
+            if job["status"] == "done" || job["status"] == "failed" {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} did not finish");
+    }
+    /// A collection with the fixture corpus ingested through the upload route.
+    async fn corpus(&self, name: &str) {
+        let (status, _) = self
+            .send(
+                reqwest::Method::POST,
+                "/api/collections",
+                json!({"name": name}),
+            )
+            .await;
+        assert_eq!(status, 201);
+        let src = self.dir.path().join("src");
+        std::fs::create_dir_all(&src).expect("mkdir");
+        write_corpus(&src);
+        let files: Vec<(&str, Vec<u8>)> = ["faq.jsonl", "backup.html", "vacuum.txt"]
+            .iter()
+            .map(|f| (*f, std::fs::read(src.join(f)).expect("read")))
+            .collect();
+        let (status, body) = self.upload(name, &files).await;
+        assert_eq!(status, 202, "{body}");
+        let job = self
+            .wait_job(body["job_id"].as_str().expect("job id"))
+            .await;
+        assert_eq!(job["status"], "done", "{job}");
+        assert_eq!(job["documents"], 4);
+    }
+}
+
+#[tokio::test]
+async fn every_route_group_over_http() {
+    let app = spawn_app(4).await;
+    use reqwest::Method;
+    assert_eq!(app.get("/healthz").await.0, 200);
+    assert_eq!(app.get("/readyz").await.1["status"], "ready");
+    let (_, openapi) = app.get("/openapi.json").await;
+    assert_eq!(openapi["openapi"], "3.0.3");
+    let page = app
+        .client
+        .get(format!("{}/", app.base))
+        .send()
+        .await
+        .expect("ui");
+    assert!(page.text().await.expect("html").contains("<html"));
+
+    app.corpus("docs").await;
+    // Collections.
+    assert_eq!(
+        app.send(Method::POST, "/api/collections", json!({"name": "docs"}))
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        app.send(Method::POST, "/api/collections", json!({"name": "../etc"}))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        app.send(Method::POST, "/api/collections", json!({"nom": "x"}))
+            .await
+            .0,
+        400
+    );
+    let (status, c) = app.get("/api/collections/docs").await;
+    assert_eq!(status, 200);
+    assert_eq!(c["documents"], 4);
+    assert_eq!(c["chunks"], c["vectors"]);
+    assert_eq!(app.get("/api/collections/nope").await.0, 404);
+    let (status, c) = app
+        .send(Method::PATCH, "/api/collections/docs", json!({"fusion": {"method": "rrf", "rrf_k": 60.0, "bm25_weight": 1.0, "dense_weight": 1.0, "candidates": 20}}))
+        .await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["fusion"]["method"], "rrf");
+    let (status, e) = app
+        .send(
+            Method::PATCH,
+            "/api/collections/docs",
+            json!({"adapter": "missing"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("missing"));
+    assert_eq!(
+        app.get("/api/collections")
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Bad JSON and wrong types get the error shape.
+    let r = app
+        .client
+        .post(format!("{}/api/collections/docs/search", app.base))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "invalid_input");
+
+    // Search.
+    let (status, res) = app
+        .send(
+            Method::POST,
+            "/api/collections/docs/search",
+            json!({"query": "pg_dump archive", "k": 2}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(res["results"][0]["title"], "Backup and Restore");
+    assert_eq!(
+        app.send(
+            Method::POST,
+            "/api/collections/docs/search",
+            json!({"query": " "})
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        app.send(
+            Method::POST,
+            "/api/collections/docs/search",
+            json!({"query": "x", "k": 0})
+        )
+        .await
+        .0,
+        400
+    );
+
+    // Ask, JSON and streamed.
+    let (status, answer) = app
+        .send(
+            Method::POST,
+            "/api/collections/docs/ask",
+            json!({"question": "How do I reset my password?"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(!answer["answer"].as_str().unwrap().is_empty());
+    assert_eq!(answer["sources"][0]["doc_id"], "faq-password");
+    let r = app
+        .client
+        .post(format!("{}/api/collections/docs/ask", app.base))
+        .json(&json!({"question": "How do I reset my password?", "stream": true, "adapter": null}))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let sse = r.text().await.expect("body");
+    assert!(sse.contains("event: token"), "{sse}");
+    let done = sse.split("event: done\ndata: ").nth(1).expect("done event");
+    let done: Value = serde_json::from_str(done.trim()).expect("done json");
+    assert_eq!(done["adapter"], Value::Null);
+    assert!(done["timings_ms"]["total"].as_f64().unwrap() > 0.0);
+
+    // Documents: list, bad uploads, delete.
+    let (_, docs) = app.get("/api/collections/docs/documents").await;
+    assert_eq!(docs.as_array().unwrap().len(), 4);
+    let (status, e) = app.upload("docs", &[("../evil.txt", b"x".to_vec())]).await;
+    assert_eq!(status, 400, "{e}");
+    let (status, _) = app
+        .upload("docs", &[("big.txt", vec![b'a'; 300 * 1024])])
+        .await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        app.upload("nope", &[("a.txt", b"hello".to_vec())]).await.0,
+        404
+    );
+    assert_eq!(
+        app.get("/api/collections/docs/documents")
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        4,
+        "nothing stored changed"
+    );
+    let r = app
+        .client
+        .delete(format!(
+            "{}/api/collections/docs/documents/faq-shipping",
+            app.base
+        ))
+        .send()
+        .await
+        .expect("delete doc");
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(app.get("/api/collections/docs").await.1["documents"], 3);
+    assert_eq!(app.get("/api/jobs/nope").await.0, 404);
+
+    // Adapters: list, refused upload leaves the registry empty, delete unknown.
+    assert_eq!(app.get("/api/adapters").await.1, json!([]));
+    let form = reqwest::multipart::Form::new().text("name", "bad").part(
+        "files",
+        reqwest::multipart::Part::bytes(b"{oops".to_vec()).file_name("adapter_config.json"),
+    );
+    let r = app
+        .client
+        .post(format!("{}/api/adapters", app.base))
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(app.get("/api/adapters").await.1, json!([]));
+    let form = reqwest::multipart::Form::new().text("name", "x").part(
+        "files",
+        reqwest::multipart::Part::bytes(b"{}".to_vec()).file_name("../adapter_config.json"),
+    );
+    let r = app
+        .client
+        .post(format!("{}/api/adapters", app.base))
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(r.status().as_u16(), 400);
+    let r = app
+        .client
+        .delete(format!("{}/api/adapters/nope", app.base))
+        .send()
+        .await
+        .expect("del");
+    assert_eq!(r.status().as_u16(), 404);
+
+    // Metrics count what happened.
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(
+        metrics.contains("domainrag_answer_seconds_count 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("domainrag_search_seconds_count 1"),
+        "{metrics}"
+    );
+
+    // Delete the collection.
+    let r = app
+        .client
+        .delete(format!("{}/api/collections/docs", app.base))
+        .send()
+        .await
+        .expect("del");
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(app.get("/api/collections/docs").await.0, 404);
+    assert_eq!(
+        app.get("/no/such/route").await.1["error"]["code"],
+        "not_found"
+    );
+    app.server.stop().await.expect("graceful stop");
+}
+
+#[tokio::test]
+async fn the_real_openai_client_works() {
+    let python = std::env::var_os("DOMAINRAG_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/domainrag"))
+        })
+        .expect("a cache dir")
+        .join("test-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run scripts/test-deps.sh (make test does)",
+        python.display()
+    );
+    let app = spawn_app(4).await;
+    app.corpus("support").await;
+    let script = crate::helpers::repo_root().join("tests/openai_client.py");
+    let base = app.base.clone();
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(&base)
+        .arg("support")
+        .output()
+        .await
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.server.stop().await.expect("stop");
+    let _ = models_dir();
+}
+
+#[tokio::test]
+async fn excess_generation_is_refused_with_429_and_health_stays_up() {
+    let app = spawn_app(1).await;
+    app.corpus("busy").await;
+    let ask = || {
+        app.client
+            .post(format!("{}/api/collections/busy/ask", app.base))
+            .json(&json!({"question": "Explain how to reset a password in detail."}))
+            .send()
+    };
+    let (a, b, c, health) = tokio::join!(ask(), ask(), ask(), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        app.client.get(format!("{}/healthz", app.base)).send().await
+    });
+    let statuses: Vec<u16> = [a, b, c]
+        .into_iter()
+        .map(|r| r.expect("response").status().as_u16())
+        .collect();
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(health.expect("health").status().as_u16(), 200);
+    let r = ask().await.expect("after");
+    assert_eq!(r.status().as_u16(), 200, "capacity is released");
+    app.server.stop().await.expect("stop");
+}
+
+/// The web UI in a real headless Chromium (Debian's, driven by playwright-core): create a
+/// collection, upload a document, ask, see a streamed answer with a citation, open the source,
+/// switch the adapter to none and ask again. The screenshot lands in `target/ui.png`.
+#[tokio::test]
+async fn the_web_ui_works_in_headless_chromium() {
+    let web = crate::helpers::repo_root().join("tests/web");
+    assert!(
+        web.join("node_modules/playwright-core").is_dir()
+            && std::path::Path::new("/usr/bin/chromium").exists(),
+        "browser test tools missing: run scripts/test-deps.sh (make test does)"
+    );
+    let app = spawn_app(4).await;
+    let fixture = app.dir.path().join("password-reset.txt");
+    std::fs::write(
+        &fixture,
+        "Password reset\n\nTo reset your password, open Settings, choose Security and click Reset \
+         password. A reset link is emailed to you and expires after one hour.",
+    )
+    .expect("fixture");
+    let artifacts = crate::helpers::repo_root().join("target");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+    let out = tokio::process::Command::new("node")
+        .arg(web.join("ui.test.mjs"))
+        .env("DOMAINRAG_URL", &app.base)
+        .env("DOMAINRAG_FIXTURE", &fixture)
+        .env("DOMAINRAG_ARTIFACTS", &artifacts)
+        .output()
+        .await
+        .expect("node runs");
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.server.stop().await.expect("stop");
+}

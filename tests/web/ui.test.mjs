@@ -1,0 +1,192 @@
+// ui.test.mjs owns the end-to-end browser test of the domainrag web UI: in headless Debian chromium
+// it creates a collection, uploads a fixture, waits for ingest, asks a question with the collection's
+// default adapter and again with "none (base model)", and checks the streamed answers, the citation
+// chips and the source panel. Reads DOMAINRAG_URL (a running server) and DOMAINRAG_FIXTURE (a .txt
+// about password resets); writes ${DOMAINRAG_ARTIFACTS:-target}/ui.png. Last line: "N passed, N failed".
+import { chromium } from 'playwright-core';
+import { mkdir, readFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+
+const CHROMIUM = process.env.DOMAINRAG_CHROMIUM || '/usr/bin/chromium';
+const ARTIFACTS = process.env.DOMAINRAG_ARTIFACTS || 'target';
+// Ingest and generation run on CPU in CI: be patient, but not forever.
+const INGEST_TIMEOUT_MS = Number(process.env.DOMAINRAG_UI_INGEST_TIMEOUT_MS || 300_000);
+const ANSWER_TIMEOUT_MS = Number(process.env.DOMAINRAG_UI_ANSWER_TIMEOUT_MS || 600_000);
+const QUESTION = 'How do I reset my password?';
+
+function fail(message) {
+  throw new Error(message);
+}
+
+const normalize = (s) => s.toLowerCase().replace(/\s+/g, ' ').trim();
+
+// True when the panel text shares a run of 6 consecutive words with the fixture: chunking may cut
+// or re-join sentences, but a real passage of the fixture keeps such runs intact.
+function sharesFixtureText(panelText, fixtureText) {
+  const panel = normalize(panelText);
+  const words = normalize(fixtureText).split(' ').filter(Boolean);
+  if (words.length === 0) return false;
+  if (words.length < 6) return panel.includes(words.join(' '));
+  for (let i = 0; i + 6 <= words.length; i++) {
+    if (panel.includes(words.slice(i, i + 6).join(' '))) return true;
+  }
+  return false;
+}
+
+// Waits until the n-th answer (0-based) leaves the streaming state; fails unless it is "done".
+async function waitForAnswer(page, index) {
+  const answer = page.locator('[data-testid="answer"]').nth(index);
+  await answer.waitFor({ state: 'attached', timeout: 30_000 });
+  await page.waitForFunction(
+    (i) => {
+      const a = document.querySelectorAll('[data-testid="answer"]')[i];
+      return a && a.dataset.state !== 'streaming';
+    },
+    index,
+    { timeout: ANSWER_TIMEOUT_MS, polling: 250 },
+  );
+  const state = await answer.getAttribute('data-state');
+  if (state !== 'done') {
+    fail(`answer ${index + 1} ended in state "${state}": ${(await answer.innerText()).trim()}`);
+  }
+  const text = (await answer.locator('[data-testid="answer-text"]').innerText()).trim();
+  if (!text) fail(`answer ${index + 1} is empty`);
+  return { answer, text };
+}
+
+async function askAndCapture(page, question, via) {
+  const sent = page.waitForRequest((r) => r.method() === 'POST' && /\/api\/collections\/[^/]+\/ask$/.test(r.url()),
+    { timeout: 30_000 });
+  await page.fill('[data-testid="question"]', question);
+  if (via === 'enter') await page.press('[data-testid="question"]', 'Enter');
+  else await page.click('[data-testid="send"]');
+  const request = await sent;
+  return JSON.parse(request.postData() || '{}');
+}
+
+async function run(page, log) {
+  const url = process.env.DOMAINRAG_URL;
+  const fixture = process.env.DOMAINRAG_FIXTURE;
+  if (!url) fail('DOMAINRAG_URL is not set (the base URL of a running domainrag server)');
+  if (!fixture) fail('DOMAINRAG_FIXTURE is not set (a .txt file about password resets)');
+  const fixtureText = await readFile(fixture, 'utf8');
+
+  await page.goto(url, { waitUntil: 'load' });
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 30_000 });
+  log('page loaded');
+
+  // Create a collection.
+  const name = `ui-${randomBytes(4).toString('hex')}`;
+  await page.fill('[data-testid="new-collection-name"]', name);
+  await page.click('[data-testid="create-collection"]');
+  await page.waitForFunction(
+    (n) => document.querySelector('[data-testid="collection-select"]').value === n
+      && document.querySelector('[data-testid="collection-info"]').children.length > 0,
+    name, { timeout: 30_000 },
+  ).catch(async () => fail(`collection ${name} was not created/selected: ${await bannerText(page)}`));
+  log(`created collection ${name}`);
+
+  // Upload the fixture and wait for the ingest job.
+  await page.setInputFiles('[data-testid="upload-input"]', fixture);
+  await page.click('[data-testid="upload-button"]');
+  await page.waitForFunction(
+    () => ['done', 'failed'].includes(document.querySelector('[data-testid="job-status"]').dataset.state),
+    null, { timeout: INGEST_TIMEOUT_MS, polling: 250 },
+  ).catch(async () => fail(`ingest did not finish in ${INGEST_TIMEOUT_MS} ms: ${await jobText(page)}`));
+  const jobState = await page.getAttribute('[data-testid="job-status"]', 'data-state');
+  if (jobState !== 'done') fail(`ingest job ${jobState}: ${await jobText(page)} ${await bannerText(page)}`);
+  const failures = await page.locator('[data-testid="job-failures"] li').count();
+  if (failures > 0) fail(`ingest reported per-file failures: ${await jobText(page)}`);
+  log(`ingest done: ${await jobText(page)}`);
+
+  // Ask with the collection's default adapter (Enter sends): "adapter" must be absent.
+  const firstBody = await askAndCapture(page, QUESTION, 'enter');
+  if ('adapter' in firstBody) fail(`default-adapter ask sent "adapter": ${JSON.stringify(firstBody.adapter)}`);
+  if (firstBody.stream !== true) fail('ask did not request streaming');
+  const first = await waitForAnswer(page, 0);
+  log(`answer 1 (${first.text.length} chars): ${first.text.slice(0, 120).replace(/\s+/g, ' ')}`);
+
+  // Citations and the source panel.
+  const chips = first.answer.locator('[data-testid="citation"]');
+  const chipCount = await chips.count();
+  if (chipCount < 1) fail(`answer 1 has no citation chips: ${first.text}`);
+  const chipLabel = (await chips.first().innerText()).trim();
+  if (!/^\[\d+\]\s+\S/.test(chipLabel)) fail(`citation chip label is not "[n] title": "${chipLabel}"`);
+  await chips.first().click();
+  const panel = page.locator('[data-testid="source-panel"]');
+  await panel.waitFor({ state: 'visible', timeout: 5_000 });
+  const panelText = await page.locator('[data-testid="source-text"]').innerText();
+  if (!sharesFixtureText(panelText, fixtureText)) {
+    fail(`source panel does not show the fixture's text; it shows: ${panelText.slice(0, 300)}`);
+  }
+  const panelPath = (await page.locator('[data-testid="source-path"]').innerText()).trim();
+  log(`citation "${chipLabel}" opens ${panelPath || '(no path)'}`);
+  await mkdir(ARTIFACTS, { recursive: true });
+  await page.screenshot({ path: path.join(ARTIFACTS, 'ui.png'), fullPage: false });
+  await page.keyboard.press('Escape');
+  await panel.waitFor({ state: 'hidden', timeout: 5_000 });
+
+  // Switch to the base model and ask again: "adapter" must be null, and the answer says so.
+  await page.selectOption('[data-testid="adapter-select"]', 'none');
+  const secondBody = await askAndCapture(page, QUESTION, 'click');
+  if (!('adapter' in secondBody) || secondBody.adapter !== null) {
+    fail(`base-model ask sent adapter ${JSON.stringify(secondBody.adapter)} instead of null`);
+  }
+  const second = await waitForAnswer(page, 1);
+  const adapterUsed = await second.answer.getAttribute('data-adapter');
+  if (adapterUsed) fail(`answer 2 was generated with adapter "${adapterUsed}", not the base model`);
+  log(`answer 2 (base model, ${second.text.length} chars): ${second.text.slice(0, 120).replace(/\s+/g, ' ')}`);
+}
+
+async function bannerText(page) {
+  const banner = page.locator('[data-testid="error-banner"]');
+  return (await banner.isVisible().catch(() => false)) ? `error shown: ${(await banner.innerText()).trim()}` : '';
+}
+
+async function jobText(page) {
+  return (await page.locator('[data-testid="job-status"]').innerText().catch(() => '')).replace(/\s+/g, ' ').trim();
+}
+
+async function main() {
+  const log = (m) => console.log(`ui: ${m}`);
+  if (!existsSync(CHROMIUM)) {
+    console.error(`ui: ${CHROMIUM} not found (apt-get install -y chromium)`);
+    console.log('0 passed, 1 failed');
+    process.exit(1);
+  }
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
+  });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  const pageErrors = [];
+  page.on('pageerror', (e) => pageErrors.push(e.message));
+  page.on('console', (m) => { if (m.type() === 'error') log(`console error: ${m.text()}`); });
+  let ok = false;
+  try {
+    await run(page, log);
+    if (pageErrors.length) fail(`uncaught errors in the page: ${pageErrors.join(' | ')}`);
+    ok = true;
+  } catch (err) {
+    console.error(`ui: FAILED: ${err && err.message ? err.message : err}`);
+    try {
+      await mkdir(ARTIFACTS, { recursive: true });
+      await page.screenshot({ path: path.join(ARTIFACTS, 'ui.png'), fullPage: true });
+      log(`screenshot of the failure: ${path.join(ARTIFACTS, 'ui.png')}`);
+    } catch (_) { /* the page may be gone */ }
+  } finally {
+    await browser.close().catch(() => {});
+  }
+  if (ok) log(`screenshot: ${path.join(ARTIFACTS, 'ui.png')}`);
+  console.log(ok ? '1 passed, 0 failed' : '0 passed, 1 failed');
+  process.exit(ok ? 0 : 1);
+}
+
+main().catch((err) => {
+  console.error(`ui: FAILED: ${err && err.stack ? err.stack : err}`);
+  console.log('0 passed, 1 failed');
+  process.exit(1);
+});
