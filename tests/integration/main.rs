@@ -2,6 +2,7 @@
 //! (from `data/models`, fetched by scripts/fetch-models.sh), the real CLI binary.
 
 mod cli;
+mod deploy;
 mod embedding;
 mod generate;
 mod helpers;

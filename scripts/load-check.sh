@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A bounded load check on loopback only: wrk on search and on ask against `domainrag serve`,
+# health probes during the load, and the server's resident memory before and after.
+# Usage: scripts/load-check.sh [collection]   (needs wrk from Debian, a built binary, an ingested collection)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+COLLECTION=${1:-postgres}
+PORT=${PORT:-18080}
+BIN=${BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}/release/domainrag}
+URL=http://127.0.0.1:$PORT
+DOMAINRAG__GENERATE__MAX_TOKENS=${MAX_TOKENS:-48} "$BIN" serve --bind 127.0.0.1:$PORT 2>/tmp/domainrag-load.log &
+PID=$!
+trap 'kill -TERM $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
+for _ in $(seq 1 120); do curl -fsS "$URL/readyz" >/dev/null 2>&1 && break; sleep 0.5; done
+rss() { awk '/VmRSS/ {print $2/1024 " MiB"}' /proc/$PID/status; }
+echo "RSS at start: $(rss)"
+health() { # p50/max health latency (ms) over N probes during load
+  for _ in $(seq 1 "$1"); do curl -o /dev/null -s -w '%{http_code} %{time_total}\n' "$URL/healthz"; sleep 0.2; done |
+    awk '{ok+=($1==200); t[NR]=$2*1000} END {n=asort(t); printf "health: %d/%d ok, p50 %.1f ms, max %.1f ms\n", ok, NR, t[int((n+1)/2)], t[n]}'
+}
+echo "== search: wrk -t2 -c16 -d20s"
+health 60 & HP=$!
+wrk -t2 -c16 -d20s --latency -s scripts/load/search.lua "$URL/api/collections/$COLLECTION/search" | grep -E "Requests/sec|Latency|50%|99%|Non-2xx"
+wait $HP
+echo "RSS after search load: $(rss)"
+echo "== ask: wrk -t2 -c8 -d30s (generate.max_concurrent bounds generation; the rest get 429)"
+health 100 & HP=$!
+wrk -t2 -c8 -d30s --timeout 60s -s scripts/load/ask.lua "$URL/api/collections/$COLLECTION/ask" | grep -E "Requests/sec|Latency|status|Non-2xx"
+wait $HP
+echo "RSS after ask load: $(rss)"
