@@ -131,6 +131,7 @@ pub struct GenerateConfig {
     pub dtype: String,
     pub max_resident_adapters: usize,
     pub max_concurrent: usize,
+    pub queue_depth: usize,
     pub max_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,

@@ -11,6 +11,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use mistralrs::{Model, ModelDType, RequestBuilder, Response, TextMessageRole, TextModelBuilder};
@@ -113,6 +114,19 @@ pub struct Generator {
     /// Serialises adapter builds so two requests for the same cold adapter build it once.
     building: Mutex<()>,
     permits: Arc<Semaphore>,
+    /// Requests waiting for a permit now.
+    waiting: AtomicUsize,
+    /// Adapter pool lookups served by a resident model / that had to build one.
+    pool_hits: AtomicU64,
+    pool_misses: AtomicU64,
+}
+
+/// Counters of the generator, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GeneratorStats {
+    pub queued: usize,
+    pub pool_hits: u64,
+    pub pool_misses: u64,
 }
 
 impl std::fmt::Debug for Generator {
@@ -181,6 +195,9 @@ impl Generator {
             base: Arc::new(base),
             adapters: Mutex::new(Vec::new()),
             building: Mutex::new(()),
+            waiting: AtomicUsize::new(0),
+            pool_hits: AtomicU64::new(0),
+            pool_misses: AtomicU64::new(0),
         }))
     }
 
@@ -239,12 +256,15 @@ impl Generator {
             return Ok(Arc::clone(&self.base));
         };
         if let Some(model) = self.touch(name).await {
+            self.pool_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(model);
         }
         let _building = self.building.lock().await;
         if let Some(model) = self.touch(name).await {
+            self.pool_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(model);
         }
+        self.pool_misses.fetch_add(1, Ordering::Relaxed);
         // Checked (and its files verified present) before the expensive build.
         self.registry.get(name)?;
         let started = Instant::now();
@@ -309,17 +329,39 @@ impl Generator {
             .map_err(|e| GenerateError::Generation(e.to_string()))
     }
 
-    /// Stream a chat completion from the model of `adapter`. Fails fast with `Busy` when
-    /// `generate.max_concurrent` requests are already running.
+    /// Counters for metrics.
+    pub fn stats(&self) -> GeneratorStats {
+        GeneratorStats {
+            queued: self.waiting.load(Ordering::Relaxed),
+            pool_hits: self.pool_hits.load(Ordering::Relaxed),
+            pool_misses: self.pool_misses.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A generation slot: at most `generate.max_concurrent` run, up to `generate.queue_depth`
+    /// more wait; past that the request is refused with `Busy` instead of piling up.
+    async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, GenerateError> {
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            return Ok(permit);
+        }
+        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+        if queued >= self.config.queue_depth {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(GenerateError::Busy(self.config.max_concurrent + queued));
+        }
+        let permit = Arc::clone(&self.permits).acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        permit.map_err(|_| GenerateError::Generation("the generator is shutting down".into()))
+    }
+
+    /// Stream a chat completion from the model of `adapter` (waits for a slot; see `slot`).
     pub async fn stream(
         &self,
         adapter: Option<&str>,
         messages: Vec<ChatMessage>,
         sampling: Sampling,
     ) -> Result<mpsc::Receiver<GenEvent>, GenerateError> {
-        let permit = Arc::clone(&self.permits)
-            .try_acquire_owned()
-            .map_err(|_| GenerateError::Busy(self.config.max_concurrent))?;
+        let permit = self.slot().await?;
         let model = self.model_for(adapter).await?;
         let mut request = RequestBuilder::new().set_sampler_max_len(sampling.max_tokens);
         if sampling.temperature > 0.0 {

@@ -158,7 +158,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    fn render(&self, resident_adapters: usize, jobs_running: usize) -> String {
+    fn render(
+        &self,
+        resident_adapters: usize,
+        jobs_running: usize,
+        generator: crate::generate::GeneratorStats,
+    ) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
             "# TYPE domainrag_http_requests_total counter\ndomainrag_http_requests_total {}\n\
@@ -170,7 +175,9 @@ impl Metrics {
              # TYPE domainrag_generation_rejected_total counter\ndomainrag_generation_rejected_total {}\n\
              # TYPE domainrag_generation_in_flight gauge\ndomainrag_generation_in_flight {}\n\
              # TYPE domainrag_adapters_resident gauge\ndomainrag_adapters_resident {}\n\
-             # TYPE domainrag_ingest_jobs_running gauge\ndomainrag_ingest_jobs_running {}\n",
+             # TYPE domainrag_ingest_jobs_running gauge\ndomainrag_ingest_jobs_running {}\n\
+             # TYPE domainrag_generation_queued gauge\ndomainrag_generation_queued {}\n\
+             # TYPE domainrag_adapter_pool_total counter\ndomainrag_adapter_pool_total{{result=\"hit\"}} {}\ndomainrag_adapter_pool_total{{result=\"miss\"}} {}\n",
             g(&self.requests),
             g(&self.errors_4xx),
             g(&self.errors_5xx),
@@ -184,6 +191,9 @@ impl Metrics {
             g(&self.in_flight_answers),
             resident_adapters,
             jobs_running,
+            generator.queued,
+            generator.pool_hits,
+            generator.pool_misses,
         )
     }
 }
@@ -303,7 +313,11 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let running = state.jobs.running().await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render(resident, running))
+        .body(
+            state
+                .metrics
+                .render(resident, running, state.generator.stats()),
+        )
 }
 
 fn static_file(body: &'static str, content_type: &'static str) -> HttpResponse {

@@ -15,10 +15,11 @@ struct App {
     dir: tempfile::TempDir,
 }
 
-async fn spawn_app(max_concurrent: usize) -> App {
+async fn spawn_app(max_concurrent: usize, queue_depth: usize) -> App {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = settings(dir.path());
     s.generate.max_concurrent = max_concurrent;
+    s.generate.queue_depth = queue_depth;
     s.generate.max_tokens = 48;
     s.server.max_upload_bytes = 256 * 1024;
     let state = AppState::load(s).await.expect("state loads");
@@ -116,7 +117,7 @@ impl App {
 
 #[tokio::test]
 async fn every_route_group_over_http() {
-    let app = spawn_app(4).await;
+    let app = spawn_app(4, 8).await;
     use reqwest::Method;
     assert_eq!(app.get("/healthz").await.0, 200);
     assert_eq!(app.get("/readyz").await.1["status"], "ready");
@@ -369,7 +370,7 @@ async fn the_real_openai_client_works() {
         "{} missing: run scripts/test-deps.sh (make test does)",
         python.display()
     );
-    let app = spawn_app(4).await;
+    let app = spawn_app(4, 8).await;
     app.corpus("support").await;
     let script = crate::helpers::repo_root().join("tests/openai_client.py");
     let base = app.base.clone();
@@ -391,8 +392,26 @@ async fn the_real_openai_client_works() {
 }
 
 #[tokio::test]
+async fn requests_within_the_queue_depth_wait_instead_of_failing() {
+    let app = spawn_app(1, 4).await;
+    app.corpus("queued").await;
+    let ask = || {
+        app.client
+            .post(format!("{}/api/collections/queued/ask", app.base))
+            .json(&json!({"question": "How long does shipping take?"}))
+            .send()
+    };
+    let (a, b, c) = tokio::join!(ask(), ask(), ask());
+    for r in [a, b, c] {
+        assert_eq!(r.expect("response").status().as_u16(), 200);
+    }
+    app.server.stop().await.expect("stop");
+}
+
+#[tokio::test]
 async fn excess_generation_is_refused_with_429_and_health_stays_up() {
-    let app = spawn_app(1).await;
+    // One generating, none waiting: the others are refused at once.
+    let app = spawn_app(1, 0).await;
     app.corpus("busy").await;
     let ask = || {
         app.client
@@ -417,6 +436,23 @@ async fn excess_generation_is_refused_with_429_and_health_stays_up() {
     assert_eq!(health.expect("health").status().as_u16(), 200);
     let r = ask().await.expect("after");
     assert_eq!(r.status().as_u16(), 200, "capacity is released");
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(
+        !metrics.contains("domainrag_generation_rejected_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("domainrag_generation_queued 0"),
+        "{metrics}"
+    );
     app.server.stop().await.expect("stop");
 }
 
@@ -431,7 +467,7 @@ async fn the_web_ui_works_in_headless_chromium() {
             && std::path::Path::new("/usr/bin/chromium").exists(),
         "browser test tools missing: run scripts/test-deps.sh (make test does)"
     );
-    let app = spawn_app(4).await;
+    let app = spawn_app(4, 8).await;
     let fixture = app.dir.path().join("password-reset.txt");
     std::fs::write(
         &fixture,
