@@ -213,38 +213,20 @@ async fn ask(
         state.registry.get(a)?;
     }
     let stream = state.rag.answer_stream(&c, &body.question, &choice).await?;
-    state
-        .metrics
-        .in_flight_answers
-        .fetch_add(1, Ordering::Relaxed);
     if !body.stream {
-        let answer = rag::collect(stream, |_| {}).await;
-        state
-            .metrics
-            .in_flight_answers
-            .fetch_sub(1, Ordering::Relaxed);
-        let answer = answer?;
-        record_answer(&state, &answer);
-        return Ok(HttpResponse::Ok().json(answer));
+        return Ok(HttpResponse::Ok().json(tracked_answer(&state, stream, |_| {}).await?));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(64);
+    // Unbounded: at most `generate.max_tokens` token events per answer, and none may be dropped.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<web::Bytes, std::io::Error>>();
     let state2 = state.clone();
     tokio::spawn(async move {
         let tx_tokens = tx.clone();
-        let result = collect_streaming(stream, move |t| {
-            // A full channel means a slow client: tokens are dropped only if it went away.
-            let _ = tx_tokens.try_send(Ok(sse_event("token", &serde_json::json!({ "text": t }))));
+        let result = tracked_answer(&state2, stream, move |t| {
+            let _ = tx_tokens.send(Ok(sse_event("token", &serde_json::json!({ "text": t }))));
         })
         .await;
-        state2
-            .metrics
-            .in_flight_answers
-            .fetch_sub(1, Ordering::Relaxed);
         let event = match result {
-            Ok(answer) => {
-                record_answer(&state2, &answer);
-                sse_event("done", &answer)
-            }
+            Ok(answer) => sse_event("done", &answer),
             Err(e) => {
                 let e = ApiError::from(e);
                 sse_event(
@@ -253,7 +235,7 @@ async fn ask(
                 )
             }
         };
-        let _ = tx.send(Ok(event)).await;
+        let _ = tx.send(Ok(event));
     });
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
@@ -261,27 +243,31 @@ async fn ask(
         .streaming(tokio_stream_from(rx)))
 }
 
-async fn collect_streaming(
+/// Drain an answer stream, keeping the in-flight gauge and the answer metrics.
+pub(crate) async fn tracked_answer(
+    state: &AppState,
     stream: rag::AnswerStream,
     on_token: impl FnMut(&str),
 ) -> Result<rag::Answer, rag::RagError> {
-    rag::collect(stream, on_token).await
-}
-
-pub(crate) fn record_answer(state: &AppState, answer: &rag::Answer) {
     let m = &state.metrics;
-    m.answers.fetch_add(1, Ordering::Relaxed);
-    m.answer_micros
-        .fetch_add((answer.timings_ms.total * 1e3) as u64, Ordering::Relaxed);
-    m.retrieve_micros
-        .fetch_add((answer.timings_ms.retrieve * 1e3) as u64, Ordering::Relaxed);
-    m.completion_tokens
-        .fetch_add(answer.completion_tokens as u64, Ordering::Relaxed);
+    m.in_flight_answers.fetch_add(1, Ordering::Relaxed);
+    let answer = rag::collect(stream, on_token).await;
+    m.in_flight_answers.fetch_sub(1, Ordering::Relaxed);
+    if let Ok(answer) = &answer {
+        m.answers.fetch_add(1, Ordering::Relaxed);
+        m.answer_micros
+            .fetch_add((answer.timings_ms.total * 1e3) as u64, Ordering::Relaxed);
+        m.retrieve_micros
+            .fetch_add((answer.timings_ms.retrieve * 1e3) as u64, Ordering::Relaxed);
+        m.completion_tokens
+            .fetch_add(answer.completion_tokens as u64, Ordering::Relaxed);
+    }
+    answer
 }
 
 /// A `futures::Stream` over an mpsc receiver, for streaming bodies.
 pub(crate) fn tokio_stream_from<T>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
 ) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

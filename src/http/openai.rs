@@ -4,17 +4,16 @@
 //! `citations`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
-use super::api::{record_answer, tokio_stream_from};
+use super::api::{tokio_stream_from, tracked_answer};
 use super::{ApiError, AppState};
 use crate::collection::now_secs;
 use crate::generate::{ChatMessage, Role};
-use crate::rag::{self, AdapterChoice};
+use crate::rag::AdapterChoice;
 
 type State = web::Data<AppState>;
 
@@ -110,18 +109,8 @@ async fn chat_completions(
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
     let model = body.model.clone();
-    state
-        .metrics
-        .in_flight_answers
-        .fetch_add(1, Ordering::Relaxed);
     if !body.stream {
-        let answer = rag::collect(stream, |_| {}).await;
-        state
-            .metrics
-            .in_flight_answers
-            .fetch_sub(1, Ordering::Relaxed);
-        let answer = answer?;
-        record_answer(&state, &answer);
+        let answer = tracked_answer(&state, stream, |_| {}).await?;
         return Ok(HttpResponse::Ok().json(serde_json::json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
@@ -131,7 +120,8 @@ async fn chat_completions(
             "citations": answer.citations,
         })));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(64);
+    // Unbounded: at most `generate.max_tokens` chunks per answer, and none may be dropped.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<web::Bytes, std::io::Error>>();
     let state2 = Arc::clone(&state.into_inner());
     tokio::spawn(async move {
         let chunk = |delta: serde_json::Value, finish: Option<&str>| {
@@ -141,24 +131,17 @@ async fn chat_completions(
             });
             web::Bytes::from(format!("data: {v}\n\n"))
         };
-        let _ = tx
-            .send(Ok(chunk(
-                serde_json::json!({"role": "assistant", "content": ""}),
-                None,
-            )))
-            .await;
+        let _ = tx.send(Ok(chunk(
+            serde_json::json!({"role": "assistant", "content": ""}),
+            None,
+        )));
         let tx_tokens = tx.clone();
-        let result = rag::collect(stream, |t| {
-            let _ = tx_tokens.try_send(Ok(chunk(serde_json::json!({ "content": t }), None)));
+        let result = tracked_answer(&state2, stream, |t| {
+            let _ = tx_tokens.send(Ok(chunk(serde_json::json!({ "content": t }), None)));
         })
         .await;
-        state2
-            .metrics
-            .in_flight_answers
-            .fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(answer) => {
-                record_answer(&state2, &answer);
                 let v = serde_json::json!({
                     "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
@@ -166,21 +149,15 @@ async fn chat_completions(
                               "total_tokens": answer.prompt_tokens + answer.completion_tokens},
                     "citations": answer.citations,
                 });
-                let _ = tx
-                    .send(Ok(web::Bytes::from(format!("data: {v}\n\n"))))
-                    .await;
+                let _ = tx.send(Ok(web::Bytes::from(format!("data: {v}\n\n"))));
             }
             Err(e) => {
                 let e = ApiError::from(e);
                 let v = serde_json::json!({"error": {"code": e.code, "message": e.message}});
-                let _ = tx
-                    .send(Ok(web::Bytes::from(format!("data: {v}\n\n"))))
-                    .await;
+                let _ = tx.send(Ok(web::Bytes::from(format!("data: {v}\n\n"))));
             }
         }
-        let _ = tx
-            .send(Ok(web::Bytes::from_static(b"data: [DONE]\n\n")))
-            .await;
+        let _ = tx.send(Ok(web::Bytes::from_static(b"data: [DONE]\n\n")));
     });
     Ok(HttpResponse::build(StatusCode::OK)
         .content_type("text/event-stream")
