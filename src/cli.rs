@@ -218,6 +218,33 @@ pub enum AdaptersCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum EvalCmd {
+    /// Answer quality per arm (base model and adapters): EM, F1, faithfulness, relevance,
+    /// hallucination and abstention rates, cost, bootstrap 95% intervals.
+    Answers {
+        #[arg(long, short)]
+        collection: String,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: QuestionFormat,
+        #[arg(long)]
+        questions: PathBuf,
+        /// An arm: an adapter name, or `none` for the base model. Repeat; default `none`.
+        #[arg(long = "adapter")]
+        adapters: Vec<String>,
+        /// Evaluate a random sample of N questions (fixed --seed).
+        #[arg(long)]
+        sample: Option<usize>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Evaluate only the first N questions (after sampling).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Write the full JSON report here.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Write a self-contained HTML report here.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+    },
     /// recall@1/5/10, MRR@10, nDCG@10 for bm25, dense and hybrid side by side.
     Retrieval {
         #[arg(long, short)]
@@ -424,6 +451,63 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             Ok(())
         }
         Command::Adapters(cmd) => adapters(&catalog, &settings, cmd),
+        Command::Eval(EvalCmd::Answers {
+            collection,
+            format,
+            questions,
+            adapters,
+            sample,
+            seed,
+            limit,
+            json,
+            html,
+        }) => {
+            let mut qs = eval::load_questions(&questions, format)?;
+            if let Some(n) = sample {
+                qs = sample_questions(qs, n, seed);
+            }
+            if let Some(limit) = limit {
+                qs.truncate(limit);
+            }
+            let arms: Vec<Option<String>> = if adapters.is_empty() {
+                vec![None]
+            } else {
+                adapters
+                    .into_iter()
+                    .map(|a| if a == "none" { None } else { Some(a) })
+                    .collect()
+            };
+            let registry = AdapterRegistry::new(&settings.paths.data_dir);
+            for a in arms.iter().flatten() {
+                registry.get(a)?;
+            }
+            let col = catalog.open(&collection).await?;
+            let embedder = Embedder::load_async(&settings).await?;
+            let generator = Generator::load(&settings).await?;
+            let rag = Rag::new(
+                Retriever::new(Arc::clone(&embedder)),
+                generator,
+                settings.rag.clone(),
+                Sampling::from_config(&settings.generate),
+            );
+            let bar = Bar::new(true);
+            bar.start((qs.len() * arms.len()) as u64);
+            let report = eval::answers::evaluate(&rag, &embedder, &col, &qs, &arms, &|n| {
+                bar.advance(n as u64, "")
+            })
+            .await?;
+            bar.finish();
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(path) = html {
+                std::fs::write(&path, eval::answers::html(&report))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            print!("{}", eval::answers::table(&report));
+            Ok(())
+        }
         Command::Eval(EvalCmd::Retrieval {
             collection,
             format,
@@ -568,6 +652,19 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             emit_bench(&result, &table, out, json)
         }
     }
+}
+
+/// A reproducible random sample of `n` questions (Fisher-Yates with a fixed-seed xorshift).
+fn sample_questions(mut qs: Vec<eval::Question>, n: usize, seed: u64) -> Vec<eval::Question> {
+    let mut state = seed | 1;
+    for i in (1..qs.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        qs.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    qs.truncate(n);
+    qs
 }
 
 /// Print a benchmark as JSON (`--json`) or its table, and write the JSON to `out` if given.

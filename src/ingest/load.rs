@@ -375,7 +375,16 @@ pub(crate) struct SquadParagraph {
 
 #[derive(Deserialize)]
 pub(crate) struct SquadQa {
+    #[serde(default)]
+    pub id: String,
     pub question: String,
+    #[serde(default)]
+    pub answers: Vec<SquadAnswer>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SquadAnswer {
+    pub text: String,
 }
 
 /// The document id of paragraph `n` of a SQuAD article; retrieval evaluation uses the same ids.

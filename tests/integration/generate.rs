@@ -206,3 +206,74 @@ async fn an_adapter_changes_the_output_and_base_stays_base() {
     assert_eq!(base_after.text, base_before.text);
     assert!(g.resident_adapters().await.contains(&name));
 }
+
+#[tokio::test]
+async fn answer_evaluation_compares_two_arms_end_to_end() {
+    use domainrag::eval::{Question, answers};
+    let t = TestCollection::new("answer-eval").await;
+    write_corpus(&t.inputs());
+    t.ingestor()
+        .await
+        .ingest_paths(&[t.inputs()], Format::Auto, &NoProgress)
+        .await
+        .expect("ingest");
+    let col = t.open().await;
+    let g = generator().await;
+    let base_info =
+        BaseModelInfo::from_dir(&models_dir().join("SmolLM2-135M-Instruct-hf")).expect("base info");
+    let src = tempfile::tempdir().expect("tempdir");
+    let layers: Vec<usize> = (0..base_info.num_hidden_layers).collect();
+    write_test_adapter(src.path(), &base_info, 4, 8.0, &["v_proj"], &layers, |i| {
+        ((i * 31 % 7) as f32 - 3.0) * 0.01
+    })
+    .expect("write adapter");
+    let name = format!("eval-lora-{}", std::process::id());
+    g.registry()
+        .add(&name, src.path(), &base_info)
+        .expect("adapter");
+    let settings = crate::helpers::settings(t.dir.path());
+    let embedder = embedder().await;
+    let rag = Rag::new(
+        Retriever::new(embedder.clone()),
+        g,
+        settings.rag.clone(),
+        greedy(48),
+    );
+    let questions = vec![
+        Question {
+            id: "q1".into(),
+            query: "How do I reset my password?".into(),
+            gold_doc_ids: vec!["faq-password".into()],
+            answers: vec!["open Settings, choose Security and click Reset password".into()],
+        },
+        Question {
+            id: "q2".into(),
+            query: "How long does courier delivery take?".into(),
+            gold_doc_ids: vec!["faq-shipping".into()],
+            answers: vec!["three to five days".into()],
+        },
+    ];
+    let report = answers::evaluate(
+        &rag,
+        &embedder,
+        &col,
+        &questions,
+        &[None, Some(name.clone())],
+        &|_| {},
+    )
+    .await
+    .expect("evaluate");
+    assert_eq!(report.questions, 2);
+    assert_eq!(report.arms.len(), 2);
+    let base = &report.arms["none"];
+    assert_eq!(
+        base.recall_at_k, 1.0,
+        "both gold documents are given to the model"
+    );
+    assert!(base.answer_relevance > 0.2, "{}", base.answer_relevance);
+    assert!((0.0..=1.0).contains(&base.f1) && (0.0..=1.0).contains(&base.faithfulness));
+    assert!(report.arms[&name].vs_base.contains_key("f1"));
+    assert_eq!(report.per_question["none"].len(), 2);
+    let html = answers::html(&report);
+    assert!(html.contains("<svg") && html.contains("How do I reset my password?"));
+}

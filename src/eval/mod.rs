@@ -17,12 +17,19 @@ use crate::embed::Embedder;
 use crate::ingest::load::{parse_squad, squad_doc_id};
 use crate::retrieve::{Mode, RetrieveError, search_with_vector};
 
+pub mod answers;
+
 /// A question and the ids of the documents that answer it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Question {
+    #[serde(default)]
+    pub id: String,
     pub query: String,
     pub gold_doc_ids: Vec<String>,
+    /// Gold answers (answer evaluation); empty for retrieval-only sets.
+    #[serde(default)]
+    pub answers: Vec<String>,
 }
 
 /// Question file formats.
@@ -65,8 +72,10 @@ pub fn load_questions(path: &Path, format: QuestionFormat) -> Result<Vec<Questio
                 for (n, paragraph) in article.paragraphs.iter().enumerate() {
                     for qa in &paragraph.qas {
                         out.push(Question {
+                            id: qa.id.clone(),
                             query: qa.question.clone(),
                             gold_doc_ids: vec![squad_doc_id(&article.title, n)],
+                            answers: qa.answers.iter().map(|a| a.text.clone()).collect(),
                         });
                     }
                 }
@@ -255,8 +264,10 @@ mod tests {
         assert_eq!(
             qs,
             vec![Question {
+                id: String::new(),
                 query: "q".into(),
-                gold_doc_ids: s(&["d"])
+                gold_doc_ids: s(&["d"]),
+                answers: vec![],
             }]
         );
         std::fs::write(&path, "{\"query\": \"q\", \"gold_doc_ids\": []}\n").expect("write");

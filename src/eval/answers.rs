@@ -1,0 +1,691 @@
+//! Answer evaluation: does an adapter make a collection's answers better? Runs the RAG pipeline for
+//! each arm (the base model, each adapter) over a question set and scores every answer offline:
+//! exact match and token F1 (SQuAD normalisation), faithfulness (share of the answer's claims
+//! supported by the given sources), answer relevance (question/answer embedding cosine),
+//! hallucination and abstention rates, retrieval of the given contexts, cost, and bootstrap 95%
+//! intervals (per arm and paired against the base).
+//!
+//! The metric functions are pure and unit-tested; the runner calls `rag` and `embed`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use serde::Serialize;
+use unicode_segmentation::UnicodeSegmentation;
+
+use super::{Question, score_question};
+use crate::collection::Collection;
+use crate::embed::Embedder;
+use crate::rag::{AdapterChoice, Rag, RagError};
+
+/// SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces.
+pub fn normalize(text: &str) -> String {
+    let lower = text.to_lowercase();
+    let no_punct: String = lower
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_whitespace() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    no_punct
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// 1.0 when the normalised prediction equals a normalised gold answer.
+pub fn exact_match(prediction: &str, golds: &[String]) -> f64 {
+    let p = normalize(prediction);
+    if golds.iter().any(|g| normalize(g) == p) {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// The best token-level F1 against any gold answer.
+pub fn f1(prediction: &str, golds: &[String]) -> f64 {
+    let p: Vec<String> = normalize(prediction)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    golds
+        .iter()
+        .map(|g| {
+            let g: Vec<String> = normalize(g).split_whitespace().map(String::from).collect();
+            if p.is_empty() || g.is_empty() {
+                return if p == g { 1.0 } else { 0.0 };
+            }
+            let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+            for t in &g {
+                *counts.entry(t).or_default() += 1;
+            }
+            let mut common = 0;
+            for t in &p {
+                if let Some(c) = counts.get_mut(t.as_str())
+                    && *c > 0
+                {
+                    *c -= 1;
+                    common += 1;
+                }
+            }
+            if common == 0 {
+                return 0.0;
+            }
+            let precision = common as f64 / p.len() as f64;
+            let recall = common as f64 / g.len() as f64;
+            2.0 * precision * recall / (precision + recall)
+        })
+        .fold(0.0, f64::max)
+}
+
+const STOPWORDS: &[&str] = &[
+    "a", "an", "the", "and", "or", "but", "if", "of", "to", "in", "on", "at", "by", "for", "with",
+    "from", "as", "is", "are", "was", "were", "be", "been", "being", "it", "its", "this", "that",
+    "these", "those", "there", "here", "i", "you", "he", "she", "we", "they", "them", "his", "her",
+    "their", "our", "your", "my", "me", "do", "does", "did", "has", "have", "had", "not", "no",
+    "so", "than", "then", "can", "could", "will", "would", "should", "may", "might", "which",
+    "what", "who", "whom", "when", "where", "why", "how", "also", "into", "about", "such", "all",
+    "any", "some", "more", "most", "other", "up", "out", "over", "only", "very", "s", "t",
+];
+
+/// Normalised content tokens (stopwords removed).
+pub fn content_tokens(text: &str) -> Vec<String> {
+    normalize(text)
+        .split_whitespace()
+        .filter(|w| !STOPWORDS.contains(w))
+        .map(String::from)
+        .collect()
+}
+
+/// The answer's claims: its sentences without `[n]` markers, keeping those with content tokens.
+pub fn claims(answer: &str) -> Vec<String> {
+    let mut without_markers = String::with_capacity(answer.len());
+    let mut rest = answer;
+    while let Some(open) = rest.find('[') {
+        without_markers.push_str(&rest[..open]);
+        match rest[open..].find(']') {
+            Some(close) => rest = &rest[open + close + 1..],
+            None => {
+                rest = &rest[open..];
+                break;
+            }
+        }
+    }
+    without_markers.push_str(rest);
+    without_markers
+        .split_sentence_bounds()
+        .map(str::trim)
+        .filter(|s| !content_tokens(s).is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Share of the claim's content tokens found in `source` (0 for a claim without content tokens).
+pub fn token_coverage(claim: &str, source: &str) -> f64 {
+    let c = content_tokens(claim);
+    if c.is_empty() {
+        return 0.0;
+    }
+    let s: HashSet<String> = content_tokens(source).into_iter().collect();
+    c.iter().filter(|t| s.contains(*t)).count() as f64 / c.len() as f64
+}
+
+/// A claim counts as supported when one source covers this share of its content tokens...
+pub const COVERAGE_THRESHOLD: f64 = 0.6;
+/// ...or when its embedding is this close to a sentence of a source.
+pub const SIMILARITY_THRESHOLD: f32 = 0.75;
+
+/// Phrases that mark an abstention.
+pub fn is_abstention(answer: &str) -> bool {
+    let a = answer.to_lowercase();
+    a.trim().is_empty()
+        || [
+            "i don't know",
+            "i do not know",
+            "don't know",
+            "cannot answer",
+            "can't answer",
+            "not enough information",
+            "no information",
+            "the sources do not",
+        ]
+        .iter()
+        .any(|p| a.contains(p))
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    // Embeddings are L2-normalised.
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// One claim's verdict, kept for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClaimEvidence {
+    pub claim: String,
+    pub supported: bool,
+    /// Best token coverage by any source, and that source's number.
+    pub coverage: f64,
+    pub source: Option<usize>,
+    /// Best embedding similarity to a source sentence.
+    pub similarity: f32,
+}
+
+/// Everything measured for one question in one arm.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuestionScore {
+    pub id: String,
+    pub query: String,
+    pub answer: String,
+    pub gold_answers: Vec<String>,
+    pub sources: Vec<(usize, String, String)>,
+    pub em: f64,
+    pub f1: f64,
+    /// None when the answer makes no claim (e.g. an abstention).
+    pub faithfulness: Option<f64>,
+    pub answer_relevance: f64,
+    pub hallucinated: bool,
+    pub abstained: bool,
+    /// Abstained while the gold document was not among the sources (a right abstention).
+    pub abstention_justified: bool,
+    pub recall_at_k: f64,
+    pub mrr_10: f64,
+    pub ndcg_10: f64,
+    pub seconds: f64,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub claims: Vec<ClaimEvidence>,
+}
+
+/// A mean with its bootstrap 95% interval.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Interval {
+    pub low: f64,
+    pub high: f64,
+}
+
+/// An arm's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArmSummary {
+    pub em: f64,
+    pub f1: f64,
+    pub faithfulness: f64,
+    pub answer_relevance: f64,
+    pub hallucination_rate: f64,
+    pub abstention_rate: f64,
+    #[serde(rename = "recall@k")]
+    pub recall_at_k: f64,
+    #[serde(rename = "mrr@10")]
+    pub mrr_10: f64,
+    #[serde(rename = "ndcg@10")]
+    pub ndcg_10: f64,
+    pub seconds_per_answer: f64,
+    pub completion_tokens_per_answer: f64,
+    pub ci95: BTreeMap<String, Interval>,
+    /// Paired difference (this arm - base) with its interval, for arms other than the base.
+    pub vs_base: BTreeMap<String, (f64, Interval)>,
+}
+
+/// Deterministic xorshift for the bootstrap (reproducible reports, no RNG dependency).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+/// Percentile bootstrap 95% interval of the mean of `xs` (`resamples` resamples, fixed seed).
+pub fn bootstrap_ci(xs: &[f64], resamples: usize, seed: u64) -> Interval {
+    if xs.is_empty() {
+        return Interval {
+            low: 0.0,
+            high: 0.0,
+        };
+    }
+    let mut rng = XorShift(seed | 1);
+    let mut means: Vec<f64> = (0..resamples)
+        .map(|_| {
+            let sum: f64 = (0..xs.len())
+                .map(|_| xs[(rng.next() % xs.len() as u64) as usize])
+                .sum();
+            sum / xs.len() as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    Interval {
+        low: at(0.025),
+        high: at(0.975),
+    }
+}
+
+type Metric = fn(&QuestionScore) -> f64;
+
+const METRICS: &[(&str, Metric)] = &[
+    ("em", |q| q.em),
+    ("f1", |q| q.f1),
+    ("faithfulness", |q| q.faithfulness.unwrap_or(1.0)),
+    ("answer_relevance", |q| q.answer_relevance),
+    ("hallucination_rate", |q| {
+        f64::from(u8::from(q.hallucinated))
+    }),
+    ("abstention_rate", |q| f64::from(u8::from(q.abstained))),
+];
+
+/// Summarise an arm (and compare it with `base`, paired by question, when given).
+pub fn summarise(scores: &[QuestionScore], base: Option<&[QuestionScore]>) -> ArmSummary {
+    let col = |f: Metric| scores.iter().map(f).collect::<Vec<f64>>();
+    let with_claims: Vec<f64> = scores.iter().filter_map(|q| q.faithfulness).collect();
+    let mut ci95 = BTreeMap::new();
+    let mut vs_base = BTreeMap::new();
+    for (i, (name, f)) in METRICS.iter().enumerate() {
+        ci95.insert(
+            name.to_string(),
+            bootstrap_ci(&col(*f), 1000, 17 + i as u64),
+        );
+        if let Some(base) = base {
+            let diffs: Vec<f64> = scores.iter().zip(base).map(|(a, b)| f(a) - f(b)).collect();
+            vs_base.insert(
+                name.to_string(),
+                (mean(&diffs), bootstrap_ci(&diffs, 1000, 101 + i as u64)),
+            );
+        }
+    }
+    ArmSummary {
+        em: mean(&col(|q| q.em)),
+        f1: mean(&col(|q| q.f1)),
+        faithfulness: mean(&with_claims),
+        answer_relevance: mean(&col(|q| q.answer_relevance)),
+        hallucination_rate: mean(&col(|q| f64::from(u8::from(q.hallucinated)))),
+        abstention_rate: mean(&col(|q| f64::from(u8::from(q.abstained)))),
+        recall_at_k: mean(&col(|q| q.recall_at_k)),
+        mrr_10: mean(&col(|q| q.mrr_10)),
+        ndcg_10: mean(&col(|q| q.ndcg_10)),
+        seconds_per_answer: mean(&col(|q| q.seconds)),
+        completion_tokens_per_answer: mean(&col(|q| q.completion_tokens as f64)),
+        ci95,
+        vs_base,
+    }
+}
+
+/// The whole evaluation, as `--json` writes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnswerReport {
+    pub questions: usize,
+    pub arms: BTreeMap<String, ArmSummary>,
+    pub per_question: BTreeMap<String, Vec<QuestionScore>>,
+}
+
+/// Score one answer against its question (embeddings come from `embedder`).
+async fn score(
+    embedder: &Arc<Embedder>,
+    q: &Question,
+    answer: &crate::rag::Answer,
+) -> Result<QuestionScore, RagError> {
+    let claims_text = claims(&answer.answer);
+    let source_sentences: Vec<(usize, String)> = answer
+        .sources
+        .iter()
+        .flat_map(|s| {
+            s.text
+                .split_sentence_bounds()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| (s.n, t.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut texts = vec![q.query.clone(), answer.answer.clone()];
+    texts.extend(claims_text.iter().cloned());
+    texts.extend(source_sentences.iter().map(|(_, t)| t.clone()));
+    let vectors = embedder
+        .embed(texts)
+        .await
+        .map_err(crate::retrieve::RetrieveError::from)?;
+    let (qv, av) = (&vectors[0], &vectors[1]);
+    let claim_vectors = &vectors[2..2 + claims_text.len()];
+    let sentence_vectors = &vectors[2 + claims_text.len()..];
+    let mut evidence = Vec::new();
+    for (claim, cv) in claims_text.iter().zip(claim_vectors) {
+        let (coverage, source) = answer
+            .sources
+            .iter()
+            .map(|s| (token_coverage(claim, &s.text), Some(s.n)))
+            .fold((0.0, None), |best, x| if x.0 > best.0 { x } else { best });
+        let similarity = sentence_vectors
+            .iter()
+            .map(|sv| cosine(cv, sv))
+            .fold(f32::MIN, f32::max)
+            .max(0.0);
+        evidence.push(ClaimEvidence {
+            claim: claim.clone(),
+            supported: coverage >= COVERAGE_THRESHOLD || similarity >= SIMILARITY_THRESHOLD,
+            coverage,
+            source,
+            similarity,
+        });
+    }
+    let abstained = is_abstention(&answer.answer);
+    let faithfulness = if evidence.is_empty() || abstained {
+        None
+    } else {
+        Some(evidence.iter().filter(|e| e.supported).count() as f64 / evidence.len() as f64)
+    };
+    let mut seen = HashSet::new();
+    let given_docs: Vec<String> = answer
+        .sources
+        .iter()
+        .filter(|s| seen.insert(s.doc_id.clone()))
+        .map(|s| s.doc_id.clone())
+        .collect();
+    let retrieval = score_question(&given_docs, &q.gold_doc_ids);
+    let gold_given = q.gold_doc_ids.iter().any(|g| given_docs.contains(g));
+    Ok(QuestionScore {
+        id: q.id.clone(),
+        query: q.query.clone(),
+        answer: answer.answer.clone(),
+        gold_answers: q.answers.clone(),
+        sources: answer
+            .sources
+            .iter()
+            .map(|s| (s.n, s.title.clone(), s.text.clone()))
+            .collect(),
+        em: exact_match(&answer.answer, &q.answers),
+        f1: f1(&answer.answer, &q.answers),
+        hallucinated: !abstained && evidence.iter().any(|e| !e.supported),
+        faithfulness,
+        answer_relevance: f64::from(cosine(qv, av)),
+        abstained,
+        abstention_justified: abstained && !gold_given,
+        recall_at_k: if q.gold_doc_ids.is_empty() {
+            0.0
+        } else {
+            q.gold_doc_ids
+                .iter()
+                .filter(|g| given_docs.contains(g))
+                .count() as f64
+                / q.gold_doc_ids.len() as f64
+        },
+        mrr_10: retrieval.mrr_10,
+        ndcg_10: retrieval.ndcg_10,
+        seconds: answer.timings_ms.total / 1e3,
+        prompt_tokens: answer.prompt_tokens,
+        completion_tokens: answer.completion_tokens,
+        claims: evidence,
+    })
+}
+
+/// Evaluate each arm (`None` = base model) on `questions`.
+pub async fn evaluate(
+    rag: &Rag,
+    embedder: &Arc<Embedder>,
+    collection: &Collection,
+    questions: &[Question],
+    arms: &[Option<String>],
+    progress: &(dyn Fn(usize) + Send + Sync),
+) -> Result<AnswerReport, RagError> {
+    let mut per_question = BTreeMap::new();
+    for arm in arms {
+        let choice = match arm {
+            None => AdapterChoice::Base,
+            Some(a) => AdapterChoice::Named(a.clone()),
+        };
+        let mut scores = Vec::with_capacity(questions.len());
+        for q in questions {
+            let answer = rag.answer(collection, &q.query, &choice).await?;
+            scores.push(score(embedder, q, &answer).await?);
+            progress(1);
+        }
+        per_question.insert(arm.clone().unwrap_or_else(|| "none".into()), scores);
+    }
+    let base = per_question.get("none").cloned();
+    let arms = per_question
+        .iter()
+        .map(|(name, scores)| {
+            let base = if name == "none" {
+                None
+            } else {
+                base.as_deref()
+            };
+            (name.clone(), summarise(scores, base))
+        })
+        .collect();
+    Ok(AnswerReport {
+        questions: questions.len(),
+        arms,
+        per_question,
+    })
+}
+
+/// The summary table (Markdown).
+pub fn table(report: &AnswerReport) -> String {
+    let mut out = format!(
+        "{} questions\n| arm | EM | F1 | faithfulness | relevance | hallucination | abstention | recall@k | s/answer |\n|---|---|---|---|---|---|---|---|---|\n",
+        report.questions
+    );
+    for (name, a) in &report.arms {
+        out.push_str(&format!(
+            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |\n",
+            a.em,
+            a.f1,
+            a.faithfulness,
+            a.answer_relevance,
+            a.hallucination_rate,
+            a.abstention_rate,
+            a.recall_at_k,
+            a.seconds_per_answer
+        ));
+    }
+    out
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A self-contained HTML report: the table, bar charts drawn as inline SVG, per-question details.
+pub fn html(report: &AnswerReport) -> String {
+    let mut out = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>domainrag answer evaluation</title>\
+         <style>body{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}\
+         td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th:first-child,td:first-child{text-align:left}\
+         details{margin:.4em 0}.bad{color:#b00}.ok{color:#070}</style></head><body><h1>Answer evaluation</h1>",
+    );
+    out.push_str(&format!(
+        "<p>{} questions per arm.</p><table><tr><th>arm</th>",
+        report.questions
+    ));
+    let metrics = [
+        "em",
+        "f1",
+        "faithfulness",
+        "answer_relevance",
+        "hallucination_rate",
+        "abstention_rate",
+    ];
+    for m in metrics {
+        out.push_str(&format!("<th>{m} (95% CI)</th>"));
+    }
+    out.push_str("</tr>");
+    for (name, a) in &report.arms {
+        out.push_str(&format!("<tr><td>{}</td>", esc(name)));
+        let values = [
+            a.em,
+            a.f1,
+            a.faithfulness,
+            a.answer_relevance,
+            a.hallucination_rate,
+            a.abstention_rate,
+        ];
+        for (m, v) in metrics.iter().zip(values) {
+            let ci = a.ci95.get(*m).copied().unwrap_or(Interval {
+                low: 0.0,
+                high: 0.0,
+            });
+            out.push_str(&format!("<td>{v:.3} ({:.3}–{:.3})</td>", ci.low, ci.high));
+        }
+        out.push_str("</tr>");
+    }
+    out.push_str("</table><h2>Charts</h2>");
+    for (i, m) in metrics.iter().enumerate() {
+        let bars: Vec<(String, f64)> = report
+            .arms
+            .iter()
+            .map(|(n, a)| {
+                let v = [
+                    a.em,
+                    a.f1,
+                    a.faithfulness,
+                    a.answer_relevance,
+                    a.hallucination_rate,
+                    a.abstention_rate,
+                ][i];
+                (n.clone(), v)
+            })
+            .collect();
+        out.push_str(&format!(
+            "<h3>{m}</h3><svg width=\"420\" height=\"{}\">",
+            24 * bars.len() + 4
+        ));
+        for (j, (n, v)) in bars.iter().enumerate() {
+            let w = (v.clamp(0.0, 1.0) * 300.0) as i64;
+            out.push_str(&format!(
+                "<text x=\"0\" y=\"{}\" font-size=\"12\">{}</text><rect x=\"100\" y=\"{}\" width=\"{w}\" height=\"16\" fill=\"#4a7bd0\"/><text x=\"{}\" y=\"{}\" font-size=\"12\">{v:.3}</text>",
+                j * 24 + 16,
+                esc(n),
+                j * 24 + 4,
+                110 + w,
+                j * 24 + 16
+            ));
+        }
+        out.push_str("</svg>");
+    }
+    out.push_str("<h2>Per question</h2>");
+    for (arm, scores) in &report.per_question {
+        out.push_str(&format!("<h3>{}</h3>", esc(arm)));
+        for q in scores {
+            out.push_str(&format!(
+                "<details><summary>{} — EM {:.0} F1 {:.2} faithfulness {} {}</summary><p><b>Answer:</b> {}</p><p><b>Gold:</b> {}</p><ul>",
+                esc(&q.query),
+                q.em,
+                q.f1,
+                q.faithfulness.map_or("n/a".into(), |f| format!("{f:.2}")),
+                if q.hallucinated { "<span class=bad>unsupported claim</span>" } else { "" },
+                esc(&q.answer),
+                esc(&q.gold_answers.join(" | "))
+            ));
+            for c in &q.claims {
+                out.push_str(&format!(
+                    "<li class=\"{}\">{} (coverage {:.2} by [{}], similarity {:.2})</li>",
+                    if c.supported { "ok" } else { "bad" },
+                    esc(&c.claim),
+                    c.coverage,
+                    c.source.map_or("-".into(), |n| n.to_string()),
+                    c.similarity
+                ));
+            }
+            out.push_str("</ul><ol>");
+            for (n, title, text) in &q.sources {
+                out.push_str(&format!(
+                    "<li value=\"{n}\"><b>{}</b>: {}</li>",
+                    esc(title),
+                    esc(text)
+                ));
+            }
+            out.push_str("</ol></details>");
+        }
+    }
+    out.push_str("</body></html>");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn squad_normalisation_and_exact_match() {
+        assert_eq!(normalize("The  Denver Broncos!"), "denver broncos");
+        assert_eq!(
+            exact_match("the Denver Broncos.", &s(&["Denver Broncos"])),
+            1.0
+        );
+        assert_eq!(exact_match("Broncos", &s(&["Denver Broncos"])), 0.0);
+        assert_eq!(exact_match("", &s(&["x"])), 0.0);
+        assert_eq!(normalize("Café — Zürich"), "café zürich");
+    }
+
+    #[test]
+    fn f1_takes_the_best_gold() {
+        assert_eq!(
+            f1("Denver Broncos", &s(&["Broncos", "Denver Broncos"])),
+            1.0
+        );
+        let v = f1("the Denver team", &s(&["Denver Broncos"]));
+        assert!((v - 0.5).abs() < 1e-12, "{v}"); // p=1/2, r=1/2
+        assert_eq!(f1("", &s(&["Denver"])), 0.0);
+        assert_eq!(f1("the a an", &s(&["the"])), 1.0, "both normalise to empty");
+        assert_eq!(f1("x", &[]), 0.0);
+    }
+
+    #[test]
+    fn claims_drop_markers_and_stopword_sentences() {
+        let c = claims("Paris is the capital [1]. It is. The Seine runs through it [2][3].");
+        assert_eq!(
+            c,
+            s(&["Paris is the capital .", "The Seine runs through it ."])
+        );
+        assert!(claims("").is_empty());
+        assert!(claims("It is what it is.").is_empty());
+    }
+
+    #[test]
+    fn coverage_and_abstention() {
+        assert_eq!(
+            token_coverage("Paris is the capital", "The capital of France is Paris"),
+            1.0
+        );
+        assert_eq!(token_coverage("Berlin is big", "Paris is the capital"), 0.0);
+        assert_eq!(token_coverage("it is", "anything"), 0.0);
+        assert!(is_abstention("I don't know."));
+        assert!(is_abstention("   "));
+        assert!(!is_abstention("Paris."));
+    }
+
+    #[test]
+    fn bootstrap_interval_brackets_the_mean_and_is_reproducible() {
+        let xs: Vec<f64> = (0..200).map(|i| f64::from(i % 2)).collect();
+        let ci = bootstrap_ci(&xs, 1000, 7);
+        assert!(ci.low < 0.5 && ci.high > 0.5, "{ci:?}");
+        assert!(ci.high - ci.low < 0.2);
+        assert_eq!(ci, bootstrap_ci(&xs, 1000, 7));
+        let constant = bootstrap_ci(&[1.0; 10], 100, 3);
+        assert_eq!((constant.low, constant.high), (1.0, 1.0));
+    }
+}
