@@ -327,6 +327,20 @@ pub fn summarise(scores: &[QuestionScore], base: Option<&[QuestionScore]>) -> Ar
     }
 }
 
+impl ArmSummary {
+    /// The headline metrics, in report order, with their `ci95` keys.
+    pub fn headline(&self) -> [(&'static str, f64); 6] {
+        [
+            ("em", self.em),
+            ("f1", self.f1),
+            ("faithfulness", self.faithfulness),
+            ("answer_relevance", self.answer_relevance),
+            ("hallucination_rate", self.hallucination_rate),
+            ("abstention_rate", self.abstention_rate),
+        ]
+    }
+}
+
 /// The whole evaluation, as `--json` writes it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AnswerReport {
@@ -517,30 +531,15 @@ pub fn html(report: &AnswerReport) -> String {
         "<p>{} questions per arm.</p><table><tr><th>arm</th>",
         report.questions
     ));
-    let metrics = [
-        "em",
-        "f1",
-        "faithfulness",
-        "answer_relevance",
-        "hallucination_rate",
-        "abstention_rate",
-    ];
-    for m in metrics {
+    let metric_names = METRICS.iter().map(|(name, _)| *name);
+    for m in metric_names.clone() {
         out.push_str(&format!("<th>{m} (95% CI)</th>"));
     }
     out.push_str("</tr>");
     for (name, a) in &report.arms {
         out.push_str(&format!("<tr><td>{}</td>", esc(name)));
-        let values = [
-            a.em,
-            a.f1,
-            a.faithfulness,
-            a.answer_relevance,
-            a.hallucination_rate,
-            a.abstention_rate,
-        ];
-        for (m, v) in metrics.iter().zip(values) {
-            let ci = a.ci95.get(*m).copied().unwrap_or(Interval {
+        for (m, v) in a.headline() {
+            let ci = a.ci95.get(m).copied().unwrap_or(Interval {
                 low: 0.0,
                 high: 0.0,
             });
@@ -549,21 +548,11 @@ pub fn html(report: &AnswerReport) -> String {
         out.push_str("</tr>");
     }
     out.push_str("</table><h2>Charts</h2>");
-    for (i, m) in metrics.iter().enumerate() {
-        let bars: Vec<(String, f64)> = report
+    for (i, m) in metric_names.enumerate() {
+        let bars: Vec<(&String, f64)> = report
             .arms
             .iter()
-            .map(|(n, a)| {
-                let v = [
-                    a.em,
-                    a.f1,
-                    a.faithfulness,
-                    a.answer_relevance,
-                    a.hallucination_rate,
-                    a.abstention_rate,
-                ][i];
-                (n.clone(), v)
-            })
+            .map(|(n, a)| (n, a.headline()[i].1))
             .collect();
         out.push_str(&format!(
             "<h3>{m}</h3><svg width=\"420\" height=\"{}\">",
