@@ -78,6 +78,14 @@ pub async fn generator() -> Arc<Generator> {
         .clone()
 }
 
+/// Held by every test that compares outputs of the shared generator: mistral.rs batches
+/// concurrent requests to one model, and batched logits differ slightly from a lone request's, which
+/// can flip a greedy token of a 135M model.
+pub async fn exclusive_generation() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 /// A temp data dir with one empty collection `name`.
 pub struct TestCollection {
     pub dir: tempfile::TempDir,
