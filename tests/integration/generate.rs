@@ -4,13 +4,10 @@
 
 use domainrag::adapters::{AdapterRegistry, BaseModelInfo, write_test_adapter};
 use domainrag::generate::{ChatMessage, Role, Sampling};
-use domainrag::ingest::{Format, NoProgress};
 use domainrag::rag::{AdapterChoice, Rag};
 use domainrag::retrieve::Retriever;
 
-use crate::helpers::{
-    TestCollection, embedder, exclusive_generation, generator, models_dir, write_corpus,
-};
+use crate::helpers::{TestCollection, embedder, exclusive_generation, generator, models_dir};
 
 fn greedy(max_tokens: usize) -> Sampling {
     Sampling {
@@ -129,13 +126,7 @@ async fn converted_model_and_gguf_agree() {
 
 #[tokio::test]
 async fn answers_cite_retrieved_sources() {
-    let t = TestCollection::new("answers").await;
-    write_corpus(&t.inputs());
-    t.ingestor()
-        .await
-        .ingest_paths(&[t.inputs()], Format::Auto, &NoProgress)
-        .await
-        .expect("ingest");
+    let t = TestCollection::with_corpus("answers").await;
     let col = t.open().await;
     let settings = crate::helpers::settings(t.dir.path());
     // Its own generator: mistral.rs batches concurrent requests to one model (other tests share
@@ -220,13 +211,7 @@ async fn an_adapter_changes_the_output_and_base_stays_base() {
 #[tokio::test]
 async fn answer_evaluation_compares_two_arms_end_to_end() {
     use domainrag::eval::{Question, answers};
-    let t = TestCollection::new("answer-eval").await;
-    write_corpus(&t.inputs());
-    t.ingestor()
-        .await
-        .ingest_paths(&[t.inputs()], Format::Auto, &NoProgress)
-        .await
-        .expect("ingest");
+    let t = TestCollection::with_corpus("answer-eval").await;
     let col = t.open().await;
     let _alone = exclusive_generation().await;
     let g = generator().await;

@@ -109,6 +109,22 @@ impl TestCollection {
         }
     }
 
+    /// A collection holding the fixture corpus of [`write_corpus`], ingested.
+    pub async fn with_corpus(name: &str) -> TestCollection {
+        let t = TestCollection::new(name).await;
+        write_corpus(&t.inputs());
+        t.ingestor()
+            .await
+            .ingest_paths(
+                &[t.inputs()],
+                domainrag::ingest::Format::Auto,
+                &domainrag::ingest::NoProgress,
+            )
+            .await
+            .expect("ingest the fixture corpus");
+        t
+    }
+
     pub async fn open(&self) -> Arc<Collection> {
         self.catalog
             .open(&self.name)

@@ -2,20 +2,12 @@
 //! collection's own.
 
 use domainrag::config::FusionMethod;
-use domainrag::ingest::{Format, NoProgress};
 use domainrag::retrieve::{Mode, Retriever, search_with_vector};
 
-use crate::helpers::{TestCollection, doc_id, embedder, write_corpus};
+use crate::helpers::{TestCollection, doc_id, embedder};
 
 async fn corpus() -> TestCollection {
-    let t = TestCollection::new("retrieval").await;
-    write_corpus(&t.inputs());
-    t.ingestor()
-        .await
-        .ingest_paths(&[t.inputs()], Format::Auto, &NoProgress)
-        .await
-        .expect("ingest corpus");
-    t
+    TestCollection::with_corpus("retrieval").await
 }
 
 #[tokio::test]
