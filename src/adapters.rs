@@ -131,7 +131,7 @@ fn invalid(name: &str, file: &str, problem: String) -> AdapterError {
 }
 
 /// Adapter names follow the collection rules: they become directory and hub repo names.
-fn check_name(name: &str) -> Result<(), AdapterError> {
+pub fn check_name(name: &str) -> Result<(), AdapterError> {
     validate_name(name).map_err(|_| AdapterError::InvalidName {
         name: name.to_string(),
     })
@@ -364,9 +364,50 @@ impl AdapterRegistry {
         src: &Path,
         base: &BaseModelInfo,
     ) -> Result<AdapterInfo, AdapterError> {
+        self.install(name, src, base, false)
+    }
+
+    /// Like [`AdapterRegistry::add`], replacing an adapter of the same name if there is one (a
+    /// retrained adapter keeps its name, so collections using it move to the new weights). The new
+    /// adapter is validated and staged before the old one is moved away.
+    pub fn replace(
+        &self,
+        name: &str,
+        src: &Path,
+        base: &BaseModelInfo,
+    ) -> Result<AdapterInfo, AdapterError> {
+        self.install(name, src, base, true)
+    }
+
+    /// Keep a training record (`training.json`) with a registered adapter.
+    pub fn set_training_record(&self, name: &str, record: &Path) -> Result<(), AdapterError> {
+        self.get(name)?;
+        let dest = self.snapshot_dir(name).join("training.json");
+        std::fs::copy(record, &dest).map_err(|e| io(&dest, e))?;
+        Ok(())
+    }
+
+    /// The training record of an adapter trained by domainrag (`None` for uploaded adapters).
+    pub fn training_record(&self, name: &str) -> Result<Option<serde_json::Value>, AdapterError> {
+        self.get(name)?;
+        let path = self.snapshot_dir(name).join("training.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path, e)),
+        }
+    }
+
+    fn install(
+        &self,
+        name: &str,
+        src: &Path,
+        base: &BaseModelInfo,
+        replace: bool,
+    ) -> Result<AdapterInfo, AdapterError> {
         check_name(name)?;
         let repo = self.repo_dir(name);
-        if repo.exists() {
+        if repo.exists() && !replace {
             return Err(AdapterError::AlreadyExists {
                 name: name.to_string(),
             });
@@ -413,8 +454,24 @@ impl AdapterRegistry {
         std::fs::create_dir_all(&self.hub).map_err(|e| io(&self.hub, e))?;
         let staging = self.hub.join(format!(".adding-{name}-{}", unique_suffix()));
         std::fs::create_dir(&staging).map_err(|e| io(&staging, e))?;
-        let installed = stage(&staging, &config_bytes, &weights_path, &info)
-            .and_then(|()| self.move_into_place(&staging, &repo, name));
+        let installed = stage(&staging, &config_bytes, &weights_path, &info).and_then(|()| {
+            if replace && repo.exists() {
+                let old = self
+                    .hub
+                    .join(format!(".replacing-{name}-{}", unique_suffix()));
+                std::fs::rename(&repo, &old).map_err(|e| io(&repo, e))?;
+                let moved = self.move_into_place(&staging, &repo, name);
+                if moved.is_err() {
+                    // Put the old adapter back: a failed replace must not lose it.
+                    let _ = std::fs::rename(&old, &repo);
+                } else {
+                    let _ = std::fs::remove_dir_all(&old);
+                }
+                moved
+            } else {
+                self.move_into_place(&staging, &repo, name)
+            }
+        });
         if installed.is_err() {
             // Best effort: the staging dir is hidden from `list`, and the error that matters is
             // the one being returned.

@@ -15,6 +15,7 @@ use crate::bench;
 use crate::collection::{Catalog, CollectionSettings};
 use crate::config::{FusionMethod, Settings, Sources};
 use crate::embed::Embedder;
+use crate::eval::ContextMode;
 use crate::eval::{self, QuestionFormat};
 use crate::generate::{Generator, Sampling};
 use crate::ingest::{Format, Ingestor, Progress};
@@ -102,6 +103,91 @@ pub enum Command {
     /// Measure speed (writes JSON and prints a table).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Training data: (query, context, answer) triplets.
+    #[command(subcommand)]
+    Triplets(TripletsCmd),
+    /// Train a LoRA adapter for the base model from triplets and register it.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TripletsCmd {
+    /// Turn question/answer pairs into triplets whose context is what serving would retrieve
+    /// (same retriever, source numbering and token budget as `ask`).
+    Build {
+        #[arg(long, short)]
+        collection: String,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: QuestionFormat,
+        /// Questions with gold answers (`{"query", "gold_doc_ids", "answers"}` JSONL, or SQuAD).
+        #[arg(long)]
+        questions: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// `retrieved` (serving's sources) or `gold` (the SQuAD paragraph as source [1]).
+        #[arg(long, value_enum, default_value = "retrieved")]
+        context: ContextMode,
+        /// Use a random sample of N questions (fixed --seed).
+        #[arg(long)]
+        sample: Option<usize>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+/// `domainrag train` (defaults: see `TrainOptions::default`).
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// The collection the adapter is for (recorded; `--assign` sets it as its adapter).
+    #[arg(long, short)]
+    pub collection: String,
+    #[arg(long)]
+    pub triplets: PathBuf,
+    /// Adapter name (must be new unless --replace).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub replace: bool,
+    /// Make it the collection's adapter once trained.
+    #[arg(long)]
+    pub assign: bool,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub targets: Vec<String>,
+    #[arg(long, default_value_t = 0.05)]
+    pub dropout: f32,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// Sequences per optimiser step (gradient accumulation).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Longest sequence in tokens (prompt + answer); longer examples are dropped.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub val_split: f64,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Train on the GPU (builds with `--features cuda`).
+    #[arg(long)]
+    pub gpu: bool,
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +298,12 @@ pub enum AdaptersCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show one adapter, with its training record when domainrag trained it.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an adapter (refused while a collection uses it).
     Remove { name: String },
 }
@@ -244,6 +336,10 @@ pub enum EvalCmd {
         /// Write a self-contained HTML report here.
         #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
+        /// `retrieved` (the full pipeline) or `gold` (SQuAD only: the question's own paragraph
+        /// as the only source).
+        #[arg(long, value_enum, default_value = "retrieved")]
+        context: ContextMode,
     },
     /// recall@1/5/10, MRR@10, nDCG@10 for bm25, dense and hybrid side by side.
     Retrieval {
@@ -290,6 +386,39 @@ pub enum BenchCmd {
     Generate {
         /// Completion tokens per request.
         #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generation speed of mistral.rs configurations (isq types, with and without a LoRA
+    /// adapter) side by side with llama.cpp on the same GGUF model, prompts and threads.
+    Engines {
+        /// `generate.isq` values to compare (`none` = unquantised).
+        #[arg(long, value_delimiter = ',', default_value = "none,q8_0,q4k")]
+        isq: Vec<String>,
+        /// Skip the runs with a LoRA adapter (a synthetic rank-8 adapter on q/k/v/o).
+        #[arg(long)]
+        no_adapter: bool,
+        /// Also run this GGUF through mistral.rs's GGUF loader (base only).
+        #[arg(long)]
+        mistralrs_gguf: Option<PathBuf>,
+        /// Python with llama-cpp-python (made by benches/llama-cpp-venv.sh); omit to skip the peer.
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+        /// The GGUF llama.cpp loads.
+        #[arg(
+            long,
+            default_value = "data/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )]
+        peer_gguf: PathBuf,
+        /// SQuAD JSON the RAG-sized prompts are built from.
+        #[arg(long, default_value = "data/squad/squaddev_v1.1.json")]
+        squad: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 128)]
         max_tokens: usize,
         #[arg(long)]
         out: Option<PathBuf>,
@@ -461,8 +590,10 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             limit,
             json,
             html,
+            context,
         }) => {
             let mut qs = eval::load_questions(&questions, format)?;
+            let gold = gold_paragraphs(context, format, &questions)?;
             if let Some(n) = sample {
                 qs = sample_questions(qs, n, seed);
             }
@@ -492,10 +623,11 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             );
             let bar = Bar::new(true);
             bar.start((qs.len() * arms.len()) as u64);
-            let report = eval::answers::evaluate(&rag, &embedder, &col, &qs, &arms, &|n| {
-                bar.advance(n as u64, "")
-            })
-            .await?;
+            let report =
+                eval::answers::evaluate(&rag, &embedder, &col, &qs, &arms, gold.as_ref(), &|n| {
+                    bar.advance(n as u64, "")
+                })
+                .await?;
             bar.finish();
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)
@@ -577,33 +709,93 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             let mut bench_settings = settings.clone();
             bench_settings.generate.max_resident_adapters = 4;
             bench_settings.generate.max_concurrent = 8;
-            // Four fixed synthetic adapters (random but deterministic weights): the speed of a
-            // merged adapter model does not depend on what the adapter learned.
-            let registry = AdapterRegistry::new(&settings.paths.data_dir);
-            let base = BaseModelInfo::from_dir(&settings.generate_base_dir())?;
-            let mut names = Vec::new();
-            for i in 1..=4 {
-                let name = format!("bench-lora-{i}");
-                if registry.get(&name).is_err() {
-                    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-                    let layers: Vec<usize> = (0..base.num_hidden_layers).collect();
-                    crate::adapters::write_test_adapter(
-                        &dir,
-                        &base,
-                        8,
-                        16.0,
-                        &["q_proj", "k_proj", "v_proj", "o_proj"],
-                        &layers,
-                        |j| ((j * (7919 + i) % 17) as f32 - 8.0) * 0.01,
-                    )
-                    .with_context(|| format!("writing {}", dir.display()))?;
-                    registry.add(&name, &dir, &base)?;
-                    std::fs::remove_dir_all(&dir).ok();
-                }
-                names.push(name);
-            }
+            let names = synthetic_adapters(&settings, 4)?;
             let result = bench::generate_speed(&bench_settings, &names, max_tokens).await?;
             emit_bench(&result, &bench::generate_table(&result), out, json)
+        }
+        Command::Triplets(TripletsCmd::Build {
+            collection,
+            format,
+            questions,
+            out,
+            context,
+            sample,
+            seed,
+        }) => {
+            let mut qs = eval::load_questions(&questions, format)?;
+            if let Some(n) = sample {
+                qs = sample_questions(qs, n, seed);
+            }
+            let gold = gold_paragraphs(context, format, &questions)?;
+            let col = catalog.open(&collection).await?;
+            let embedder = Embedder::load_async(&settings).await?;
+            let generator = Generator::load(&settings).await?;
+            let rag = Rag::new(
+                Retriever::new(Arc::clone(&embedder)),
+                generator,
+                settings.rag.clone(),
+                Sampling::from_config(&settings.generate),
+            );
+            let bar = Bar::new(true);
+            bar.start(qs.len() as u64);
+            let (triplets, report) =
+                crate::train::triplets::build(&rag, &col, &qs, context, gold.as_ref(), &|n| {
+                    bar.advance(n as u64, "")
+                })
+                .await?;
+            bar.finish();
+            let mut text = String::new();
+            for t in &triplets {
+                text.push_str(&serde_json::to_string(t)?);
+                text.push('\n');
+            }
+            std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("{}", serde_json::to_string_pretty(&report)?);
+            println!("wrote {} triplets to {}", triplets.len(), out.display());
+            Ok(())
+        }
+        Command::Train(args) => train_command(&catalog, &settings, args).await,
+        Command::Bench(BenchCmd::Engines {
+            isq,
+            no_adapter,
+            mistralrs_gguf,
+            peer_python,
+            peer_gguf,
+            squad,
+            reps,
+            max_tokens,
+            out,
+            json,
+        }) => {
+            for value in &isq {
+                if value != "none" && !crate::config::ISQ_TYPES.contains(&value.as_str()) {
+                    bail!(
+                        "--isq {value}: must be none or one of {}",
+                        crate::config::ISQ_TYPES.join(", ")
+                    );
+                }
+            }
+            let adapter = if no_adapter {
+                None
+            } else {
+                synthetic_adapters(&settings, 1)?.pop()
+            };
+            let threads = if settings.generate.threads > 0 {
+                settings.generate.threads
+            } else {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            };
+            let plan = bench::engines::EnginesPlan {
+                isq,
+                adapter,
+                mistralrs_gguf,
+                peer: peer_python.map(|p| (p, peer_gguf)),
+                reps,
+                max_tokens,
+                threads,
+            };
+            let result = bench::engines::run(&settings, &squad, &plan).await?;
+            emit_bench(&result, &bench::engines::table(&result), out, json)
         }
         Command::Bench(BenchCmd::Ingest {
             format,
@@ -668,6 +860,202 @@ fn sample_questions(mut qs: Vec<eval::Question>, n: usize, seed: u64) -> Vec<eva
 }
 
 /// Print a benchmark as JSON (`--json`) or its table, and write the JSON to `out` if given.
+/// SQuAD paragraphs by document id, when the context is the gold one.
+fn gold_paragraphs(
+    context: ContextMode,
+    format: QuestionFormat,
+    questions: &std::path::Path,
+) -> Result<Option<std::collections::HashMap<String, (String, String)>>> {
+    match (context, format) {
+        (ContextMode::Retrieved, _) => Ok(None),
+        (ContextMode::Gold, QuestionFormat::Squad) => eval::squad_paragraphs(questions)
+            .map(Some)
+            .map_err(anyhow::Error::msg),
+        (ContextMode::Gold, QuestionFormat::Jsonl) => {
+            bail!("--context gold needs --format squad (the paragraphs come from the SQuAD file)")
+        }
+    }
+}
+
+/// The training progress bar: step, loss, tokens/s, learning rate.
+struct TrainBar(ProgressBar);
+
+impl crate::train::Progress for TrainBar {
+    fn start(&mut self, total_steps: usize) {
+        self.0.set_length(total_steps as u64);
+    }
+    fn step(&mut self, step: usize, epoch: usize, loss: f32, tokens_per_s: f64, lr: f64) {
+        self.0.set_position(step as u64);
+        self.0.set_message(format!(
+            "epoch {epoch} loss {loss:.4} {tokens_per_s:.0} tok/s lr {lr:.2e}"
+        ));
+    }
+    fn message(&mut self, text: &str) {
+        self.0.println(text);
+    }
+    fn finish(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+async fn train_command(catalog: &Catalog, settings: &Settings, a: TrainArgs) -> Result<()> {
+    use crate::train::{TrainJob, TrainOptions, encode, read_triplets, register, train};
+    let options = TrainOptions {
+        rank: a.rank,
+        alpha: a.alpha,
+        targets: a.targets.clone(),
+        dropout: a.dropout,
+        lr: a.lr,
+        epochs: a.epochs,
+        batch: a.batch,
+        max_len: a.max_len,
+        val_split: a.val_split,
+        seed: a.seed,
+        warmup_steps: a.warmup,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+    };
+    options.validate()?;
+    let col = catalog.open(&a.collection).await?;
+    let registry = AdapterRegistry::new(&settings.paths.data_dir);
+    crate::adapters::check_name(&a.name)?;
+    if !a.replace && registry.get(&a.name).is_ok() {
+        bail!(
+            "adapter {} already exists; choose a new --name or pass --replace",
+            a.name
+        );
+    }
+    let base_dir = settings.generate_base_dir();
+    let base = BaseModelInfo::from_dir(&base_dir)?;
+    let triplets = read_triplets(&a.triplets)?;
+    // mistral.rs tokenises, with the base model's own chat template: the exact serving tokens.
+    let (examples, encoded) = {
+        let generator = Generator::load(settings).await?;
+        encode(&generator, &triplets, options.max_len).await?
+    };
+    if encoded.too_long > 0 {
+        eprintln!(
+            "dropped {} of {} triplets longer than --max-len {}",
+            encoded.too_long,
+            triplets.len(),
+            options.max_len
+        );
+    }
+    let device = if a.gpu {
+        #[cfg(feature = "cuda")]
+        {
+            candle_core::Device::new_cuda(0)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("--gpu needs a build with `--features cuda`")
+    } else {
+        candle_core::Device::Cpu
+    };
+    let work_dir = settings.paths.data_dir.join("training").join(format!(
+        "{}-{}",
+        a.name,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    ));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\nCtrl-C: finishing the current step, then keeping the best checkpoint");
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let visible = !a.no_progress;
+    let triplets_path = a.triplets.clone();
+    let trained = tokio::task::spawn_blocking(move || {
+        let bar = if visible {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} eta {eta} {msg}")
+                .expect("static template is valid"),
+        );
+        let mut bar = TrainBar(bar);
+        train(TrainJob {
+            base_dir,
+            triplets_path,
+            examples,
+            encode: encoded,
+            options,
+            work_dir,
+            device,
+            stop,
+            progress: &mut bar,
+        })
+    })
+    .await??;
+    let info = register(&registry, &a.name, &trained, &base, a.replace)?;
+    let r = &trained.record;
+    println!(
+        "trained adapter {} (rank {}, alpha {}, {}): {} steps, best validation loss {}, {:.0} tokens/s, {:.0} s, peak RSS {:.0} MiB{}",
+        info.name,
+        info.rank,
+        info.alpha,
+        info.target_modules.join(","),
+        r.steps,
+        r.best_val_loss
+            .map_or_else(|| "-".to_string(), |v| format!("{v:.4}")),
+        r.tokens_per_s,
+        r.wall_s,
+        r.peak_rss_mib,
+        if r.interrupted {
+            " (stopped by Ctrl-C)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "checkpoints: {}",
+        trained.dir.parent().unwrap_or(&trained.dir).display()
+    );
+    if a.assign {
+        let name = a.name.clone();
+        col.update_settings(catalog, move |s| s.adapter = Some(name))?;
+        println!("collection {} now answers with {}", a.collection, a.name);
+    }
+    Ok(())
+}
+
+/// `n` fixed synthetic adapters `bench-lora-1..n` (deterministic weights, rank 8 on q/k/v/o),
+/// registered if missing: the speed of a merged adapter model does not depend on what the
+/// adapter learned.
+fn synthetic_adapters(settings: &Settings, n: usize) -> Result<Vec<String>> {
+    let registry = AdapterRegistry::new(&settings.paths.data_dir);
+    let base = BaseModelInfo::from_dir(&settings.generate_base_dir())?;
+    let mut names = Vec::new();
+    for i in 1..=n {
+        let name = format!("bench-lora-{i}");
+        if registry.get(&name).is_err() {
+            let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+            let layers: Vec<usize> = (0..base.num_hidden_layers).collect();
+            crate::adapters::write_test_adapter(
+                &dir,
+                &base,
+                8,
+                16.0,
+                &["q_proj", "k_proj", "v_proj", "o_proj"],
+                &layers,
+                |j| ((j * (7919 + i) % 17) as f32 - 8.0) * 0.01,
+            )
+            .with_context(|| format!("writing {}", dir.display()))?;
+            registry.add(&name, &dir, &base)?;
+            std::fs::remove_dir_all(&dir).ok();
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
 fn emit_bench<T: serde::Serialize>(
     result: &T,
     table: &str,
@@ -723,6 +1111,37 @@ fn adapters(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> Result<
                         a.size_bytes,
                         a.created_at
                     );
+                }
+            }
+        }
+        AdaptersCmd::Show { name, json } => {
+            let info = registry.get(&name)?;
+            let training = registry.training_record(&name)?;
+            let value = serde_json::json!({ "adapter": info, "training": training });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!(
+                    "{}: base {}, rank {}, alpha {}, targets {}, {} bytes",
+                    info.name,
+                    info.base_model,
+                    info.rank,
+                    info.alpha,
+                    info.target_modules.join(","),
+                    info.size_bytes
+                );
+                match training {
+                    Some(t) => println!(
+                        "trained by domainrag: {} steps, best validation loss {}, {:.0} tokens/s, \
+                         {:.0} s, triplets {} (sha256 {})",
+                        t["steps"],
+                        t["best_val_loss"],
+                        t["tokens_per_s"].as_f64().unwrap_or(0.0),
+                        t["wall_s"].as_f64().unwrap_or(0.0),
+                        t["triplets_file"].as_str().unwrap_or("?"),
+                        t["triplets_sha256"].as_str().unwrap_or("?")
+                    ),
+                    None => println!("uploaded (no training record)"),
                 }
             }
         }

@@ -129,6 +129,11 @@ pub struct IngestConfig {
 pub struct GenerateConfig {
     pub base_model_dir: PathBuf,
     pub dtype: String,
+    /// In-situ quantisation of the linear layers after loading (and after merging an adapter):
+    /// `none` or one of [`ISQ_TYPES`].
+    pub isq: String,
+    /// Threads for the matrix kernels (0 = one per core).
+    pub threads: usize,
     pub max_resident_adapters: usize,
     pub max_concurrent: usize,
     pub queue_depth: usize,
@@ -136,6 +141,12 @@ pub struct GenerateConfig {
     pub temperature: f64,
     pub top_p: f64,
 }
+
+/// The in-situ quantisation types `generate.isq` accepts (GGML block formats that mistral.rs
+/// runs on CPU and CUDA).
+pub const ISQ_TYPES: &[&str] = &[
+    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2k", "q3k", "q4k", "q5k", "q6k", "q8k",
+];
 
 /// How retrieved chunks become the prompt.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -296,6 +307,18 @@ impl Settings {
         }
         if !["f32", "bf16", "f16", "auto"].contains(&self.generate.dtype.as_str()) {
             return invalid("generate.dtype", "must be one of f32, bf16, f16, auto");
+        }
+        if self.generate.isq != "none" && !ISQ_TYPES.contains(&self.generate.isq.as_str()) {
+            return invalid(
+                "generate.isq",
+                &format!("must be none or one of {}", ISQ_TYPES.join(", ")),
+            );
+        }
+        if self.generate.threads > 1024 {
+            return invalid(
+                "generate.threads",
+                "must be between 0 (one per core) and 1024",
+            );
         }
         if self.generate.max_resident_adapters == 0 {
             return invalid("generate.max_resident_adapters", "must be > 0");
@@ -490,6 +513,7 @@ mod tests {
     fn invalid_values_name_the_key() {
         for (body, key) in [
             ("[embedding]\nbatch_size = 0\n", "embedding.batch_size"),
+            ("[generate]\nisq = \"q9\"\n", "generate.isq"),
             (
                 "[collection_defaults.chunking]\nmax_words = 50\noverlap_words = 50\n",
                 "chunking.overlap_words",

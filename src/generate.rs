@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use mistralrs::{Model, ModelDType, RequestBuilder, Response, TextMessageRole, TextModelBuilder};
+use mistralrs::{
+    IsqType, Model, ModelDType, RequestBuilder, Response, TextMessageRole, TextModelBuilder,
+};
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
@@ -146,6 +148,32 @@ fn dtype(name: &str) -> ModelDType {
     }
 }
 
+fn role(role: Role) -> TextMessageRole {
+    match role {
+        Role::System => TextMessageRole::System,
+        Role::User => TextMessageRole::User,
+        Role::Assistant => TextMessageRole::Assistant,
+    }
+}
+
+/// The mistral.rs type of a validated `generate.isq` value (`None` for `none`).
+fn isq(name: &str) -> Option<IsqType> {
+    Some(match name {
+        "q4_0" => IsqType::Q4_0,
+        "q4_1" => IsqType::Q4_1,
+        "q5_0" => IsqType::Q5_0,
+        "q5_1" => IsqType::Q5_1,
+        "q8_0" => IsqType::Q8_0,
+        "q2k" => IsqType::Q2K,
+        "q3k" => IsqType::Q3K,
+        "q4k" => IsqType::Q4K,
+        "q5k" => IsqType::Q5K,
+        "q6k" => IsqType::Q6K,
+        "q8k" => IsqType::Q8K,
+        _ => return None,
+    })
+}
+
 /// Build a model on a fresh OS thread with its own runtime (see the module doc for why).
 async fn build_on_fresh_thread(
     what: String,
@@ -173,7 +201,7 @@ async fn build_on_fresh_thread(
 impl Generator {
     /// Load the base model (blocking work happens on its own thread).
     pub async fn load(settings: &Settings) -> Result<Arc<Generator>, GenerateError> {
-        let config = settings.generate.clone();
+        let config = &settings.generate;
         let base_dir = settings.generate_base_dir();
         for file in [
             "config.json",
@@ -185,9 +213,56 @@ impl Generator {
                 return Err(GenerateError::MissingBase { path: base_dir });
             }
         }
+        let base = Self::build(config, &base_dir, None).await?;
+        Ok(Self::with_base(settings, base_dir, base))
+    }
+
+    /// A generator whose base model is read from a GGUF file by mistral.rs's GGUF loader (with
+    /// its tokenizer and chat template). Used by `bench engines` to measure that path; adapters
+    /// still merge into the HF base directory, since mistral.rs 0.8.1 cannot apply a PEFT LoRA
+    /// to a GGUF model.
+    pub async fn load_gguf(
+        settings: &Settings,
+        gguf: &std::path::Path,
+    ) -> Result<Arc<Generator>, GenerateError> {
+        let (Some(dir), Some(file)) = (gguf.parent(), gguf.file_name()) else {
+            return Err(GenerateError::MissingBase {
+                path: gguf.to_path_buf(),
+            });
+        };
+        if !gguf.is_file() {
+            return Err(GenerateError::MissingBase {
+                path: gguf.to_path_buf(),
+            });
+        }
+        let dir = dir.display().to_string();
+        let file = file.to_string_lossy().into_owned();
+        let max_seqs = settings.generate.max_concurrent;
+        let base = build_on_fresh_thread(gguf.display().to_string(), move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let builder =
+                    mistralrs::GgufModelBuilder::new(dir, vec![file]).with_max_num_seqs(max_seqs);
+                #[cfg(not(feature = "cuda"))]
+                let builder = builder.with_force_cpu();
+                builder.build().await.map_err(|e| format!("{e:#}"))
+            })
+        })
+        .await?;
+        Ok(Self::with_base(
+            settings,
+            settings.generate_base_dir(),
+            base,
+        ))
+    }
+
+    fn with_base(settings: &Settings, base_dir: PathBuf, base: Model) -> Arc<Generator> {
+        let config = settings.generate.clone();
         let registry = AdapterRegistry::new(&settings.paths.data_dir);
-        let base = Self::build(&config, &base_dir, None).await?;
-        Ok(Arc::new(Generator {
+        Arc::new(Generator {
             permits: Arc::new(Semaphore::new(config.max_concurrent)),
             config,
             base_dir,
@@ -198,7 +273,7 @@ impl Generator {
             waiting: AtomicUsize::new(0),
             pool_hits: AtomicU64::new(0),
             pool_misses: AtomicU64::new(0),
-        }))
+        })
     }
 
     async fn build(
@@ -208,6 +283,7 @@ impl Generator {
     ) -> Result<Model, GenerateError> {
         let dir = base_dir.display().to_string();
         let dtype = dtype(&config.dtype);
+        let isq = isq(&config.isq);
         let max_seqs = config.max_concurrent;
         let what = adapter_id.clone().unwrap_or_else(|| dir.clone());
         build_on_fresh_thread(what, move || {
@@ -219,6 +295,12 @@ impl Generator {
                 let builder = TextModelBuilder::new(&dir)
                     .with_dtype(dtype)
                     .with_max_num_seqs(max_seqs);
+                // Quantised after the adapter is merged into the weights (mistral.rs merges in
+                // the layer constructors, then quantises the loaded layers).
+                let builder = match isq {
+                    Some(t) => builder.with_isq(t),
+                    None => builder,
+                };
                 // The CPU build never probes for accelerators; `--features cuda` uses the GPU.
                 #[cfg(not(feature = "cuda"))]
                 let builder = builder.with_force_cpu();
@@ -329,6 +411,72 @@ impl Generator {
             .map_err(|e| GenerateError::Generation(e.to_string()))
     }
 
+    /// The token ids serving feeds the base model for `messages`: the model's chat template with
+    /// the generation prompt, tokenised by its tokenizer.
+    pub async fn tokenize_chat(
+        &self,
+        messages: Vec<ChatMessage>,
+    ) -> Result<Vec<u32>, GenerateError> {
+        let mut text = mistralrs::TextMessages::new();
+        for m in messages {
+            text = text.add_message(role(m.role), m.content);
+        }
+        self.base
+            .tokenize(either::Either::Left(text), None, true, true, None)
+            .await
+            .map_err(|e| GenerateError::Generation(e.to_string()))
+    }
+
+    /// Token ids of `text` alone (no special tokens added).
+    pub async fn tokenize_text(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
+        self.base
+            .tokenize(
+                either::Either::Right(text.to_string()),
+                None,
+                false,
+                false,
+                None,
+            )
+            .await
+            .map_err(|e| GenerateError::Generation(e.to_string()))
+    }
+
+    /// The token that ends an assistant turn: what the chat template appends after an assistant
+    /// message (generation stops there).
+    pub async fn end_of_turn_token(&self) -> Result<u32, GenerateError> {
+        let probe = |answer: &str| {
+            vec![
+                ChatMessage {
+                    role: Role::User,
+                    content: "q".into(),
+                },
+                ChatMessage {
+                    role: Role::Assistant,
+                    content: answer.into(),
+                },
+            ]
+        };
+        // The template renders `...answer<end>\n` or `...answer<end>`; the first token after the
+        // answer's own tokens is the end-of-turn token.
+        let mut text = mistralrs::TextMessages::new();
+        for m in probe("zebra") {
+            text = text.add_message(role(m.role), m.content);
+        }
+        let ids = self
+            .base
+            .tokenize(either::Either::Left(text), None, true, false, None)
+            .await
+            .map_err(|e| GenerateError::Generation(e.to_string()))?;
+        let answer = self.tokenize_text("zebra").await?;
+        let at = ids
+            .windows(answer.len())
+            .rposition(|w| w == answer.as_slice())
+            .ok_or_else(|| GenerateError::Generation("cannot find the end-of-turn token".into()))?;
+        ids.get(at + answer.len()).copied().ok_or_else(|| {
+            GenerateError::Generation("the chat template ends without an end-of-turn token".into())
+        })
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> GeneratorStats {
         GeneratorStats {
@@ -371,12 +519,7 @@ impl Generator {
                 .set_sampler_topk(0);
         }
         for m in messages {
-            let role = match m.role {
-                Role::System => TextMessageRole::System,
-                Role::User => TextMessageRole::User,
-                Role::Assistant => TextMessageRole::Assistant,
-            };
-            request = request.add_message(role, m.content);
+            request = request.add_message(role(m.role), m.content);
         }
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {

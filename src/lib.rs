@@ -1,9 +1,9 @@
 //! domainrag: an on-prem RAG appliance. Collections of documents are chunked, embedded and indexed
 //! (tantivy BM25 + Qdrant vectors) and searched with hybrid retrieval.
 //!
-//! Module graph (one way): `cli` -> `rag` -> {`retrieve`, `generate`}; `cli` -> {`ingest`, `eval`,
-//! `bench`} -> `collection` -> {`index`, `vectors`, `embed`, `chunk`}; `generate` -> `adapters`;
-//! everything -> {`config`, `error`}. See ARCHITECTURE.md.
+//! Module graph (one way): `cli` -> `train` -> `eval` -> `rag` -> {`retrieve`, `generate`};
+//! `cli` -> {`ingest`, `bench`} -> `collection` -> {`index`, `vectors`, `embed`, `chunk`};
+//! `generate` -> `adapters`; everything -> {`config`, `error`}. See ARCHITECTURE.md.
 
 #![warn(unreachable_pub)]
 
@@ -23,4 +23,5 @@ pub mod ingest;
 pub mod rag;
 pub mod retrieve;
 pub mod telemetry;
+pub mod train;
 pub mod vectors;

@@ -22,6 +22,10 @@ fn main() -> std::process::ExitCode {
             domainrag::adapters::AdapterRegistry::new(&settings.paths.data_dir).hub_dir(),
         );
         std::env::set_var("HF_HUB_OFFLINE", "1");
+        // candle and gemm size their rayon pools from this variable.
+        if settings.generate.threads > 0 {
+            std::env::set_var("RAYON_NUM_THREADS", settings.generate.threads.to_string());
+        }
     }
     domainrag::telemetry::init(&settings.log.level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -23,6 +23,8 @@ pub enum RagError {
     Retrieve(#[from] RetrieveError),
     #[error(transparent)]
     Generate(#[from] GenerateError),
+    #[error("{0}")]
+    InvalidInput(String),
 }
 
 impl RagError {
@@ -30,6 +32,7 @@ impl RagError {
         match self {
             RagError::Retrieve(e) => e.kind(),
             RagError::Generate(e) => e.kind(),
+            RagError::InvalidInput(_) => ErrorKind::InvalidInput,
         }
     }
 }
@@ -125,15 +128,25 @@ pub fn build_messages_with_history(
     messages
 }
 
+/// The numbered sources block of the prompt (what training triplets store as `context`).
+pub fn format_sources(sources: &[Source]) -> String {
+    let mut out = String::from("Sources:\n");
+    for s in sources {
+        out.push_str(&format!("[{}] {}\n{}\n\n", s.n, s.title, s.text));
+    }
+    out
+}
+
 /// The chat messages for `question` over `sources`.
 pub fn build_messages(question: &str, sources: &[Source]) -> Vec<ChatMessage> {
-    let mut user = String::from("Sources:\n");
-    for s in sources {
-        user.push_str(&format!("[{}] {}\n{}\n\n", s.n, s.title, s.text));
-    }
-    user.push_str(&format!(
-        "Question: {question}\nAnswer briefly from the sources and cite them like [1]."
-    ));
+    build_messages_from_context(question, &format_sources(sources))
+}
+
+/// The chat messages for `question` over an already formatted sources block.
+pub fn build_messages_from_context(question: &str, context: &str) -> Vec<ChatMessage> {
+    let user = format!(
+        "{context}Question: {question}\nAnswer briefly from the sources and cite them like [1]."
+    );
     vec![
         ChatMessage {
             role: Role::System,
@@ -214,7 +227,7 @@ impl Rag {
     }
 
     /// Retrieve and pick the sources that fit the token budget.
-    async fn sources(
+    pub async fn sources(
         &self,
         collection: &Collection,
         question: &str,
@@ -291,6 +304,32 @@ impl Rag {
             retrieve_ms,
             started,
         })
+    }
+
+    /// Answer `question` over given `sources` (no retrieval: gold-context evaluation).
+    pub async fn answer_with_sources(
+        &self,
+        question: &str,
+        sources: Vec<Source>,
+        adapter: Option<String>,
+    ) -> Result<Answer, RagError> {
+        let started = Instant::now();
+        let events = self
+            .generator
+            .stream(
+                adapter.as_deref(),
+                build_messages(question, &sources),
+                self.sampling,
+            )
+            .await?;
+        let stream = AnswerStream {
+            adapter,
+            sources,
+            events,
+            retrieve_ms: 0.0,
+            started,
+        };
+        collect(stream, |_| {}).await
     }
 
     /// Answer a question completely.

@@ -7,7 +7,7 @@
 //!
 //! The metric functions are pure and unit-tested; the runner calls `rag` and `embed`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -36,6 +36,34 @@ pub fn normalize(text: &str) -> String {
         .filter(|w| !matches!(*w, "a" | "an" | "the"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `answer` without its citation markers (`[1]`, `[1, 3]`): they say where the answer came from,
+/// they are not part of it, so EM and F1 score the text without them.
+pub fn strip_citations(answer: &str) -> String {
+    let mut out = String::with_capacity(answer.len());
+    let mut rest = answer;
+    while let Some(open) = rest.find('[') {
+        let after = &rest[open + 1..];
+        match after.find(']') {
+            Some(close)
+                if close > 0
+                    && after[..close]
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == ',' || c == ' ')
+                    && after[..close].chars().any(|c| c.is_ascii_digit()) =>
+            {
+                out.push_str(&rest[..open]);
+                rest = &after[close + 1..];
+            }
+            _ => {
+                out.push_str(&rest[..open + 1]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// 1.0 when the normalised prediction equals a normalised gold answer.
@@ -423,8 +451,8 @@ async fn score(
             .iter()
             .map(|s| (s.n, s.title.clone(), s.text.clone()))
             .collect(),
-        em: exact_match(&answer.answer, &q.answers),
-        f1: f1(&answer.answer, &q.answers),
+        em: exact_match(&strip_citations(&answer.answer), &q.answers),
+        f1: f1(&strip_citations(&answer.answer), &q.answers),
         hallucinated: !abstained && evidence.iter().any(|e| !e.supported),
         faithfulness,
         answer_relevance: f64::from(cosine(qv, av)),
@@ -448,13 +476,15 @@ async fn score(
     })
 }
 
-/// Evaluate each arm (`None` = base model) on `questions`.
+/// Evaluate each arm (`None` = base model) on `questions`. With `gold` (SQuAD paragraphs by
+/// document id), each question is answered over its gold paragraph instead of retrieved sources.
 pub async fn evaluate(
     rag: &Rag,
     embedder: &Arc<Embedder>,
     collection: &Collection,
     questions: &[Question],
     arms: &[Option<String>],
+    gold: Option<&HashMap<String, (String, String)>>,
     progress: &(dyn Fn(usize) + Send + Sync),
 ) -> Result<AnswerReport, RagError> {
     let mut per_question = BTreeMap::new();
@@ -465,7 +495,19 @@ pub async fn evaluate(
         };
         let mut scores = Vec::with_capacity(questions.len());
         for q in questions {
-            let answer = rag.answer(collection, &q.query, &choice).await?;
+            let answer = match gold {
+                None => rag.answer(collection, &q.query, &choice).await?,
+                Some(paragraphs) => {
+                    let sources = super::gold_sources(q, paragraphs).ok_or_else(|| {
+                        RagError::InvalidInput(format!(
+                            "question {:?}: its gold paragraph is not in the SQuAD file",
+                            q.id
+                        ))
+                    })?;
+                    rag.answer_with_sources(&q.query, sources, arm.clone())
+                        .await?
+                }
+            };
             scores.push(score(embedder, q, &answer).await?);
             progress(1);
         }
@@ -612,6 +654,19 @@ pub fn html(report: &AnswerReport) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn citations_are_not_part_of_the_answer() {
+        assert_eq!(strip_citations("Paris [1]"), "Paris");
+        assert_eq!(strip_citations("It is [2, 3] teal [1]."), "It is teal .");
+        assert_eq!(strip_citations("array[i] and [x]"), "array[i] and [x]");
+        assert_eq!(strip_citations("[ ] [1"), "[ ] [1");
+        assert_eq!(
+            exact_match(&strip_citations("Paris [1]"), &["Paris".into()]),
+            1.0
+        );
+    }
+
     use super::*;
 
     fn s(v: &[&str]) -> Vec<String> {

@@ -5,7 +5,7 @@
 //! Metrics are computed over documents, not chunks: a document's rank is the rank of its best chunk.
 //! Query embeddings are computed once, in batches, and shared by the dense and hybrid runs.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use crate::collection::Collection;
 use crate::config::FusionConfig;
 use crate::embed::Embedder;
 use crate::ingest::load::{parse_squad, squad_doc_id};
+use crate::rag::Source;
 use crate::retrieve::{Mode, RetrieveError, search_with_vector};
 
 pub mod answers;
@@ -103,6 +104,50 @@ pub fn load_questions(path: &Path, format: QuestionFormat) -> Result<Vec<Questio
         return Err(parse_err("no questions found".into()));
     }
     Ok(questions)
+}
+
+/// Where a triplet's context comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContextMode {
+    /// The collection's hybrid retriever, as at serving time.
+    Retrieved,
+    /// The gold SQuAD paragraph as the only source.
+    Gold,
+}
+
+/// Gold paragraphs of a SQuAD file by document id (`squad:<title>:<n>`), with their titles.
+pub fn squad_paragraphs(path: &Path) -> Result<HashMap<String, (String, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = parse_squad(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for article in &file.data {
+        for (n, p) in article.paragraphs.iter().enumerate() {
+            out.insert(
+                squad_doc_id(&article.title, n),
+                (article.title.clone(), p.context.clone()),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The gold paragraph of `q` as source [1].
+pub fn gold_sources(
+    q: &Question,
+    paragraphs: &HashMap<String, (String, String)>,
+) -> Option<Vec<Source>> {
+    let doc = q.gold_doc_ids.first()?;
+    let (title, text) = paragraphs.get(doc)?;
+    Some(vec![Source {
+        n: 1,
+        chunk_id: doc.clone(),
+        doc_id: doc.clone(),
+        title: title.clone(),
+        source: String::new(),
+        text: text.clone(),
+        score: 1.0,
+    }])
 }
 
 /// The metrics of one mode, averaged over questions.

@@ -137,6 +137,7 @@ impl From<RagError> for ApiError {
         match e {
             RagError::Generate(g) => g.into(),
             RagError::Retrieve(r) => r.into(),
+            RagError::InvalidInput(m) => ApiError::bad_request(m),
         }
     }
 }

@@ -255,6 +255,7 @@ async fn answer_evaluation_compares_two_arms_end_to_end() {
         &col,
         &questions,
         &[None, Some(name.clone())],
+        None,
         &|_| {},
     )
     .await

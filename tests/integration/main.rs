@@ -9,4 +9,5 @@ mod helpers;
 mod http;
 mod ingest;
 mod retrieval;
+mod train;
 mod vector_store;

@@ -1,8 +1,11 @@
 //! Benchmarks that write numbers (JSON + a short table), never pass/fail: search latency per
-//! retrieval mode with and without query embedding, and ingest throughput.
+//! retrieval mode with and without query embedding, ingest throughput, generator speed and
+//! memory; `engines` compares generator configurations with llama.cpp.
 //!
 //! Latency percentiles are over individual queries run one after another (the single-user
 //! latency); the machine is shared, so rerun and compare medians rather than trusting one run.
+
+pub mod engines;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Adapter training on SQuAD-Shifts new_wiki, split by article, domainrag vs the Hugging Face peer
+# (peft + transformers + torch) in one run on the same threads. Writes bench/train/*.json and
+# prints the tables. Takes ~1-1.5 h on 2 CPU cores. Run from the repository root after
+# `make models build`.
+#
+#   1. split new_wiki by article: 300 training questions, 200 held-out (100 for the peer);
+#   2. collection `newwiki` with the whole new_wiki corpus (hybrid retrieval, as served);
+#   3. triplets from the training questions: gold context (the peer's setting) and retrieved;
+#   4. the peer: trains on the gold triplets, evaluates base and LoRA on 100 held-out (gold context);
+#   5. domainrag trains on the same gold triplets with the peer's hyper-parameters (throughput and
+#      F1 side by side), then on the retrieved triplets (the adapter it serves);
+#   6. eval answers: gold context on the peer's 100 questions; the full pipeline (retrieved
+#      sources) on 200 held-out questions, base vs adapter.
+set -euo pipefail
+THREADS="${THREADS:-2}"
+DR="${DR:-${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}/release/domainrag}"
+DATA="${DATA:-data}"
+OUT="${OUT:-bench/train}"
+SPLIT="$OUT/split"
+mkdir -p "$OUT" "$SPLIT"
+dr() { "$DR" --data-dir "$DATA" "$@"; }
+export DOMAINRAG__GENERATE__THREADS="$THREADS" RAYON_NUM_THREADS="$THREADS"
+
+python3 benches/squad_shifts_split.py --input data/squad/new_wiki_v1.0.json --out-dir "$SPLIT"
+dr collection show newwiki >/dev/null 2>&1 || dr collection create newwiki
+dr ingest --collection newwiki --format squad --no-progress data/squad/new_wiki_v1.0.json
+dr triplets build --collection newwiki --format squad --questions "$SPLIT/train.json" \
+    --context gold --out "$OUT/triplets-gold.jsonl"
+dr triplets build --collection newwiki --format squad --questions "$SPLIT/train.json" \
+    --context retrieved --out "$OUT/triplets-retrieved.jsonl"
+
+PEER_PY="$(bash benches/peft-venv.sh)"
+"$PEER_PY" benches/peft_peer.py --base data/models/SmolLM2-135M-Instruct-hf \
+    --triplets "$OUT/triplets-gold.jsonl" --eval-squad "$SPLIT/heldout-peer.json" \
+    --threads "$THREADS" | tee "$OUT/peer.json"
+
+# The peer's hyper-parameters: r 16, alpha 32, dropout 0.05, all 7 projections, lr 3e-4, 20
+# warm-up steps, batch 1, 2 epochs, no validation split.
+PEER_HP=(--rank 16 --alpha 32 --dropout 0.05 --lr 3e-4 --warmup 20 --batch 1 --epochs 2)
+/usr/bin/time -v "$DR" --data-dir "$DATA" train --collection newwiki --no-progress \
+    --triplets "$OUT/triplets-gold.jsonl" --name newwiki-gold --replace "${PEER_HP[@]}" \
+    --val-split 0 2> "$OUT/train-gold.time" | tee "$OUT/train-gold.txt"
+/usr/bin/time -v "$DR" --data-dir "$DATA" train --collection newwiki --no-progress \
+    --triplets "$OUT/triplets-retrieved.jsonl" --name newwiki-v1 --replace "${PEER_HP[@]}" \
+    --val-split 0.1 2> "$OUT/train-retrieved.time" | tee "$OUT/train-retrieved.txt"
+dr adapters show newwiki-gold --json > "$OUT/adapter-gold.json" || true
+dr adapters show newwiki-v1 --json > "$OUT/adapter-v1.json" || true
+
+dr eval answers --collection newwiki --format squad --questions "$SPLIT/heldout-peer.json" \
+    --context gold --adapter none --adapter newwiki-gold \
+    --json "$OUT/eval-gold.json" --html "$OUT/eval-gold.html"
+dr eval answers --collection newwiki --format squad --questions "$SPLIT/heldout.json" \
+    --adapter none --adapter newwiki-v1 \
+    --json "$OUT/eval-retrieved.json" --html "$OUT/eval-retrieved.html"
+python3 benches/train_report.py "$OUT" | tee "$OUT/summary.md"

@@ -1,0 +1,55 @@
+"""Summarise `benches/train-vs-peft.sh`'s outputs as Markdown tables (standard library)."""
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    peer = load(out / "peer.json")
+    gold = (load(out / "adapter-gold.json") or {}).get("training") or {}
+    v1 = (load(out / "adapter-v1.json") or {}).get("training") or {}
+    eg = load(out / "eval-gold.json")
+    er = load(out / "eval-retrieved.json")
+    print("## Training (same gold-context triplets, same hyper-parameters, same threads)\n")
+    print("| trainer | steps | wall s | s/step | training tokens/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    if peer:
+        print(f"| {peer['engine']} | {peer['steps']} | {peer['train_s']:.0f} | "
+              f"{peer['s_per_step']:.2f} | {peer['tokens_per_s']:.0f} | {peer['peak_rss_mib']:.0f} |")
+    for label, t in (("domainrag (candle), gold triplets", gold),
+                     ("domainrag (candle), retrieved triplets", v1)):
+        if t:
+            steps = max(1, t["steps"])
+            train_s = t["wall_s"]
+            print(f"| {label} | {t['steps']} | {train_s:.0f} | {train_s / steps:.2f} | "
+                  f"{t['tokens_per_s']:.0f} | {t['peak_rss_mib']:.0f} |")
+    if peer and gold:
+        print(f"\ntraining throughput, domainrag / peer: {gold['tokens_per_s'] / peer['tokens_per_s']:.2f}x")
+    print("\n## Answers on held-out articles\n")
+    print("| setting | arm | questions | EM | F1 | faithfulness | hallucination | s/answer |")
+    print("|---|---|---|---|---|---|---|---|")
+    if peer:
+        for arm in ("base", "lora"):
+            r = peer[arm]
+            print(f"| gold context | peer {arm} | {r['questions']} | {r['em']:.1f} | {r['f1']:.1f} | - | - | "
+                  f"{r['seconds'] / max(1, r['questions']):.2f} |")
+    for setting, report in (("gold context", eg), ("retrieved (full pipeline)", er)):
+        if not report:
+            continue
+        for arm, s in report["arms"].items():
+            print(f"| {setting} | domainrag {arm} | {report['questions']} | {100 * s['em']:.1f} | "
+                  f"{100 * s['f1']:.1f} | {s['faithfulness']:.3f} | {s['hallucination_rate']:.3f} | "
+                  f"{s['seconds_per_answer']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

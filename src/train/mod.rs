@@ -1,0 +1,767 @@
+//! LoRA training inside domainrag: (query, context, answer) triplets in, a PEFT adapter that
+//! mistral.rs loads out, registered with its training record.
+//!
+//! Each triplet becomes the exact token sequence serving will see: the chat messages
+//! `rag::build_messages_from_context` makes, through the base model's own chat template and
+//! tokenizer (mistral.rs tokenises), then the answer's tokens and the end-of-turn token. The loss
+//! is the cross-entropy of the answer tokens only (the LM head runs only at those positions).
+//! AdamW with linear warm-up and cosine decay, gradient accumulation over `batch` sequences,
+//! global-norm clipping, a fixed seed. The best checkpoint by validation loss is kept; Ctrl-C stops
+//! after the current step and keeps it.
+//!
+//! `model` owns the candle forward pass; `triplets` builds training data with the retriever.
+
+pub mod model;
+pub mod triplets;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::adapters::{AdapterError, AdapterInfo, AdapterRegistry, BaseModelInfo};
+use crate::error::ErrorKind;
+use crate::generate::{GenerateError, Generator};
+use crate::rag::build_messages_from_context;
+use model::{LINEAR_MODULES, LlamaLora, LoraSpec, Rng};
+
+/// Errors of training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("triplets file {path}: {message}")]
+    Triplets { path: PathBuf, message: String },
+    #[error("invalid training option {option}: {problem}")]
+    Option {
+        option: &'static str,
+        problem: String,
+    },
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("training diverged: the loss became {0} at step {1}; lower --lr")]
+    Diverged(f32, usize),
+    #[error("stopped before the first checkpoint; nothing was registered")]
+    Interrupted,
+}
+
+impl TrainError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            TrainError::Triplets { .. } | TrainError::Option { .. } => ErrorKind::InvalidInput,
+            TrainError::Generate(e) => e.kind(),
+            TrainError::Adapter(e) => e.kind(),
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+fn io(path: &Path, source: std::io::Error) -> TrainError {
+    TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One training example as stored in a triplets JSONL file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Triplet {
+    pub query: String,
+    /// The numbered sources exactly as the prompt shows them (`rag::format_sources`).
+    pub context: String,
+    /// The ideal answer, citations included.
+    pub answer: String,
+}
+
+/// Read a triplets JSONL file; every problem names its line.
+pub fn read_triplets(path: &Path) -> Result<Vec<Triplet>, TrainError> {
+    let err = |message: String| TrainError::Triplets {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let t: Triplet =
+            serde_json::from_str(line).map_err(|e| err(format!("line {}: {e}", i + 1)))?;
+        if t.query.trim().is_empty() || t.answer.trim().is_empty() {
+            return Err(err(format!(
+                "line {}: `query` and `answer` must not be empty",
+                i + 1
+            )));
+        }
+        out.push(t);
+    }
+    if out.is_empty() {
+        return Err(err("no triplets".into()));
+    }
+    Ok(out)
+}
+
+/// Hyper-parameters (see the README's training section for what each does).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainOptions {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    pub dropout: f32,
+    pub lr: f64,
+    pub epochs: usize,
+    /// Sequences per optimiser step (gradients are accumulated over them).
+    pub batch: usize,
+    /// Longest training sequence in tokens; longer examples are dropped (and reported).
+    pub max_len: usize,
+    pub val_split: f64,
+    pub seed: u64,
+    /// Linear warm-up steps, then cosine decay to 0.
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            rank: 16,
+            alpha: 32.0,
+            targets: LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+            dropout: 0.05,
+            lr: 2e-4,
+            epochs: 2,
+            batch: 8,
+            max_len: 512,
+            val_split: 0.1,
+            seed: 7,
+            warmup_steps: 20,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+impl TrainOptions {
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |option, problem: &str| {
+            Err(TrainError::Option {
+                option,
+                problem: problem.to_string(),
+            })
+        };
+        if self.rank == 0 || self.rank > 1024 {
+            return bad("--rank", "must be between 1 and 1024");
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad("--alpha", "must be > 0");
+        }
+        if self.targets.is_empty() {
+            return bad("--targets", "name at least one module");
+        }
+        for t in &self.targets {
+            if !LINEAR_MODULES.contains(&t.as_str()) {
+                return bad(
+                    "--targets",
+                    &format!("{t:?} is not one of {}", LINEAR_MODULES.join(", ")),
+                );
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("--dropout", "must be in [0, 1)");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr < 1.0) {
+            return bad("--lr", "must be in (0, 1)");
+        }
+        if self.epochs == 0 {
+            return bad("--epochs", "must be > 0");
+        }
+        if self.batch == 0 {
+            return bad("--batch", "must be > 0");
+        }
+        if self.max_len < 16 {
+            return bad("--max-len", "must be at least 16");
+        }
+        if !(0.0..0.9).contains(&self.val_split) {
+            return bad("--val-split", "must be in [0, 0.9)");
+        }
+        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
+            return bad("--max-grad-norm", "must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// A tokenised example: the whole sequence and the positions whose next token is an answer token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+}
+
+/// Why examples were left out.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct EncodeReport {
+    pub kept: usize,
+    pub too_long: usize,
+}
+
+/// Tokenise triplets as serving will see them (see the module doc).
+pub async fn encode(
+    generator: &Generator,
+    triplets: &[Triplet],
+    max_len: usize,
+) -> Result<(Vec<Example>, EncodeReport), TrainError> {
+    let end_of_turn = generator.end_of_turn_token().await?;
+    let mut report = EncodeReport::default();
+    let mut out = Vec::new();
+    for t in triplets {
+        let prompt = generator
+            .tokenize_chat(build_messages_from_context(&t.query, &t.context))
+            .await?;
+        let mut answer = generator.tokenize_text(&t.answer).await?;
+        answer.push(end_of_turn);
+        if prompt.len() + answer.len() > max_len {
+            report.too_long += 1;
+            continue;
+        }
+        let start = prompt.len() as u32 - 1;
+        let mut ids = prompt;
+        ids.extend(&answer);
+        let positions = (start..start + answer.len() as u32).collect();
+        out.push(Example { ids, positions });
+        report.kept += 1;
+    }
+    Ok((out, report))
+}
+
+/// AdamW (decoupled weight decay) over the LoRA variables.
+struct AdamW {
+    vars: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: i32,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    fn new(vars: Vec<Var>, weight_decay: f64) -> candle_core::Result<AdamW> {
+        let m = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        let v = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(AdamW {
+            vars,
+            m,
+            v,
+            step: 0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        })
+    }
+
+    fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
+        self.step += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.step);
+        let bc2 = 1.0 - self.beta2.powi(self.step);
+        for (i, var) in self.vars.iter().enumerate() {
+            let g = &grads[i];
+            self.m[i] = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let update = ((&self.m[i] / bc1)? / ((&self.v[i] / bc2)?.sqrt()? + self.eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Learning rate at optimiser step `step` (0-based) of `total`: linear warm-up, cosine decay.
+pub fn learning_rate(base: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// One point of the loss curve.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LossPoint {
+    pub step: usize,
+    pub epoch: usize,
+    pub train_loss: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f32>,
+}
+
+/// What training did, kept with the adapter.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainRecord {
+    pub base_model: String,
+    pub base_sha256: String,
+    pub triplets_file: String,
+    pub triplets_sha256: String,
+    pub options: TrainOptions,
+    pub encode: EncodeReport,
+    pub train_examples: usize,
+    pub val_examples: usize,
+    pub trainable_params: usize,
+    pub steps: usize,
+    pub best_step: usize,
+    pub best_val_loss: Option<f32>,
+    pub curve: Vec<LossPoint>,
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
+    pub peak_rss_mib: f64,
+    pub interrupted: bool,
+    pub device: String,
+}
+
+/// Progress, for the CLI's bar.
+pub trait Progress: Send {
+    fn start(&mut self, total_steps: usize);
+    fn step(&mut self, step: usize, epoch: usize, loss: f32, tokens_per_s: f64, lr: f64);
+    fn message(&mut self, text: &str);
+    fn finish(&mut self);
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Mean loss over `examples` (no dropout).
+fn eval_loss(model: &LlamaLora, examples: &[Example]) -> candle_core::Result<f32> {
+    let mut sum = 0.0;
+    for ex in examples {
+        sum += model
+            .loss(&ex.ids, &ex.positions, None)?
+            .detach()
+            .to_scalar::<f32>()?;
+    }
+    Ok(sum / examples.len().max(1) as f32)
+}
+
+/// Write `model`'s LoRA weights as a PEFT adapter directory.
+pub fn write_peft(
+    dir: &Path,
+    model: &LlamaLora,
+    base: &BaseModelInfo,
+    record: Option<&TrainRecord>,
+) -> Result<(), TrainError> {
+    let spec = model.spec().ok_or_else(|| TrainError::Option {
+        option: "--targets",
+        problem: "the model has no LoRA pairs".into(),
+    })?;
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.id,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "target_modules": spec.targets,
+    });
+    let path = dir.join("adapter_config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&config).expect("json serialises"),
+    )
+    .map_err(|e| io(&path, e))?;
+    let tensors: std::collections::HashMap<String, Tensor> = model
+        .peft_tensors()
+        .into_iter()
+        .map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k, t)))
+        .collect::<candle_core::Result<_>>()?;
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+    if let Some(record) = record {
+        let path = dir.join("training.json");
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(record).expect("json serialises"),
+        )
+        .map_err(|e| io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Everything `train` needs.
+pub struct TrainJob<'a> {
+    pub base_dir: PathBuf,
+    pub triplets_path: PathBuf,
+    pub examples: Vec<Example>,
+    pub encode: EncodeReport,
+    pub options: TrainOptions,
+    /// Where checkpoints go (`best/`, `last/`).
+    pub work_dir: PathBuf,
+    pub device: Device,
+    pub stop: Arc<AtomicBool>,
+    pub progress: &'a mut dyn Progress,
+}
+
+/// The trained adapter: its directory (the best checkpoint) and record.
+#[derive(Debug)]
+pub struct Trained {
+    pub dir: PathBuf,
+    pub record: TrainRecord,
+}
+
+/// Train (blocking; run it off the async runtime).
+pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
+    let started = Instant::now();
+    let o = &job.options;
+    o.validate()?;
+    let base = BaseModelInfo::from_dir(&job.base_dir)?;
+    let triplets_bytes =
+        std::fs::read(&job.triplets_path).map_err(|e| io(&job.triplets_path, e))?;
+    let triplets_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&triplets_bytes))
+    };
+    let spec = LoraSpec {
+        rank: o.rank,
+        alpha: o.alpha,
+        targets: o.targets.clone(),
+        dropout: o.dropout,
+    };
+    let model = LlamaLora::load(&job.base_dir, &job.device, Some(spec), o.seed)?;
+
+    // Split: a seeded shuffle, the first `val_split` for validation.
+    let mut rng = Rng::new(o.seed ^ 0x5EED);
+    let mut order: Vec<usize> = (0..job.examples.len()).collect();
+    shuffle(&mut order, &mut rng);
+    let n_val = ((job.examples.len() as f64) * o.val_split).round() as usize;
+    let n_val = if o.val_split > 0.0 { n_val.max(1) } else { 0 };
+    if job.examples.len() <= n_val {
+        return Err(TrainError::Option {
+            option: "--val-split",
+            problem: format!("leaves no training examples out of {}", job.examples.len()),
+        });
+    }
+    let val: Vec<Example> = order[..n_val]
+        .iter()
+        .map(|&i| job.examples[i].clone())
+        .collect();
+    let mut train_idx: Vec<usize> = order[n_val..].to_vec();
+
+    let steps_per_epoch = train_idx.len().div_ceil(o.batch);
+    let total_steps = steps_per_epoch * o.epochs;
+    let vars = model.vars();
+    let mut opt = AdamW::new(vars.clone(), o.weight_decay)?;
+    let progress = job.progress;
+    progress.start(total_steps);
+    progress.message(&format!(
+        "{} train / {} validation examples, {} trainable parameters, {} steps",
+        train_idx.len(),
+        val.len(),
+        model.trainable_params(),
+        total_steps
+    ));
+
+    let best_dir = job.work_dir.join("best");
+    let last_dir = job.work_dir.join("last");
+    let mut curve = Vec::new();
+    let mut best: Option<(f32, usize)> = None;
+    let mut step = 0usize;
+    let mut tokens = 0usize;
+    let mut train_time = 0.0f64;
+    let mut interrupted = false;
+    let mut dropout_rng = Rng::new(o.seed ^ 0xD80);
+    let record = |curve: &Vec<LossPoint>,
+                  best: Option<(f32, usize)>,
+                  step: usize,
+                  tokens_per_s: f64,
+                  interrupted: bool| TrainRecord {
+        base_model: base.id.clone(),
+        base_sha256: base.sha256.clone(),
+        triplets_file: job.triplets_path.display().to_string(),
+        triplets_sha256: triplets_sha256.clone(),
+        options: o.clone(),
+        encode: job.encode.clone(),
+        train_examples: train_idx_len(&job.examples, n_val),
+        val_examples: n_val,
+        trainable_params: model.trainable_params(),
+        steps: step,
+        best_step: best.map_or(step, |b| b.1),
+        best_val_loss: best.map(|b| b.0),
+        curve: curve.clone(),
+        tokens_per_s,
+        wall_s: started.elapsed().as_secs_f64(),
+        peak_rss_mib: peak_rss_mib(),
+        interrupted,
+        device: format!("{:?}", job.device),
+    };
+
+    'epochs: for epoch in 1..=o.epochs {
+        shuffle(&mut train_idx, &mut rng);
+        let mut epoch_loss = 0.0f32;
+        let mut epoch_n = 0usize;
+        for chunk in train_idx.chunks(o.batch) {
+            let t0 = Instant::now();
+            let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+            let mut chunk_loss = 0.0f32;
+            for &i in chunk {
+                let ex = &job.examples[i];
+                let loss = model.loss(&ex.ids, &ex.positions, Some(&mut dropout_rng))?;
+                let value = loss.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Err(TrainError::Diverged(value, step));
+                }
+                chunk_loss += value;
+                let grads = (loss / chunk.len() as f64)?.backward()?;
+                for (slot, var) in acc.iter_mut().zip(&vars) {
+                    if let Some(g) = grads.get(var.as_tensor()) {
+                        *slot = Some(match slot.take() {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        });
+                    }
+                }
+                tokens += ex.ids.len();
+            }
+            let grads: Vec<Tensor> = acc
+                .into_iter()
+                .zip(&vars)
+                .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
+                .collect::<candle_core::Result<_>>()?;
+            let norm = grads
+                .iter()
+                .map(|g| g.sqr()?.sum_all()?.to_scalar::<f32>())
+                .sum::<candle_core::Result<f32>>()?
+                .sqrt() as f64;
+            let grads = if norm > o.max_grad_norm {
+                let scale = o.max_grad_norm / (norm + 1e-6);
+                grads
+                    .iter()
+                    .map(|g| g * scale)
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            } else {
+                grads
+            };
+            let lr = learning_rate(o.lr, step, o.warmup_steps, total_steps);
+            opt.step(&grads, lr)?;
+            step += 1;
+            train_time += t0.elapsed().as_secs_f64();
+            let mean = chunk_loss / chunk.len() as f32;
+            epoch_loss += chunk_loss;
+            epoch_n += chunk.len();
+            progress.step(step, epoch, mean, tokens as f64 / train_time.max(1e-9), lr);
+            curve.push(LossPoint {
+                step,
+                epoch,
+                train_loss: mean,
+                val_loss: None,
+            });
+            if job.stop.load(Ordering::Relaxed) {
+                interrupted = true;
+                progress.message("stopping: Ctrl-C (the current step finished)");
+                break 'epochs;
+            }
+        }
+        let val_loss = if val.is_empty() {
+            None
+        } else {
+            Some(eval_loss(&model, &val)?)
+        };
+        if let Some(last) = curve.last_mut() {
+            last.val_loss = val_loss;
+        }
+        progress.message(&format!(
+            "epoch {epoch}: train loss {:.4}{}",
+            epoch_loss / epoch_n.max(1) as f32,
+            val_loss.map_or(String::new(), |v| format!(", validation loss {v:.4}"))
+        ));
+        // Without a validation set the latest epoch is the best one.
+        let score = val_loss.unwrap_or(-(epoch as f32));
+        if best.is_none_or(|(b, _)| score < b) {
+            best = Some((score, step));
+            let rec = record(
+                &curve,
+                best,
+                step,
+                tokens as f64 / train_time.max(1e-9),
+                false,
+            );
+            write_peft(&best_dir, &model, &base, Some(&rec))?;
+        }
+    }
+    if interrupted && step > 0 {
+        // The weights at the stop replace the best epoch when they validate better (or when no
+        // epoch finished).
+        let score = if val.is_empty() {
+            f32::NEG_INFINITY
+        } else {
+            eval_loss(&model, &val)?
+        };
+        if let Some(last) = curve.last_mut() {
+            last.val_loss = Some(score).filter(|s| s.is_finite());
+        }
+        if best.is_none_or(|(b, _)| score < b) {
+            best = Some((score, step));
+            write_peft(&best_dir, &model, &base, None)?;
+        }
+    }
+    progress.finish();
+    let tokens_per_s = tokens as f64 / train_time.max(1e-9);
+    let Some(best_point) = best else {
+        return Err(TrainError::Interrupted);
+    };
+    let mut rec = record(&curve, Some(best_point), step, tokens_per_s, interrupted);
+    if val.is_empty() {
+        rec.best_val_loss = None;
+    }
+    if interrupted {
+        // The weights at the stop, for inspection.
+        write_peft(&last_dir, &model, &base, Some(&rec))?;
+    }
+    // The best checkpoint's record becomes the final one (with the whole curve).
+    let path = best_dir.join("training.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&rec).expect("json serialises"),
+    )
+    .map_err(|e| io(&path, e))?;
+    Ok(Trained {
+        dir: best_dir,
+        record: rec,
+    })
+}
+
+fn train_idx_len(examples: &[Example], n_val: usize) -> usize {
+    examples.len() - n_val
+}
+
+/// Fisher-Yates with the trainer's generator.
+fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
+    for i in (1..v.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+}
+
+/// Register a trained adapter under `name` (replacing an existing one when `replace`).
+pub fn register(
+    registry: &AdapterRegistry,
+    name: &str,
+    trained: &Trained,
+    base: &BaseModelInfo,
+    replace: bool,
+) -> Result<AdapterInfo, TrainError> {
+    let info = if replace {
+        registry.replace(name, &trained.dir, base)?
+    } else {
+        registry.add(name, &trained.dir, base)?
+    };
+    registry.set_training_record(name, &trained.dir.join("training.json"))?;
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        assert!((learning_rate(1.0, 0, 10, 110) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(1.0, 9, 10, 110) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(1.0, 10, 10, 110) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(1.0, 60, 10, 110) - 0.5).abs() < 1e-12);
+        assert!(learning_rate(1.0, 110, 10, 110).abs() < 1e-12);
+        let mut prev = f64::MAX;
+        for s in 10..110 {
+            let lr = learning_rate(1.0, s, 10, 110);
+            assert!(lr <= prev);
+            prev = lr;
+        }
+    }
+
+    #[test]
+    fn options_are_checked() {
+        assert!(TrainOptions::default().validate().is_ok());
+        let bad = TrainOptions {
+            targets: vec!["qkv".into()],
+            ..TrainOptions::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--targets")
+        );
+        let bad = TrainOptions {
+            lr: 0.0,
+            ..TrainOptions::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("--lr"));
+    }
+
+    #[test]
+    fn triplet_files_name_the_bad_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.jsonl");
+        std::fs::write(
+            &p,
+            "{\"query\":\"q\",\"context\":\"c\",\"answer\":\"a\"}\n{\"query\":\"q\"}\n",
+        )
+        .unwrap();
+        let e = read_triplets(&p).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        std::fs::write(&p, "{\"query\":\"q\",\"context\":\"c\",\"answer\":\" \"}\n").unwrap();
+        assert!(
+            read_triplets(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("line 1")
+        );
+    }
+
+    #[test]
+    fn adamw_moves_against_the_gradient() -> candle_core::Result<()> {
+        let v = Var::from_vec(vec![1.0f32, -1.0], 2, &Device::Cpu)?;
+        let mut opt = AdamW::new(vec![v.clone()], 0.0)?;
+        let g = Tensor::from_vec(vec![0.5f32, -0.5], 2, &Device::Cpu)?;
+        opt.step(&[g], 0.1)?;
+        let after = v.as_tensor().to_vec1::<f32>()?;
+        // The first Adam step moves each coordinate by ~lr against the gradient's sign.
+        assert!(
+            (after[0] - 0.9).abs() < 1e-4 && (after[1] + 0.9).abs() < 1e-4,
+            "{after:?}"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! The LoRA trainer against the real converted SmolLM2-135M-Instruct: its forward pass matches the
+//! reference (and mistral.rs's tokenisation), gradients reach only the LoRA matrices, a short run
+//! overfits a tiny fixture, and mistral.rs serving the trained adapter generates what the
+//! trainer's own forward pass generates.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::Device;
+use domainrag::adapters::BaseModelInfo;
+use domainrag::generate::{ChatMessage, Role, Sampling};
+use domainrag::rag::build_messages_from_context;
+use domainrag::train::model::{LlamaLora, LoraSpec};
+use domainrag::train::{
+    Progress, TrainJob, TrainOptions, Triplet, encode, register, train as run_training,
+};
+
+use crate::helpers::{exclusive_generation, generator, models_dir};
+
+fn base_dir() -> std::path::PathBuf {
+    models_dir().join("SmolLM2-135M-Instruct-hf")
+}
+
+fn reference() -> serde_json::Value {
+    let path = base_dir().join("reference_generations.json");
+    serde_json::from_slice(&std::fs::read(path).expect("reference file")).expect("json")
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// The trainer's forward (no adapter) gives the reference greedy tokens and top-1/top-2 logit
+/// margins (recorded by an independent float64 numpy forward pass), on prompts tokenised by
+/// mistral.rs exactly as the reference tokenised them.
+#[tokio::test]
+async fn trainer_forward_matches_the_reference() {
+    let g = generator().await;
+    let model = LlamaLora::load(&base_dir(), &Device::Cpu, None, 0).expect("model loads");
+    let reference = reference();
+    for case in reference["generations"].as_array().expect("generations") {
+        let messages: Vec<ChatMessage> = case["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| ChatMessage {
+                role: match m["role"].as_str().expect("role") {
+                    "system" => Role::System,
+                    "assistant" => Role::Assistant,
+                    _ => Role::User,
+                },
+                content: m["content"].as_str().expect("content").to_string(),
+            })
+            .collect();
+        let prompt = ids(&case["prompt_ids"]);
+        assert_eq!(
+            g.tokenize_chat(messages).await.expect("tokenize"),
+            prompt,
+            "mistral.rs tokenises the chat prompt as the reference did"
+        );
+        let want = ids(&case["greedy_ids"]);
+        let (got, logits) = model.greedy(&prompt, want.len(), &[]).expect("greedy");
+        assert_eq!(got, want, "greedy tokens of {:?}", case["prompt"]);
+        let margins = case["top1_top2_logit_margins"].as_array().expect("margins");
+        for (step, (l, m)) in logits.iter().zip(margins).enumerate() {
+            let mut sorted = l.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let margin = f64::from(sorted[0] - sorted[1]);
+            let want = m.as_f64().expect("margin");
+            assert!(
+                (margin - want).abs() < 2e-3,
+                "step {step}: margin {margin} vs reference {want}"
+            );
+        }
+    }
+}
+
+struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&mut self, _: usize) {}
+    fn step(&mut self, _: usize, _: usize, _: f32, _: f64, _: f64) {}
+    fn message(&mut self, _: &str) {}
+    fn finish(&mut self) {}
+}
+
+fn fixture() -> Vec<Triplet> {
+    [
+        (
+            "What colour is the zorblat?",
+            "The zorblat is teal.",
+            "teal [1]",
+        ),
+        (
+            "Where do zorblats live?",
+            "Zorblats live in Quebec.",
+            "Quebec [1]",
+        ),
+        (
+            "What do zorblats eat?",
+            "Zorblats eat pine cones.",
+            "pine cones [1]",
+        ),
+        (
+            "How old can a zorblat get?",
+            "A zorblat can reach 90 years.",
+            "90 years [1]",
+        ),
+    ]
+    .into_iter()
+    .map(|(q, c, a)| Triplet {
+        query: q.into(),
+        context: format!("Sources:\n[1] Zorblats\n{c}\n\n"),
+        answer: a.into(),
+    })
+    .collect()
+}
+
+/// Before any step: gradients exist for every LoRA matrix B (A's are zero while B is zero) and
+/// for no frozen weight.
+#[tokio::test]
+async fn gradients_reach_only_the_lora_matrices() {
+    let g = generator().await;
+    let (examples, _) = encode(&g, &fixture(), 512).await.expect("encode");
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "down_proj".into()],
+        dropout: 0.0,
+    };
+    let model = LlamaLora::load(&base_dir(), &Device::Cpu, Some(spec), 1).expect("model");
+    let ex = &examples[0];
+    let grads = model
+        .loss(&ex.ids, &ex.positions, None)
+        .expect("loss")
+        .backward()
+        .expect("backward");
+    let loras = model.loras();
+    assert_eq!(loras.len(), 2 * model.config.num_hidden_layers);
+    for (path, lora) in &loras {
+        let gb = grads.get(lora.b.as_tensor()).expect("B has a gradient");
+        let norm = gb
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "{path}: zero gradient for B");
+        assert!(
+            grads.get(lora.a.as_tensor()).is_some(),
+            "{path}: A not reached"
+        );
+    }
+    for w in model.frozen_tensors() {
+        assert!(grads.get(w).is_none(), "a frozen weight got a gradient");
+    }
+}
+
+/// A short run overfits four examples; the adapter, registered and served by mistral.rs, generates
+/// the trained answers, token for token what the trainer's forward pass generates.
+#[tokio::test]
+async fn trained_adapter_overfits_and_mistralrs_serves_it_identically() {
+    let g = generator().await;
+    let triplets = fixture();
+    let (examples, report) = encode(&g, &triplets, 512).await.expect("encode");
+    assert_eq!(report.kept, 4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let triplets_path = dir.path().join("t.jsonl");
+    std::fs::write(
+        &triplets_path,
+        triplets
+            .iter()
+            .map(|t| serde_json::to_string(t).unwrap() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let options = TrainOptions {
+        rank: 8,
+        alpha: 16.0,
+        targets: vec![
+            "q_proj".into(),
+            "v_proj".into(),
+            "o_proj".into(),
+            "down_proj".into(),
+        ],
+        dropout: 0.0,
+        lr: 2e-3,
+        epochs: 25,
+        batch: 1,
+        max_len: 512,
+        val_split: 0.0,
+        seed: 3,
+        warmup_steps: 5,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+    };
+    let mut quiet = Quiet;
+    let trained = run_training(TrainJob {
+        base_dir: base_dir(),
+        triplets_path,
+        examples: examples.clone(),
+        encode: report,
+        options,
+        work_dir: dir.path().join("work"),
+        device: Device::Cpu,
+        stop: Arc::new(AtomicBool::new(false)),
+        progress: &mut quiet,
+    })
+    .expect("training runs");
+    let curve = &trained.record.curve;
+    assert_eq!(trained.record.steps, 100);
+    let first: f32 = curve[..4].iter().map(|p| p.train_loss).sum::<f32>() / 4.0;
+    let last: f32 = curve[curve.len() - 4..]
+        .iter()
+        .map(|p| p.train_loss)
+        .sum::<f32>()
+        / 4.0;
+    assert!(last < first * 0.1, "loss fell from {first} to only {last}");
+
+    let base = BaseModelInfo::from_dir(&base_dir()).unwrap();
+    register(g.registry(), "zorblat", &trained, &base, false).expect("register");
+    assert!(
+        g.registry().training_record("zorblat").unwrap().is_some(),
+        "the training record is kept with the adapter"
+    );
+    let spec = LoraSpec {
+        rank: 8,
+        alpha: 16.0,
+        targets: vec![
+            "q_proj".into(),
+            "v_proj".into(),
+            "o_proj".into(),
+            "down_proj".into(),
+        ],
+        dropout: 0.0,
+    };
+    let trainer_model = LlamaLora::load_with_adapter(&base_dir(), &Device::Cpu, &trained.dir, spec)
+        .expect("trained weights load into the trainer");
+    let end = g.end_of_turn_token().await.unwrap();
+    let _lock = exclusive_generation().await;
+    for t in &triplets {
+        let messages = build_messages_from_context(&t.query, &t.context);
+        let prompt = g.tokenize_chat(messages.clone()).await.unwrap();
+        let (trainer_ids, _) = trainer_model.greedy(&prompt, 12, &[end]).unwrap();
+        let served = g
+            .complete(
+                Some("zorblat"),
+                messages,
+                Sampling {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    max_tokens: 12,
+                },
+            )
+            .await
+            .expect("mistral.rs serves the adapter");
+        let mut served_ids = g.tokenize_text(&served.text).await.unwrap();
+        served_ids.push(end);
+        let trainer_text_ids: Vec<u32> = trainer_ids.clone();
+        assert_eq!(
+            served_ids, trainer_text_ids,
+            "{:?}: mistral.rs said {:?}",
+            t.query, served.text
+        );
+        assert_eq!(
+            served.text.trim(),
+            t.answer,
+            "the adapter learned {:?}",
+            t.query
+        );
+    }
+}
