@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo serve eval-squad bench clean-demo
+.PHONY: models build test lint demo demo-adapter serve eval-squad bench bench-train bench-engines clean-demo
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -34,8 +34,35 @@ demo: models build
 	$(DR) search --collection postgres "how do I create a partial index" --k 3
 	$(DR) search --collection postgres "reclaim disk space after deleting many rows" --k 3
 	$(DR) search --collection postgres "pg_dump restore into a different database" --mode bm25 --k 3
+	$(MAKE) demo-adapter
 	@echo "starting the appliance at http://127.0.0.1:8080 (Ctrl-C stops it)"
+	@echo "pick collection newwiki: it answers with its trained adapter newwiki-demo; switch to 'base model' to compare"
 	$(DR) serve
+
+## A collection with an adapter trained here: SQuAD-Shifts new_wiki, split by article; 120
+## training questions -> triplets (gold paragraph as the source, short sequences) -> LoRA (1 epoch,
+## ~3 min on 2 cores) -> assigned to the collection; then a held-out question, base vs adapter.
+NEWWIKI_SPLIT := bench/train/split
+demo-adapter: models build
+	python3 benches/squad_shifts_split.py --input data/squad/new_wiki_v1.0.json --out-dir $(NEWWIKI_SPLIT)
+	$(DR) collection show newwiki >/dev/null 2>&1 || $(DR) collection create newwiki
+	$(DR) ingest --collection newwiki --format squad data/squad/new_wiki_v1.0.json
+	$(DR) triplets build --collection newwiki --format squad --questions $(NEWWIKI_SPLIT)/train.json \
+		--context gold --sample 120 --out $(NEWWIKI_SPLIT)/demo-triplets.jsonl
+	$(DR) train --collection newwiki --triplets $(NEWWIKI_SPLIT)/demo-triplets.jsonl \
+		--name newwiki-demo --replace --assign --epochs 1 --batch 1 --lr 3e-4 --val-split 0.1
+	$(DR) ask --collection newwiki --no-adapter "In what year did the NHL make the two-lane pass legal?"
+	$(DR) ask --collection newwiki "In what year did the NHL make the two-lane pass legal?"
+
+## Adapter training, domainrag vs Hugging Face peft side by side (~70 min): bench/train/.
+bench-train: models build
+	bash benches/train-vs-peft.sh
+
+## Generation speed, mistral.rs configurations vs llama.cpp side by side (~5 min): bench/engines.json.
+bench-engines: models build
+	$(DR) bench engines --isq none,q8_0,q4k \
+		--mistralrs-gguf data/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
+		--peer-python "$$(bash benches/llama-cpp-venv.sh)" --reps 3 --max-tokens 128 --out bench/engines.json
 
 ## The appliance alone (API, OpenAI-compatible /v1, web UI) on the config's server.bind.
 serve: build

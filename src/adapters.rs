@@ -49,6 +49,16 @@ const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 /// The llama linear modules a LoRA may target, by the block that holds them.
 const ATTENTION_MODULES: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 const MLP_MODULES: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+/// Every llama linear module a LoRA adapter can target, in a layer's forward order.
+pub const LORA_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// Errors of the adapter registry.
 #[derive(Debug, thiserror::Error)]
@@ -1044,15 +1054,7 @@ fn write_safetensors_raw(
 mod tests {
     use super::*;
 
-    const ALL_MODULES: [&str; 7] = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    const ALL_MODULES: [&str; 7] = LORA_MODULES;
     const TARGETS: [&str; 2] = ["q_proj", "v_proj"];
     const LAYERS: [usize; 2] = [0, 1];
 

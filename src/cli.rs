@@ -183,6 +183,10 @@ pub struct TrainArgs {
     pub weight_decay: f64,
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    /// Sequences of a batch trained at once, each on its own thread (default: one per core;
+    /// only matters with --batch > 1).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Train on the GPU (builds with `--features cuda`).
     #[arg(long)]
     pub gpu: bool,
@@ -544,14 +548,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
                 (None, false) => AdapterChoice::Collection,
             };
             let col = catalog.open(&collection).await?;
-            let embedder = Embedder::load_async(&settings).await?;
-            let generator = Generator::load(&settings).await?;
-            let rag = Rag::new(
-                Retriever::new(embedder),
-                generator,
-                settings.rag.clone(),
-                Sampling::from_config(&settings.generate),
-            );
+            let (_, rag) = load_rag(&settings).await?;
             let stream = rag.answer_stream(&col, &question, &choice).await?;
             let answer = if json {
                 rag::collect(stream, |_| {}).await?
@@ -613,14 +610,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
                 registry.get(a)?;
             }
             let col = catalog.open(&collection).await?;
-            let embedder = Embedder::load_async(&settings).await?;
-            let generator = Generator::load(&settings).await?;
-            let rag = Rag::new(
-                Retriever::new(Arc::clone(&embedder)),
-                generator,
-                settings.rag.clone(),
-                Sampling::from_config(&settings.generate),
-            );
+            let (embedder, rag) = load_rag(&settings).await?;
             let bar = Bar::new(true);
             bar.start((qs.len() * arms.len()) as u64);
             let report =
@@ -728,14 +718,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             }
             let gold = gold_paragraphs(context, format, &questions)?;
             let col = catalog.open(&collection).await?;
-            let embedder = Embedder::load_async(&settings).await?;
-            let generator = Generator::load(&settings).await?;
-            let rag = Rag::new(
-                Retriever::new(Arc::clone(&embedder)),
-                generator,
-                settings.rag.clone(),
-                Sampling::from_config(&settings.generate),
-            );
+            let (_, rag) = load_rag(&settings).await?;
             let bar = Bar::new(true);
             bar.start(qs.len() as u64);
             let (triplets, report) =
@@ -860,6 +843,19 @@ fn sample_questions(mut qs: Vec<eval::Question>, n: usize, seed: u64) -> Vec<eva
 }
 
 /// Print a benchmark as JSON (`--json`) or its table, and write the JSON to `out` if given.
+/// The embedder and the answering pipeline (base model loaded) as configured.
+async fn load_rag(settings: &Settings) -> Result<(Arc<Embedder>, Rag)> {
+    let embedder = Embedder::load_async(settings).await?;
+    let generator = Generator::load(settings).await?;
+    let rag = Rag::new(
+        Retriever::new(Arc::clone(&embedder)),
+        generator,
+        settings.rag.clone(),
+        Sampling::from_config(&settings.generate),
+    );
+    Ok((embedder, rag))
+}
+
 /// SQuAD paragraphs by document id, when the context is the gold one.
 fn gold_paragraphs(
     context: ContextMode,
@@ -914,6 +910,7 @@ async fn train_command(catalog: &Catalog, settings: &Settings, a: TrainArgs) -> 
         warmup_steps: a.warmup,
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
+        workers: a.workers.unwrap_or_else(|| TrainOptions::default().workers),
     };
     options.validate()?;
     let col = catalog.open(&a.collection).await?;
@@ -1211,7 +1208,8 @@ async fn collection(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                println!("{}", toml::to_string_pretty(&value)?);
+                // TOML has no null: unset settings (e.g. no adapter) are left out.
+                println!("{}", toml::to_string_pretty(&without_nulls(value))?);
             }
         }
         CollectionCmd::Set { name, settings } => {
@@ -1243,6 +1241,22 @@ async fn collection(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `value` with every null object field removed, recursively.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(without_nulls).collect())
+        }
+        other => other,
+    }
 }
 
 fn preview(text: &str, max_chars: usize) -> String {

@@ -398,17 +398,7 @@ impl Generator {
 
     /// Number of tokens of `text` in the base tokenizer (no special tokens).
     pub async fn count_tokens(&self, text: &str) -> Result<usize, GenerateError> {
-        self.base
-            .tokenize(
-                either::Either::Right(text.to_string()),
-                None,
-                false,
-                false,
-                None,
-            )
-            .await
-            .map(|t| t.len())
-            .map_err(|e| GenerateError::Generation(e.to_string()))
+        self.tokenize_text(text).await.map(|t| t.len())
     }
 
     /// The token ids serving feeds the base model for `messages`: the model's chat template with

@@ -288,7 +288,25 @@ impl Rag {
         };
         let sources = self.sources(collection, &query).await?;
         let retrieve_ms = started.elapsed().as_secs_f64() * 1e3;
-        let adapter = adapter.resolve(collection);
+        self.generate(
+            question,
+            sources,
+            adapter.resolve(collection),
+            retrieve_ms,
+            started,
+        )
+        .await
+    }
+
+    /// Start generating the answer to `question` over `sources`.
+    async fn generate(
+        &self,
+        question: &str,
+        sources: Vec<Source>,
+        adapter: Option<String>,
+        retrieve_ms: f64,
+        started: Instant,
+    ) -> Result<AnswerStream, RagError> {
         let events = self
             .generator
             .stream(
@@ -313,22 +331,9 @@ impl Rag {
         sources: Vec<Source>,
         adapter: Option<String>,
     ) -> Result<Answer, RagError> {
-        let started = Instant::now();
-        let events = self
-            .generator
-            .stream(
-                adapter.as_deref(),
-                build_messages(question, &sources),
-                self.sampling,
-            )
+        let stream = self
+            .generate(question, sources, adapter, 0.0, Instant::now())
             .await?;
-        let stream = AnswerStream {
-            adapter,
-            sources,
-            events,
-            retrieve_ms: 0.0,
-            started,
-        };
         collect(stream, |_| {}).await
     }
 

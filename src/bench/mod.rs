@@ -186,17 +186,9 @@ mod tests {
     }
 }
 
-/// Resident set size of this process, in MiB (Linux `/proc/self/status`).
+/// Resident set size of this process, in MiB.
 pub fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    crate::telemetry::proc_status_mib("VmRSS")
 }
 
 /// Speed of one model on one prompt.

@@ -13,18 +13,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{CpuStorage, D, DType, Device, Layout, Shape, Storage, Tensor, Var};
+use rayon::prelude::*;
 use serde::Deserialize;
 
 /// The linear modules LoRA can target, in the order of a layer's forward pass.
-pub const LINEAR_MODULES: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub const LINEAR_MODULES: &[&str] = &crate::adapters::LORA_MODULES;
 
 /// The fields of an HF `config.json` the forward pass needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -428,30 +421,84 @@ impl Linear {
             Some(rng) if p > 0.0 => dropout(x, p, rng)?,
             _ => x.clone(),
         };
-        let delta = x.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
-        y + (delta * lora.scale)?
+        // The scale folds into B (out x rank) instead of a pass over the (T x out) product.
+        let b_scaled = (lora.b.as_tensor() * lora.scale)?;
+        y + x.matmul(&lora.a.t()?)?.matmul(&b_scaled.t()?)?
     }
 }
 
-/// Inverted dropout with a seeded mask.
+/// Elements per parallel chunk of the element-wise custom ops.
+const ROWS_CHUNK: usize = 16 * 1024;
+
+/// Inverted dropout. On the CPU the mask is never stored: it is a pure function of a seed and
+/// the element index (a counter-based hash), recomputed by the backward pass; the op runs as one
+/// pass each way and keeps no mask tensor in the graph.
 fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> candle_core::Result<Tensor> {
-    let keep = 1.0 / (1.0 - p);
+    let seed = rng.next_u64();
+    if x.device().is_cpu() {
+        return x.contiguous()?.apply_op1(Dropout { seed, p });
+    }
     let n = x.elem_count();
-    let mut mask = Vec::with_capacity(n);
-    // 64 random bits give four 16-bit uniforms.
-    let threshold = (p * 65536.0) as u64;
-    while mask.len() < n {
-        let r = rng.next_u64();
-        for k in 0..4 {
-            if mask.len() == n {
-                break;
-            }
-            let u = (r >> (16 * k)) & 0xFFFF;
-            mask.push(if u < threshold { 0.0f32 } else { keep });
+    let mask: Vec<f32> = (0..n).map(|i| Dropout { seed, p }.factor(i)).collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?
+}
+
+struct Dropout {
+    seed: u64,
+    p: f32,
+}
+
+impl Dropout {
+    /// 0 or 1/(1-p) for element `i`: 16 bits of splitmix64(seed, i / 4) per element.
+    fn factor(&self, i: usize) -> f32 {
+        let mut z = self
+            .seed
+            .wrapping_add(((i / 4) as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = (z >> (16 * (i % 4))) & 0xFFFF;
+        if u < (self.p * 65536.0) as u64 {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p)
         }
     }
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-    x * mask
+
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(ROWS_CHUNK)
+            .zip(x.par_chunks(ROWS_CHUNK))
+            .enumerate()
+            .for_each(|(c, (dst, src))| {
+                for (k, (d, v)) in dst.iter_mut().zip(src).enumerate() {
+                    *d = v * self.factor(c * ROWS_CHUNK + k);
+                }
+            });
+        out
+    }
+}
+
+impl candle_core::CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout-hashed"
+    }
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(storage, layout)?;
+        Ok((CpuStorage::F32(self.apply(x)), layout.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Some(Tensor::from_vec(
+            self.apply(&g),
+            grad.shape(),
+            grad.device(),
+        )?))
+    }
 }
 
 /// `cos`, `sin` tables `(T, head_dim)` for HF-layout (half-split) rotary embeddings.
@@ -480,11 +527,70 @@ fn rope_tables(
 
 /// `x * cos + rotate_half(x) * sin` for `x` of shape `(heads, T, head_dim)`.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() {
+        return x.contiguous()?.apply_op1(Rope {
+            cos: cos.clone(),
+            sin: sin.clone(),
+        });
+    }
     let hd = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
     let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Rotary embedding as one pass (and its transpose as the backward pass).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Rotate every `(T, head_dim)` block of `x` by the tables; `sign = -1` rotates back (the
+    /// transpose of the rotation, which is the backward pass).
+    fn rotate(&self, x: &[f32], dims: &[usize], sign: f32) -> candle_core::Result<Vec<f32>> {
+        let (t, hd) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let half = hd / 2;
+        let cos = self.cos.flatten_all()?.to_vec1::<f32>()?;
+        let sin = self.sin.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_exact_mut(t * hd)
+            .zip(x.par_chunks_exact(t * hd))
+            .for_each(|(dst, block)| {
+                for p in 0..t {
+                    let row = &block[p * hd..(p + 1) * hd];
+                    let d = &mut dst[p * hd..(p + 1) * hd];
+                    for j in 0..half {
+                        let (c, s) = (cos[p * hd + j], sign * sin[p * hd + j]);
+                        let (x1, x2) = (row[j], row[j + half]);
+                        d[j] = x1 * c - x2 * s;
+                        d[j + half] = x2 * c + x1 * s;
+                    }
+                }
+            });
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-half-split"
+    }
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(storage, layout)?;
+        let out = self.rotate(x, layout.shape().dims(), 1.0)?;
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let dx = self.rotate(&g, grad.dims(), -1.0)?;
+        Ok(Some(Tensor::from_vec(dx, grad.shape(), grad.device())?))
+    }
 }
 
 fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
@@ -502,24 +608,6 @@ fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("expected a contiguous tensor"),
-    }
-}
-
-/// The CPU storage of a freshly computed tensor.
-fn into_cpu_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(data)) => {
-            let (start, end) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
-            Ok((
-                CpuStorage::F32(data[start..end].to_vec()),
-                t.shape().clone(),
-            ))
-        }
-        _ => candle_core::bail!("expected an f32 CPU tensor"),
     }
 }
 
@@ -544,8 +632,29 @@ impl candle_core::CustomOp1 for FrozenLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = Tensor::from_slice(cpu_f32(storage, layout)?, layout.shape(), &Device::Cpu)?;
-        into_cpu_storage(&x.broadcast_matmul(&self.w.t()?)?)
+        use candle_core::backend::BackendStorage;
+        // One gemm straight on the storages: no copy of the input or the output.
+        let dims = layout.shape().dims();
+        let k = *dims.last().unwrap_or(&1);
+        let m = layout.shape().elem_count() / k.max(1);
+        let (n, wk) = self.w.dims2()?;
+        if wk != k || layout.contiguous_offsets().is_none() {
+            candle_core::bail!(
+                "frozen-linear: input {:?} does not fit weight ({n}, {wk})",
+                dims
+            );
+        }
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let Storage::Cpu(w_cpu) = &*w_storage else {
+            candle_core::bail!("frozen-linear: the weight is not on the CPU");
+        };
+        let lhs = Layout::contiguous_with_offset((m, k), layout.start_offset());
+        let out = storage.matmul(w_cpu, (1, m, n, k), &lhs, &w_layout.transpose(0, 1)?)?;
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Ok((out, Shape::from(out_dims)))
     }
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.broadcast_matmul(&self.w)?))
@@ -579,17 +688,45 @@ impl candle_core::CustomOp1 for RmsNorm {
         let w = self.w.to_vec1::<f32>()?;
         let n = w.len();
         let mut out = vec![0f32; x.len()];
-        for (row, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
-            let r = 1.0 / (ms + self.eps as f32).sqrt();
-            for ((d, v), g) in dst.iter_mut().zip(row).zip(&w) {
-                *d = v * r * g;
-            }
-        }
+        out.par_chunks_exact_mut(n)
+            .zip(x.par_chunks_exact(n))
+            .for_each(|(dst, row)| {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
+                let r = 1.0 / (ms + self.eps as f32).sqrt();
+                for ((d, v), g) in dst.iter_mut().zip(row).zip(&w) {
+                    *d = v * r * g;
+                }
+            });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dx = r * gw - x * r^3 * mean(gw * x), with gw = grad * w.
+        // dx = r * gw - x * r^3 * mean(gw * x), with gw = grad * w: one fused pass on the CPU
+        // (candle's element-wise ops run one thread each, eight of them would dominate).
+        if x.device().is_cpu() {
+            let n = self.w.dim(0)?;
+            let w = self.w.to_vec1::<f32>()?;
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let mut dx = vec![0f32; xs.len()];
+            dx.par_chunks_exact_mut(n)
+                .zip(xs.par_chunks_exact(n).zip(gs.par_chunks_exact(n)))
+                .for_each(|(dr, (xr, gr))| {
+                    let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+                    let r = 1.0 / (ms + self.eps as f32).sqrt();
+                    let dot = xr
+                        .iter()
+                        .zip(gr)
+                        .zip(&w)
+                        .map(|((x, g), w)| g * w * x)
+                        .sum::<f32>()
+                        / n as f32;
+                    let k = r * r * r * dot;
+                    for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(&w) {
+                        *d = r * g * w - x * k;
+                    }
+                });
+            return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
+        }
         let gw = grad.broadcast_mul(&self.w)?;
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
@@ -624,20 +761,38 @@ impl candle_core::CustomOp1 for Softmax {
         let x = cpu_f32(storage, layout)?;
         let n = *layout.shape().dims().last().unwrap_or(&1);
         let mut out = vec![0f32; x.len()];
-        for (row, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for (d, v) in dst.iter_mut().zip(row) {
-                *d = (v - max).exp();
-                sum += *d;
-            }
-            for d in dst.iter_mut() {
-                *d /= sum;
-            }
-        }
+        out.par_chunks_exact_mut(n)
+            .zip(x.par_chunks_exact(n))
+            .for_each(|(dst, row)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for (d, v) in dst.iter_mut().zip(row) {
+                    *d = (v - max).exp();
+                    sum += *d;
+                }
+                for d in dst.iter_mut() {
+                    *d /= sum;
+                }
+            });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // dx = y * (g - sum(g * y)), fused into one pass on the CPU.
+        if y.device().is_cpu() {
+            let n = y.dim(D::Minus1)?;
+            let ys = y.flatten_all()?.to_vec1::<f32>()?;
+            let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let mut dx = vec![0f32; ys.len()];
+            dx.par_chunks_exact_mut(n)
+                .zip(ys.par_chunks_exact(n).zip(gs.par_chunks_exact(n)))
+                .for_each(|(dr, (yr, gr))| {
+                    let dot = yr.iter().zip(gr).map(|(y, g)| y * g).sum::<f32>();
+                    for ((d, y), g) in dr.iter_mut().zip(yr).zip(gr) {
+                        *d = y * (g - dot);
+                    }
+                });
+            return Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?));
+        }
         let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
         Ok(Some((grad.broadcast_sub(&dot)? * y)?))
     }
@@ -687,6 +842,24 @@ mod tests {
                 gp.get(x.as_tensor()).unwrap()
             )? < 1e-5
         );
+        // RoPE (heads=2, T=2, head_dim=6 from the 4x6 input).
+        let xr = x.as_tensor().reshape((2, 2, 6))?;
+        let (cos, sin) = rope_tables(2, 6, 10_000.0, &dev)?;
+        let custom = apply_rope(&xr, &cos, &sin)?;
+        let x1 = xr.narrow(D::Minus1, 0, 3)?;
+        let x2 = xr.narrow(D::Minus1, 3, 3)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let plain = (xr.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
+        assert!(close(&custom, &plain)? < 1e-6);
+        let wr = weights.reshape((2, 2, 6))?;
+        let gc = (custom * &wr)?.sum_all()?.backward()?;
+        let gp = (plain * &wr)?.sum_all()?.backward()?;
+        assert!(
+            close(
+                gc.get(x.as_tensor()).unwrap(),
+                gp.get(x.as_tensor()).unwrap()
+            )? < 1e-5
+        );
         // Softmax (with a masked entry).
         let masked = x
             .as_tensor()
@@ -721,6 +894,12 @@ mod tests {
         // Inverted dropout keeps the mean.
         let mean = y.mean_all()?.to_scalar::<f32>()?;
         assert!((mean - 1.0).abs() < 0.02, "{mean}");
+        // The backward pass applies the same mask as the forward pass.
+        let v = Var::ones(1000, DType::F32, &Device::Cpu)?;
+        let y = dropout(v.as_tensor(), 0.3, &mut Rng::new(9))?;
+        let g = y.sum_all()?.backward()?;
+        let grad = g.get(v.as_tensor()).unwrap().to_vec1::<f32>()?;
+        assert_eq!(grad, y.to_vec1::<f32>()?);
         Ok(())
     }
 }

@@ -153,6 +153,12 @@ fn create_ingest_search_eval_list_delete() {
     let show = json(&domainrag(&data, &["collection", "show", "docs", "--json"]));
     assert_eq!(show["settings"]["fusion"]["method"], "weighted");
     assert_eq!(show["stats"]["documents"], 6);
+    // The human-readable form (TOML) of a collection without an adapter (TOML has no null).
+    let text = ok(&domainrag(&data, &["collection", "show", "docs"]));
+    assert!(
+        text.contains("name = \"docs\"") && !text.contains("adapter"),
+        "{text}"
+    );
 
     ok(&domainrag(&data, &["collection", "delete", "squad"]));
     let list = json(&domainrag(&data, &["collection", "list", "--json"]));
