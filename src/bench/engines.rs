@@ -53,12 +53,7 @@ impl Sample {
     }
     /// Completion tokens per second after the first one.
     fn decode_tokens_per_s(&self) -> f64 {
-        let s = (self.total_ms - self.first_token_ms) / 1e3;
-        if s > 0.0 {
-            self.completion_tokens.saturating_sub(1) as f64 / s
-        } else {
-            0.0
-        }
+        super::decode_rate(self.completion_tokens, self.first_token_ms, self.total_ms)
     }
 }
 

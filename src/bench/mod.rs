@@ -203,17 +203,22 @@ pub struct DecodeSpeed {
 
 impl DecodeSpeed {
     fn of(c: &crate::generate::Completion) -> DecodeSpeed {
-        let decode_s = (c.total_ms - c.first_token_ms) / 1e3;
         DecodeSpeed {
             first_token_ms: c.first_token_ms,
             total_ms: c.total_ms,
             completion_tokens: c.completion_tokens,
-            decode_tokens_per_s: if decode_s > 0.0 {
-                c.completion_tokens.saturating_sub(1) as f64 / decode_s
-            } else {
-                0.0
-            },
+            decode_tokens_per_s: decode_rate(c.completion_tokens, c.first_token_ms, c.total_ms),
         }
+    }
+}
+
+/// Completion tokens per second after the first token (the first one is prefill's).
+pub fn decode_rate(completion_tokens: usize, first_token_ms: f64, total_ms: f64) -> f64 {
+    let seconds = (total_ms - first_token_ms) / 1e3;
+    if seconds > 0.0 {
+        completion_tokens.saturating_sub(1) as f64 / seconds
+    } else {
+        0.0
     }
 }
 
