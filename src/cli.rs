@@ -141,6 +141,7 @@ pub struct TrainArgs {
     /// The collection the adapter is for (recorded; `--assign` sets it as its adapter).
     #[arg(long, short)]
     pub collection: String,
+    /// Triplets JSONL (`{"query", "context", "answer"}`, from `triplets build`).
     #[arg(long)]
     pub triplets: PathBuf,
     /// Adapter name (must be new unless --replace).
@@ -1132,7 +1133,9 @@ fn adapters(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> Result<
                         "trained by domainrag: {} steps, best validation loss {}, {:.0} tokens/s, \
                          {:.0} s, triplets {} (sha256 {})",
                         t["steps"],
-                        t["best_val_loss"],
+                        t["best_val_loss"]
+                            .as_f64()
+                            .map_or_else(|| "-".to_string(), |v| format!("{v:.4}")),
                         t["tokens_per_s"].as_f64().unwrap_or(0.0),
                         t["wall_s"].as_f64().unwrap_or(0.0),
                         t["triplets_file"].as_str().unwrap_or("?"),
