@@ -16,6 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::generate::{ChatMessage, GenerateError, Generator, Role, Sampling};
+use crate::ingest::load::parse_squad;
 use crate::rag::{Source, build_messages};
 
 /// Errors of the engines benchmark.
@@ -125,25 +126,6 @@ const SHORT_QUESTIONS: &[&str] = &[
     "Why is the sky blue?",
 ];
 
-#[derive(Deserialize)]
-struct SquadFile {
-    data: Vec<SquadArticle>,
-}
-#[derive(Deserialize)]
-struct SquadArticle {
-    title: String,
-    paragraphs: Vec<SquadParagraph>,
-}
-#[derive(Deserialize)]
-struct SquadParagraph {
-    context: String,
-    qas: Vec<SquadQa>,
-}
-#[derive(Deserialize)]
-struct SquadQa {
-    question: String,
-}
-
 /// `reps` sets of prompts (one short and one RAG-sized prompt each). The RAG prompt of rep `r`
 /// is built by `rag::build_messages` from three paragraphs of article `r` of a SQuAD file, asking
 /// the first question of its first paragraph.
@@ -153,8 +135,8 @@ pub fn prompts(squad: &Path, reps: usize) -> Result<Vec<Vec<BenchPrompt>>, Engin
         message,
     };
     let text = std::fs::read_to_string(squad).map_err(|e| err(e.to_string()))?;
-    let file: SquadFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-    let articles: Vec<&SquadArticle> = file
+    let file = parse_squad(&text).map_err(|e| err(e.to_string()))?;
+    let articles: Vec<_> = file
         .data
         .iter()
         .filter(|a| a.paragraphs.len() >= 3 && !a.paragraphs[0].qas.is_empty())

@@ -492,7 +492,7 @@ impl candle_core::CustomOp1 for Dropout {
         Ok((CpuStorage::F32(self.apply(x)), layout.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = host_f32(grad)?;
         Ok(Some(Tensor::from_vec(
             self.apply(&g),
             grad.shape(),
@@ -552,8 +552,8 @@ impl Rope {
     fn rotate(&self, x: &[f32], dims: &[usize], sign: f32) -> candle_core::Result<Vec<f32>> {
         let (t, hd) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         let half = hd / 2;
-        let cos = self.cos.flatten_all()?.to_vec1::<f32>()?;
-        let sin = self.sin.flatten_all()?.to_vec1::<f32>()?;
+        let cos = host_f32(&self.cos)?;
+        let sin = host_f32(&self.sin)?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_exact_mut(t * hd)
             .zip(x.par_chunks_exact(t * hd))
@@ -587,7 +587,7 @@ impl candle_core::CustomOp1 for Rope {
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = host_f32(grad)?;
         let dx = self.rotate(&g, grad.dims(), -1.0)?;
         Ok(Some(Tensor::from_vec(dx, grad.shape(), grad.device())?))
     }
@@ -598,6 +598,11 @@ fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
         .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(mask, (t, t), device)
+}
+
+/// A tensor's values, row-major, as a host vector (the input of a fused backward loop).
+fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// The f32 data of a contiguous CPU storage.
@@ -705,8 +710,8 @@ impl candle_core::CustomOp1 for RmsNorm {
         if x.device().is_cpu() {
             let n = self.w.dim(0)?;
             let w = self.w.to_vec1::<f32>()?;
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let xs = host_f32(x)?;
+            let gs = host_f32(grad)?;
             let mut dx = vec![0f32; xs.len()];
             dx.par_chunks_exact_mut(n)
                 .zip(xs.par_chunks_exact(n).zip(gs.par_chunks_exact(n)))
@@ -780,8 +785,8 @@ impl candle_core::CustomOp1 for Softmax {
         // dx = y * (g - sum(g * y)), fused into one pass on the CPU.
         if y.device().is_cpu() {
             let n = y.dim(D::Minus1)?;
-            let ys = y.flatten_all()?.to_vec1::<f32>()?;
-            let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let ys = host_f32(y)?;
+            let gs = host_f32(grad)?;
             let mut dx = vec![0f32; ys.len()];
             dx.par_chunks_exact_mut(n)
                 .zip(ys.par_chunks_exact(n).zip(gs.par_chunks_exact(n)))
