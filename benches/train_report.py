@@ -19,7 +19,7 @@ def main() -> None:
     v1 = (load(out / "adapter-v1.json") or {}).get("training") or {}
     eg = load(out / "eval-gold.json")
     er = load(out / "eval-retrieved.json")
-    print("## Training (same gold-context triplets, same hyper-parameters, same threads)\n")
+    print("## Training (peer and gold row: same gold-context triplets, hyper-parameters and threads)\n")
     print("| trainer | steps | wall s | s/step | training tokens/s | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     if peer:
@@ -49,6 +49,18 @@ def main() -> None:
             print(f"| {setting} | domainrag {arm} | {report['questions']} | {100 * s['em']:.1f} | "
                   f"{100 * s['f1']:.1f} | {s['faithfulness']:.3f} | {s['hallucination_rate']:.3f} | "
                   f"{s['seconds_per_answer']:.2f} |")
+    print()
+    for setting, report in (("gold context", eg), ("full pipeline", er)):
+        arms = (report or {}).get("arms", {})
+        if "none" in arms:
+            for arm, s in arms.items():
+                if arm != "none":
+                    gain = 100 * (s["f1"] - arms["none"]["f1"])
+                    faith = s["faithfulness"] - arms["none"]["faithfulness"]
+                    print(f"{setting}: {arm} F1 {gain:+.1f} over base, faithfulness {faith:+.3f}")
+    if peer and eg and "newwiki-gold" in eg["arms"]:
+        gap = 100 * eg["arms"]["newwiki-gold"]["f1"] - peer["lora"]["f1"]
+        print(f"gold context: domainrag F1 {gap:+.1f} vs the peer's LoRA")
 
 
 if __name__ == "__main__":

@@ -171,8 +171,10 @@ pub struct TrainArgs {
     /// Sequences per optimiser step (gradient accumulation).
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
-    /// Longest sequence in tokens (prompt + answer); longer examples are dropped.
-    #[arg(long, default_value_t = 512)]
+    /// Longest sequence in tokens (prompt + answer); longer examples are dropped. The default
+    /// fits the serving prompt: system line + rag.context_tokens (1200) of sources + question
+    /// and answer.
+    #[arg(long, default_value_t = 2048)]
     pub max_len: usize,
     #[arg(long, default_value_t = 0.1)]
     pub val_split: f64,
@@ -888,7 +890,13 @@ impl crate::train::Progress for TrainBar {
         ));
     }
     fn message(&mut self, text: &str) {
-        self.0.println(text);
+        // A hidden bar (`--no-progress`, logs) drops `println`; the epoch lines still belong in
+        // the log.
+        if self.0.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.0.println(text);
+        }
     }
     fn finish(&mut self) {
         self.0.finish_and_clear();

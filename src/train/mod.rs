@@ -146,7 +146,7 @@ impl Default for TrainOptions {
             lr: 2e-4,
             epochs: 2,
             batch: 8,
-            max_len: 512,
+            max_len: 2048,
             val_split: 0.1,
             seed: 7,
             warmup_steps: 20,
@@ -646,9 +646,11 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
             last.val_loss = val_loss;
         }
         progress.message(&format!(
-            "epoch {epoch}: train loss {:.4}{}",
+            "epoch {epoch}: train loss {:.4}{}, step {step}/{total_steps}, {:.0} tokens/s, {:.0} s training",
             epoch_loss / epoch_n.max(1) as f32,
-            val_loss.map_or(String::new(), |v| format!(", validation loss {v:.4}"))
+            val_loss.map_or(String::new(), |v| format!(", validation loss {v:.4}")),
+            tokens as f64 / train_time.max(1e-9),
+            train_time
         ));
         // Without a validation set the latest epoch is the best one.
         let score = val_loss.unwrap_or(-(epoch as f32));

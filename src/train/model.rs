@@ -2,10 +2,12 @@
 //! MLP, tied or separate LM head) in candle over the frozen f32 weights of the converted HF
 //! directory, with LoRA A/B pairs on chosen linear modules.
 //!
-//! Only the LoRA matrices are `Var`s. The frozen linear layers, RMSNorm and softmax run as candle
-//! custom ops on CPU whose backward computes the input gradient only: candle's generic matmul
-//! backward also computes the gradient of the (frozen) weight, which would double the cost of
-//! every backward pass. On other devices the same maths runs as plain tensor ops.
+//! Only the LoRA matrices are `Var`s. The frozen linear layers, RMSNorm, RoPE, dropout and the
+//! causal attention probabilities run as candle custom ops on CPU whose backward computes the
+//! input gradient only and keeps as little as possible for it: candle's generic matmul backward
+//! also computes the gradient of the (frozen) weight, which would double the cost of every
+//! backward pass, and attention as separate ops keeps four `T x T` tensors per head and layer.
+//! On other devices the same maths runs as plain tensor ops.
 //!
 //! Knows nothing of prompts, tokenizers or files beyond the model directory.
 
@@ -297,7 +299,12 @@ impl LlamaLora {
         let ids_t = Tensor::from_slice(ids, t, &self.device)?;
         let mut h = self.embed.index_select(&ids_t, 0)?;
         let (cos, sin) = rope_tables(t, hd, c.rope_theta, &self.device)?;
-        let mask = causal_mask(t, &self.device)?;
+        // The CPU's attention op masks in place; elsewhere plain ops add this mask.
+        let mask = if self.device.is_cpu() {
+            None
+        } else {
+            Some(causal_mask(t, &self.device)?)
+        };
         let eps = c.rms_norm_eps;
         let p = self.spec.as_ref().map_or(0.0, |s| s.dropout);
         for layer in &self.layers {
@@ -324,9 +331,7 @@ impl LlamaLora {
                 };
                 (expand(k)?, expand(v)?)
             };
-            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-            let scores = scores.broadcast_add(&mask)?;
-            let att = softmax_last_dim(&scores)?;
+            let att = causal_attention_probs(&q, &k, 1.0 / (hd as f64).sqrt(), mask.as_ref())?;
             let y = att.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?;
             h = (h + lin(3, &y, &mut dropout)?)?;
             let x = rms_norm(&h, &layer.post_norm, eps)?;
@@ -742,70 +747,134 @@ impl candle_core::CustomOp1 for RmsNorm {
     }
 }
 
-/// Softmax over the last dimension (masked entries are -inf).
-fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() {
-        let max = x.max_keepdim(D::Minus1)?;
-        let e = x.broadcast_sub(&max)?.exp()?;
+/// Causal attention probabilities `softmax(q·kᵀ·scale + causal mask)`, shape `(heads, T, T)`,
+/// for `q` and `k` of shape `(heads, T, head_dim)`. On the CPU this is one op: the scores are
+/// scaled, masked and normalised in place in the matmul's output, and the backward pass needs
+/// only the probabilities, so each layer keeps one `T x T` tensor per head for the backward pass
+/// instead of four (scores, scaled, masked, probabilities: ~5 GB more per 1300-token sequence
+/// across 30 layers, which is what a retrieved-context triplet is). `mask` (the additive causal
+/// mask) is used off the CPU only, where plain tensor ops run.
+fn causal_attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if !q.device().is_cpu() {
+        let t = q.dim(1)?;
+        let owned;
+        let mask = match mask {
+            Some(m) => m,
+            None => {
+                owned = causal_mask(t, q.device())?;
+                &owned
+            }
+        };
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let e = scores
+            .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
+            .exp()?;
         return e.broadcast_div(&e.sum_keepdim(D::Minus1)?);
     }
-    x.contiguous()?.apply_op1(Softmax)
+    q.contiguous()?
+        .apply_op2(&k.contiguous()?, CausalProbs { scale })
 }
 
-struct Softmax;
+struct CausalProbs {
+    scale: f64,
+}
 
-impl candle_core::CustomOp1 for Softmax {
+impl candle_core::CustomOp2 for CausalProbs {
     fn name(&self) -> &'static str {
-        "softmax-last-dim-bwd"
+        "causal-attention-probs"
     }
     fn cpu_fwd(
         &self,
-        storage: &CpuStorage,
-        layout: &Layout,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(storage, layout)?;
-        let n = *layout.shape().dims().last().unwrap_or(&1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_exact_mut(n)
-            .zip(x.par_chunks_exact(n))
-            .for_each(|(dst, row)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for (d, v) in dst.iter_mut().zip(row) {
-                    *d = (v - max).exp();
-                    sum += *d;
+        use candle_core::backend::BackendStorage;
+        let (h, t, d) = ql.shape().dims3()?;
+        if kl.shape().dims3()? != (h, t, d)
+            || ql.contiguous_offsets().is_none()
+            || kl.contiguous_offsets().is_none()
+        {
+            candle_core::bail!(
+                "causal-attention-probs: q {:?} and k {:?} must be the same contiguous (heads, T, head_dim)",
+                ql.shape(),
+                kl.shape()
+            );
+        }
+        let CpuStorage::F32(mut scores) = qs.matmul(ks, (h, t, t, d), ql, &kl.transpose(1, 2)?)?
+        else {
+            candle_core::bail!("the trainer runs in f32");
+        };
+        let scale = self.scale as f32;
+        scores
+            .par_chunks_exact_mut(t)
+            .enumerate()
+            .for_each(|(r, row)| {
+                // Row r is query position r % t: it sees keys 0..=i.
+                let (live, future) = row.split_at_mut(r % t + 1);
+                let mut max = f32::NEG_INFINITY;
+                for v in live.iter_mut() {
+                    *v *= scale;
+                    max = max.max(*v);
                 }
-                for d in dst.iter_mut() {
-                    *d /= sum;
+                let mut sum = 0.0;
+                for v in live.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                for v in live.iter_mut() {
+                    *v *= inv;
+                }
+                future.fill(0.0);
+            });
+        Ok((CpuStorage::F32(scores), Shape::from((h, t, t))))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // d(scores) = scale * y * (g - sum(g * y)) in one fused pass (masked entries have y = 0),
+        // then the two matmuls of q·kᵀ's backward.
+        let t = y.dim(D::Minus1)?;
+        let ys = host_f32(y)?;
+        let gs = host_f32(grad)?;
+        let scale = self.scale as f32;
+        let mut ds = vec![0f32; ys.len()];
+        ds.par_chunks_exact_mut(t)
+            .zip(ys.par_chunks_exact(t).zip(gs.par_chunks_exact(t)))
+            .enumerate()
+            .for_each(|(r, (dr, (yr, gr)))| {
+                let n = r % t + 1;
+                let dot = yr[..n]
+                    .iter()
+                    .zip(&gr[..n])
+                    .map(|(y, g)| y * g)
+                    .sum::<f32>();
+                for ((d, y), g) in dr[..n].iter_mut().zip(&yr[..n]).zip(&gr[..n]) {
+                    *d = scale * y * (g - dot);
                 }
             });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dx = y * (g - sum(g * y)), fused into one pass on the CPU.
-        if y.device().is_cpu() {
-            let n = y.dim(D::Minus1)?;
-            let ys = host_f32(y)?;
-            let gs = host_f32(grad)?;
-            let mut dx = vec![0f32; ys.len()];
-            dx.par_chunks_exact_mut(n)
-                .zip(ys.par_chunks_exact(n).zip(gs.par_chunks_exact(n)))
-                .for_each(|(dr, (yr, gr))| {
-                    let dot = yr.iter().zip(gr).map(|(y, g)| y * g).sum::<f32>();
-                    for ((d, y), g) in dr.iter_mut().zip(yr).zip(gr) {
-                        *d = y * (g - dot);
-                    }
-                });
-            return Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?));
-        }
-        let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad.broadcast_sub(&dot)? * y)?))
+        let ds = Tensor::from_vec(ds, y.shape(), y.device())?;
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok((Some(dq), Some(dk)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::IndexOp;
 
     /// The custom ops' forward and backward agree with the same maths in plain tensor ops.
     #[test]
@@ -860,17 +929,49 @@ mod tests {
         assert!(close(&custom, &plain)? < 1e-6);
         let wr = weights.reshape((2, 2, 6))?;
         assert!(input_grad_gap(&custom, &plain, &wr)? < 1e-5);
-        // Softmax (with a masked entry).
-        let masked = x
-            .as_tensor()
-            .broadcast_add(&causal_mask(6, &dev)?.narrow(0, 0, 4)?)?;
-        let custom = softmax_last_dim(&masked)?;
-        let e = masked
-            .broadcast_sub(&masked.max_keepdim(D::Minus1)?)?
+        Ok(())
+    }
+
+    /// The CPU's fused causal attention op against scores, scale, mask and softmax as plain
+    /// ops: same probabilities, same gradients for q and k.
+    #[test]
+    fn causal_attention_matches_plain_ops() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(5);
+        let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.uniform() - 0.5).collect() };
+        let (h, t, d) = (3, 7, 4);
+        let q = Var::from_vec(rand(h * t * d), (h, t, d), &dev)?;
+        let k = Var::from_vec(rand(h * t * d), (h, t, d), &dev)?;
+        let weights = Tensor::from_vec(rand(h * t * t), (h, t, t), &dev)?;
+        let scale = 0.5;
+        let custom = causal_attention_probs(q.as_tensor(), k.as_tensor(), scale, None)?;
+        let scores = (q.as_tensor().matmul(&k.as_tensor().t()?)? * scale)?
+            .broadcast_add(&causal_mask(t, &dev)?)?;
+        let e = scores
+            .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
             .exp()?;
         let plain = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        assert!(close(&custom, &plain)? < 1e-6);
-        assert!(input_grad_gap(&custom, &plain, &weights)? < 1e-5);
+        let gap = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(gap(&custom, &plain)? < 1e-6);
+        // Rows sum to one and nothing attends to the future.
+        let sums = custom.sum(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+        assert_eq!(
+            custom
+                .i((.., 0, 1..))?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+            0.0
+        );
+        let gc = (&custom * &weights)?.sum_all()?.backward()?;
+        let gp = (&plain * &weights)?.sum_all()?.backward()?;
+        for v in [&q, &k] {
+            let (a, b) = (gc.get(v.as_tensor()), gp.get(v.as_tensor()));
+            assert!(gap(a.expect("custom grad"), b.expect("plain grad"))? < 1e-5);
+        }
         Ok(())
     }
 
