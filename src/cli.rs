@@ -130,6 +130,11 @@ pub enum TripletsCmd {
         /// Use a random sample of N questions (fixed --seed).
         #[arg(long)]
         sample: Option<usize>,
+        /// Put each question's retrieved sources in a random order (fixed --seed) and number them
+        /// in that order, so the source holding the answer is not almost always [1] (retrieval
+        /// ranks it first for most questions) and the adapter learns to cite where the answer is.
+        #[arg(long)]
+        shuffle_sources: bool,
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
@@ -713,6 +718,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             out,
             context,
             sample,
+            shuffle_sources,
             seed,
         }) => {
             let mut qs = eval::load_questions(&questions, format)?;
@@ -724,11 +730,17 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             let (_, rag) = load_rag(&settings).await?;
             let bar = Bar::new(true);
             bar.start(qs.len() as u64);
-            let (triplets, report) =
-                crate::train::triplets::build(&rag, &col, &qs, context, gold.as_ref(), &|n| {
-                    bar.advance(n as u64, "")
-                })
-                .await?;
+            let shuffle = shuffle_sources.then_some(seed);
+            let (triplets, report) = crate::train::triplets::build(
+                &rag,
+                &col,
+                &qs,
+                context,
+                gold.as_ref(),
+                shuffle,
+                &|n| bar.advance(n as u64, ""),
+            )
+            .await?;
             bar.finish();
             let mut text = String::new();
             for t in &triplets {

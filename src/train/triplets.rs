@@ -7,13 +7,16 @@
 //! the first source that contains it (`Paris [2]`), so the adapter learns to answer briefly from
 //! the sources and cite them. Pairs are dropped (and counted) when a gold answer is missing, the
 //! query and answer repeat an earlier pair, or no given source contains the answer (training on
-//! those would teach the model to answer beyond its sources).
+//! those would teach the model to answer beyond its sources). With a shuffle seed, each
+//! question's sources are put in a random order and renumbered, so the cited number is not
+//! almost always [1].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
 use super::Triplet;
+use super::model::Rng;
 use crate::collection::Collection;
 use crate::eval::answers::normalize;
 use crate::eval::{ContextMode, Question, gold_sources};
@@ -47,20 +50,34 @@ pub fn target_answer(gold: &str, sources: &[Source]) -> Option<String> {
     Some(format!("{} [{n}]", gold.trim()))
 }
 
+/// `sources` in an order drawn from `rng`, numbered 1.. in that order.
+pub fn shuffle_sources(mut sources: Vec<Source>, rng: &mut Rng) -> Vec<Source> {
+    for i in (1..sources.len()).rev() {
+        let j = ((rng.uniform() * (i + 1) as f32) as usize).min(i);
+        sources.swap(i, j);
+    }
+    for (i, s) in sources.iter_mut().enumerate() {
+        s.n = i + 1;
+    }
+    sources
+}
+
 /// Build triplets for `questions` (see the module doc). `paragraphs` is required for
-/// `ContextMode::Gold`.
+/// `ContextMode::Gold`. `shuffle` (a seed) puts each question's sources in a random order.
 pub async fn build(
     rag: &Rag,
     collection: &Collection,
     questions: &[Question],
     mode: ContextMode,
     paragraphs: Option<&HashMap<String, (String, String)>>,
+    shuffle: Option<u64>,
     progress: &(dyn Fn(usize) + Send + Sync),
 ) -> Result<(Vec<Triplet>, BuildReport), RagError> {
     let mut report = BuildReport {
         questions: questions.len(),
         ..BuildReport::default()
     };
+    let mut rng = shuffle.map(Rng::new);
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for q in questions {
@@ -82,6 +99,10 @@ pub async fn build(
                     continue;
                 }
             },
+        };
+        let sources = match rng.as_mut() {
+            Some(rng) => shuffle_sources(sources, rng),
+            None => sources,
         };
         let Some(answer) = target_answer(gold, &sources) else {
             report.drop("answer not in the given sources");
@@ -129,5 +150,31 @@ mod tests {
         );
         assert_eq!(target_answer("Berlin", &sources), None);
         assert_eq!(target_answer("  ", &sources), None);
+    }
+
+    #[test]
+    fn shuffled_sources_are_renumbered_and_the_target_follows_them() {
+        let sources: Vec<Source> = (1..=5).map(|n| source(n, &format!("text {n}"))).collect();
+        let mut rng = Rng::new(42);
+        let mut positions = HashSet::new();
+        for _ in 0..50 {
+            let s = shuffle_sources(sources.clone(), &mut rng);
+            assert_eq!(s.iter().map(|s| s.n).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+            let mut texts: Vec<&str> = s.iter().map(|s| s.text.as_str()).collect();
+            let pos = texts.iter().position(|t| *t == "text 1").unwrap() + 1;
+            positions.insert(pos);
+            assert_eq!(
+                target_answer("text 1", &s).as_deref(),
+                Some(format!("text 1 [{pos}]").as_str())
+            );
+            texts.sort_unstable();
+            assert_eq!(texts, ["text 1", "text 2", "text 3", "text 4", "text 5"]);
+        }
+        // The first-ranked source lands in every position.
+        assert_eq!(positions.len(), 5);
+        // Same seed, same order.
+        let a = shuffle_sources(sources.clone(), &mut Rng::new(7));
+        let b = shuffle_sources(sources, &mut Rng::new(7));
+        assert_eq!(a, b);
     }
 }
