@@ -54,7 +54,7 @@ demo-adapter: models build
 	$(DR) ask --collection newwiki --no-adapter "In what year did the NHL make the two-lane pass legal?"
 	$(DR) ask --collection newwiki "In what year did the NHL make the two-lane pass legal?"
 
-## Adapter training, domainrag vs Hugging Face peft side by side (~1.5 h): bench/train/.
+## Adapter training, domainrag vs Hugging Face peft side by side (~2 h): bench/train/.
 bench-train: models build
 	bash benches/train-vs-peft.sh
 

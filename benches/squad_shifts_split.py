@@ -4,7 +4,9 @@ Articles are shuffled with a fixed seed; the first half is the training side, th
 held out. Writes SQuAD-format files that keep every paragraph of their articles (so paragraph
 numbers, and with them domainrag's document ids `squad:<title>:<n>`, match the ingested corpus)
 but only the sampled questions:
-  train.json            --train questions sampled from the training articles
+  train.json            --train questions sampled from the training articles (the peer's data)
+  train-served.json     the first --served of them (a superset of train.json when --served is
+                        larger): the questions the served adapter's retrieved triplets come from
   heldout.json          --heldout questions sampled from the held-out articles
   heldout-peer.json     the first --peer of those (the peer's evaluation set)
 """
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=300)
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--peer", type=int, default=100)
+    ap.add_argument("--served", type=int, default=300)
     args = ap.parse_args()
     data = load(Path(args.input))["data"]
     rng = random.Random(args.seed)
@@ -61,6 +64,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "train.json": (train_articles, train_ids[: args.train]),
+        "train-served.json": (train_articles, train_ids[: args.served]),
         "heldout.json": (heldout_articles, heldout_ids[: args.heldout]),
         "heldout-peer.json": (heldout_articles, heldout_ids[: args.peer]),
     }
@@ -71,6 +75,7 @@ def main() -> None:
         "train_articles": [a["title"] for a in train_articles],
         "heldout_articles": [a["title"] for a in heldout_articles],
         "train_questions": min(args.train, len(train_ids)),
+        "served_questions": min(args.served, len(train_ids)),
         "heldout_questions": min(args.heldout, len(heldout_ids)),
         "peer_questions": min(args.peer, len(heldout_ids)),
         "seed": args.seed,

@@ -16,7 +16,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     peer = load(out / "peer.json")
     gold = (load(out / "adapter-gold.json") or {}).get("training") or {}
-    v1 = (load(out / "adapter-v1.json") or {}).get("training") or {}
+    served = (load(out / "adapter-served.json") or {}).get("training") or {}
     eg = load(out / "eval-gold.json")
     er = load(out / "eval-retrieved.json")
     print("## Training (peer and gold row: same gold-context triplets, hyper-parameters and threads)\n")
@@ -26,7 +26,7 @@ def main() -> None:
         print(f"| {peer['engine']} | {peer['steps']} | {peer['train_s']:.0f} | "
               f"{peer['s_per_step']:.2f} | {peer['tokens_per_s']:.0f} | {peer['peak_rss_mib']:.0f} |")
     for label, t in (("domainrag (candle), gold triplets", gold),
-                     ("domainrag (candle), retrieved triplets", v1)):
+                     ("domainrag (candle), retrieved triplets", served)):
         if t:
             steps = max(1, t["steps"])
             train_s = t["wall_s"]
@@ -57,7 +57,9 @@ def main() -> None:
                 if arm != "none":
                     gain = 100 * (s["f1"] - arms["none"]["f1"])
                     faith = s["faithfulness"] - arms["none"]["faithfulness"]
-                    print(f"{setting}: {arm} F1 {gain:+.1f} over base, faithfulness {faith:+.3f}")
+                    ci = (s.get("vs_base") or {}).get("f1")
+                    ci = f" (paired 95% CI {100 * ci[1]['low']:+.1f} to {100 * ci[1]['high']:+.1f})" if ci else ""
+                    print(f"{setting}: {arm} F1 {gain:+.1f} over base{ci}, faithfulness {faith:+.3f}")
     if peer and eg and "newwiki-gold" in eg["arms"]:
         gap = 100 * eg["arms"]["newwiki-gold"]["f1"] - peer["lora"]["f1"]
         print(f"gold context: domainrag F1 {gap:+.1f} vs the peer's LoRA")
