@@ -463,7 +463,7 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
     // Split: a seeded shuffle, the first `val_split` for validation.
     let mut rng = Rng::new(o.seed ^ 0x5EED);
     let mut order: Vec<usize> = (0..job.examples.len()).collect();
-    shuffle(&mut order, &mut rng);
+    rng.shuffle(&mut order);
     let n_val = ((job.examples.len() as f64) * o.val_split).round() as usize;
     let n_val = if o.val_split > 0.0 { n_val.max(1) } else { 0 };
     if job.examples.len() <= n_val {
@@ -526,7 +526,7 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
     };
 
     'epochs: for epoch in 1..=o.epochs {
-        shuffle(&mut train_idx, &mut rng);
+        rng.shuffle(&mut train_idx);
         let mut epoch_loss = 0.0f32;
         let mut epoch_n = 0usize;
         for chunk in train_idx.chunks(o.batch) {
@@ -726,14 +726,6 @@ fn keep_freed_memory() {
 
 /// One worker's share of a batch: summed gradients per variable and the per-sequence losses.
 type WorkerOutput = (Vec<Option<Tensor>>, Vec<f32>);
-
-/// Fisher-Yates with the trainer's generator.
-fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
-    for i in (1..v.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
-}
 
 /// Register a trained adapter under `name` (replacing an existing one when `replace`).
 pub fn register(

@@ -52,10 +52,7 @@ pub fn target_answer(gold: &str, sources: &[Source]) -> Option<String> {
 
 /// `sources` in an order drawn from `rng`, numbered 1.. in that order.
 pub fn shuffle_sources(mut sources: Vec<Source>, rng: &mut Rng) -> Vec<Source> {
-    for i in (1..sources.len()).rev() {
-        let j = ((rng.uniform() * (i + 1) as f32) as usize).min(i);
-        sources.swap(i, j);
-    }
+    rng.shuffle(&mut sources);
     for (i, s) in sources.iter_mut().enumerate() {
         s.n = i + 1;
     }
