@@ -10,13 +10,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use tantivy::collector::{Count, TopDocs};
-use tantivy::query::{AllQuery, QueryParser, TermQuery};
+use tantivy::query::{AllQuery, BooleanQuery, Occur, PhraseQuery, Query, TermQuery};
 use tantivy::schema::{
     Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value,
 };
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
 use crate::error::ErrorKind;
+
+/// Words of a search query that count (a question is a few dozen; a pasted page is cut here).
+pub const MAX_QUERY_WORDS: usize = 512;
 
 /// Errors of the BM25 index.
 #[derive(Debug, thiserror::Error)]
@@ -223,16 +226,13 @@ impl Bm25Index {
             .map_err(|e| self.tantivy_err(e))
     }
 
-    /// BM25 top `k` chunk ids for a free-text query, best first. Query syntax errors never fail:
-    /// the parser is lenient, so `C++` or an unbalanced quote still searches.
+    /// BM25 top `k` chunk ids for a free-text query, best first (see [`Self::free_text_query`]).
     pub fn search(&self, query: &str, k: usize) -> Result<Vec<(String, f32)>, IndexError> {
         if k == 0 || query.trim().is_empty() {
             return Ok(Vec::new());
         }
         let searcher = self.reader.searcher();
-        // Plain disjunctive BM25 over title and text; lenient, so syntax never fails a search.
-        let parser = QueryParser::for_index(&self.index, vec![self.fields.title, self.fields.text]);
-        let (query, _ignored_syntax_errors) = parser.parse_query_lenient(query);
+        let query = self.free_text_query(query)?;
         let top = searcher
             .search(&query, &TopDocs::with_limit(k).order_by_score())
             .map_err(|e| self.tantivy_err(e))?;
@@ -242,6 +242,39 @@ impl Bm25Index {
                 Ok((text_of(&doc, self.fields.chunk_id), score))
             })
             .collect()
+    }
+
+    /// Free text as plain disjunctive BM25 over title and text: each whitespace-separated word,
+    /// through the field's own analyzer, is a term, or a phrase when it splits into several
+    /// (`pg_dump` -> "pg dump"). There is no query syntax: nothing a user types is an operator
+    /// (`-Fc` is not a negation, `title:` not a field), and nothing nests, so no input can
+    /// overflow the stack (tantivy's parser recursed once per `(`: 100k of them aborted the
+    /// process). The first [`MAX_QUERY_WORDS`] words count.
+    fn free_text_query(&self, text: &str) -> Result<BooleanQuery, IndexError> {
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        for field in [self.fields.title, self.fields.text] {
+            let mut analyzer = self
+                .index
+                .tokenizer_for_field(field)
+                .map_err(|e| self.tantivy_err(e))?;
+            for word in text.split_whitespace().take(MAX_QUERY_WORDS) {
+                let mut terms = Vec::new();
+                let mut stream = analyzer.token_stream(word);
+                while stream.advance() {
+                    terms.push(Term::from_field_text(field, &stream.token().text));
+                }
+                let query: Box<dyn Query> = match terms.len() {
+                    0 => continue,
+                    1 => Box::new(TermQuery::new(
+                        terms.remove(0),
+                        IndexRecordOption::WithFreqs,
+                    )),
+                    _ => Box::new(PhraseQuery::new(terms)),
+                };
+                clauses.push((Occur::Should, query));
+            }
+        }
+        Ok(BooleanQuery::new(clauses))
     }
 
     /// The stored chunks for these ids (missing ids are left out).
@@ -360,5 +393,35 @@ mod tests {
             index.search(q, 5).unwrap_or_else(|e| panic!("{q}: {e}"));
         }
         assert_eq!(index.search("templates", 0).expect("k=0"), vec![]);
+        // Nothing is an operator: a leading `-` does not exclude, `field:` is just a word.
+        assert_eq!(index.search("-templates", 5).expect("minus")[0].0, "c1");
+        assert_eq!(
+            index.search("title: templates", 5).expect("colon")[0].0,
+            "c1"
+        );
+        // Deep nesting once overflowed the parser's recursion and aborted the process.
+        let nested = format!("{}templates{}", "(".repeat(100_000), ")".repeat(100_000));
+        assert_eq!(index.search(&nested, 5).expect("nested")[0].0, "c1");
+        // A pasted page: only the first MAX_QUERY_WORDS words count, and it still answers.
+        let long = "filler ".repeat(50_000) + "templates";
+        index.search(&long, 5).expect("long query");
+    }
+
+    #[test]
+    fn a_word_the_analyzer_splits_is_a_phrase() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
+        index
+            .replace_documents(
+                &["a".into(), "b".into()],
+                &[
+                    chunk("c1", "a", "pg_dump writes an archive"),
+                    chunk("c2", "b", "dump the pg tables, then pg again"),
+                ],
+            )
+            .expect("write");
+        let hits = index.search("pg_dump", 5).expect("search");
+        assert_eq!(hits.len(), 1, "only the adjacent pair matches: {hits:?}");
+        assert_eq!(hits[0].0, "c1");
     }
 }

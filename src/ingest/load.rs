@@ -69,6 +69,8 @@ pub enum LoadError {
     JsonLine { line: usize, message: String },
     #[error("not SQuAD JSON: {0}")]
     Squad(String),
+    #[error("HTML nested deeper than {max} elements; real pages stay far below this")]
+    TooDeep { max: usize },
     #[error(
         "unsupported file type (use --format to force one of txt, md, html, pdf, jsonl, squad)"
     )]
@@ -125,6 +127,11 @@ pub fn load(path: &Path, bytes: &[u8], format: Format) -> Result<Loaded, LoadErr
         }
         Format::Html => {
             let text = text_of(bytes)?;
+            if html_depth_exceeds(text, MAX_HTML_DEPTH) {
+                return Err(LoadError::TooDeep {
+                    max: MAX_HTML_DEPTH,
+                });
+            }
             let (title, body) = html(text);
             single(title.unwrap_or(stem), body)
         }
@@ -176,6 +183,49 @@ fn markdown(text: &str) -> (Option<String>, String) {
         body.push('\n');
     }
     (title, body)
+}
+
+/// Deepest element nesting an HTML file may have. The HTML parser checks scopes by walking the
+/// open elements, so a page of 200k nested `<div>`s costs it quadratic time; pages written by
+/// people or generators nest a few dozen levels.
+pub const MAX_HTML_DEPTH: usize = 4096;
+
+/// Void elements and those whose end tag HTML lets a page leave out (`<p>`, `<li>`...): never
+/// counted as nesting, so legacy pages with thousands of unclosed paragraphs still load.
+const UNCOUNTED_ELEMENTS: &[&str] = &[
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track",
+    "wbr", "p", "li", "dt", "dd", "tr", "td", "th", "option", "optgroup", "thead", "tbody",
+    "tfoot", "colgroup", "caption", "rb", "rt", "rtc", "rp", "html", "head", "body",
+];
+
+/// Whether the tags of `text` open more than `max` elements at once (a linear scan of start and
+/// end tags, before parsing; comments and self-closing tags do not nest).
+fn html_depth_exceeds(text: &str, max: usize) -> bool {
+    let mut depth: usize = 0;
+    let mut rest = text;
+    while let Some(at) = rest.find('<') {
+        rest = &rest[at + 1..];
+        let closing = rest.starts_with('/');
+        let name_start = usize::from(closing);
+        let name: String = rest[name_start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        if name.is_empty() || UNCOUNTED_ELEMENTS.contains(&name.as_str()) {
+            continue;
+        }
+        let self_closing = rest.find('>').is_some_and(|end| rest[..end].ends_with('/'));
+        if closing {
+            depth = depth.saturating_sub(1);
+        } else if !self_closing {
+            depth += 1;
+            if depth > max {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// HTML: the `<title>` (or first `<h1>`) and the visible text, block elements on their own lines.
@@ -246,9 +296,25 @@ const BLOCK_ELEMENTS: &[&str] = &[
 /// Navigation bars of generated manuals (DocBook's, as in the PostgreSQL docs) repeat on every page.
 const SKIPPED_CLASSES: &[&str] = &["navheader", "navfooter"];
 
-fn visible_text(element: ElementRef<'_>, out: &mut String) {
-    for child in element.children() {
-        match child.value() {
+/// One step of the walk in [`visible_text`].
+enum Step<N> {
+    Visit(N),
+    EndBlock,
+}
+
+/// The visible text under `root`, block elements on their own lines. An explicit stack, not
+/// recursion: a page nested 200k elements deep once overflowed the stack and aborted the process.
+fn visible_text(root: ElementRef<'_>, out: &mut String) {
+    let mut stack: Vec<Step<_>> = root.children().rev().map(Step::Visit).collect();
+    while let Some(step) = stack.pop() {
+        let node = match step {
+            Step::EndBlock => {
+                out.push('\n');
+                continue;
+            }
+            Step::Visit(node) => node,
+        };
+        match node.value() {
             Node::Text(t) => out.push_str(t),
             Node::Element(e) => {
                 let name = e.name();
@@ -258,16 +324,11 @@ fn visible_text(element: ElementRef<'_>, out: &mut String) {
                 {
                     continue;
                 }
-                let block = BLOCK_ELEMENTS.contains(&name);
-                if block {
+                if BLOCK_ELEMENTS.contains(&name) {
                     out.push('\n');
+                    stack.push(Step::EndBlock);
                 }
-                if let Some(child) = ElementRef::wrap(child) {
-                    visible_text(child, out);
-                }
-                if block {
-                    out.push('\n');
-                }
+                stack.extend(node.children().rev().map(Step::Visit));
             }
             _ => {}
         }
@@ -440,6 +501,44 @@ mod tests {
             "CREATE INDEX\nPartial indexes cover a subset.\nSecond paragraph."
         );
         assert_eq!(doc.doc_id, "/docs/a.html");
+    }
+
+    #[test]
+    fn nesting_past_the_limit_is_refused_before_parsing() {
+        let deep = format!("<html><body>{}x</body></html>", "<div>".repeat(200_000));
+        let err = load(&p("deep.html"), deep.as_bytes(), Format::Auto).expect_err("too deep");
+        assert_eq!(
+            err,
+            LoadError::TooDeep {
+                max: MAX_HTML_DEPTH
+            }
+        );
+        // Closed siblings, unclosed paragraphs, void and self-closing tags do not nest.
+        let wide = "<div>a</div>".repeat(10_000)
+            + &"<p>para".repeat(10_000)
+            + &"<br><img src=x/><x-y/>".repeat(10_000);
+        assert!(!html_depth_exceeds(&wide, 16));
+        assert!(html_depth_exceeds(&"<section>".repeat(17), 16));
+    }
+
+    #[test]
+    fn deeply_nested_html_loads_without_overflowing_the_stack() {
+        let depth = MAX_HTML_DEPTH / 2 - 1;
+        let page = format!(
+            "<html><body>{}deep text{}<p>after</p></body></html>",
+            "<div><span>".repeat(depth),
+            "</span></div>".repeat(depth)
+        );
+        // On a small stack: the recursive walk this replaced used ~100 bytes a level.
+        let loaded = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || load(&p("deep.html"), page.as_bytes(), Format::Auto))
+            .expect("spawn")
+            .join()
+            .expect("no stack overflow")
+            .expect("html");
+        assert!(loaded.documents[0].text.starts_with("deep text"));
+        assert!(loaded.documents[0].text.ends_with("after"));
     }
 
     #[test]
