@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter serve eval-squad bench bench-train bench-engines clean-demo
+.PHONY: models build test lint demo demo-adapter serve eval-squad bench bench-train bench-engines bench-soak eval-demo clean-demo
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -63,6 +63,35 @@ bench-engines: models build
 	$(DR) bench engines --isq none,q8_0,q4k \
 		--mistralrs-gguf data/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
 		--peer-python "$$(bash benches/llama-cpp-venv.sh)" --reps 3 --max-tokens 128 --out bench/engines.json
+
+## Memory soak (~75 min): the server answers 500 distinct new_wiki questions, base and the demo
+## adapter alternating, RSS read after each; then `eval answers` over 300 questions with two arms.
+## Needs the newwiki collection and its adapter (`make demo-adapter`). bench/soak/*.json.
+SOAK_TOKENS ?= 64
+bench-soak: models build
+	$(DR) adapters show newwiki-demo >/dev/null 2>&1 || $(MAKE) demo-adapter
+	python3 benches/soak.py server --bin $(BIN) --data-dir $(DATA_DIR) --collection newwiki \
+		--adapter newwiki-demo --questions data/squad/new_wiki_v1.0.json --answers 500 \
+		--max-tokens $(SOAK_TOKENS) --model-dir data/models/SmolLM2-135M-Instruct-hf \
+		--progress 50 --out bench/soak/server.json
+	DOMAINRAG__GENERATE__MAX_TOKENS=$(SOAK_TOKENS) $(DR) eval answers --collection newwiki \
+		--format squad --questions data/squad/new_wiki_v1.0.json --sample 300 \
+		--adapter none --adapter newwiki-demo --json bench/soak/eval-report.json
+	python3 benches/soak.py eval --report bench/soak/eval-report.json --out bench/soak/eval.json
+
+## Answer quality on the demo corpus: data/eval/postgres-manual.jsonl (89 questions written by
+## reading the PostgreSQL manual) through the full pipeline, the base model with the shipped
+## repetition rule against the same model without it, paired (~25 min). bench/demo/.
+eval-demo: models build
+	$(DR) collection show postgres >/dev/null 2>&1 || $(DR) collection create postgres
+	$(DR) ingest --collection postgres data/demo/postgresql-15
+	mkdir -p bench/demo
+	DOMAINRAG__GENERATE__NO_REPEAT_NGRAM=0 $(DR) eval answers --collection postgres \
+		--questions data/eval/postgres-manual.jsonl --adapter none --json bench/demo/eval-base-no-rule.json
+	$(DR) eval answers --collection postgres --questions data/eval/postgres-manual.jsonl \
+		--adapter none --json bench/demo/eval-base.json --html bench/demo/eval-base.html
+	python3 benches/paired.py bench/demo/eval-base-no-rule.json bench/demo/eval-base.json \
+		--out bench/demo/repetition-rule.json
 
 ## The appliance alone (API, OpenAI-compatible /v1, web UI) on the config's server.bind.
 serve: build

@@ -135,9 +135,14 @@ pub struct GenerateConfig {
     /// Threads for the matrix kernels (0 = one per core).
     pub threads: usize,
     pub max_resident_adapters: usize,
+    /// Finished sequences whose KV cache mistral.rs keeps for prompt-prefix reuse (0 = off).
+    /// Only a GPU build may set it: see [`Settings::validate`].
+    pub prefix_cache_sequences: usize,
     pub max_concurrent: usize,
     pub queue_depth: usize,
     pub max_tokens: usize,
+    /// An answer may not repeat a run of this many of its own tokens (0 = off).
+    pub no_repeat_ngram: usize,
     pub temperature: f64,
     pub top_p: f64,
 }
@@ -323,8 +328,23 @@ impl Settings {
         if self.generate.max_resident_adapters == 0 {
             return invalid("generate.max_resident_adapters", "must be > 0");
         }
+        if self.generate.prefix_cache_sequences > 0 && !cfg!(feature = "cuda") {
+            // mistral.rs 0.8.1 evicts its prefix cache only from GPU memory: on CPU every
+            // finished sequence's KV cache stays forever (~68 MiB per RAG answer), issue 13.
+            return invalid(
+                "generate.prefix_cache_sequences",
+                "must be 0 on a CPU build: mistral.rs bounds its prefix cache only on a GPU, \
+                 on CPU it would keep every answer's KV cache until the server runs out of memory",
+            );
+        }
         if self.generate.max_concurrent == 0 {
             return invalid("generate.max_concurrent", "must be > 0");
+        }
+        if self.generate.no_repeat_ngram > 64 {
+            return invalid(
+                "generate.no_repeat_ngram",
+                "must be between 0 (off) and 64 tokens",
+            );
         }
         if !(1..=32_768).contains(&self.generate.max_tokens) {
             return invalid("generate.max_tokens", "must be between 1 and 32768");
@@ -532,6 +552,12 @@ mod tests {
             let (_d, sources) = sources_with_file(body);
             let err = Settings::load(&sources).expect_err(body).to_string();
             assert!(err.contains(key), "{body} -> {err}");
+        }
+        // The prefix cache is unbounded on CPU in mistral.rs (issue 13): refused there.
+        if !cfg!(feature = "cuda") {
+            let (_d, sources) = sources_with_file("[generate]\nprefix_cache_sequences = 16\n");
+            let err = Settings::load(&sources).expect_err("refused").to_string();
+            assert!(err.contains("generate.prefix_cache_sequences"), "{err}");
         }
     }
 

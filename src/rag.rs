@@ -96,6 +96,9 @@ pub struct Answer {
     pub sources: Vec<Source>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Why generation ended: `stop` (the model ended its turn) or `length` (`max_tokens` reached:
+    /// the answer is cut off).
+    pub finish_reason: String,
     pub timings_ms: Timings,
 }
 
@@ -357,6 +360,7 @@ pub async fn collect(
     let mut text = String::new();
     let mut first_token = None;
     let mut counts = (0, 0);
+    let mut finish = String::new();
     while let Some(event) = stream.events.recv().await {
         match event {
             GenEvent::Token(t) => {
@@ -367,9 +371,10 @@ pub async fn collect(
             GenEvent::Done {
                 prompt_tokens,
                 completion_tokens,
-                ..
+                finish_reason,
             } => {
                 counts = (prompt_tokens, completion_tokens);
+                finish = finish_reason;
                 break;
             }
             GenEvent::Error(e) => return Err(GenerateError::Generation(e).into()),
@@ -383,6 +388,7 @@ pub async fn collect(
         sources: stream.sources,
         prompt_tokens: counts.0,
         completion_tokens: counts.1,
+        finish_reason: finish,
         timings_ms: Timings {
             retrieve: stream.retrieve_ms,
             first_token: first_token.unwrap_or_default(),

@@ -255,6 +255,7 @@ pub async fn generate_speed(
         temperature: 0.0,
         top_p: 1.0,
         max_tokens,
+        no_repeat_ngram: 0,
     };
     let question = "Explain what a database index is and when to use one.";
     let started = Instant::now();

@@ -18,6 +18,7 @@ use crate::ingest::load::{parse_squad, squad_doc_id};
 use crate::rag::Source;
 use crate::retrieve::{Mode, RetrieveError, search_with_vector};
 
+pub mod answer_metrics;
 pub mod answers;
 
 /// A question and the ids of the documents that answer it.
@@ -27,8 +28,10 @@ pub struct Question {
     #[serde(default)]
     pub id: String,
     pub query: String,
+    /// Documents that hold the answer; empty for answer-only sets (retrieval is not scored then).
+    #[serde(default)]
     pub gold_doc_ids: Vec<String>,
-    /// Gold answers (answer evaluation); empty for retrieval-only sets.
+    /// Gold answers (answer evaluation): spans or whole sentences; empty for retrieval-only sets.
     #[serde(default)]
     pub answers: Vec<String>,
 }
@@ -50,6 +53,11 @@ pub enum EvalError {
     },
     #[error("questions file {path}: {message}")]
     Parse { path: String, message: String },
+    #[error(
+        "no question names its gold documents (`gold_doc_ids`): retrieval cannot be scored; \
+         `eval answers` scores answer-only question sets"
+    )]
+    NoGoldDocuments,
     #[error(transparent)]
     Retrieve(#[from] RetrieveError),
 }
@@ -90,9 +98,10 @@ pub fn load_questions(path: &Path, format: QuestionFormat) -> Result<Vec<Questio
             .map(|(i, l)| {
                 let q: Question = serde_json::from_str(l)
                     .map_err(|e| parse_err(format!("line {}: {e}", i + 1)))?;
-                if q.gold_doc_ids.is_empty() || q.query.trim().is_empty() {
+                if q.query.trim().is_empty() || (q.gold_doc_ids.is_empty() && q.answers.is_empty())
+                {
                     return Err(parse_err(format!(
-                        "line {}: needs a non-empty `query` and `gold_doc_ids`",
+                        "line {}: needs a non-empty `query`, and `gold_doc_ids` or `answers`",
                         i + 1
                     )));
                 }
@@ -228,6 +237,14 @@ pub async fn evaluate(
     fusion: &FusionConfig,
     progress: &(dyn Fn(usize) + Send + Sync),
 ) -> Result<RetrievalReport, EvalError> {
+    let with_gold: Vec<&Question> = questions
+        .iter()
+        .filter(|q| !q.gold_doc_ids.is_empty())
+        .collect();
+    if with_gold.is_empty() {
+        return Err(EvalError::NoGoldDocuments);
+    }
+    let questions = with_gold;
     let needs_vectors = modes.iter().any(|m| *m != Mode::Bm25);
     let vectors: Vec<Option<Vec<f32>>> = if needs_vectors {
         let texts = questions.iter().map(|q| q.query.clone()).collect();
@@ -318,5 +335,13 @@ mod tests {
         std::fs::write(&path, "{\"query\": \"q\", \"gold_doc_ids\": []}\n").expect("write");
         let err = load_questions(&path, QuestionFormat::Jsonl).expect_err("empty gold");
         assert!(err.to_string().contains("line 1"), "{err}");
+        // Answer-only questions (reference sentences, no gold documents) are accepted.
+        std::fs::write(
+            &path,
+            "{\"query\": \"q\", \"answers\": [\"Use VACUUM.\"]}\n",
+        )
+        .expect("write");
+        let qs = load_questions(&path, QuestionFormat::Jsonl).expect("answer-only");
+        assert!(qs[0].gold_doc_ids.is_empty());
     }
 }

@@ -2,11 +2,10 @@
 //!
 //! mistral.rs 0.8.1 merges a LoRA adapter into the weights when it loads it, and ignores per-request
 //! adapter selection, so each adapter in use is its own merged `Model`; at most
-//! `generate.max_resident_adapters` are kept (least recently used evicted). Every model is built on a
-//! fresh OS thread because mistral.rs keeps the list of applied LoRAs in a thread-local that is never
-//! cleared: a base model loaded on a thread that loaded an adapter before would silently carry it.
+//! `generate.max_resident_adapters` are kept (least recently used evicted); `load` builds them.
+//! Answers cannot loop: `repetition` forbids an answer to repeat a run of its own tokens.
 //!
-//! Owns mistral.rs: no mistral.rs type leaves this file. Knows nothing of retrieval or prompts
+//! Owns mistral.rs: no mistral.rs type leaves this module. Knows nothing of retrieval or prompts
 //! beyond the chat messages it is given.
 
 use std::path::PathBuf;
@@ -14,15 +13,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use mistralrs::{
-    IsqType, Model, ModelDType, RequestBuilder, Response, TextMessageRole, TextModelBuilder,
-};
+use mistralrs::{Model, RequestBuilder, Response, TextMessageRole};
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
 use crate::adapters::{AdapterError, AdapterRegistry};
 use crate::config::{GenerateConfig, Settings};
 use crate::error::ErrorKind;
+
+mod load;
+pub mod repetition;
 
 /// Errors of the generator.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,9 @@ pub struct Sampling {
     pub temperature: f64,
     pub top_p: f64,
     pub max_tokens: usize,
+    /// The answer may not repeat a run of this many of its own tokens (0 = no rule); see
+    /// [`repetition`].
+    pub no_repeat_ngram: usize,
 }
 
 impl Sampling {
@@ -101,6 +104,7 @@ impl Sampling {
             temperature: c.temperature,
             top_p: c.top_p,
             max_tokens: c.max_tokens,
+            no_repeat_ngram: c.no_repeat_ngram,
         }
     }
 }
@@ -139,63 +143,12 @@ impl std::fmt::Debug for Generator {
     }
 }
 
-fn dtype(name: &str) -> ModelDType {
-    match name {
-        "bf16" => ModelDType::BF16,
-        "f16" => ModelDType::F16,
-        "auto" => ModelDType::Auto,
-        _ => ModelDType::F32,
-    }
-}
-
 fn role(role: Role) -> TextMessageRole {
     match role {
         Role::System => TextMessageRole::System,
         Role::User => TextMessageRole::User,
         Role::Assistant => TextMessageRole::Assistant,
     }
-}
-
-/// The mistral.rs type of a validated `generate.isq` value (`None` for `none`).
-fn isq(name: &str) -> Option<IsqType> {
-    Some(match name {
-        "q4_0" => IsqType::Q4_0,
-        "q4_1" => IsqType::Q4_1,
-        "q5_0" => IsqType::Q5_0,
-        "q5_1" => IsqType::Q5_1,
-        "q8_0" => IsqType::Q8_0,
-        "q2k" => IsqType::Q2K,
-        "q3k" => IsqType::Q3K,
-        "q4k" => IsqType::Q4K,
-        "q5k" => IsqType::Q5K,
-        "q6k" => IsqType::Q6K,
-        "q8k" => IsqType::Q8K,
-        _ => return None,
-    })
-}
-
-/// Build a model on a fresh OS thread with its own runtime (see the module doc for why).
-async fn build_on_fresh_thread(
-    what: String,
-    builder: impl FnOnce() -> Result<Model, String> + Send + 'static,
-) -> Result<Model, GenerateError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let name = what.clone();
-    std::thread::Builder::new()
-        .name(format!("load-{name}"))
-        .spawn(move || {
-            let _ = tx.send(builder());
-        })
-        .map_err(|e| GenerateError::Load {
-            what: what.clone(),
-            message: e.to_string(),
-        })?;
-    rx.await
-        .map_err(|_| GenerateError::Load {
-            what: what.clone(),
-            message: "the loader thread panicked".into(),
-        })?
-        .map_err(|message| GenerateError::Load { what, message })
 }
 
 impl Generator {
@@ -213,7 +166,7 @@ impl Generator {
                 return Err(GenerateError::MissingBase { path: base_dir });
             }
         }
-        let base = Self::build(config, &base_dir, None).await?;
+        let base = load::model(config, &base_dir, None).await?;
         Ok(Self::with_base(settings, base_dir, base))
     }
 
@@ -225,33 +178,7 @@ impl Generator {
         settings: &Settings,
         gguf: &std::path::Path,
     ) -> Result<Arc<Generator>, GenerateError> {
-        let (Some(dir), Some(file)) = (gguf.parent(), gguf.file_name()) else {
-            return Err(GenerateError::MissingBase {
-                path: gguf.to_path_buf(),
-            });
-        };
-        if !gguf.is_file() {
-            return Err(GenerateError::MissingBase {
-                path: gguf.to_path_buf(),
-            });
-        }
-        let dir = dir.display().to_string();
-        let file = file.to_string_lossy().into_owned();
-        let max_seqs = settings.generate.max_concurrent;
-        let base = build_on_fresh_thread(gguf.display().to_string(), move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            rt.block_on(async move {
-                let builder =
-                    mistralrs::GgufModelBuilder::new(dir, vec![file]).with_max_num_seqs(max_seqs);
-                #[cfg(not(feature = "cuda"))]
-                let builder = builder.with_force_cpu();
-                builder.build().await.map_err(|e| format!("{e:#}"))
-            })
-        })
-        .await?;
+        let base = load::gguf_model(settings, gguf).await?;
         Ok(Self::with_base(
             settings,
             settings.generate_base_dir(),
@@ -274,48 +201,6 @@ impl Generator {
             pool_hits: AtomicU64::new(0),
             pool_misses: AtomicU64::new(0),
         })
-    }
-
-    async fn build(
-        config: &GenerateConfig,
-        base_dir: &std::path::Path,
-        adapter_id: Option<String>,
-    ) -> Result<Model, GenerateError> {
-        let dir = base_dir.display().to_string();
-        let dtype = dtype(&config.dtype);
-        let isq = isq(&config.isq);
-        let max_seqs = config.max_concurrent;
-        let what = adapter_id.clone().unwrap_or_else(|| dir.clone());
-        build_on_fresh_thread(what, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            rt.block_on(async move {
-                let builder = TextModelBuilder::new(&dir)
-                    .with_dtype(dtype)
-                    .with_max_num_seqs(max_seqs);
-                // Quantised after the adapter is merged into the weights (mistral.rs merges in
-                // the layer constructors, then quantises the loaded layers).
-                let builder = match isq {
-                    Some(t) => builder.with_isq(t),
-                    None => builder,
-                };
-                // The CPU build never probes for accelerators; `--features cuda` uses the GPU.
-                #[cfg(not(feature = "cuda"))]
-                let builder = builder.with_force_cpu();
-                match adapter_id {
-                    None => builder.build().await,
-                    Some(id) => {
-                        mistralrs::LoraModelBuilder::from_text_model_builder(builder, [id])
-                            .build()
-                            .await
-                    }
-                }
-                .map_err(|e| format!("{e:#}"))
-            })
-        })
-        .await
     }
 
     pub fn registry(&self) -> &AdapterRegistry {
@@ -351,7 +236,7 @@ impl Generator {
         self.registry.get(name)?;
         let started = Instant::now();
         let model = Arc::new(
-            Self::build(
+            load::model(
                 &self.config,
                 &self.base_dir,
                 Some(self.registry.model_id(name)),
@@ -507,6 +392,11 @@ impl Generator {
                 .set_sampler_temperature(sampling.temperature)
                 .set_sampler_topp(sampling.top_p)
                 .set_sampler_topk(0);
+        }
+        if sampling.no_repeat_ngram > 0 {
+            request = request.add_logits_processor(Arc::new(repetition::NoRepeatNgram::new(
+                sampling.no_repeat_ngram,
+            )));
         }
         for m in messages {
             request = request.add_message(role(m.role), m.content);

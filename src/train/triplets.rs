@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::Triplet;
 use super::model::Rng;
 use crate::collection::Collection;
-use crate::eval::answers::normalize;
+use crate::eval::answer_metrics::normalize;
 use crate::eval::{ContextMode, Question, gold_sources};
 use crate::rag::{Rag, RagError, Source, format_sources};
 

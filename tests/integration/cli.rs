@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use crate::helpers::{models_dir, squad_json, write_corpus};
 
-fn domainrag(data_dir: &Path, args: &[&str]) -> Output {
+pub(crate) fn domainrag(data_dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_domainrag"))
         .arg("--data-dir")
         .arg(data_dir)
@@ -18,7 +18,7 @@ fn domainrag(data_dir: &Path, args: &[&str]) -> Output {
         .expect("binary runs")
 }
 
-fn ok(out: &Output) -> String {
+pub(crate) fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
         "exit {:?}\nstdout: {}\nstderr: {}",

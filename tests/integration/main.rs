@@ -9,5 +9,6 @@ mod helpers;
 mod http;
 mod ingest;
 mod retrieval;
+mod soak;
 mod train;
 mod vector_store;

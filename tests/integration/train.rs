@@ -249,6 +249,7 @@ async fn trained_adapter_overfits_and_mistralrs_serves_it_identically() {
                     temperature: 0.0,
                     top_p: 1.0,
                     max_tokens: 12,
+                    no_repeat_ngram: 0,
                 },
             )
             .await

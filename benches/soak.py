@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Memory soak: does the appliance's resident memory stay flat while it answers?
+
+Two modes, one rule for what "flat" means (least-squares RSS slope after a warm-up):
+
+  soak.py server --bin BIN --data-dir DIR --collection C --questions FILE --answers 500 \
+      [--adapter NAME] [--out bench/soak.json]
+      Starts `BIN serve` on a free loopback port, asks N distinct questions one after another
+      through POST /api/collections/C/ask (every other one with the base model, the rest with
+      --adapter, when given), and reads the server's VmRSS from /proc after every answer.
+
+  soak.py eval --report REPORT.json [--out bench/soak-eval.json]
+      Reads the RSS series that `domainrag eval answers --json REPORT.json` records after every
+      answer (all arms in order) and applies the same rule.
+
+Writes JSON (series, peak, growth per 100 answers after warm-up, KV cache of one answer for
+scale) and prints a short Markdown table. Standard library only: the test suite runs it too.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def rss_mib(pid):
+    """Resident memory of process `pid` now, in MiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def slope_per_answer(series):
+    """Least-squares slope of the series against the answer index (MiB per answer)."""
+    n = len(series)
+    if n < 2:
+        return 0.0
+    xs = range(n)
+    mx = (n - 1) / 2.0
+    my = sum(series) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, series))
+    return sxy / sxx
+
+
+def summarise(series, warmup):
+    """The verdict numbers of an RSS series sampled after every answer."""
+    if len(series) <= warmup + 1:
+        raise SystemExit(
+            f"soak: {len(series)} answers is too few for a warm-up of {warmup}; "
+            "ask for more answers or a shorter --warmup"
+        )
+    after = series[warmup:]
+    return {
+        "answers": len(series),
+        "warmup_answers": warmup,
+        "start_mib": round(series[0], 1),
+        "after_warmup_mib": round(after[0], 1),
+        "end_mib": round(series[-1], 1),
+        "peak_mib": round(max(series), 1),
+        "growth_mib_per_100_answers": round(100.0 * slope_per_answer(after), 3),
+        "rss_mib": [round(x, 1) for x in series],
+    }
+
+
+def kv_mib_per_token(model_dir):
+    """f32 KV cache of one token for the model in `model_dir` (config.json), in MiB."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        c = json.load(f)
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads", c["num_attention_heads"])
+    return c["num_hidden_layers"] * 2 * kv_heads * head_dim * 4 / 2**20
+
+
+def load_questions(path, n):
+    """`n` distinct questions from a SQuAD JSON file or a JSONL file of {"query": ...}."""
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        qs = [json.loads(line)["query"] for line in text.splitlines() if line.strip()]
+    else:
+        qs = [
+            qa["question"]
+            for article in json.loads(text)["data"]
+            for p in article["paragraphs"]
+            for qa in p["qas"]
+        ]
+    distinct = list(dict.fromkeys(q.strip() for q in qs if q.strip()))
+    if len(distinct) < n:
+        raise SystemExit(f"soak: {path} has {len(distinct)} distinct questions, {n} asked for")
+    return distinct[:n]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url, body=None, timeout=600):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+def start_server(args, port):
+    cmd = [args.bin, "--data-dir", args.data_dir]
+    if args.models_dir:
+        cmd += ["--models-dir", args.models_dir]
+    env = dict(os.environ, DOMAINRAG__SERVER__BIND=f"127.0.0.1:{port}")
+    if args.max_tokens:
+        env["DOMAINRAG__GENERATE__MAX_TOKENS"] = str(args.max_tokens)
+    log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd + ["serve"], env=env, stdout=log, stderr=log)
+    deadline = time.time() + args.start_timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"soak: the server exited with {proc.returncode} while starting")
+        try:
+            http_json(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            return proc
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"soak: the server was not ready within {args.start_timeout} s")
+
+
+def run_server(args):
+    questions = load_questions(args.questions, args.answers)
+    port = free_port()
+    proc = start_server(args, port)
+    url = f"http://127.0.0.1:{port}/api/collections/{args.collection}/ask"
+    series, latencies, ttfts, tokens, arms = [], [], [], [], []
+    started = time.time()
+    try:
+        idle = rss_mib(proc.pid)
+        for i, q in enumerate(questions):
+            # Mixed traffic: even answers from the base model, odd ones from the adapter.
+            adapter = args.adapter if args.adapter and i % 2 == 1 else None
+            t0 = time.time()
+            a = http_json(url, {"question": q, "adapter": adapter})
+            latencies.append(time.time() - t0)
+            ttfts.append(a["timings_ms"]["first_token"])
+            tokens.append(a["prompt_tokens"] + a["completion_tokens"])
+            arms.append(a["adapter"] or "base")
+            series.append(rss_mib(proc.pid))
+            if args.progress and (i + 1) % args.progress == 0:
+                print(f"soak: {i + 1} answers, rss {series[-1]:.0f} MiB", file=sys.stderr)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    result = summarise(series, args.warmup)
+    result.update(
+        mode="server",
+        collection=args.collection,
+        adapter=args.adapter,
+        answers_per_arm={arm: arms.count(arm) for arm in sorted(set(arms))},
+        idle_mib=round(idle, 1),
+        seconds=round(time.time() - started, 1),
+        seconds_per_answer_median=round(statistics.median(latencies), 3),
+        first_token_ms_median=round(statistics.median(ttfts), 1),
+        tokens_per_answer_median=statistics.median(tokens),
+        max_tokens=args.max_tokens,
+    )
+    if args.model_dir:
+        per_token = kv_mib_per_token(args.model_dir)
+        result["kv_cache_mib_per_answer_median"] = round(per_token * result["tokens_per_answer_median"], 2)
+    return result
+
+
+def run_eval(args):
+    with open(args.report) as f:
+        report = json.load(f)
+    series = report["memory"]["rss_mib_after_answer"]
+    result = summarise(series, args.warmup)
+    result.update(mode="eval", report=args.report, arms=sorted(report["arms"]))
+    return result
+
+
+def table(r):
+    cols = list(range(0, r["answers"], r["every"])) + [r["answers"] - 1]
+    cols = sorted(set(cols))
+    head = " | ".join(str(i + 1) for i in cols)
+    rss = " | ".join("%.0f" % r["rss_mib"][i] for i in cols)
+    return "\n".join([
+        f"| answers | {head} |",
+        "|---|" + "---|" * len(cols),
+        f"| RSS MiB | {rss} |",
+        "",
+        "peak %.0f MiB; growth after %d warm-up answers: %+.2f MiB per 100 answers"
+        % (r["peak_mib"], r["warmup_answers"], r["growth_mib_per_100_answers"]),
+    ])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("server", help="drive `domainrag serve` over HTTP")
+    s.add_argument("--bin", required=True)
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--models-dir")
+    s.add_argument("--collection", required=True)
+    s.add_argument("--questions", required=True, help="SQuAD JSON or JSONL with a `query` field")
+    s.add_argument("--answers", type=int, default=500)
+    s.add_argument("--adapter", help="every other answer uses this adapter; the rest the base")
+    s.add_argument("--max-tokens", type=int, help="sets DOMAINRAG__GENERATE__MAX_TOKENS")
+    s.add_argument("--model-dir", help="base model dir (config.json), to report one answer's KV cache")
+    s.add_argument("--server-log")
+    s.add_argument("--start-timeout", type=float, default=600)
+    s.add_argument("--progress", type=int, default=0, help="print a line every N answers")
+    e = sub.add_parser("eval", help="read the RSS series of an `eval answers --json` report")
+    e.add_argument("--report", required=True)
+    for q in (s, e):
+        q.add_argument("--warmup", type=int, default=50, help="answers left out of the slope")
+        q.add_argument("--every", type=int, default=50, help="table column every N answers")
+        q.add_argument("--out", help="write the JSON here")
+    args = p.parse_args()
+    result = run_server(args) if args.mode == "server" else run_eval(args)
+    result["every"] = args.every
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

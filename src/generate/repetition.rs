@@ -1,0 +1,96 @@
+//! Answers that stop instead of looping: a logits processor that forbids the answer from repeating
+//! any run of `n` tokens it has already generated (a "no repeat n-gram" rule over the answer only).
+//!
+//! Small models decoding greedily fall into loops ("25.1.3. Updating Planner Statistics [1]"
+//! four times, to the token limit). Penalties over the whole context (mistral.rs's frequency,
+//! presence and DRY penalties) would also punish copying from the sources, which is what a RAG
+//! answer should do; this rule looks at the generated tokens alone. Owns nothing of mistral.rs but
+//! its processor trait; the rule itself is the pure [`banned_next_tokens`].
+
+use std::sync::OnceLock;
+
+use candle_core::Tensor;
+
+/// The tokens that would complete an `n`-token run already present in `generated`: for each
+/// earlier position where the last `n - 1` tokens occurred, the token that followed them.
+pub fn banned_next_tokens(generated: &[u32], n: usize) -> Vec<u32> {
+    if n == 0 || generated.len() < n {
+        return Vec::new();
+    }
+    let tail = &generated[generated.len() - (n - 1)..];
+    let mut banned: Vec<u32> = generated
+        .windows(n)
+        .filter(|w| &w[..n - 1] == tail)
+        .map(|w| w[n - 1])
+        .collect();
+    banned.sort_unstable();
+    banned.dedup();
+    banned
+}
+
+/// The per-request processor. mistral.rs passes the whole context (prompt and answer so far); the
+/// first call comes right after prefill, so the context's length then is the prompt's.
+pub(super) struct NoRepeatNgram {
+    n: usize,
+    prompt_len: OnceLock<usize>,
+}
+
+impl NoRepeatNgram {
+    pub(super) fn new(n: usize) -> NoRepeatNgram {
+        NoRepeatNgram {
+            n,
+            prompt_len: OnceLock::new(),
+        }
+    }
+}
+
+impl mistralrs::CustomLogitsProcessor for NoRepeatNgram {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> candle_core::Result<Tensor> {
+        let prompt_len = *self.prompt_len.get_or_init(|| context.len());
+        let generated = context.get(prompt_len..).unwrap_or_default();
+        let banned = banned_next_tokens(generated, self.n);
+        if banned.is_empty() {
+            return Ok(logits.clone());
+        }
+        let mut values = logits.flatten_all()?.to_vec1::<f32>()?;
+        for t in banned {
+            if let Some(v) = values.get_mut(t as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        Tensor::from_vec(values, logits.shape(), logits.device())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mistralrs::CustomLogitsProcessor;
+
+    #[test]
+    fn bans_only_what_would_repeat_a_run_of_the_answer() {
+        // "a b c d a b" with n = 3: "a b" occurred before, followed by "c".
+        assert_eq!(banned_next_tokens(&[1, 2, 3, 4, 1, 2], 3), vec![3]);
+        // Every earlier continuation of the tail is banned, once each.
+        assert_eq!(banned_next_tokens(&[1, 2, 3, 1, 2, 5, 1, 2], 3), vec![3, 5]);
+        // Nothing to repeat yet, or the rule off.
+        assert!(banned_next_tokens(&[1, 2, 3, 4], 3).is_empty());
+        assert!(banned_next_tokens(&[1, 2], 3).is_empty());
+        assert!(banned_next_tokens(&[1, 1, 1], 0).is_empty());
+        // n = 1: no token may appear twice.
+        assert_eq!(banned_next_tokens(&[7, 8], 1), vec![7, 8]);
+    }
+
+    #[test]
+    fn the_processor_ignores_the_prompt_and_masks_the_answer_repeats() -> candle_core::Result<()> {
+        let p = NoRepeatNgram::new(2);
+        let logits = Tensor::new(&[0.5f32, 1.0, 2.0, 3.0], &candle_core::Device::Cpu)?;
+        // First call: the prompt alone, which repeats "1 2" freely: nothing banned.
+        let out = p.apply(&logits, &[1, 2, 1, 2])?.to_vec1::<f32>()?;
+        assert_eq!(out, vec![0.5, 1.0, 2.0, 3.0]);
+        // The answer so far is "3 1 3": "3" was followed by "1", so "1" is banned after "3".
+        let out = p.apply(&logits, &[1, 2, 1, 2, 3, 1, 3])?.to_vec1::<f32>()?;
+        assert_eq!(out, vec![0.5, f32::NEG_INFINITY, 2.0, 3.0]);
+        Ok(())
+    }
+}
