@@ -77,7 +77,7 @@ bench-soak: models build
 	DOMAINRAG__GENERATE__MAX_TOKENS=$(SOAK_TOKENS) $(DR) eval answers --collection newwiki \
 		--format squad --questions data/squad/new_wiki_v1.0.json --sample 300 \
 		--adapter none --adapter newwiki-demo --json bench/soak/eval-report.json
-	python3 benches/soak.py eval --report bench/soak/eval-report.json --out bench/soak/eval.json
+	python3 benches/soak.py eval --report bench/soak/eval-report.json --warmup 150 --out bench/soak/eval.json
 
 ## Answer quality on the demo corpus: data/eval/postgres-manual.jsonl (89 questions written by
 ## reading the PostgreSQL manual) through the full pipeline, the base model with the shipped

@@ -195,6 +195,13 @@ def run_eval(args):
     series = report["memory"]["rss_mib_after_answer"]
     result = summarise(series, args.warmup)
     result.update(mode="eval", report=args.report, arms=sorted(report["arms"]))
+    # Each arm answers every question in turn, and its first answer may build its model: the
+    # same rule per arm, each with its own warm-up (arms in run order).
+    n = report["questions"]
+    result["per_arm_in_run_order"] = [
+        {k: v for k, v in summarise(series[i : i + n], args.warmup).items() if k != "rss_mib"}
+        for i in range(0, len(series), n)
+    ]
     return result
 
 
@@ -245,6 +252,10 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(table(result))
+    for i, arm in enumerate(result.get("per_arm_in_run_order", [])):
+        print("arm %d (answers %d..%d): %+.2f MiB per 100 answers after %d warm-up, peak %.0f MiB"
+              % (i + 1, i * arm["answers"] + 1, (i + 1) * arm["answers"], arm["growth_mib_per_100_answers"],
+                 arm["warmup_answers"], arm["peak_mib"]))
 
 
 if __name__ == "__main__":
