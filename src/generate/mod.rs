@@ -3,7 +3,7 @@
 //! mistral.rs 0.8.1 merges a LoRA adapter into the weights when it loads it, and ignores per-request
 //! adapter selection, so each adapter in use is its own merged `Model`; at most
 //! `generate.max_resident_adapters` are kept (least recently used evicted); `load` builds them.
-//! Answers cannot loop: `repetition` forbids an answer to repeat a run of its own tokens.
+//! `repetition` forbids an answer to repeat a run of its own tokens (it curbs loops, not all).
 //!
 //! Owns mistral.rs: no mistral.rs type leaves this module. Knows nothing of retrieval or prompts
 //! beyond the chat messages it is given.
