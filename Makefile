@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter serve eval-squad bench bench-train bench-engines bench-soak eval-demo clean-demo
+.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-soak eval-demo clean-demo
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -35,6 +35,7 @@ demo: models build
 	$(DR) search --collection postgres "reclaim disk space after deleting many rows" --k 3
 	$(DR) search --collection postgres "pg_dump restore into a different database" --mode bm25 --k 3
 	$(MAKE) demo-adapter
+	$(MAKE) demo-postgres-adapter
 	@echo "starting the appliance at http://127.0.0.1:8080 (Ctrl-C stops it)"
 	@echo "pick collection newwiki: it answers with its trained adapter newwiki-demo; switch to 'base model' to compare"
 	$(DR) serve
@@ -53,6 +54,19 @@ demo-adapter: models build
 		--name newwiki-demo --replace --assign --epochs 1 --batch 1 --lr 3e-4 --val-split 0.1
 	$(DR) ask --collection newwiki --no-adapter "In what year did the NHL make the two-lane pass legal?"
 	$(DR) ask --collection newwiki "In what year did the NHL make the two-lane pass legal?"
+
+## A collection's adapter from its documents alone: SYNTH_N triplets synthesised from the
+## PostgreSQL manual (questions from definitions, purposes and instructions in its text, answered
+## by the sentence and its citation; kept only when the retriever finds the source) -> LoRA
+## (1 epoch, ~15 min on 2 cores) -> assigned to `postgres`; then one question, base vs adapter.
+SYNTH_N ?= 150
+demo-postgres-adapter: models build
+	$(DR) collection show postgres >/dev/null 2>&1 || $(DR) collection create postgres
+	$(DR) ingest --collection postgres data/demo/postgresql-15
+	$(DR) train --collection postgres --synthetic $(SYNTH_N) --name postgres-synth --replace --assign \
+		--epochs 1 --batch 1 --lr 3e-4 --val-split 0.1
+	$(DR) ask --collection postgres --no-adapter "How do I reclaim disk space after deleting many rows?"
+	$(DR) ask --collection postgres "How do I reclaim disk space after deleting many rows?"
 
 ## Adapter training, domainrag vs Hugging Face peft side by side (~2 h): bench/train/.
 bench-train: models build

@@ -159,6 +159,9 @@ pub const ISQ_TYPES: &[&str] = &[
 pub struct RagConfig {
     pub max_sources: usize,
     pub context_tokens: usize,
+    /// The adapter that answers for a collection without one of its own, when it is registered
+    /// ("" = none: the base model answers).
+    pub house_adapter: String,
 }
 
 /// The HTTP server.

@@ -277,6 +277,28 @@ impl Bm25Index {
         Ok(BooleanQuery::new(clauses))
     }
 
+    /// The stored chunks at these positions, in the order asked. A position numbers the chunks
+    /// searchable now, 0..[`Self::num_chunks`], in index order (stable until the next commit);
+    /// positions past the end are left out. For sampling a collection without reading it whole.
+    pub fn chunks_at(&self, positions: &[usize]) -> Result<Vec<ChunkRecord>, IndexError> {
+        let searcher = self.reader.searcher();
+        let mut addresses = Vec::new();
+        for (ord, segment) in searcher.segment_readers().iter().enumerate() {
+            let ord = u32::try_from(ord).expect("fewer than 2^32 segments");
+            addresses.extend(
+                segment
+                    .doc_ids_alive()
+                    .map(|doc| tantivy::DocAddress::new(ord, doc)),
+            );
+        }
+        let mut out = Vec::with_capacity(positions.len());
+        for &addr in positions.iter().filter_map(|&p| addresses.get(p)) {
+            let doc: TantivyDocument = searcher.doc(addr).map_err(|e| self.tantivy_err(e))?;
+            out.push(self.record(&doc));
+        }
+        Ok(out)
+    }
+
     /// The stored chunks for these ids (missing ids are left out).
     pub fn get_chunks(
         &self,
@@ -380,6 +402,27 @@ mod tests {
         // Reopen from disk.
         let index = Bm25Index::open_or_create(dir.path(), 20).expect("reopen");
         assert_eq!(index.num_chunks().expect("count"), 1);
+    }
+
+    #[test]
+    fn chunks_at_reads_positions_over_live_chunks_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
+        let docs = ["a", "b", "c"].map(String::from);
+        let chunks = docs.each_ref().map(|d| chunk(&format!("c{d}"), d, d));
+        index.replace_documents(&docs, &chunks).expect("write");
+        index.delete_documents(&["b".into()]).expect("delete");
+        let all = index.chunks_at(&[0, 1, 2, 99]).expect("read");
+        let mut ids: Vec<&str> = all.iter().map(|c| c.chunk_id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(
+            ids,
+            ["ca", "cc"],
+            "deleted and out-of-range positions are left out"
+        );
+        let one = index.chunks_at(&[1, 0]).expect("read");
+        assert_eq!(one[0].chunk_id, all[1].chunk_id, "the order asked is kept");
+        assert_eq!(one[1].chunk_id, all[0].chunk_id);
     }
 
     #[test]

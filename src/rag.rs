@@ -40,22 +40,13 @@ impl RagError {
 /// Which adapter answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdapterChoice {
-    /// The collection's configured adapter (or the base model if it has none).
+    /// The collection's configured adapter; if it has none, the house adapter (`rag.house_adapter`)
+    /// when that is registered; else the base model.
     Collection,
     /// This adapter.
     Named(String),
     /// The base model.
     Base,
-}
-
-impl AdapterChoice {
-    fn resolve(&self, collection: &Collection) -> Option<String> {
-        match self {
-            AdapterChoice::Collection => collection.settings().adapter,
-            AdapterChoice::Named(n) => Some(n.clone()),
-            AdapterChoice::Base => None,
-        }
-    }
 }
 
 /// A source given to the model.
@@ -229,6 +220,29 @@ impl Rag {
         &self.generator
     }
 
+    /// The adapter that answers `choice` for `collection` (`None`: the base model).
+    pub fn resolve_adapter(
+        &self,
+        choice: &AdapterChoice,
+        collection: &Collection,
+    ) -> Option<String> {
+        match choice {
+            AdapterChoice::Collection => collection
+                .settings()
+                .adapter
+                .or_else(|| self.house_adapter()),
+            AdapterChoice::Named(n) => Some(n.clone()),
+            AdapterChoice::Base => None,
+        }
+    }
+
+    /// The house adapter, when one is configured and registered.
+    pub fn house_adapter(&self) -> Option<String> {
+        let name = &self.config.house_adapter;
+        let registered = !name.is_empty() && self.generator.registry().get(name).is_ok();
+        registered.then(|| name.clone())
+    }
+
     /// Retrieve and pick the sources that fit the token budget.
     pub async fn sources(
         &self,
@@ -294,7 +308,7 @@ impl Rag {
         self.generate(
             question,
             sources,
-            adapter.resolve(collection),
+            self.resolve_adapter(adapter, collection),
             retrieve_ms,
             started,
         )

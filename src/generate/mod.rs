@@ -404,6 +404,8 @@ impl Generator {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let _permit = permit;
+            // Runs when this task ends, however it ends (done, error, caller gone).
+            let _release = crate::telemetry::ReleaseFreedHeapOnDrop;
             let mut stream = match model.stream_chat_request(request).await {
                 Ok(s) => s,
                 Err(e) => {

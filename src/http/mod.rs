@@ -222,21 +222,30 @@ impl AppState {
         let registry = AdapterRegistry::new(&settings.paths.data_dir);
         let embedder = Embedder::load_async(&settings).await?;
         let generator = Generator::load(&settings).await?;
-        let mut in_use = Vec::new();
-        for name in catalog.list()? {
-            if let Some(a) = catalog.settings(&name)?.adapter
-                && !in_use.contains(&a)
-            {
-                in_use.push(a);
-            }
-        }
-        generator.preload(&in_use).await?;
         let rag = Rag::new(
             Retriever::new(Arc::clone(&embedder)),
             Arc::clone(&generator),
             settings.rag.clone(),
             Sampling::from_config(&settings.generate),
         );
+        let house = rag.house_adapter();
+        if house.is_none() && !settings.rag.house_adapter.is_empty() {
+            tracing::warn!(
+                adapter = %settings.rag.house_adapter,
+                "house adapter not registered: collections without an adapter of their own \
+                 answer with the base model (`make house-adapter` trains it)"
+            );
+        }
+        let mut in_use = Vec::new();
+        for name in catalog.list()? {
+            let adapter = catalog.settings(&name)?.adapter.or_else(|| house.clone());
+            if let Some(a) = adapter
+                && !in_use.contains(&a)
+            {
+                in_use.push(a);
+            }
+        }
+        generator.preload(&in_use).await?;
         Ok(Arc::new(AppState {
             catalog,
             registry,

@@ -9,9 +9,11 @@
 //! global-norm clipping, a fixed seed. The best checkpoint by validation loss is kept; Ctrl-C stops
 //! after the current step and keeps it.
 //!
-//! `model` owns the candle forward pass; `triplets` builds training data with the retriever.
+//! `model` owns the candle forward pass; `triplets` builds training data from question/answer
+//! pairs with the retriever, `synth` from a collection's own documents.
 
 pub mod model;
+pub mod synth;
 pub mod triplets;
 
 use std::path::{Path, PathBuf};
@@ -83,6 +85,18 @@ pub struct Triplet {
     pub context: String,
     /// The ideal answer, citations included.
     pub answer: String,
+    /// Where a synthesised triplet came from (`triplets synth`); training ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// The chunk and rule a synthesised triplet was written from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    pub chunk_id: String,
+    pub doc_id: String,
+    pub rule: String,
 }
 
 /// Read a triplets JSONL file; every problem names its line.

@@ -109,6 +109,7 @@ pub async fn build(
             query: q.query.clone(),
             context: format_sources(&sources),
             answer,
+            origin: None,
         });
         report.kept += 1;
     }

@@ -286,6 +286,27 @@ fn adapters_and_ask_from_the_command_line() {
     assert_eq!(list[0]["name"], "support-v1");
     assert_eq!(list[0]["rank"], 4);
 
+    // A collection without an adapter of its own answers with the house adapter once one is
+    // registered, and says so.
+    let before = json(&domainrag(
+        &data,
+        &["ask", "-c", "docs", "How do I reset my password?", "--json"],
+    ));
+    assert_eq!(
+        before["adapter"],
+        serde_json::Value::Null,
+        "no house adapter yet"
+    );
+    ok(&domainrag(
+        &data,
+        &["adapters", "add", "house", good.to_str().unwrap()],
+    ));
+    let housed = json(&domainrag(
+        &data,
+        &["ask", "-c", "docs", "How do I reset my password?", "--json"],
+    ));
+    assert_eq!(housed["adapter"], "house");
+
     let out = domainrag(&data, &["collection", "set", "docs", "--adapter", "nope"]);
     assert!(!out.status.success(), "unknown adapters cannot be assigned");
     ok(&domainrag(
@@ -344,8 +365,112 @@ fn adapters_and_ask_from_the_command_line() {
         &["collection", "set", "docs", "--no-adapter"],
     ));
     ok(&domainrag(&data, &["adapters", "remove", "support-v1"]));
+    ok(&domainrag(&data, &["adapters", "remove", "house"]));
     assert_eq!(
         json(&domainrag(&data, &["adapters", "list", "--json"])),
         serde_json::json!([])
     );
+}
+
+/// A team with documents and no question/answer pairs: `triplets synth` drafts questions from the
+/// fixture corpus and keeps those serving's retriever answers from their source; `train
+/// --synthetic` goes from the collection alone to an assigned adapter that answers.
+#[test]
+fn synthetic_triplets_from_documents_train_an_adapter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let inputs = dir.path().join("docs");
+    std::fs::create_dir_all(&inputs).expect("mkdir");
+    write_corpus(&inputs);
+    ok(&domainrag(&data, &["collection", "create", "docs"]));
+    ok(&domainrag(
+        &data,
+        &[
+            "ingest",
+            "-c",
+            "docs",
+            "--no-progress",
+            inputs.to_str().unwrap(),
+        ],
+    ));
+    let out = dir.path().join("synth.jsonl");
+    let report_path = dir.path().join("synth-report.json");
+    ok(&domainrag(
+        &data,
+        &[
+            "triplets",
+            "synth",
+            "-c",
+            "docs",
+            "--n",
+            "10",
+            "--out",
+            out.to_str().unwrap(),
+            "--report",
+            report_path.to_str().unwrap(),
+        ],
+    ));
+    let triplets: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .expect("triplets written")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let questions: Vec<&str> = triplets
+        .iter()
+        .map(|t| t["query"].as_str().expect("query"))
+        .collect();
+    assert!(
+        questions.contains(&"What is a partial index?"),
+        "{questions:?}"
+    );
+    assert!(
+        questions.contains(&"How do I reset my password?"),
+        "{questions:?}"
+    );
+    for t in &triplets {
+        // The answer is a sentence of a source in the context, cited by that source's number.
+        let answer = t["answer"].as_str().expect("answer");
+        let (sentence, cite) = answer.rsplit_once(" [").expect("a citation");
+        let n = cite.trim_end_matches(']');
+        let context = t["context"].as_str().expect("context");
+        let source = context
+            .split(&format!("[{n}] "))
+            .nth(1)
+            .expect("the cited source is in the context");
+        let source = source.split("\n\n").next().unwrap_or_default();
+        assert!(source.contains(sentence), "{sentence:?} not in source {n}");
+        assert!(t["origin"]["rule"].is_string(), "{t}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).expect("report"))
+            .expect("report JSON");
+    assert_eq!(report["kept"], triplets.len());
+    assert!(report["chunks_read"].as_u64().expect("count") >= triplets.len() as u64);
+
+    ok(&domainrag(
+        &data,
+        &[
+            "train",
+            "-c",
+            "docs",
+            "--synthetic",
+            "10",
+            "--name",
+            "docs-synth",
+            "--epochs",
+            "1",
+            "--batch",
+            "1",
+            "--val-split",
+            "0",
+            "--assign",
+            "--no-progress",
+        ],
+    ));
+    let answer = json(&domainrag(
+        &data,
+        &["ask", "-c", "docs", "What is a partial index?", "--json"],
+    ));
+    assert_eq!(answer["adapter"], "docs-synth");
+    assert!(!answer["answer"].as_str().expect("text").is_empty());
 }

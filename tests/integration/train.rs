@@ -116,6 +116,7 @@ fn fixture() -> Vec<Triplet> {
         query: q.into(),
         context: format!("Sources:\n[1] Zorblats\n{c}\n\n"),
         answer: a.into(),
+        origin: None,
     })
     .collect()
 }

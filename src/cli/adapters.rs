@@ -1,0 +1,119 @@
+//! `domainrag adapters ...`: adding, listing, showing and removing LoRA adapters (PEFT format).
+//!
+//! Printing only: validation and storage belong to `crate::adapters`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use crate::adapters::{AdapterRegistry, BaseModelInfo};
+use crate::collection::Catalog;
+use crate::config::Settings;
+
+#[derive(Debug, Subcommand)]
+pub enum AdaptersCmd {
+    /// Validate and copy a PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors).
+    Add { name: String, dir: PathBuf },
+    /// List adapters: name, base model, rank, alpha, targets, size, created.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one adapter, with its training record when domainrag trained it.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an adapter (refused while a collection uses it).
+    Remove { name: String },
+}
+
+/// `domainrag adapters add|list|show|remove`.
+pub(super) fn run(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> Result<()> {
+    let registry = AdapterRegistry::new(&settings.paths.data_dir);
+    match cmd {
+        AdaptersCmd::Add { name, dir } => {
+            let base = BaseModelInfo::from_dir(&settings.generate_base_dir())?;
+            let info = registry.add(&name, &dir, &base)?;
+            println!(
+                "added adapter {} (rank {}, alpha {}, targets {}) for {}",
+                info.name,
+                info.rank,
+                info.alpha,
+                info.target_modules.join(","),
+                info.base_model
+            );
+        }
+        AdaptersCmd::List { json } => {
+            let list = registry.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no adapters (add one with `domainrag adapters add NAME DIR`)");
+            } else {
+                println!(
+                    "{:<20} {:<28} {:>4} {:>6} {:<40} {:>10} created",
+                    "name", "base", "rank", "alpha", "targets", "bytes"
+                );
+                for a in list {
+                    println!(
+                        "{:<20} {:<28} {:>4} {:>6} {:<40} {:>10} {}",
+                        a.name,
+                        a.base_model,
+                        a.rank,
+                        a.alpha,
+                        a.target_modules.join(","),
+                        a.size_bytes,
+                        a.created_at
+                    );
+                }
+            }
+        }
+        AdaptersCmd::Show { name, json } => {
+            let info = registry.get(&name)?;
+            let training = registry.training_record(&name)?;
+            let value = serde_json::json!({ "adapter": info, "training": training });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!(
+                    "{}: base {}, rank {}, alpha {}, targets {}, {} bytes",
+                    info.name,
+                    info.base_model,
+                    info.rank,
+                    info.alpha,
+                    info.target_modules.join(","),
+                    info.size_bytes
+                );
+                match training {
+                    Some(t) => println!(
+                        "trained by domainrag: {} steps, best validation loss {}, {:.0} tokens/s, \
+                         {:.0} s, triplets {} (sha256 {})",
+                        t["steps"],
+                        t["best_val_loss"]
+                            .as_f64()
+                            .map_or_else(|| "-".to_string(), |v| format!("{v:.4}")),
+                        t["tokens_per_s"].as_f64().unwrap_or(0.0),
+                        t["wall_s"].as_f64().unwrap_or(0.0),
+                        t["triplets_file"].as_str().unwrap_or("?"),
+                        t["triplets_sha256"].as_str().unwrap_or("?")
+                    ),
+                    None => println!("uploaded (no training record)"),
+                }
+            }
+        }
+        AdaptersCmd::Remove { name } => {
+            let mut used_by = Vec::new();
+            for c in catalog.list()? {
+                if catalog.settings(&c)?.adapter.as_deref() == Some(name.as_str()) {
+                    used_by.push(c);
+                }
+            }
+            registry.remove(&name, &used_by)?;
+            println!("removed adapter {name}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! `domainrag collection ...` and `domainrag ingest`: creating, listing, showing, changing and
+//! deleting collections, the per-collection settings flags (`SettingsArgs`, also used by
+//! `eval retrieval` to override fusion for one run), and adding files to a collection.
+//!
+//! Argument handling and printing only: storage and ingest belong to `crate::collection` and
+//! `crate::ingest`.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+
+use crate::adapters::AdapterRegistry;
+use crate::collection::{Catalog, CollectionSettings};
+use crate::config::{FusionMethod, Settings};
+use crate::embed::Embedder;
+use crate::ingest::{Format, Ingestor};
+
+use super::Bar;
+
+#[derive(Debug, Subcommand)]
+pub enum CollectionCmd {
+    /// Create a collection (settings default to the config's collection_defaults).
+    Create {
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// List collections with their counts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one collection's settings and counts.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a collection's fusion settings (chunking is fixed once documents are stored).
+    Set {
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Delete a collection and everything in it.
+    Delete { name: String },
+}
+
+#[derive(Debug, Args, Default)]
+pub struct SettingsArgs {
+    /// Words per chunk.
+    #[arg(long)]
+    pub max_words: Option<usize>,
+    /// Words repeated between consecutive chunks.
+    #[arg(long)]
+    pub overlap_words: Option<usize>,
+    /// rrf or weighted.
+    #[arg(long, value_parser = parse_fusion)]
+    pub fusion: Option<FusionMethod>,
+    #[arg(long)]
+    pub rrf_k: Option<f32>,
+    #[arg(long)]
+    pub bm25_weight: Option<f32>,
+    #[arg(long)]
+    pub dense_weight: Option<f32>,
+    /// Candidates fetched from each retriever before fusion.
+    #[arg(long)]
+    pub candidates: Option<usize>,
+    /// The LoRA adapter answering for the collection.
+    #[arg(long, conflicts_with = "no_adapter")]
+    pub adapter: Option<String>,
+    /// Answer with the base model.
+    #[arg(long)]
+    pub no_adapter: bool,
+}
+
+fn parse_fusion(s: &str) -> Result<FusionMethod, String> {
+    match s {
+        "rrf" => Ok(FusionMethod::Rrf),
+        "weighted" => Ok(FusionMethod::Weighted),
+        other => Err(format!(
+            "unknown fusion method {other:?}: use rrf or weighted"
+        )),
+    }
+}
+
+impl SettingsArgs {
+    pub(super) fn apply(&self, s: &mut CollectionSettings) {
+        if let Some(v) = self.max_words {
+            s.chunking.max_words = v;
+        }
+        if let Some(v) = self.overlap_words {
+            s.chunking.overlap_words = v;
+        }
+        if let Some(v) = self.fusion {
+            s.fusion.method = v;
+        }
+        if let Some(v) = self.rrf_k {
+            s.fusion.rrf_k = v;
+        }
+        if let Some(v) = self.bm25_weight {
+            s.fusion.bm25_weight = v;
+        }
+        if let Some(v) = self.dense_weight {
+            s.fusion.dense_weight = v;
+        }
+        if let Some(v) = self.candidates {
+            s.fusion.candidates = v;
+        }
+        if let Some(v) = &self.adapter {
+            s.adapter = Some(v.clone());
+        }
+        if self.no_adapter {
+            s.adapter = None;
+        }
+    }
+}
+
+/// `domainrag collection create|list|show|set|delete`.
+pub(super) async fn run(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
+    match cmd {
+        CollectionCmd::Create { name, settings } => {
+            crate::collection::validate_name(&name)?;
+            let mut s = catalog.default_settings(&name);
+            settings.apply(&mut s);
+            if let Some(adapter) = &s.adapter {
+                AdapterRegistry::new(catalog.data_dir()).get(adapter)?;
+            }
+            catalog.create(s).await?;
+            println!("created collection {name}");
+        }
+        CollectionCmd::List { json } => {
+            let mut rows = Vec::new();
+            for name in catalog.list()? {
+                let col = catalog.open(&name).await?;
+                let stats = col.stats().await?;
+                rows.push(serde_json::json!({
+                    "name": name,
+                    "documents": stats.documents,
+                    "chunks": stats.chunks,
+                    "adapter": col.settings().adapter,
+                    "fusion": col.settings().fusion.method,
+                }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no collections (create one with `domainrag collection create NAME`)");
+            } else {
+                println!(
+                    "{:<24} {:>10} {:>10}  fusion",
+                    "name", "documents", "chunks"
+                );
+                for r in rows {
+                    println!(
+                        "{:<24} {:>10} {:>10}  {}",
+                        r["name"].as_str().unwrap_or_default(),
+                        r["documents"],
+                        r["chunks"],
+                        r["fusion"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+        CollectionCmd::Show { name, json } => {
+            let col = catalog.open(&name).await?;
+            let stats = col.stats().await?;
+            let value = serde_json::json!({ "settings": col.settings(), "stats": stats });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                // TOML has no null: unset settings (e.g. no adapter) are left out.
+                println!("{}", toml::to_string_pretty(&without_nulls(value))?);
+            }
+        }
+        CollectionCmd::Set { name, settings } => {
+            let mut s = catalog.settings(&name)?;
+            if settings.max_words.is_some() || settings.overlap_words.is_some() {
+                let col = catalog.open(&name).await?;
+                if col.stats().await?.documents > 0 {
+                    bail!(
+                        "collection {name} already holds documents; chunking applies at ingest, so \
+                         create a new collection to change it"
+                    );
+                }
+            }
+            settings.apply(&mut s);
+            if let Some(adapter) = &s.adapter {
+                // Only registered adapters can be assigned.
+                AdapterRegistry::new(catalog.data_dir()).get(adapter)?;
+            }
+            catalog.save_settings(&s)?;
+            println!(
+                "updated collection {name}: fusion {:?}, adapter {}",
+                s.fusion,
+                s.adapter.as_deref().unwrap_or("(none)")
+            );
+        }
+        CollectionCmd::Delete { name } => {
+            catalog.delete(&name).await?;
+            println!("deleted collection {name}");
+        }
+    }
+    Ok(())
+}
+
+/// `domainrag ingest`: add files or directories to a collection.
+pub(super) async fn ingest(
+    catalog: &Catalog,
+    settings: &Settings,
+    collection: String,
+    format: Format,
+    no_progress: bool,
+    json: bool,
+    paths: Vec<PathBuf>,
+) -> Result<()> {
+    let embedder = Embedder::load_async(settings).await?;
+    let col = catalog.open(&collection).await?;
+    let ingestor = Ingestor::new(col, embedder, settings.ingest.batch_docs);
+    let bar = Bar::new(!no_progress);
+    let report = ingestor.ingest_paths(&paths, format, &bar).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for f in &report.failures {
+            eprintln!("error: {}: {}", f.source, f.error);
+        }
+        println!(
+            "ingested {} files into {collection}: {} documents written, {} unchanged, {} chunks, \
+             {} failures, {} files skipped (unsupported type), {:.1} s ({:.0} chunks/s)",
+            report.files,
+            report.documents,
+            report.unchanged,
+            report.chunks,
+            report.failures.len(),
+            report.skipped_files,
+            report.seconds,
+            report.chunks_per_second()
+        );
+    }
+    Ok(())
+}
+
+/// `value` with every null object field removed, recursively.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(without_nulls).collect())
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,427 @@
+//! `domainrag triplets build|synth` and `domainrag train`: turning question/answer pairs (or a
+//! collection's own documents) into (query, context, answer) triplets with serving's retriever,
+//! then training a LoRA adapter on them and registering it, with a progress bar showing loss,
+//! tokens/s and learning rate.
+//!
+//! Argument handling and printing only: triplets, tokenisation and the training loop belong to
+//! `crate::train`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::adapters::{AdapterRegistry, BaseModelInfo};
+use crate::collection::Catalog;
+use crate::config::Settings;
+use crate::eval::{self, ContextMode, QuestionFormat};
+use crate::generate::Generator;
+use crate::ingest::Progress;
+use crate::train::Triplet;
+use crate::train::synth::SynthReport;
+
+use super::{Bar, gold_paragraphs, load_rag, sample_questions};
+
+#[derive(Debug, Subcommand)]
+pub enum TripletsCmd {
+    /// Turn question/answer pairs into triplets whose context is what serving would retrieve
+    /// (same retriever, source numbering and token budget as `ask`).
+    Build {
+        #[arg(long, short)]
+        collection: String,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: QuestionFormat,
+        /// Questions with gold answers (`{"query", "gold_doc_ids", "answers"}` JSONL, or SQuAD).
+        #[arg(long)]
+        questions: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// `retrieved` (serving's sources) or `gold` (the SQuAD paragraph as source [1]).
+        #[arg(long, value_enum, default_value = "retrieved")]
+        context: ContextMode,
+        /// Use a random sample of N questions (fixed --seed).
+        #[arg(long)]
+        sample: Option<usize>,
+        /// Put each question's retrieved sources in a random order (fixed --seed) and number them
+        /// in that order, so the source holding the answer is not almost always [1] (retrieval
+        /// ranks it first for most questions) and the adapter learns to cite where the answer is.
+        #[arg(long)]
+        shuffle_sources: bool,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Write triplets from the collection's own documents: questions drafted by extraction rules
+    /// from its chunks (definitions, purposes, instructions), answered by the sentence that
+    /// holds the answer and its citation, kept only when serving's retriever finds the source
+    /// for the question (see `train::synth`). Prints what was kept and dropped, by reason.
+    Synth {
+        #[arg(long, short)]
+        collection: String,
+        /// Triplets wanted (fewer when the chunks run out).
+        #[arg(long, default_value_t = 300)]
+        n: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the report (counts by reason, rate) as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Put each question's sources in a random order (as `triplets build` does).
+        #[arg(long)]
+        shuffle_sources: bool,
+        /// Order in which chunks are read (and sources shuffled).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+/// `domainrag train` (defaults: see `TrainOptions::default`).
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// The collection the adapter is for (recorded; `--assign` sets it as its adapter).
+    #[arg(long, short)]
+    pub collection: String,
+    /// Triplets JSONL (`{"query", "context", "answer"}`, from `triplets build` or `synth`).
+    #[arg(
+        long,
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
+    pub triplets: Option<PathBuf>,
+    /// Instead of --triplets: synthesise this many triplets from the collection's own
+    /// documents first (as `triplets synth` does; written into the training directory).
+    #[arg(long)]
+    pub synthetic: Option<usize>,
+    /// Adapter name (must be new unless --replace).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub replace: bool,
+    /// Make it the collection's adapter once trained.
+    #[arg(long)]
+    pub assign: bool,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub targets: Vec<String>,
+    #[arg(long, default_value_t = 0.05)]
+    pub dropout: f32,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// Sequences per optimiser step (gradient accumulation).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Longest sequence in tokens (prompt + answer); longer examples are dropped. The default
+    /// fits the serving prompt: system line + rag.context_tokens (1200) of sources + question
+    /// and answer.
+    #[arg(long, default_value_t = 2048)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub val_split: f64,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Sequences of a batch trained at once, each on its own thread (default: one per core;
+    /// only matters with --batch > 1).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Train on the GPU (builds with `--features cuda`).
+    #[arg(long)]
+    pub gpu: bool,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// `domainrag triplets build`.
+pub(super) async fn triplets(
+    catalog: &Catalog,
+    settings: &Settings,
+    cmd: TripletsCmd,
+) -> Result<()> {
+    match cmd {
+        TripletsCmd::Build {
+            collection,
+            format,
+            questions,
+            out,
+            context,
+            sample,
+            shuffle_sources,
+            seed,
+        } => {
+            let mut qs = eval::load_questions(&questions, format)?;
+            if let Some(n) = sample {
+                qs = sample_questions(qs, n, seed);
+            }
+            let gold = gold_paragraphs(context, format, &questions)?;
+            let col = catalog.open(&collection).await?;
+            let (_, rag) = load_rag(settings).await?;
+            let bar = Bar::new(true);
+            bar.start(qs.len() as u64);
+            let shuffle = shuffle_sources.then_some(seed);
+            let (triplets, report) = crate::train::triplets::build(
+                &rag,
+                &col,
+                &qs,
+                context,
+                gold.as_ref(),
+                shuffle,
+                &|n| bar.advance(n as u64, ""),
+            )
+            .await?;
+            bar.finish();
+            write_triplets(&out, &triplets)?;
+            eprintln!("{}", serde_json::to_string_pretty(&report)?);
+            println!("wrote {} triplets to {}", triplets.len(), out.display());
+            Ok(())
+        }
+        TripletsCmd::Synth {
+            collection,
+            n,
+            out,
+            report,
+            shuffle_sources,
+            seed,
+        } => {
+            let col = catalog.open(&collection).await?;
+            let (_, rag) = load_rag(settings).await?;
+            let (triplets, synth_report) = synthesize(&rag, &col, n, seed, shuffle_sources).await?;
+            write_triplets(&out, &triplets)?;
+            if let Some(path) = report {
+                std::fs::write(&path, serde_json::to_string_pretty(&synth_report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            println!("wrote {} triplets to {}", triplets.len(), out.display());
+            Ok(())
+        }
+    }
+}
+
+/// Synthesise with a progress bar, then print the report.
+async fn synthesize(
+    rag: &crate::rag::Rag,
+    col: &crate::collection::Collection,
+    n: usize,
+    seed: u64,
+    shuffle: bool,
+) -> Result<(Vec<Triplet>, SynthReport)> {
+    let bar = Bar::new(true);
+    bar.start(n as u64);
+    let result =
+        crate::train::synth::synthesize(rag, col, n, seed, shuffle, &|k| bar.advance(k as u64, ""))
+            .await?;
+    bar.finish();
+    eprintln!("{}", serde_json::to_string_pretty(&result.1)?);
+    if result.0.len() < n {
+        eprintln!(
+            "warning: {} of {n} triplets: the collection's chunks ran out (see dropped reasons)",
+            result.0.len()
+        );
+    }
+    Ok(result)
+}
+
+fn write_triplets(path: &Path, triplets: &[Triplet]) -> Result<()> {
+    let mut text = String::new();
+    for t in triplets {
+        text.push_str(&serde_json::to_string(t)?);
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The training progress bar: step, loss, tokens/s, learning rate.
+struct TrainBar(ProgressBar);
+
+impl crate::train::Progress for TrainBar {
+    fn start(&mut self, total_steps: usize) {
+        self.0.set_length(total_steps as u64);
+    }
+    fn step(&mut self, step: usize, epoch: usize, loss: f32, tokens_per_s: f64, lr: f64) {
+        self.0.set_position(step as u64);
+        self.0.set_message(format!(
+            "epoch {epoch} loss {loss:.4} {tokens_per_s:.0} tok/s lr {lr:.2e}"
+        ));
+    }
+    fn message(&mut self, text: &str) {
+        // A hidden bar (`--no-progress`, logs) drops `println`; the epoch lines still belong in
+        // the log.
+        if self.0.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.0.println(text);
+        }
+    }
+    fn finish(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// `domainrag train`: train a LoRA adapter (Ctrl-C keeps the best checkpoint), register it, and
+/// with `--assign` make it the collection's adapter.
+pub(super) async fn train_command(
+    catalog: &Catalog,
+    settings: &Settings,
+    a: TrainArgs,
+) -> Result<()> {
+    use crate::train::{TrainJob, TrainOptions, encode, read_triplets, register, train};
+    let options = TrainOptions {
+        rank: a.rank,
+        alpha: a.alpha,
+        targets: a.targets.clone(),
+        dropout: a.dropout,
+        lr: a.lr,
+        epochs: a.epochs,
+        batch: a.batch,
+        max_len: a.max_len,
+        val_split: a.val_split,
+        seed: a.seed,
+        warmup_steps: a.warmup,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        workers: a.workers.unwrap_or_else(|| TrainOptions::default().workers),
+    };
+    options.validate()?;
+    let col = catalog.open(&a.collection).await?;
+    let registry = AdapterRegistry::new(&settings.paths.data_dir);
+    crate::adapters::check_name(&a.name)?;
+    if !a.replace && registry.get(&a.name).is_ok() {
+        bail!(
+            "adapter {} already exists; choose a new --name or pass --replace",
+            a.name
+        );
+    }
+    let base_dir = settings.generate_base_dir();
+    let base = BaseModelInfo::from_dir(&base_dir)?;
+    let work_dir = settings.paths.data_dir.join("training").join(format!(
+        "{}-{}",
+        a.name,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    ));
+    // mistral.rs tokenises, with the base model's own chat template: the exact serving tokens.
+    let (triplets_path, triplets, examples, encoded) = match (a.triplets.clone(), a.synthetic) {
+        (Some(path), _) => {
+            let triplets = read_triplets(&path)?;
+            let generator = Generator::load(settings).await?;
+            let (examples, encoded) = encode(&generator, &triplets, options.max_len).await?;
+            (path, triplets, examples, encoded)
+        }
+        (None, Some(n)) => {
+            let (_, rag) = load_rag(settings).await?;
+            let (triplets, _) = synthesize(&rag, &col, n, a.seed, false).await?;
+            if triplets.is_empty() {
+                bail!(
+                    "no triplets could be synthesised from collection {}; see the reasons above",
+                    a.collection
+                );
+            }
+            std::fs::create_dir_all(&work_dir)
+                .with_context(|| format!("creating {}", work_dir.display()))?;
+            let path = work_dir.join("synthetic-triplets.jsonl");
+            write_triplets(&path, &triplets)?;
+            eprintln!("synthetic triplets: {}", path.display());
+            let (examples, encoded) = encode(rag.generator(), &triplets, options.max_len).await?;
+            (path, triplets, examples, encoded)
+        }
+        (None, None) => bail!("give --triplets FILE or --synthetic N"),
+    };
+    if encoded.too_long > 0 {
+        eprintln!(
+            "dropped {} of {} triplets longer than --max-len {}",
+            encoded.too_long,
+            triplets.len(),
+            options.max_len
+        );
+    }
+    let device = if a.gpu {
+        #[cfg(feature = "cuda")]
+        {
+            candle_core::Device::new_cuda(0)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("--gpu needs a build with `--features cuda`")
+    } else {
+        candle_core::Device::Cpu
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\nCtrl-C: finishing the current step, then keeping the best checkpoint");
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let visible = !a.no_progress;
+    let trained = tokio::task::spawn_blocking(move || {
+        let bar = if visible {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} eta {eta} {msg}")
+                .expect("static template is valid"),
+        );
+        let mut bar = TrainBar(bar);
+        train(TrainJob {
+            base_dir,
+            triplets_path,
+            examples,
+            encode: encoded,
+            options,
+            work_dir,
+            device,
+            stop,
+            progress: &mut bar,
+        })
+    })
+    .await??;
+    let info = register(&registry, &a.name, &trained, &base, a.replace)?;
+    let r = &trained.record;
+    println!(
+        "trained adapter {} (rank {}, alpha {}, {}): {} steps, best validation loss {}, {:.0} tokens/s, {:.0} s, peak RSS {:.0} MiB{}",
+        info.name,
+        info.rank,
+        info.alpha,
+        info.target_modules.join(","),
+        r.steps,
+        r.best_val_loss
+            .map_or_else(|| "-".to_string(), |v| format!("{v:.4}")),
+        r.tokens_per_s,
+        r.wall_s,
+        r.peak_rss_mib,
+        if r.interrupted {
+            " (stopped by Ctrl-C)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "checkpoints: {}",
+        trained.dir.parent().unwrap_or(&trained.dir).display()
+    );
+    if a.assign {
+        let name = a.name.clone();
+        col.update_settings(catalog, move |s| s.adapter = Some(name))?;
+        println!("collection {} now answers with {}", a.collection, a.name);
+    }
+    Ok(())
+}
