@@ -94,18 +94,17 @@ bench-soak: models build
 	python3 benches/soak.py eval --report bench/soak/eval-report.json --warmup 150 --out bench/soak/eval.json
 
 ## Answer quality on the demo corpus: data/eval/postgres-manual.jsonl (89 questions written by
-## reading the PostgreSQL manual) through the full pipeline, the base model with the shipped
-## repetition rule against the same model without it, paired (~25 min). bench/demo/.
+## reading the PostgreSQL manual) through the full pipeline: the base model, the house adapter
+## (when registered) and the adapter trained from the manual alone (`demo-postgres-adapter`),
+## with paired differences against the base (~40 min). bench/demo/.
 eval-demo: models build
 	$(DR) collection show postgres >/dev/null 2>&1 || $(DR) collection create postgres
 	$(DR) ingest --collection postgres data/demo/postgresql-15
+	$(DR) adapters show postgres-synth >/dev/null 2>&1 || $(MAKE) demo-postgres-adapter
 	mkdir -p bench/demo
-	DOMAINRAG__GENERATE__NO_REPEAT_NGRAM=0 $(DR) eval answers --collection postgres \
-		--questions data/eval/postgres-manual.jsonl --adapter none --json bench/demo/eval-base-no-rule.json
 	$(DR) eval answers --collection postgres --questions data/eval/postgres-manual.jsonl \
-		--adapter none --json bench/demo/eval-base.json --html bench/demo/eval-base.html
-	python3 benches/paired.py bench/demo/eval-base-no-rule.json bench/demo/eval-base.json \
-		--out bench/demo/repetition-rule.json
+		--adapter none $$($(DR) adapters show house >/dev/null 2>&1 && echo --adapter house) \
+		--adapter postgres-synth --json bench/demo/eval.json --html bench/demo/eval.html
 
 ## The appliance alone (API, OpenAI-compatible /v1, web UI) on the config's server.bind.
 serve: build

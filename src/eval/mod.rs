@@ -105,7 +105,7 @@ pub fn load_questions(path: &Path, format: QuestionFormat) -> Result<Vec<Questio
                         i + 1
                     )));
                 }
-                Ok(q)
+                Ok(with_canonical_gold_paths(q))
             })
             .collect::<Result<_, _>>()?,
     };
@@ -113,6 +113,22 @@ pub fn load_questions(path: &Path, format: QuestionFormat) -> Result<Vec<Questio
         return Err(parse_err("no questions found".into()));
     }
     Ok(questions)
+}
+
+/// Ingest names a file's document by its canonical path; a question set written by hand names
+/// it by a path relative to where it is run (`data/demo/postgresql-15/x.html`). A gold id that is
+/// an existing file is compared by its canonical path; any other id (JSONL `id`s, SQuAD ids) is
+/// kept as written.
+fn with_canonical_gold_paths(mut q: Question) -> Question {
+    for id in &mut q.gold_doc_ids {
+        let path = Path::new(id.as_str());
+        if path.is_file()
+            && let Ok(canonical) = std::fs::canonicalize(path)
+        {
+            *id = canonical.display().to_string();
+        }
+    }
+    q
 }
 
 /// Where a triplet's context comes from.
@@ -343,5 +359,20 @@ mod tests {
         .expect("write");
         let qs = load_questions(&path, QuestionFormat::Jsonl).expect("answer-only");
         assert!(qs[0].gold_doc_ids.is_empty());
+    }
+
+    #[test]
+    fn gold_ids_that_are_files_compare_by_canonical_path() {
+        // Relative to the working directory (the crate root under cargo test), as ingest sees it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.jsonl");
+        let line = r#"{"query": "q", "gold_doc_ids": ["Cargo.toml", "faq-1"]}"#;
+        std::fs::write(&path, line).expect("write");
+        let qs = load_questions(&path, QuestionFormat::Jsonl).expect("load");
+        let canonical = std::fs::canonicalize("Cargo.toml").expect("exists");
+        assert_eq!(
+            qs[0].gold_doc_ids,
+            [canonical.display().to_string(), "faq-1".to_string()]
+        );
     }
 }
