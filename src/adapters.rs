@@ -351,6 +351,11 @@ impl AdapterRegistry {
         })
     }
 
+    /// Whether `name` is registered: one file-system lookup, no parsing (for per-request checks).
+    pub fn contains(&self, name: &str) -> bool {
+        check_name(name).is_ok() && self.snapshot_dir(name).join(INFO_FILE).is_file()
+    }
+
     fn read_info(&self, name: &str) -> Result<Option<AdapterInfo>, AdapterError> {
         let path = self.snapshot_dir(name).join(INFO_FILE);
         let bytes = match std::fs::read(&path) {

@@ -239,7 +239,7 @@ impl Rag {
     /// The house adapter, when one is configured and registered.
     pub fn house_adapter(&self) -> Option<String> {
         let name = &self.config.house_adapter;
-        let registered = !name.is_empty() && self.generator.registry().get(name).is_ok();
+        let registered = !name.is_empty() && self.generator.registry().contains(name);
         registered.then(|| name.clone())
     }
 

@@ -233,7 +233,8 @@ impl AppState {
             tracing::warn!(
                 adapter = %settings.rag.house_adapter,
                 "house adapter not registered: collections without an adapter of their own \
-                 answer with the base model (`make house-adapter` trains it)"
+                 answer with the base model (register it with `domainrag adapters add` or train it \
+                 with `domainrag train --name`)"
             );
         }
         let mut in_use = Vec::new();
