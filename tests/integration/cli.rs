@@ -29,6 +29,27 @@ pub(crate) fn ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
 }
 
+/// A temp dir holding `data/` with collection `docs` ingested from the fixture corpus.
+fn docs_collection() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let inputs = dir.path().join("docs");
+    std::fs::create_dir_all(&inputs).expect("mkdir");
+    write_corpus(&inputs);
+    ok(&domainrag(&data, &["collection", "create", "docs"]));
+    ok(&domainrag(
+        &data,
+        &[
+            "ingest",
+            "-c",
+            "docs",
+            "--no-progress",
+            inputs.to_str().unwrap(),
+        ],
+    ));
+    (dir, data)
+}
+
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_str(&ok(out)).expect("stdout is one JSON document")
 }
@@ -241,22 +262,7 @@ fn bad_names_and_unknown_collections_are_refused() {
 #[test]
 fn adapters_and_ask_from_the_command_line() {
     use domainrag::adapters::{BaseModelInfo, write_test_adapter};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let inputs = dir.path().join("docs");
-    std::fs::create_dir_all(&inputs).expect("mkdir");
-    write_corpus(&inputs);
-    ok(&domainrag(&data, &["collection", "create", "docs"]));
-    ok(&domainrag(
-        &data,
-        &[
-            "ingest",
-            "-c",
-            "docs",
-            "--no-progress",
-            inputs.to_str().unwrap(),
-        ],
-    ));
+    let (dir, data) = docs_collection();
 
     // A malformed adapter is refused and leaves the registry empty.
     let bad = dir.path().join("bad-adapter");
@@ -377,22 +383,7 @@ fn adapters_and_ask_from_the_command_line() {
 /// --synthetic` goes from the collection alone to an assigned adapter that answers.
 #[test]
 fn synthetic_triplets_from_documents_train_an_adapter() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let inputs = dir.path().join("docs");
-    std::fs::create_dir_all(&inputs).expect("mkdir");
-    write_corpus(&inputs);
-    ok(&domainrag(&data, &["collection", "create", "docs"]));
-    ok(&domainrag(
-        &data,
-        &[
-            "ingest",
-            "-c",
-            "docs",
-            "--no-progress",
-            inputs.to_str().unwrap(),
-        ],
-    ));
+    let (dir, data) = docs_collection();
     let out = dir.path().join("synth.jsonl");
     let report_path = dir.path().join("synth-report.json");
     ok(&domainrag(
