@@ -233,18 +233,23 @@ fn gold_paragraphs(
 /// The progress bar on stderr (hidden when not wanted or stderr is not a terminal).
 struct Bar(ProgressBar);
 
+/// A progress bar on stderr drawn with `template` (hidden when not `visible`).
+fn progress_bar(visible: bool, template: &'static str) -> ProgressBar {
+    let bar = if visible {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(ProgressStyle::with_template(template).expect("static template is valid"));
+    bar
+}
+
 impl Bar {
     fn new(visible: bool) -> Bar {
-        let bar = if visible {
-            ProgressBar::new(0)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}")
-                .expect("static template is valid"),
-        );
-        Bar(bar)
+        Bar(progress_bar(
+            visible,
+            "{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}",
+        ))
     }
 }
 

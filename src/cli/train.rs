@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use crate::adapters::{AdapterRegistry, BaseModelInfo};
 use crate::collection::Catalog;
@@ -22,7 +22,7 @@ use crate::ingest::Progress;
 use crate::train::Triplet;
 use crate::train::synth::SynthReport;
 
-use super::{Bar, gold_paragraphs, load_rag, sample_questions};
+use super::{Bar, gold_paragraphs, load_rag, progress_bar, sample_questions};
 
 #[derive(Debug, Subcommand)]
 pub enum TripletsCmd {
@@ -371,16 +371,10 @@ pub(super) async fn train_command(
     }
     let visible = !a.no_progress;
     let trained = tokio::task::spawn_blocking(move || {
-        let bar = if visible {
-            ProgressBar::new(0)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} eta {eta} {msg}")
-                .expect("static template is valid"),
-        );
-        let mut bar = TrainBar(bar);
+        let mut bar = TrainBar(progress_bar(
+            visible,
+            "{bar:30} {pos}/{len} eta {eta} {msg}",
+        ));
         train(TrainJob {
             base_dir,
             triplets_path,
