@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-soak eval-demo clean-demo
+.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-soak eval-demo house-adapter eval-house clean-demo
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -67,6 +67,16 @@ demo-postgres-adapter: models build
 		--epochs 1 --batch 1 --lr 3e-4 --val-split 0.1
 	$(DR) ask --collection postgres --no-adapter "How do I reclaim disk space after deleting many rows?"
 	$(DR) ask --collection postgres "How do I reclaim disk space after deleting many rows?"
+
+## The house adapter every collection without its own answers with: LoRA trained on retrieved
+## triplets of SQuAD dev and SQuAD-Shifts amazon_reviews questions plus synthetic sentence
+## triplets from SQuAD dev (never new_wiki or the PostgreSQL set it is scored on); ~45 min on
+## 2 cores. bench/house/. `make eval-house`: base vs house on the 200 held-out new_wiki questions.
+house-adapter: models build
+	bash benches/house-adapter.sh
+
+eval-house: models build
+	EVAL=1 bash benches/house-adapter.sh
 
 ## Adapter training, domainrag vs Hugging Face peft side by side (~2 h): bench/train/.
 bench-train: models build

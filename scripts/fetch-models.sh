@@ -16,7 +16,7 @@
 #                                        only to those); reference_generations.json from
 #                                        scripts/check_converted_llm.py
 #   $DATA_DIR/demo/postgresql-15/        PostgreSQL 15 HTML docs (Debian postgresql-doc-15)
-#   $DATA_DIR/squad/                     SQuAD 1.1 dev + SQuAD-Shifts new_wiki (bigbench sdist)
+#   $DATA_DIR/squad/                     SQuAD 1.1 dev + SQuAD-Shifts new_wiki, amazon_reviews (bigbench sdist)
 #
 # Idempotent: an output that is present and verifies is left alone, so a rerun
 # with everything in place only hashes files (a few seconds) and touches no network.
@@ -98,6 +98,7 @@ BIGBENCH_SQUAD_PREFIX=bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/
 SQUAD_FILES=(
   "squaddev_v1.1.json 45089eff3cf52004b1dca6814cde5c57082fdb09872f18c79a5d944d45be523a"
   "new_wiki_v1.0.json 428104b87438d9059eb5df2883267cf9d30f6f4fcaed92e72107c8b913eaea40"
+  "amazon_reviews_v1.0.json 3d3b16b874aefef754d04c1cbd64457b3a6456aa2e946a6132b8254c17e34c4a"
 )
 
 # --- helpers ----------------------------------------------------------------
@@ -481,10 +482,10 @@ PY
 step_squad() {
   local dir=$DATA_DIR/squad entry name sha
   if all_present "$dir" "${SQUAD_FILES[@]}"; then
-    log "ok   SQuAD dev v1.1 + SQuAD-Shifts new_wiki (verified)"
+    log "ok   SQuAD dev v1.1 + SQuAD-Shifts new_wiki, amazon_reviews (verified)"
     return 0
   fi
-  log "get  SQuAD dev v1.1 + SQuAD-Shifts new_wiki"
+  log "get  SQuAD dev v1.1 + SQuAD-Shifts new_wiki, amazon_reviews"
   mkdir -p -- "$dir"
   local shared_ok=1
   for entry in "${SQUAD_FILES[@]}"; do

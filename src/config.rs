@@ -173,6 +173,8 @@ pub struct ServerConfig {
     pub max_upload_bytes: usize,
     pub request_timeout_secs: u64,
     pub shutdown_timeout_secs: u64,
+    /// Finished background jobs remembered (with their files under `<data_dir>/jobs/`).
+    pub jobs_kept: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -374,6 +376,9 @@ impl Settings {
                 "server.max_json_bytes",
                 "and max_upload_bytes must be at least 1024",
             );
+        }
+        if self.server.jobs_kept == 0 {
+            return invalid("server.jobs_kept", "must be at least 1");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(

@@ -1,12 +1,14 @@
 //! domainrag: an on-prem RAG appliance. Collections of documents are chunked, embedded and indexed
 //! (tantivy BM25 + Qdrant vectors) and searched with hybrid retrieval.
 //!
-//! Module graph (one way): `cli` -> `train` -> `eval` -> `rag` -> {`retrieve`, `generate`};
+//! Module graph (one way): {`cli`, `http`} -> `adapt` -> `train` -> `eval` -> `rag` ->
+//! {`retrieve`, `generate`}; `http` -> `jobs`;
 //! `cli` -> {`ingest`, `bench`} -> `collection` -> {`index`, `vectors`, `embed`, `chunk`};
 //! `generate` -> `adapters`; everything -> {`config`, `error`}. See ARCHITECTURE.md.
 
 #![warn(unreachable_pub)]
 
+pub mod adapt;
 pub mod adapters;
 pub mod bench;
 pub mod chunk;
@@ -20,6 +22,7 @@ pub mod generate;
 pub mod http;
 pub mod index;
 pub mod ingest;
+pub mod jobs;
 pub mod rag;
 pub mod retrieve;
 pub mod telemetry;

@@ -1,6 +1,6 @@
 // app.js owns the behaviour of the domainrag web UI: calls to the JSON API, the collection and
 // adapter pickers, document upload with ingest-job polling, the streamed chat (SSE over fetch),
-// citation chips and the source panel. No framework, no dependencies; all text goes in through
+// citation chips and the source panel (the Adapt card is adapt.js's). No framework, no dependencies; all text goes in through
 // textContent, never innerHTML.
 'use strict';
 
@@ -9,6 +9,7 @@
   const NAME_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
   const STORE_KEY = 'domainrag.collection';
   const MAX_DOCS_SHOWN = 300;
+  const FINISHED = ['done', 'failed', 'cancelled'];
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -187,6 +188,7 @@
     updateControls();
     if (!name) {
       renderDocuments([]);
+      document.dispatchEvent(new CustomEvent('domainrag:collection', { detail: { name: '' } }));
       return;
     }
     try {
@@ -199,6 +201,7 @@
       renderInfo();
       renderAdapterOptions();
       renderDocuments(Array.isArray(docs) ? docs : []);
+      document.dispatchEvent(new CustomEvent('domainrag:collection', { detail: { name } }));
     } catch (err) {
       if (seq !== state.selectSeq) return;
       showError(err, `Loading collection ${name}`);
@@ -307,6 +310,7 @@
     const values = Array.from(el.adapter.options, (o) => o.value);
     el.adapter.value = values.includes(keep) ? keep : 'default';
     updateAdapterSave();
+    document.dispatchEvent(new CustomEvent('domainrag:adapters'));
   }
 
   // The adapter the next question asks for: undefined = collection default, null = base model.
@@ -364,13 +368,13 @@
     for (const f of files) form.append('files', f, f.name);
     state.jobActive = true;
     updateControls();
-    renderJob({ status: 'uploading', collection: name, files_total: files.length, files_done: 0 });
+    renderJob({ status: 'uploading', collection: name, progress: { done: 0, total: files.length } });
     try {
       const res = await api('POST', `api/collections/${enc(name)}/documents`, { body: form });
-      if (!res || !res.job_id) throw new ApiError(0, 'bad_response', 'The server did not return a job id.');
+      if (!res || !res.id) throw new ApiError(0, 'bad_response', 'The server did not return a job id.');
       hideError();
       el.uploadInput.value = '';
-      await pollJob(res.job_id, name);
+      await pollJob(res.id, name);
     } catch (err) {
       renderJob({ status: 'failed', collection: name, error: err.message });
       showError(err, 'Upload');
@@ -393,7 +397,7 @@
       }
       if (job) {
         renderJob(job);
-        if (job.status === 'done' || job.status === 'failed') break;
+        if (FINISHED.includes(job.status)) break;
       }
       await new Promise((resolve) => setTimeout(resolve, POLL_MS));
     }
@@ -409,8 +413,10 @@
     const status = job.status || 'unknown';
     el.job.dataset.state = status;
     if (job.id) el.job.dataset.jobId = job.id;
-    const total = typeof job.files_total === 'number' ? job.files_total : 0;
-    const done = typeof job.files_done === 'number' ? job.files_done : 0;
+    const progress = job.progress || {};
+    const result = job.result || {};
+    const total = typeof progress.total === 'number' ? progress.total : 0;
+    const done = typeof progress.done === 'number' ? progress.done : 0;
     const label = {
       uploading: 'Uploading…', queued: 'Queued', running: 'Ingesting…', done: 'Done', failed: 'Failed',
     }[status] || status;
@@ -423,11 +429,11 @@
       nodes.push(h('progress', { max: String(Math.max(total, 1)), value: String(done), 'aria-label': 'Files ingested' }));
     }
     const counts = [`${done} / ${total} files`];
-    if (typeof job.documents === 'number') counts.push(plural(job.documents, 'document'));
-    if (typeof job.chunks === 'number') counts.push(plural(job.chunks, 'chunk'));
+    if (typeof result.documents === 'number') counts.push(plural(result.documents, 'document'));
+    if (typeof result.chunks === 'number') counts.push(plural(result.chunks, 'chunk'));
     nodes.push(h('p', { class: 'job-counts', 'data-testid': 'job-counts', text: counts.join(' · ') }));
     if (job.error) nodes.push(h('p', { class: 'job-error', 'data-testid': 'job-error', text: job.error }));
-    const failures = Array.isArray(job.failures) ? job.failures : [];
+    const failures = Array.isArray(result.failures) ? result.failures : [];
     if (failures.length) {
       nodes.push(h('p', { class: 'job-error', text: `${failures.length} file${failures.length > 1 ? 's' : ''} could not be ingested:` }));
       nodes.push(h('ul', { class: 'failures', 'data-testid': 'job-failures' },
@@ -792,5 +798,16 @@
 
   // Exposed for tests of the parser only; the UI does not use it.
   window.domainragSseParser = sseParser;
+  // What adapt.js (the Adapt card) uses; it loads after this file.
+  window.domainrag = {
+    api, h, enc, showError, hideError, plural,
+    current: currentName,
+    collection: () => state.current,
+    adapters: () => state.adapters,
+    refresh: async () => {
+      await loadAdapters();
+      await loadCollections(currentName());
+    },
+  };
   start();
 })();

@@ -6,21 +6,21 @@
 //! Argument handling and printing only: triplets, tokenisation and the training loop belong to
 //! `crate::train`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use indicatif::ProgressBar;
 
-use crate::adapters::{AdapterRegistry, BaseModelInfo};
+use crate::adapt::{TrainOutcome, TrainRequest, TripletSource, Workbench};
+use crate::adapters::AdapterRegistry;
 use crate::collection::Catalog;
 use crate::config::Settings;
 use crate::eval::{self, ContextMode, QuestionFormat};
-use crate::generate::Generator;
 use crate::ingest::Progress;
-use crate::train::Triplet;
 use crate::train::synth::SynthReport;
+use crate::train::{TrainOptions, Triplet};
 
 use super::{Bar, gold_paragraphs, load_rag, progress_bar, sample_questions};
 
@@ -184,7 +184,7 @@ pub(super) async fn triplets(
             )
             .await?;
             bar.finish();
-            write_triplets(&out, &triplets)?;
+            crate::train::write_triplets(&out, &triplets)?;
             eprintln!("{}", serde_json::to_string_pretty(&report)?);
             println!("wrote {} triplets to {}", triplets.len(), out.display());
             Ok(())
@@ -200,7 +200,7 @@ pub(super) async fn triplets(
             let col = catalog.open(&collection).await?;
             let (_, rag) = load_rag(settings).await?;
             let (triplets, synth_report) = synthesize(&rag, &col, n, seed, shuffle_sources).await?;
-            write_triplets(&out, &triplets)?;
+            crate::train::write_triplets(&out, &triplets)?;
             if let Some(path) = report {
                 std::fs::write(&path, serde_json::to_string_pretty(&synth_report)?)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -233,15 +233,6 @@ async fn synthesize(
         );
     }
     Ok(result)
-}
-
-fn write_triplets(path: &Path, triplets: &[Triplet]) -> Result<()> {
-    let mut text = String::new();
-    for t in triplets {
-        text.push_str(&serde_json::to_string(t)?);
-        text.push('\n');
-    }
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The training progress bar: step, loss, tokens/s, learning rate.
@@ -278,7 +269,48 @@ pub(super) async fn train_command(
     settings: &Settings,
     a: TrainArgs,
 ) -> Result<()> {
-    use crate::train::{TrainJob, TrainOptions, encode, read_triplets, register, train};
+    let request = train_request(&a)?;
+    crate::adapt::check(&AdapterRegistry::new(&settings.paths.data_dir), &request)?;
+    let col = catalog.open(&a.collection).await?;
+    let (_, rag) = load_rag(settings).await?;
+    let registry = AdapterRegistry::new(&settings.paths.data_dir);
+    let bench = Workbench {
+        rag: &rag,
+        catalog,
+        registry: &registry,
+        base_dir: settings.generate_base_dir(),
+        training_dir: settings.paths.data_dir.join("training"),
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\nCtrl-C: finishing the current step, then keeping the best checkpoint");
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let synth_bar = Bar::new(a.synthetic.is_some() && !a.no_progress);
+    synth_bar.start(a.synthetic.unwrap_or(0) as u64);
+    let bar = TrainBar(progress_bar(
+        !a.no_progress,
+        "{bar:30} {pos}/{len} eta {eta} {msg}",
+    ));
+    let out = crate::adapt::train_adapter(
+        &bench,
+        &col,
+        request,
+        &|k| synth_bar.advance(k as u64, ""),
+        Box::new(bar),
+        stop,
+    )
+    .await?;
+    print_outcome(&a.collection, &out)
+}
+
+/// The request `train` makes of `adapt` from its flags.
+fn train_request(a: &TrainArgs) -> Result<TrainRequest> {
     let options = TrainOptions {
         rank: a.rank,
         alpha: a.alpha,
@@ -295,60 +327,11 @@ pub(super) async fn train_command(
         max_grad_norm: a.max_grad_norm,
         workers: a.workers.unwrap_or_else(|| TrainOptions::default().workers),
     };
-    options.validate()?;
-    let col = catalog.open(&a.collection).await?;
-    let registry = AdapterRegistry::new(&settings.paths.data_dir);
-    crate::adapters::check_name(&a.name)?;
-    if !a.replace && registry.get(&a.name).is_ok() {
-        bail!(
-            "adapter {} already exists; choose a new --name or pass --replace",
-            a.name
-        );
-    }
-    let base_dir = settings.generate_base_dir();
-    let base = BaseModelInfo::from_dir(&base_dir)?;
-    let work_dir = settings.paths.data_dir.join("training").join(format!(
-        "{}-{}",
-        a.name,
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    ));
-    // mistral.rs tokenises, with the base model's own chat template: the exact serving tokens.
-    let (triplets_path, triplets, examples, encoded) = match (a.triplets.clone(), a.synthetic) {
-        (Some(path), _) => {
-            let triplets = read_triplets(&path)?;
-            let generator = Generator::load(settings).await?;
-            let (examples, encoded) = encode(&generator, &triplets, options.max_len).await?;
-            (path, triplets, examples, encoded)
-        }
-        (None, Some(n)) => {
-            let (_, rag) = load_rag(settings).await?;
-            let (triplets, _) = synthesize(&rag, &col, n, a.seed, false).await?;
-            if triplets.is_empty() {
-                bail!(
-                    "no triplets could be synthesised from collection {}; see the reasons above",
-                    a.collection
-                );
-            }
-            std::fs::create_dir_all(&work_dir)
-                .with_context(|| format!("creating {}", work_dir.display()))?;
-            let path = work_dir.join("synthetic-triplets.jsonl");
-            write_triplets(&path, &triplets)?;
-            eprintln!("synthetic triplets: {}", path.display());
-            let (examples, encoded) = encode(rag.generator(), &triplets, options.max_len).await?;
-            (path, triplets, examples, encoded)
-        }
+    let source = match (&a.triplets, a.synthetic) {
+        (Some(path), _) => TripletSource::File(path.clone()),
+        (None, Some(n)) => TripletSource::Synthetic { n, seed: a.seed },
         (None, None) => bail!("give --triplets FILE or --synthetic N"),
     };
-    if encoded.too_long > 0 {
-        eprintln!(
-            "dropped {} of {} triplets longer than --max-len {}",
-            encoded.too_long,
-            triplets.len(),
-            options.max_len
-        );
-    }
     let device = if a.gpu {
         #[cfg(feature = "cuda")]
         {
@@ -359,37 +342,29 @@ pub(super) async fn train_command(
     } else {
         candle_core::Device::Cpu
     };
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let stop = Arc::clone(&stop);
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\nCtrl-C: finishing the current step, then keeping the best checkpoint");
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-    }
-    let visible = !a.no_progress;
-    let trained = tokio::task::spawn_blocking(move || {
-        let mut bar = TrainBar(progress_bar(
-            visible,
-            "{bar:30} {pos}/{len} eta {eta} {msg}",
-        ));
-        train(TrainJob {
-            base_dir,
-            triplets_path,
-            examples,
-            encode: encoded,
-            options,
-            work_dir,
-            device,
-            stop,
-            progress: &mut bar,
-        })
+    Ok(TrainRequest {
+        name: a.name.clone(),
+        source,
+        options,
+        replace: a.replace,
+        assign: a.assign,
+        keep_when_stopped: true,
+        device,
     })
-    .await??;
-    let info = register(&registry, &a.name, &trained, &base, a.replace)?;
-    let r = &trained.record;
+}
+
+fn print_outcome(collection: &str, out: &TrainOutcome) -> Result<()> {
+    if let Some(report) = &out.synth {
+        eprintln!("{}", serde_json::to_string_pretty(report)?);
+        eprintln!("synthetic triplets: {}", out.triplets_file.display());
+    }
+    if out.too_long > 0 {
+        eprintln!(
+            "dropped {} of {} triplets longer than --max-len",
+            out.too_long, out.triplets
+        );
+    }
+    let (info, r) = (&out.adapter, &out.record);
     println!(
         "trained adapter {} (rank {}, alpha {}, {}): {} steps, best validation loss {}, {:.0} tokens/s, {:.0} s, peak RSS {:.0} MiB{}",
         info.name,
@@ -408,14 +383,9 @@ pub(super) async fn train_command(
             ""
         }
     );
-    println!(
-        "checkpoints: {}",
-        trained.dir.parent().unwrap_or(&trained.dir).display()
-    );
-    if a.assign {
-        let name = a.name.clone();
-        col.update_settings(catalog, move |s| s.adapter = Some(name))?;
-        println!("collection {} now answers with {}", a.collection, a.name);
+    println!("checkpoints: {}", out.checkpoints.display());
+    if out.assigned {
+        println!("collection {collection} now answers with {}", info.name);
     }
     Ok(())
 }

@@ -98,14 +98,7 @@ pub fn load_questions(path: &Path, format: QuestionFormat) -> Result<Vec<Questio
             .map(|(i, l)| {
                 let q: Question = serde_json::from_str(l)
                     .map_err(|e| parse_err(format!("line {}: {e}", i + 1)))?;
-                if q.query.trim().is_empty() || (q.gold_doc_ids.is_empty() && q.answers.is_empty())
-                {
-                    return Err(parse_err(format!(
-                        "line {}: needs a non-empty `query`, and `gold_doc_ids` or `answers`",
-                        i + 1
-                    )));
-                }
-                Ok(with_canonical_gold_paths(q))
+                checked(q).map_err(|e| parse_err(format!("line {}: {e}", i + 1)))
             })
             .collect::<Result<_, _>>()?,
     };
@@ -113,6 +106,28 @@ pub fn load_questions(path: &Path, format: QuestionFormat) -> Result<Vec<Questio
         return Err(parse_err("no questions found".into()));
     }
     Ok(questions)
+}
+
+/// A question as scoring needs it: a query, and gold documents or answers (gold paths made
+/// canonical).
+fn checked(q: Question) -> Result<Question, String> {
+    if q.query.trim().is_empty() || (q.gold_doc_ids.is_empty() && q.answers.is_empty()) {
+        return Err("needs a non-empty `query`, and `gold_doc_ids` or `answers`".into());
+    }
+    Ok(with_canonical_gold_paths(q))
+}
+
+/// Questions given inline (the API's evaluation job), each checked as a JSONL line is; an error
+/// names the question by its 1-based position.
+pub fn checked_questions(questions: Vec<Question>) -> Result<Vec<Question>, String> {
+    if questions.is_empty() {
+        return Err("`questions` is empty".into());
+    }
+    questions
+        .into_iter()
+        .enumerate()
+        .map(|(i, q)| checked(q).map_err(|e| format!("question {}: {e}", i + 1)))
+        .collect()
 }
 
 /// Ingest names a file's document by its canonical path; a question set written by hand names

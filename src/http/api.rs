@@ -1,7 +1,6 @@
-//! `/api` routes: collections, documents (multipart upload ingested as background jobs), jobs,
-//! search, ask (JSON or server-sent events), adapters.
+//! `/api` routes: collections, documents (multipart upload ingested as background jobs), search,
+//! ask (JSON or server-sent events), adapters. Job routes live in `http::jobs`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,7 +10,6 @@ use actix_multipart::form::{MultipartForm, tempfile::TempFile, text::Text};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
 
 use super::{ApiError, AppState, sse_event};
 use crate::collection::{CollectionSettings, CollectionStats};
@@ -272,55 +270,15 @@ pub(crate) fn tokio_stream_from<T>(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-/// The state of a background ingest.
-#[derive(Debug, Clone, Serialize)]
-pub struct Job {
-    pub id: String,
-    pub collection: String,
-    pub status: &'static str,
-    pub files_total: u64,
-    pub files_done: u64,
-    pub documents: usize,
-    pub chunks: usize,
-    pub failures: Vec<crate::ingest::IngestFailure>,
-    pub error: Option<String>,
-}
+/// An ingest job's progress: files done of total.
+struct IngestProgress(crate::jobs::Job);
 
-/// Background ingest jobs by id.
-#[derive(Debug, Default)]
-pub struct Jobs(Mutex<HashMap<String, Arc<std::sync::Mutex<Job>>>>);
-
-impl Jobs {
-    pub async fn running(&self) -> usize {
-        let jobs = self.0.lock().await;
-        jobs.values()
-            .filter(|j| {
-                let s = j
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .status;
-                s == "running" || s == "queued"
-            })
-            .count()
-    }
-}
-
-struct JobProgress(Arc<std::sync::Mutex<Job>>);
-
-impl Progress for JobProgress {
+impl Progress for IngestProgress {
     fn start(&self, total: u64) {
-        let mut j = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        j.status = "running";
-        j.files_total = total;
+        self.0.start(total);
     }
     fn advance(&self, n: u64, _: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .files_done += n;
+        self.0.advance(n);
     }
     fn finish(&self) {}
 }
@@ -394,25 +352,12 @@ async fn upload_documents(
             .map_err(|e| ApiError::from_kind(crate::error::ErrorKind::Internal, &e))?;
         paths.push(dest);
     }
-    let id = uuid::Uuid::new_v4().to_string();
-    let job = Arc::new(std::sync::Mutex::new(Job {
-        id: id.clone(),
-        collection: name.to_string(),
-        status: "queued",
-        files_total: paths.len() as u64,
-        files_done: 0,
-        documents: 0,
-        chunks: 0,
-        failures: Vec::new(),
-        error: None,
-    }));
-    state
+    // Ingest cannot stop half-way without leaving a document half-replaced: not cancellable.
+    let job = state
         .jobs
-        .0
-        .lock()
-        .await
-        .insert(id.clone(), Arc::clone(&job));
-    let state2 = state.clone();
+        .create(crate::jobs::JobKind::Ingest, c.name(), false);
+    job.set_total(paths.len() as u64);
+    let (state2, job2) = (state.clone(), job.clone());
     tokio::spawn(async move {
         let lock = state2.write_lock(c.name()).await;
         let _writing = lock.lock().await;
@@ -422,38 +367,21 @@ async fn upload_documents(
             state2.settings.ingest.batch_docs,
         );
         let result = ingestor
-            .ingest_paths(&paths, format, &JobProgress(Arc::clone(&job)))
+            .ingest_paths(&paths, format, &IngestProgress(job2.clone()))
             .await;
-        let mut j = job
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match result {
-            Ok(report) => {
-                j.status = "done";
-                j.documents = report.documents + report.unchanged;
-                j.chunks = report.chunks;
-                j.failures = report.failures;
-            }
+            Ok(report) => job2.succeed(serde_json::json!({
+                "documents": report.documents + report.unchanged,
+                "chunks": report.chunks,
+                "failures": report.failures,
+            })),
             Err(e) => {
                 tracing::error!(error = %e, "ingest job failed");
-                j.status = "failed";
-                j.error = Some(e.to_string());
+                job2.fail(e.to_string());
             }
         }
     });
-    Ok(HttpResponse::Accepted().json(serde_json::json!({ "job_id": id, "status": "queued" })))
-}
-
-async fn get_job(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let jobs = state.jobs.0.lock().await;
-    let job = jobs
-        .get(id.as_str())
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}")))?;
-    let job = job
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    Ok(HttpResponse::Ok().json(job))
+    Ok(HttpResponse::Accepted().json(job.view()))
 }
 
 async fn list_documents(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
@@ -548,6 +476,7 @@ async fn delete_adapter(state: State, name: web::Path<String>) -> Result<HttpRes
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api")
+            .configure(super::jobs::configure)
             .route("/collections", web::get().to(list_collections))
             .route("/collections", web::post().to(create_collection))
             .route("/collections/{name}", web::get().to(get_collection))
@@ -567,7 +496,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 "/collections/{name}/documents/{doc_id}",
                 web::delete().to(delete_document),
             )
-            .route("/jobs/{id}", web::get().to(get_job))
             .route("/adapters", web::get().to(list_adapters))
             .route("/adapters", web::post().to(add_adapter))
             .route("/adapters/{name}", web::delete().to(delete_adapter)),

@@ -1,11 +1,12 @@
 //! The HTTP appliance (actix-web): shared state, the error shape, health, metrics, the embedded web
-//! UI, and server start/stop. Route groups live in [`api`] (collections, documents, jobs, search,
-//! ask, adapters) and [`openai`] (`/v1`).
+//! UI, and server start/stop. Route groups live in [`api`] (collections, documents, search, ask,
+//! adapters), [`jobs`] (synthesis, training, evaluation jobs and the job list) and [`openai`] (`/v1`).
 //!
 //! Handlers are thin: request DTO -> one call into `rag` / `retrieve` / `ingest` / `collection` ->
 //! DTO back. No tantivy, Qdrant or mistral.rs types here. Nothing imports this module.
 
 pub mod api;
+pub mod jobs;
 pub mod openai;
 
 use std::collections::HashMap;
@@ -176,7 +177,7 @@ impl Metrics {
              # TYPE domainrag_generation_rejected_total counter\ndomainrag_generation_rejected_total {}\n\
              # TYPE domainrag_generation_in_flight gauge\ndomainrag_generation_in_flight {}\n\
              # TYPE domainrag_adapters_resident gauge\ndomainrag_adapters_resident {}\n\
-             # TYPE domainrag_ingest_jobs_running gauge\ndomainrag_ingest_jobs_running {}\n\
+             # TYPE domainrag_jobs_running gauge\ndomainrag_jobs_running {}\n\
              # TYPE domainrag_generation_queued gauge\ndomainrag_generation_queued {}\n\
              # TYPE domainrag_adapter_pool_total counter\ndomainrag_adapter_pool_total{{result=\"hit\"}} {}\ndomainrag_adapter_pool_total{{result=\"miss\"}} {}\n",
             g(&self.requests),
@@ -211,7 +212,9 @@ pub struct AppState {
     collections: Mutex<HashMap<String, Arc<Collection>>>,
     /// One writer at a time per collection.
     write_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    pub jobs: api::Jobs,
+    pub jobs: crate::jobs::Jobs,
+    /// Synthesis, training and evaluation jobs take turns (one at a time).
+    pub heavy_jobs: tokio::sync::Semaphore,
     pub metrics: Metrics,
 }
 
@@ -255,7 +258,11 @@ impl AppState {
             rag,
             collections: Mutex::new(HashMap::new()),
             write_locks: Mutex::new(HashMap::new()),
-            jobs: api::Jobs::default(),
+            jobs: crate::jobs::Jobs::new(
+                settings.paths.data_dir.join("jobs"),
+                settings.server.jobs_kept,
+            ),
+            heavy_jobs: tokio::sync::Semaphore::new(1),
             metrics: Metrics::default(),
             settings,
         }))
@@ -301,6 +308,7 @@ impl AppState {
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
+const ADAPT_JS: &str = include_str!("../../web/adapt.js");
 const STYLE_CSS: &str = include_str!("../../web/style.css");
 const OPENAPI_JSON: &str = include_str!("../../web/openapi.json");
 
@@ -321,7 +329,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let resident = state.generator.resident_adapters().await.len();
-    let running = state.jobs.running().await;
+    let running = state.jobs.running();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(
@@ -351,6 +359,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/app.js",
             web::get().to(|| async { static_file(APP_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/adapt.js",
+            web::get().to(|| async { static_file(ADAPT_JS, "text/javascript; charset=utf-8") }),
         )
         .route(
             "/style.css",

@@ -127,6 +127,19 @@ pub fn read_triplets(path: &Path) -> Result<Vec<Triplet>, TrainError> {
     Ok(out)
 }
 
+/// Write triplets as JSONL (creating the directory), one object per line.
+pub fn write_triplets(path: &Path, triplets: &[Triplet]) -> Result<(), TrainError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    }
+    let mut text = String::new();
+    for t in triplets {
+        text.push_str(&serde_json::to_string(t).expect("triplets serialise"));
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| io(path, e))
+}
+
 /// Hyper-parameters (see the README's training section for what each does).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainOptions {
@@ -479,7 +492,12 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
     let mut order: Vec<usize> = (0..job.examples.len()).collect();
     rng.shuffle(&mut order);
     let n_val = ((job.examples.len() as f64) * o.val_split).round() as usize;
-    let n_val = if o.val_split > 0.0 { n_val.max(1) } else { 0 };
+    // One example is trained on, not held out (a first try on a tiny collection).
+    let n_val = if o.val_split > 0.0 && job.examples.len() > 1 {
+        n_val.max(1)
+    } else {
+        0
+    };
     if job.examples.len() <= n_val {
         return Err(TrainError::Option {
             option: "--val-split",

@@ -54,22 +54,38 @@ pub async fn embedder() -> Arc<Embedder> {
         .clone()
 }
 
-/// One generator (base model + adapter pool) for the whole test binary. Its adapter registry lives
-/// in a process-wide temp data dir, which is also where mistral.rs looks for adapters: it resolves
-/// them only through the Hugging Face hub cache named by `HF_HUB_CACHE`.
+/// The process-wide data dir whose adapter registry mistral.rs reads: it resolves adapters only
+/// through the Hugging Face hub cache named by `HF_HUB_CACHE` (offline), which a process sets once.
+pub fn adapter_data_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = domainrag::adapters::AdapterRegistry::new(dir.path()).hub_dir();
+        // SAFETY: set once, before any adapter model is built (the only reader); the binary's
+        // main does the same before starting threads.
+        unsafe {
+            std::env::set_var("HF_HUB_CACHE", &hub);
+            std::env::set_var("HF_HUB_OFFLINE", "1");
+        }
+        dir
+    })
+    .path()
+}
+
+/// Held by every test that runs a server on [`adapter_data_dir`]: a server opens each collection
+/// of its data dir, and the embedded vector store takes one opener at a time.
+pub async fn adapter_dir_server() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// One generator (base model + adapter pool) for the whole test binary; its adapter registry is
+/// [`adapter_data_dir`]'s.
 pub async fn generator() -> Arc<Generator> {
     static GENERATOR: OnceCell<Arc<Generator>> = OnceCell::const_new();
     GENERATOR
         .get_or_init(|| async {
-            let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
-            let settings = settings(dir.path());
-            let hub = domainrag::adapters::AdapterRegistry::new(dir.path()).hub_dir();
-            // SAFETY: set once, before any adapter model is built (the only reader); the binary's
-            // main does the same before starting threads.
-            unsafe {
-                std::env::set_var("HF_HUB_CACHE", &hub);
-                std::env::set_var("HF_HUB_OFFLINE", "1");
-            }
+            let settings = settings(adapter_data_dir());
             Generator::load(&settings)
                 .await
                 .expect("base model loads from data/models")

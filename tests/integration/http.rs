@@ -3,117 +3,10 @@
 
 use std::time::Duration;
 
-use domainrag::http::{AppState, Server};
 use serde_json::{Value, json};
 
-use crate::helpers::{models_dir, settings, write_corpus};
-
-struct App {
-    server: Server,
-    base: String,
-    client: reqwest::Client,
-    dir: tempfile::TempDir,
-}
-
-async fn spawn_app(max_concurrent: usize, queue_depth: usize) -> App {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = settings(dir.path());
-    s.generate.max_concurrent = max_concurrent;
-    s.generate.queue_depth = queue_depth;
-    s.generate.max_tokens = 48;
-    s.server.max_upload_bytes = 256 * 1024;
-    let state = AppState::load(s).await.expect("state loads");
-    let server = domainrag::http::start(state, "127.0.0.1:0")
-        .await
-        .expect("binds");
-    let base = format!("http://{}", server.addr);
-    App {
-        server,
-        base,
-        client: reqwest::Client::new(),
-        dir,
-    }
-}
-
-impl App {
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("get");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-    async fn send(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-    async fn upload(&self, collection: &str, files: &[(&str, Vec<u8>)]) -> (u16, Value) {
-        let mut form = reqwest::multipart::Form::new();
-        for (name, bytes) in files {
-            form = form.part(
-                "files",
-                reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.to_string()),
-            );
-        }
-        let r = self
-            .client
-            .post(format!(
-                "{}/api/collections/{collection}/documents",
-                self.base
-            ))
-            .multipart(form)
-            .send()
-            .await
-            .expect("upload");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-    async fn wait_job(&self, id: &str) -> Value {
-        for _ in 0..600 {
-            let (_, job) = self.get(&format!("/api/jobs/{id}")).await;
-            if job["status"] == "done" || job["status"] == "failed" {
-                return job;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("job {id} did not finish");
-    }
-    /// A collection with the fixture corpus ingested through the upload route.
-    async fn corpus(&self, name: &str) {
-        let (status, _) = self
-            .send(
-                reqwest::Method::POST,
-                "/api/collections",
-                json!({"name": name}),
-            )
-            .await;
-        assert_eq!(status, 201);
-        let src = self.dir.path().join("src");
-        std::fs::create_dir_all(&src).expect("mkdir");
-        write_corpus(&src);
-        let files: Vec<(&str, Vec<u8>)> = ["faq.jsonl", "backup.html", "vacuum.txt"]
-            .iter()
-            .map(|f| (*f, std::fs::read(src.join(f)).expect("read")))
-            .collect();
-        let (status, body) = self.upload(name, &files).await;
-        assert_eq!(status, 202, "{body}");
-        let job = self
-            .wait_job(body["job_id"].as_str().expect("job id"))
-            .await;
-        assert_eq!(job["status"], "done", "{job}");
-        assert_eq!(job["documents"], 4);
-    }
-}
+use crate::app::spawn_app;
+use crate::helpers::models_dir;
 
 #[tokio::test]
 async fn every_route_group_over_http() {
@@ -467,8 +360,10 @@ async fn the_web_ui_works_in_headless_chromium() {
             && std::path::Path::new("/usr/bin/chromium").exists(),
         "browser test tools missing: run scripts/test-deps.sh (make test does)"
     );
-    let app = spawn_app(4, 8).await;
-    let fixture = app.dir.path().join("password-reset.txt");
+    // The UI trains an adapter and answers with it: the process's adapter data dir (see app.rs).
+    let _dir = crate::helpers::adapter_dir_server().await;
+    let app = crate::app::spawn_app_at(crate::helpers::adapter_data_dir(), 4, 8).await;
+    let fixture = app.dir.join("password-reset.txt");
     std::fs::write(
         &fixture,
         "Password reset\n\nTo reset your password, open Settings, choose Security and click Reset \

@@ -1,6 +1,7 @@
 //! The integration suite, one test binary: real tantivy, real qdrant-edge, real MiniLM embeddings
 //! (from `data/models`, fetched by scripts/fetch-models.sh), the real CLI binary.
 
+mod app;
 mod cli;
 mod deploy;
 mod embedding;
@@ -8,6 +9,7 @@ mod generate;
 mod helpers;
 mod http;
 mod ingest;
+mod jobs;
 mod retrieval;
 mod soak;
 mod train;

@@ -14,7 +14,7 @@ import { createHash } from 'node:crypto';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const webDir = path.resolve(here, '../../web');
-const STATIC = { '/': ['index.html', 'text/html; charset=utf-8'], '/app.js': ['app.js', 'text/javascript; charset=utf-8'], '/style.css': ['style.css', 'text/css; charset=utf-8'] };
+const STATIC = { '/': ['index.html', 'text/html; charset=utf-8'], '/app.js': ['app.js', 'text/javascript; charset=utf-8'], '/adapt.js': ['adapt.js', 'text/javascript; charset=utf-8'], '/style.css': ['style.css', 'text/css; charset=utf-8'] };
 const NAME_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
 const now = () => Math.floor(Date.now() / 1000);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -63,12 +63,12 @@ function ingest(coll, job, files) {
   job.status = 'running';
   let i = 0;
   const step = () => {
-    if (i >= files.length) { job.status = 'done'; return; }
+    if (i >= files.length) { job.status = 'done'; job.finished_at = now(); job.cancellable = false; return; }
     const { name, text } = files[i++];
     if (!/\.(txt|md|markdown|html?|jsonl)$/i.test(name)) {
-      job.failures.push({ source: name, error: 'unsupported file type' });
+      job.result.failures.push({ source: name, error: 'unsupported file type' });
     } else if (!text.trim()) {
-      job.failures.push({ source: name, error: 'no text found' });
+      job.result.failures.push({ source: name, error: 'no text found' });
     } else {
       const docId = `upload/${name}`;
       coll.chunks = coll.chunks.filter((c) => c.doc_id !== docId);
@@ -79,10 +79,10 @@ function ingest(coll, job, files) {
         doc_id: docId, title, source: docId, text: t,
       }));
       coll.docs.set(docId, { doc_id: docId, title, source: docId, chunks: pieces.length, ingested_at: now() });
-      job.documents += 1;
-      job.chunks += pieces.length;
+      job.result.documents += 1;
+      job.result.chunks += pieces.length;
     }
-    job.files_done += 1;
+    job.progress.done += 1;
     setTimeout(step, 300);
   };
   setTimeout(step, 300);
@@ -147,6 +147,10 @@ async function handle(req, res) {
     return send(res, 201, summary(c));
   }
   if (p === '/api/adapters' && req.method === 'GET') return send(res, 200, ADAPTERS);
+  if (p === '/api/jobs' && req.method === 'GET') {
+    const coll = url.searchParams.get('collection');
+    return send(res, 200, [...jobs.values()].filter((j) => !coll || j.collection === coll).reverse());
+  }
   let m = p.match(/^\/api\/jobs\/([^/]+)$/);
   if (m && req.method === 'GET') {
     const job = jobs.get(decodeURIComponent(m[1]));
@@ -172,10 +176,11 @@ async function handle(req, res) {
       if (!files.length) return error(res, 400, 'invalid_input', 'no parts named "files"');
       const loaded = await Promise.all(files.map(async (f) => ({ name: f.name, text: await f.text() })));
       const id = `job-${++jobSeq}`;
-      const job = { id, collection: coll.name, status: 'queued', files_total: files.length, files_done: 0, documents: 0, chunks: 0, failures: [], error: null };
+      const job = { id, kind: 'ingest', collection: coll.name, status: 'queued', progress: { done: 0, total: files.length, unit: 'files', message: '' },
+        created_at: now(), started_at: now(), finished_at: null, error: null, result: { documents: 0, chunks: 0, failures: [] }, files: [], cancellable: false };
       jobs.set(id, job);
       ingest(coll, job, loaded);
-      return send(res, 202, { job_id: id });
+      return send(res, 202, job);
     }
     if (sub === '/ask' && req.method === 'POST') return ask(req, res, coll);
   }

@@ -1,10 +1,12 @@
 // ui.test.mjs owns the end-to-end browser test of the domainrag web UI: in headless Debian chromium
 // it creates a collection, uploads a fixture, waits for ingest, asks a question with the collection's
 // default adapter and again with "none (base model)", and checks the streamed answers, the citation
-// chips and the source panel. Reads DOMAINRAG_URL (a running server) and DOMAINRAG_FIXTURE (a .txt
-// about password resets); writes ${DOMAINRAG_ARTIFACTS:-target}/ui.png. Last line: "N passed, N failed".
+// chips and the source panel; then, in the Adapt card, drafts questions, trains an adapter, evaluates
+// it and cancels an evaluation. Reads DOMAINRAG_URL (a running server) and DOMAINRAG_FIXTURE (a .txt
+// about password resets); writes ${DOMAINRAG_ARTIFACTS:-target}/ui.png and ui-adapt.png. Last line: "N passed, N failed".
 import { chromium } from 'playwright-core';
-import { mkdir, readFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -138,6 +140,66 @@ async function run(page, log) {
   const adapterUsed = await second.answer.getAttribute('data-adapter');
   if (adapterUsed) fail(`answer 2 was generated with adapter "${adapterUsed}", not the base model`);
   log(`answer 2 (base model, ${second.text.length} chars): ${second.text.slice(0, 120).replace(/\s+/g, ' ')}`);
+
+  await adapt(page, log);
+}
+
+// Waits until the newest job of `kind` in the Adapt card's list ends; fails unless it ends as `want`.
+async function waitForJob(page, kind, want) {
+  const selector = `[data-testid="job-${kind}"]`;
+  await page.waitForFunction(
+    (sel) => {
+      const j = document.querySelector(sel);
+      return j && ['done', 'failed', 'cancelled'].includes(j.dataset.state);
+    },
+    selector, { timeout: ANSWER_TIMEOUT_MS, polling: 250 },
+  ).catch(async () => fail(`${kind} job did not end: ${await page.locator(selector).first().innerText().catch(() => '(none)')}`));
+  const job = page.locator(selector).first();
+  const state = await job.getAttribute('data-state');
+  if (state !== want) fail(`${kind} job ended ${state}, not ${want}: ${(await job.innerText()).trim()} ${await bannerText(page)}`);
+  return job;
+}
+
+// The Adapt card: draft questions from the documents, train an adapter on them (it becomes the
+// collection's default), evaluate it against the base model, and cancel a running evaluation.
+async function adapt(page, log) {
+  await page.click('#adapt-details > summary');
+  await page.fill('[data-testid="synth-n"]', '5');
+  await page.click('[data-testid="synth-button"]');
+  const synth = await waitForJob(page, 'synth', 'done');
+  const examples = await synth.locator('[data-testid="synth-examples"] li').count();
+  if (examples < 1) fail(`the synth job shows no drafted questions: ${(await synth.innerText()).trim()}`);
+  log(`drafted: ${(await synth.locator('.job-counts').first().innerText()).trim()}`);
+
+  const adapter = `ui-${randomBytes(3).toString('hex')}`;
+  await page.fill('[data-testid="train-name"]', adapter);
+  await page.click('[data-testid="train-button"]');
+  const train = await waitForJob(page, 'train', 'done');
+  log(`trained: ${(await train.locator('[data-testid="train-result"]').innerText()).trim()}`);
+  await page.waitForFunction(
+    (a) => (document.querySelector('[data-testid="collection-adapter"]') || {}).textContent === a,
+    adapter, { timeout: 30_000 },
+  ).catch(() => fail(`the collection's adapter did not become ${adapter}`));
+
+  const questions = path.join(await mkdtemp(path.join(tmpdir(), 'domainrag-ui-')), 'questions.jsonl');
+  const line = (i) => JSON.stringify({ id: `q${i}`, query: QUESTION, answers: ['open Settings, choose Security and click Reset password'] });
+  await writeFile(questions, `${line(0)}\n`);
+  await page.setInputFiles('[data-testid="eval-file"]', questions);
+  await page.click('[data-testid="eval-button"]');
+  const evaluation = await waitForJob(page, 'eval', 'done');
+  const rows = await evaluation.locator('[data-testid="eval-table"] tbody tr').count();
+  if (rows !== 2) fail(`the evaluation table has ${rows} rows, not 2 (base and ${adapter})`);
+  log(`evaluated: ${(await evaluation.locator('[data-testid="eval-table"]').innerText()).replace(/\s+/g, ' ')}`);
+
+  await writeFile(questions, Array.from({ length: 30 }, (_, i) => line(i)).join('\n'));
+  await page.setInputFiles('[data-testid="eval-file"]', questions);
+  await page.click('[data-testid="eval-button"]');
+  const cancel = page.locator('[data-testid="job-eval"]').first().locator('[data-testid="job-cancel"]');
+  await cancel.waitFor({ state: 'visible', timeout: 30_000 });
+  await cancel.click();
+  await waitForJob(page, 'eval', 'cancelled');
+  log('a running evaluation was cancelled');
+  await page.locator('#adapt-card').screenshot({ path: path.join(ARTIFACTS, 'ui-adapt.png') });
 }
 
 async function bannerText(page) {

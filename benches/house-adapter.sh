@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The house adapter: a general "answer briefly from the numbered sources and cite them" LoRA that
+# every collection without an adapter of its own answers with (`rag.house_adapter`, "house").
+#
+# Trained only on data that no scored set comes from: SQuAD 1.1 dev (Wikipedia) and SQuAD-Shifts
+# amazon_reviews (product reviews), never new_wiki (its held-out split scores it) nor the
+# PostgreSQL manual or its question set.
+#   1. ingest SQuAD dev as collection `squad` and amazon_reviews as `amazon` (the retriever builds
+#      the contexts serving would give);
+#   2. triplets: HOUSE_SQUAD SQuAD dev questions and HOUSE_AMAZON amazon questions with their
+#      retrieved sources in a shuffled order (span answers + the citation of the source holding
+#      them), and HOUSE_SYNTH synthetic triplets from the SQuAD dev chunks (`triplets synth`:
+#      whole-sentence answers, the style of a manual's questions);
+#   3. one epoch of LoRA (r 16, alpha 32, all 7 projections; 2 sequences a step, one per core),
+#      registered as `house`;
+#   4. with EVAL=1 (`make eval-house`): `eval answers` on the 200 held-out new_wiki questions the
+#      README's adapter table uses, base model vs house, 64-token answers, bench/house/.
+# Writes bench/house/{triplets-*.jsonl, synth-report.json, train.txt, adapter.json}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DR="${DR:-${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}/release/domainrag}"
+DATA="${DATA:-data}"
+OUT="${OUT:-bench/house}"
+HOUSE_SQUAD="${HOUSE_SQUAD:-240}"
+HOUSE_AMAZON="${HOUSE_AMAZON:-100}"
+HOUSE_SYNTH="${HOUSE_SYNTH:-80}"
+THREADS="${THREADS:-2}"
+mkdir -p "$OUT"
+dr() { "$DR" --data-dir "$DATA" "$@"; }
+
+if [ "${EVAL:-0}" = 1 ]; then
+    SPLIT=bench/train/split
+    python3 benches/squad_shifts_split.py --input data/squad/new_wiki_v1.0.json --out-dir "$SPLIT" \
+        --served 700
+    dr collection show newwiki >/dev/null 2>&1 || dr collection create newwiki
+    dr ingest --collection newwiki --format squad --no-progress data/squad/new_wiki_v1.0.json
+    DOMAINRAG__GENERATE__MAX_TOKENS=64 dr eval answers --collection newwiki --format squad \
+        --questions "$SPLIT/heldout.json" --adapter none --adapter house \
+        --json "$OUT/eval-newwiki.json" --html "$OUT/eval-newwiki.html"
+    exit 0
+fi
+
+for c in squad:squaddev_v1.1 amazon:amazon_reviews_v1.0; do
+    name=${c%%:*} file=data/squad/${c##*:}.json
+    dr collection show "$name" >/dev/null 2>&1 || dr collection create "$name"
+    dr ingest --collection "$name" --format squad --no-progress "$file"
+done
+dr triplets build --collection squad --format squad --questions data/squad/squaddev_v1.1.json \
+    --context retrieved --shuffle-sources --sample "$HOUSE_SQUAD" --seed 31 \
+    --out "$OUT/triplets-squad.jsonl"
+dr triplets build --collection amazon --format squad \
+    --questions data/squad/amazon_reviews_v1.0.json --context retrieved --shuffle-sources \
+    --sample "$HOUSE_AMAZON" --seed 32 --out "$OUT/triplets-amazon.jsonl"
+dr triplets synth --collection squad --n "$HOUSE_SYNTH" --shuffle-sources --seed 33 \
+    --out "$OUT/triplets-synth.jsonl" --report "$OUT/synth-report.json"
+cat "$OUT"/triplets-squad.jsonl "$OUT"/triplets-amazon.jsonl "$OUT"/triplets-synth.jsonl \
+    > "$OUT/triplets-house.jsonl"
+RAYON_NUM_THREADS="$THREADS" /usr/bin/time -v "$DR" --data-dir "$DATA" train --collection squad \
+    --no-progress --triplets "$OUT/triplets-house.jsonl" --name house --replace \
+    --rank 16 --alpha 32 --lr 4e-4 --warmup 10 --batch 2 --workers "$THREADS" --epochs 1 \
+    --val-split 0.05 2> >(tee "$OUT/train.time" >&2) | tee "$OUT/train.txt"
+dr adapters show house --json > "$OUT/adapter.json"
