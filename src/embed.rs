@@ -130,9 +130,17 @@ impl Embedder {
         let model =
             UserDefinedEmbeddingModel::new(read(&settings.embedding.onnx_file)?, tokenizer_files)
                 .with_pooling(Pooling::Mean);
+        // No CPU arena: ONNX Runtime's arena keeps memory for every batch shape it has run, and
+        // embedding batches come in ever-new shapes (ingest batches, `eval answers` scoring a
+        // question, answer, claims and source sentences at once). With the arena, RSS grew
+        // +87 MiB per 100 random-shape batches in two runs and kept growing; without it, it
+        // stayed flat (`benches/ort_memory.py`, README "Memory soak").
         let mut options = InitOptionsUserDefined::new()
             .with_max_length(settings.embedding.max_length)
-            .with_environment(environment);
+            .with_environment(environment)
+            .with_execution_providers(vec![
+                ort::ep::CPU::default().with_arena_allocator(false).build(),
+            ]);
         if settings.embedding.threads > 0 {
             options = options.with_intra_threads(settings.embedding.threads);
         }
@@ -193,6 +201,10 @@ impl Embedder {
             .embed(&sorted, Some(self.batch_size))
             .map_err(|e| EmbedError::Inference(e.to_string()))?;
         drop(model);
+        // A batch's activations are freed by now; hand the pages back (see `telemetry`).
+        if texts.len() > 1 {
+            crate::telemetry::release_freed_heap();
+        }
         let mut out = vec![Vec::new(); texts.len()];
         for (vector, &i) in embedded.into_iter().zip(&order) {
             out[i] = vector;
