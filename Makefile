@@ -35,6 +35,7 @@ demo: models build
 	$(DR) search --collection postgres "reclaim disk space after deleting many rows" --k 3
 	$(DR) search --collection postgres "pg_dump restore into a different database" --mode bm25 --k 3
 	$(MAKE) demo-adapter
+	$(DR) adapters show house >/dev/null 2>&1 || $(MAKE) house-adapter
 	$(MAKE) demo-postgres-adapter
 	@echo "starting the appliance at http://127.0.0.1:8080 (Ctrl-C stops it)"
 	@echo "pick collection newwiki: it answers with its trained adapter newwiki-demo; switch to 'base model' to compare"
@@ -70,7 +71,7 @@ demo-postgres-adapter: models build
 
 ## The house adapter every collection without its own answers with: LoRA trained on retrieved
 ## triplets of SQuAD dev and SQuAD-Shifts amazon_reviews questions plus synthetic sentence
-## triplets from SQuAD dev (never new_wiki or the PostgreSQL set it is scored on); ~45 min on
+## triplets from SQuAD dev (never new_wiki or the PostgreSQL set it is scored on); ~40-80 min on
 ## 2 cores. bench/house/. `make eval-house`: base vs house on the 200 held-out new_wiki questions.
 house-adapter: models build
 	bash benches/house-adapter.sh

@@ -14,7 +14,8 @@
 #   3. one epoch of LoRA (r 16, alpha 32, all 7 projections; 2 sequences a step, one per core),
 #      registered as `house`;
 #   4. with EVAL=1 (`make eval-house`): `eval answers` on the 200 held-out new_wiki questions the
-#      README's adapter table uses, base model vs house, 64-token answers, bench/house/.
+#      README's adapter table uses (the first EVAL_LIMIT of them), base model vs house, 64-token
+#      answers, bench/house/eval-newwiki.{json,html}.
 # Writes bench/house/{triplets-*.jsonl, synth-report.json, train.txt, adapter.json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ if [ "${EVAL:-0}" = 1 ]; then
     dr collection show newwiki >/dev/null 2>&1 || dr collection create newwiki
     dr ingest --collection newwiki --format squad --no-progress data/squad/new_wiki_v1.0.json
     DOMAINRAG__GENERATE__MAX_TOKENS=64 dr eval answers --collection newwiki --format squad \
-        --questions "$SPLIT/heldout.json" --adapter none --adapter house \
+        --questions "$SPLIT/heldout.json" --limit "${EVAL_LIMIT:-200}" --adapter none --adapter house \
         --json "$OUT/eval-newwiki.json" --html "$OUT/eval-newwiki.html"
     exit 0
 fi
