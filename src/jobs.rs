@@ -334,10 +334,10 @@ impl Jobs {
     /// Drop the oldest finished jobs (and their files) beyond `max_kept`.
     fn forget_oldest(&self, map: &mut HashMap<String, Job>) {
         let mut finished: Vec<(u64, String)> = map
-            .values()
-            .map(Job::view)
-            .filter(|v| v.status.finished())
-            .map(|v| (v.finish_order, v.id))
+            .iter()
+            .filter_map(|(id, j)| {
+                j.with(|v| v.status.finished().then_some((v.finish_order, id.clone())))
+            })
             .collect();
         if finished.len() <= self.max_kept {
             return;
@@ -408,7 +408,7 @@ impl Jobs {
     pub fn running(&self) -> usize {
         self.map()
             .values()
-            .filter(|j| !j.view().status.finished())
+            .filter(|j| !j.with(|v| v.status.finished()))
             .count()
     }
 }
