@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ChunkingConfig, FusionConfig, Settings};
+use crate::config::{Bm25Config, ChunkingConfig, FusionConfig, SearchSettings, Settings};
 use crate::error::ErrorKind;
 use crate::index::{Bm25Index, IndexError};
 use crate::vectors::{self, VectorError, VectorStore};
@@ -99,6 +99,10 @@ pub struct CollectionSettings {
     pub embedding_model: String,
     pub dimension: usize,
     pub chunking: ChunkingConfig,
+    /// Absent in collections created before BM25 had settings: they keep what they were searched
+    /// with ([`Bm25Config::BEFORE_SETTINGS`]).
+    #[serde(default)]
+    pub bm25: Bm25Config,
     pub fusion: FusionConfig,
     /// The LoRA adapter answering for this collection, if any.
     #[serde(default)]
@@ -115,7 +119,16 @@ impl CollectionSettings {
         };
         self.chunking.validate().map_err(invalid)?;
         self.fusion.validate().map_err(invalid)?;
+        self.bm25.validate().map_err(invalid)?;
         Ok(())
+    }
+
+    /// What a search of this collection is scored with.
+    pub fn search(&self) -> SearchSettings {
+        SearchSettings {
+            bm25: self.bm25,
+            fusion: self.fusion,
+        }
     }
 }
 
@@ -261,6 +274,7 @@ impl Catalog {
             embedding_model: model,
             dimension: self.settings.embedding.dimension,
             chunking: self.settings.collection_defaults.chunking,
+            bm25: self.settings.collection_defaults.bm25,
             fusion: self.settings.collection_defaults.fusion,
             adapter: None,
         }
@@ -438,8 +452,10 @@ impl Collection {
         })
     }
 
-    /// Flush vectors and release the index writer.
+    /// Build the vector index over what was written (HNSW, once the store is large enough),
+    /// flush vectors and release the index writer. Searches go on meanwhile.
     pub async fn close(&self) -> Result<(), CollectionError> {
+        self.vectors.optimize().await?;
         self.vectors.flush().await?;
         let index = Arc::clone(&self.index);
         tokio::task::spawn_blocking(move || index.close_writer()).await??;

@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use tantivy::collector::{Count, TopDocs};
-use tantivy::query::{AllQuery, BooleanQuery, Occur, PhraseQuery, Query, TermQuery};
+use tantivy::query::{AllQuery, BooleanQuery, BoostQuery, Occur, PhraseQuery, Query, TermQuery};
 use tantivy::schema::{
     Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value,
 };
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
+use crate::config::Bm25Config;
 use crate::error::ErrorKind;
 
 /// Words of a search query that count (a question is a few dozen; a pasted page is cut here).
@@ -227,12 +228,17 @@ impl Bm25Index {
     }
 
     /// BM25 top `k` chunk ids for a free-text query, best first (see [`Self::free_text_query`]).
-    pub fn search(&self, query: &str, k: usize) -> Result<Vec<(String, f32)>, IndexError> {
+    pub fn search(
+        &self,
+        query: &str,
+        k: usize,
+        settings: &Bm25Config,
+    ) -> Result<Vec<(String, f32)>, IndexError> {
         if k == 0 || query.trim().is_empty() {
             return Ok(Vec::new());
         }
         let searcher = self.reader.searcher();
-        let query = self.free_text_query(query)?;
+        let query = self.free_text_query(query, settings)?;
         let top = searcher
             .search(&query, &TopDocs::with_limit(k).order_by_score())
             .map_err(|e| self.tantivy_err(e))?;
@@ -245,21 +251,33 @@ impl Bm25Index {
     }
 
     /// Free text as plain disjunctive BM25 over title and text: each whitespace-separated word,
-    /// through the field's own analyzer, is a term, or a phrase when it splits into several
-    /// (`pg_dump` -> "pg dump"). There is no query syntax: nothing a user types is an operator
-    /// (`-Fc` is not a negation, `title:` not a field), and nothing nests, so no input can
-    /// overflow the stack (tantivy's parser recursed once per `(`: 100k of them aborted the
-    /// process). The first [`MAX_QUERY_WORDS`] words count.
-    fn free_text_query(&self, text: &str) -> Result<BooleanQuery, IndexError> {
+    /// without an English possessive `'s` (the text's "Beyoncé's" indexes "beyoncé" then "s", and
+    /// a question's "Beyoncé's" must match a text that says "Beyoncé"), through the field's own
+    /// analyzer, is a term, or a phrase when it splits into several (`pg_dump` -> "pg dump").
+    /// Title clauses are weighted by `settings.title_weight` (left out at 0). There is no query
+    /// syntax: nothing a user types is an operator (`-Fc` is not a negation, `title:` not a
+    /// field), and nothing nests, so no input can overflow the stack (tantivy's parser recursed
+    /// once per `(`: 100k of them aborted the process). The first [`MAX_QUERY_WORDS`] words count.
+    fn free_text_query(
+        &self,
+        text: &str,
+        settings: &Bm25Config,
+    ) -> Result<BooleanQuery, IndexError> {
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
-        for field in [self.fields.title, self.fields.text] {
+        for (field, weight) in [
+            (self.fields.title, settings.title_weight),
+            (self.fields.text, 1.0),
+        ] {
+            if weight <= 0.0 {
+                continue;
+            }
             let mut analyzer = self
                 .index
                 .tokenizer_for_field(field)
                 .map_err(|e| self.tantivy_err(e))?;
             for word in text.split_whitespace().take(MAX_QUERY_WORDS) {
                 let mut terms = Vec::new();
-                let mut stream = analyzer.token_stream(word);
+                let mut stream = analyzer.token_stream(without_possessive(word));
                 while stream.advance() {
                     terms.push(Term::from_field_text(field, &stream.token().text));
                 }
@@ -270,6 +288,11 @@ impl Bm25Index {
                         IndexRecordOption::WithFreqs,
                     )),
                     _ => Box::new(PhraseQuery::new(terms)),
+                };
+                let query = if weight == 1.0 {
+                    query
+                } else {
+                    Box::new(BoostQuery::new(query, weight))
                 };
                 clauses.push((Occur::Should, query));
             }
@@ -339,6 +362,15 @@ impl Bm25Index {
     }
 }
 
+/// `word` without a trailing English possessive (`'s`, `’s`).
+fn without_possessive(word: &str) -> &str {
+    ["'s", "’s", "'S", "’S"]
+        .iter()
+        .find_map(|suffix| word.strip_suffix(suffix))
+        .filter(|rest| !rest.is_empty())
+        .unwrap_or(word)
+}
+
 fn text_of(doc: &TantivyDocument, field: Field) -> String {
     doc.get_first(field)
         .and_then(|v| v.as_str())
@@ -349,6 +381,8 @@ fn text_of(doc: &TantivyDocument, field: Field) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const S: Bm25Config = Bm25Config::BEFORE_SETTINGS;
 
     fn chunk(id: &str, doc: &str, text: &str) -> ChunkRecord {
         ChunkRecord {
@@ -375,7 +409,9 @@ mod tests {
                 ],
             )
             .expect("write");
-        let hits = index.search("create a partial index", 5).expect("search");
+        let hits = index
+            .search("create a partial index", 5, &S)
+            .expect("search");
         assert_eq!(
             hits[0].0, "c1",
             "stemming matches create/creating, index/indexes"
@@ -433,21 +469,23 @@ mod tests {
             .replace_documents(&["a".into()], &[chunk("c1", "a", "C++ templates")])
             .expect("write");
         for q in ["C++", "\"unbalanced", "title:(", "AND OR NOT", "   "] {
-            index.search(q, 5).unwrap_or_else(|e| panic!("{q}: {e}"));
+            index
+                .search(q, 5, &S)
+                .unwrap_or_else(|e| panic!("{q}: {e}"));
         }
-        assert_eq!(index.search("templates", 0).expect("k=0"), vec![]);
+        assert_eq!(index.search("templates", 0, &S).expect("k=0"), vec![]);
         // Nothing is an operator: a leading `-` does not exclude, `field:` is just a word.
-        assert_eq!(index.search("-templates", 5).expect("minus")[0].0, "c1");
+        assert_eq!(index.search("-templates", 5, &S).expect("minus")[0].0, "c1");
         assert_eq!(
-            index.search("title: templates", 5).expect("colon")[0].0,
+            index.search("title: templates", 5, &S).expect("colon")[0].0,
             "c1"
         );
         // Deep nesting once overflowed the parser's recursion and aborted the process.
         let nested = format!("{}templates{}", "(".repeat(100_000), ")".repeat(100_000));
-        assert_eq!(index.search(&nested, 5).expect("nested")[0].0, "c1");
+        assert_eq!(index.search(&nested, 5, &S).expect("nested")[0].0, "c1");
         // A pasted page: only the first MAX_QUERY_WORDS words count, and it still answers.
         let long = "filler ".repeat(50_000) + "templates";
-        index.search(&long, 5).expect("long query");
+        index.search(&long, 5, &S).expect("long query");
     }
 
     #[test]
@@ -463,8 +501,46 @@ mod tests {
                 ],
             )
             .expect("write");
-        let hits = index.search("pg_dump", 5).expect("search");
+        let hits = index.search("pg_dump", 5, &S).expect("search");
         assert_eq!(hits.len(), 1, "only the adjacent pair matches: {hits:?}");
         assert_eq!(hits[0].0, "c1");
+    }
+
+    #[test]
+    fn possessives_match_the_bare_name_and_titles_weigh_as_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
+        let mut titled = chunk("c1", "a", "an unrelated sentence about rivers");
+        titled.title = "Beyoncé".into();
+        index
+            .replace_documents(
+                &["a".into(), "b".into()],
+                &[
+                    titled,
+                    chunk("c2", "b", "Beyoncé sang at the halftime show"),
+                ],
+            )
+            .expect("write");
+        // "Beyoncé's" was the phrase "beyoncé s" and matched neither chunk's text.
+        let hits = index
+            .search("Beyoncé's halftime show", 5, &S)
+            .expect("search");
+        assert_eq!(hits[0].0, "c2", "{hits:?}");
+        let no_titles = Bm25Config { title_weight: 0.0 };
+        let hits = index.search("Beyoncé", 5, &no_titles).expect("search");
+        assert_eq!(
+            hits.len(),
+            1,
+            "the title is not searched at weight 0: {hits:?}"
+        );
+        let heavy = Bm25Config { title_weight: 5.0 };
+        let hits = index.search("Beyoncé", 5, &heavy).expect("search");
+        assert_eq!(hits[0].0, "c1", "a heavy title outranks the text: {hits:?}");
+        assert_eq!(
+            without_possessive("'s"),
+            "'s",
+            "nothing is left to search otherwise"
+        );
+        assert_eq!(without_possessive("Mozart’s"), "Mozart");
     }
 }

@@ -27,4 +27,5 @@ pub mod rag;
 pub mod retrieve;
 pub mod telemetry;
 pub mod train;
+pub mod tune;
 pub mod vectors;

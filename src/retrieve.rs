@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::collection::{Collection, CollectionError};
-use crate::config::{FusionConfig, FusionMethod};
+use crate::config::{FusionConfig, FusionMethod, SearchSettings};
 use crate::embed::{EmbedError, Embedder};
 use crate::error::ErrorKind;
 
@@ -205,7 +205,7 @@ impl Retriever {
             vector,
             mode,
             k,
-            &collection.settings().fusion,
+            &collection.settings().search(),
         )
         .await
     }
@@ -219,8 +219,9 @@ pub async fn search_with_vector(
     vector: Option<Vec<f32>>,
     mode: Mode,
     k: usize,
-    fusion: &FusionConfig,
+    settings: &SearchSettings,
 ) -> Result<Vec<SearchHit>, RetrieveError> {
+    let fusion = &settings.fusion;
     if !(1..=1000).contains(&k) {
         return Err(RetrieveError::InvalidK(k));
     }
@@ -231,7 +232,8 @@ pub async fn search_with_vector(
     let bm25 = if mode != Mode::Dense {
         let index = Arc::clone(&collection.index);
         let q = query.to_string();
-        tokio::task::spawn_blocking(move || index.search(&q, candidates))
+        let bm25 = settings.bm25;
+        tokio::task::spawn_blocking(move || index.search(&q, candidates, &bm25))
             .await?
             .map_err(CollectionError::from)?
     } else {

@@ -73,6 +73,18 @@ pub struct SearchBench {
     /// Embedding one query alone.
     pub embed_query: Latency,
     pub modes: std::collections::BTreeMap<String, ModeLatency>,
+    /// The vector store alone: its own search (HNSW where built) against an exact search of
+    /// every vector, top 10 of the same query vectors.
+    pub dense_index: DenseIndexBench,
+}
+
+/// How the vector store's search compares with exact search.
+#[derive(Debug, Clone, Serialize)]
+pub struct DenseIndexBench {
+    /// Mean share of the exact top 10 that the store's own search returns.
+    pub recall_at_10_vs_exact: f64,
+    pub search: Latency,
+    pub exact: Latency,
 }
 
 /// Run `n` queries (cycling through `questions`) in each mode.
@@ -123,7 +135,7 @@ pub async fn search_latency(
                 vector,
                 mode,
                 k,
-                &collection.settings().fusion,
+                &collection.settings().search(),
             )
             .await?;
             without.push(t.elapsed().as_secs_f64() * 1e3);
@@ -136,6 +148,7 @@ pub async fn search_latency(
             },
         );
     }
+    let dense_index = dense_vs_exact(collection, vectors.into_iter().flatten().collect()).await?;
     Ok(SearchBench {
         collection: collection.name().to_string(),
         chunks,
@@ -143,6 +156,39 @@ pub async fn search_latency(
         k,
         embed_query: Latency::from_samples(embed_ms),
         modes,
+        dense_index,
+    })
+}
+
+/// The store's search against exact search, top 10, over `vectors`.
+async fn dense_vs_exact(
+    collection: &Collection,
+    vectors: Vec<Vec<f32>>,
+) -> Result<DenseIndexBench, RetrieveError> {
+    const TOP: usize = 10;
+    let store = &collection.vectors;
+    let (mut search_ms, mut exact_ms, mut recall) = (Vec::new(), Vec::new(), 0.0);
+    let vector_err = |e| RetrieveError::from(crate::collection::CollectionError::from(e));
+    for v in &vectors {
+        let t = Instant::now();
+        let approx = store.search(v.clone(), TOP).await.map_err(vector_err)?;
+        search_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let exact = store
+            .search_exact(v.clone(), TOP)
+            .await
+            .map_err(vector_err)?;
+        exact_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let found = approx
+            .iter()
+            .filter(|a| exact.iter().any(|e| e.chunk_id == a.chunk_id))
+            .count();
+        recall += found as f64 / exact.len().max(1) as f64;
+    }
+    Ok(DenseIndexBench {
+        recall_at_10_vs_exact: recall / vectors.len().max(1) as f64,
+        search: Latency::from_samples(search_ms),
+        exact: Latency::from_samples(exact_ms),
     })
 }
 
@@ -166,6 +212,12 @@ pub fn search_table(b: &SearchBench) -> String {
     out.push_str(&format!(
         "| (query embedding alone) | {:.2} | {:.2} | | |\n",
         b.embed_query.p50_ms, b.embed_query.p95_ms
+    ));
+    let d = &b.dense_index;
+    out.push_str(&format!(
+        "vector store: recall@10 against exact search {:.4}; p50 {:.2} ms (exact {:.2} ms), \
+         p95 {:.2} ms (exact {:.2} ms)\n",
+        d.recall_at_10_vs_exact, d.search.p50_ms, d.exact.p50_ms, d.search.p95_ms, d.exact.p95_ms
     ));
     out
 }

@@ -14,7 +14,8 @@ use crate::adapters::AdapterRegistry;
 use crate::collection::{Catalog, CollectionSettings};
 use crate::config::{FusionMethod, Settings};
 use crate::embed::Embedder;
-use crate::ingest::{Format, Ingestor};
+use crate::eval::QuestionFormat;
+use crate::ingest::{Format, Ingestor, Progress};
 
 use super::Bar;
 
@@ -37,7 +38,7 @@ pub enum CollectionCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Change a collection's fusion settings (chunking is fixed once documents are stored).
+    /// Change a collection's BM25 and fusion settings (chunking is fixed once documents are stored).
     Set {
         name: String,
         #[command(flatten)]
@@ -45,6 +46,35 @@ pub enum CollectionCmd {
     },
     /// Delete a collection and everything in it.
     Delete { name: String },
+    /// Choose BM25 and fusion settings from questions with known source documents (QA pairs, or
+    /// questions drafted from the collection's own documents); applied only when the choice also
+    /// holds on a held-out part of the questions.
+    Tune(TuneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TuneArgs {
+    /// The collection to tune.
+    #[arg(long, short)]
+    pub collection: String,
+    /// QA pairs naming their gold documents (SQuAD JSON, or JSONL with `gold_doc_ids`).
+    #[arg(long, requires = "format", conflicts_with = "synthetic")]
+    pub questions: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub format: Option<QuestionFormat>,
+    /// Draft this many questions from the collection's own documents instead.
+    #[arg(long, required_unless_present = "questions")]
+    pub synthetic: Option<usize>,
+    /// Share of the questions held out to check the choice.
+    #[arg(long, default_value_t = 0.5)]
+    pub holdout: f64,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Report what would change without saving it.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args, Default)]
@@ -67,6 +97,9 @@ pub struct SettingsArgs {
     /// Candidates fetched from each retriever before fusion.
     #[arg(long)]
     pub candidates: Option<usize>,
+    /// Weight of a title match against a text match in BM25 (0: titles not searched).
+    #[arg(long)]
+    pub title_weight: Option<f32>,
     /// The LoRA adapter answering for the collection.
     #[arg(long, conflicts_with = "no_adapter")]
     pub adapter: Option<String>,
@@ -108,6 +141,9 @@ impl SettingsArgs {
         if let Some(v) = self.candidates {
             s.fusion.candidates = v;
         }
+        if let Some(v) = self.title_weight {
+            s.bm25.title_weight = v;
+        }
         if let Some(v) = &self.adapter {
             s.adapter = Some(v.clone());
         }
@@ -117,9 +153,10 @@ impl SettingsArgs {
     }
 }
 
-/// `domainrag collection create|list|show|set|delete`.
-pub(super) async fn run(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
+/// `domainrag collection create|list|show|set|delete|tune`.
+pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: CollectionCmd) -> Result<()> {
     match cmd {
+        CollectionCmd::Tune(args) => tune(catalog, settings, args).await?,
         CollectionCmd::Create { name, settings } => {
             crate::collection::validate_name(&name)?;
             let mut s = catalog.default_settings(&name);
@@ -192,8 +229,8 @@ pub(super) async fn run(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
             }
             catalog.save_settings(&s)?;
             println!(
-                "updated collection {name}: fusion {:?}, adapter {}",
-                s.fusion,
+                "updated collection {name}: {:?}, adapter {}",
+                s.search(),
                 s.adapter.as_deref().unwrap_or("(none)")
             );
         }
@@ -201,6 +238,36 @@ pub(super) async fn run(catalog: &Catalog, cmd: CollectionCmd) -> Result<()> {
             catalog.delete(&name).await?;
             println!("deleted collection {name}");
         }
+    }
+    Ok(())
+}
+
+/// `domainrag collection tune`.
+async fn tune(catalog: &Catalog, settings: &Settings, args: TuneArgs) -> Result<()> {
+    let col = catalog.open(&args.collection).await?;
+    let questions = match (&args.questions, args.format, args.synthetic) {
+        (Some(path), Some(format), _) => crate::eval::load_questions(path, format)?,
+        (_, _, Some(n)) => crate::train::synth::retrieval_questions(&col, n, args.seed).await?,
+        _ => bail!("give --questions FILE --format F, or --synthetic N"),
+    };
+    let embedder = Embedder::load_async(settings).await?;
+    let bar = Bar::new(!args.json);
+    bar.start(questions.len() as u64);
+    let request = crate::tune::TuneRequest {
+        questions,
+        holdout: args.holdout,
+        seed: args.seed,
+        apply: !args.dry_run,
+    };
+    let report = crate::tune::tune(catalog, &col, &embedder, request, &|n| {
+        bar.advance(n as u64, "")
+    })
+    .await?;
+    bar.finish();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", crate::tune::table(&report));
     }
     Ok(())
 }

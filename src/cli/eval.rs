@@ -150,7 +150,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: EvalCmd) ->
                 &embedder,
                 &qs,
                 &Mode::ALL,
-                &settings_for_run.fusion,
+                &settings_for_run.search(),
                 &|n| bar.advance(n as u64, ""),
             )
             .await?;
@@ -159,9 +159,10 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: EvalCmd) ->
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "{} questions, collection {collection}, fusion {:?}\n\
+                    "{} questions, collection {collection}, {:?}\n\
                      | mode | recall@1 | recall@5 | recall@10 | MRR@10 | nDCG@10 |\n|---|---|---|---|---|---|",
-                    report.questions, settings_for_run.fusion
+                    report.questions,
+                    settings_for_run.search()
                 );
                 for (mode, m) in &report.modes {
                     println!(

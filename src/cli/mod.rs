@@ -140,7 +140,7 @@ pub fn settings(cli: &Cli) -> Result<Settings> {
 pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
     let catalog = Catalog::new(&settings);
     match cli.command {
-        Command::Collection(cmd) => collection::run(&catalog, cmd).await,
+        Command::Collection(cmd) => collection::run(&catalog, &settings, cmd).await,
         Command::Ingest {
             collection,
             format,

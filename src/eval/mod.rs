@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::collection::Collection;
-use crate::config::FusionConfig;
+use crate::config::SearchSettings;
 use crate::embed::Embedder;
 use crate::ingest::load::{parse_squad, squad_doc_id};
 use crate::rag::Source;
@@ -240,7 +240,7 @@ pub fn score_question(ranked_docs: &[String], gold: &[String]) -> Metrics {
     }
 }
 
-fn mean(all: &[Metrics]) -> Metrics {
+pub fn mean(all: &[Metrics]) -> Metrics {
     let n = all.len().max(1) as f64;
     let sum = |f: fn(&Metrics) -> f64| all.iter().map(f).sum::<f64>() / n;
     Metrics {
@@ -265,7 +265,7 @@ pub async fn evaluate(
     embedder: &Arc<Embedder>,
     questions: &[Question],
     modes: &[Mode],
-    fusion: &FusionConfig,
+    settings: &SearchSettings,
     progress: &(dyn Fn(usize) + Send + Sync),
 ) -> Result<RetrievalReport, EvalError> {
     let with_gold: Vec<&Question> = questions
@@ -299,7 +299,7 @@ pub async fn evaluate(
         let mut per_question = Vec::with_capacity(questions.len());
         for (q, v) in questions.iter().zip(&vectors) {
             let hits =
-                search_with_vector(collection, &q.query, v.clone(), mode, depth, fusion).await?;
+                search_with_vector(collection, &q.query, v.clone(), mode, depth, settings).await?;
             let mut seen = HashSet::new();
             let docs: Vec<String> = hits
                 .into_iter()

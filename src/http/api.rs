@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState, sse_event};
 use crate::collection::{CollectionSettings, CollectionStats};
-use crate::config::{ChunkingConfig, FusionConfig};
+use crate::config::{Bm25Config, ChunkingConfig, FusionConfig};
 use crate::ingest::{Format, Ingestor, Progress};
 use crate::rag::{self, AdapterChoice};
 use crate::retrieve::{Mode, Retriever};
@@ -28,6 +28,7 @@ pub struct CollectionView {
     pub chunks: usize,
     pub vectors: usize,
     pub adapter: Option<String>,
+    pub bm25: Bm25Config,
     pub fusion: FusionConfig,
     pub chunking: ChunkingConfig,
     pub embedding_model: String,
@@ -41,6 +42,7 @@ fn view(s: CollectionSettings, stats: CollectionStats) -> CollectionView {
         chunks: stats.chunks,
         vectors: stats.vectors,
         adapter: s.adapter,
+        bm25: s.bm25,
         fusion: s.fusion,
         chunking: s.chunking,
         embedding_model: s.embedding_model,
@@ -64,6 +66,8 @@ struct CreateCollection {
     #[serde(default)]
     chunking: Option<ChunkingConfig>,
     #[serde(default)]
+    bm25: Option<Bm25Config>,
+    #[serde(default)]
     fusion: Option<FusionConfig>,
     #[serde(default)]
     adapter: Option<String>,
@@ -81,6 +85,9 @@ async fn create_collection(
     }
     if let Some(f) = body.fusion {
         s.fusion = f;
+    }
+    if let Some(b) = body.bm25 {
+        s.bm25 = b;
     }
     if let Some(a) = &body.adapter {
         state.registry.get(a)?;
@@ -102,6 +109,8 @@ async fn get_collection(state: State, name: web::Path<String>) -> Result<HttpRes
 struct UpdateCollection {
     #[serde(default, deserialize_with = "some_option")]
     adapter: Option<Option<String>>,
+    #[serde(default)]
+    bm25: Option<Bm25Config>,
     #[serde(default)]
     fusion: Option<FusionConfig>,
 }
@@ -127,6 +136,9 @@ async fn update_collection(
         }
         if let Some(f) = body.fusion {
             s.fusion = f;
+        }
+        if let Some(b) = body.bm25 {
+            s.bm25 = b;
         }
     })?;
     Ok(HttpResponse::Ok().json(view(s, c.stats().await?)))

@@ -429,18 +429,12 @@ pub async fn synthesize(
     let mut report = SynthReport::default();
     let mut rng = Rng::new(seed);
     let mut shuffler = shuffle.then(|| Rng::new(seed ^ 0x5eed));
-    let index = Arc::clone(&collection.index);
-    let total = read_index(Arc::clone(&index), move |i| i.num_chunks()).await?;
-    let mut order: Vec<usize> = (0..total).collect();
-    rng.shuffle(&mut order);
+    let mut walk = ChunkWalk::new(collection, &mut rng).await?;
     let mut seen = Seen::default();
     let mut out = Vec::new();
-    for batch in order.chunks(READ_BATCH) {
-        if out.len() >= n {
-            break;
-        }
-        let positions = batch.to_vec();
-        let chunks = read_index(Arc::clone(&index), move |i| i.chunks_at(&positions)).await?;
+    while out.len() < n
+        && let Some(chunks) = walk.next_batch().await?
+    {
         for chunk in chunks {
             if out.len() >= n {
                 break;
@@ -472,6 +466,76 @@ pub async fn synthesize(
     report.seconds = started.elapsed().as_secs_f64();
     report.triplets_per_minute = report.kept as f64 * 60.0 / report.seconds.max(1e-9);
     Ok((out, report))
+}
+
+/// Up to `n` questions drafted from `collection`'s chunks (one per chunk, chunks in an order drawn
+/// from `seed`), each naming the document of the chunk it was drafted from as its gold document;
+/// for tuning retrieval. Unlike [`synthesize`], the retriever is not asked: a set that kept only
+/// the questions today's retriever answers would reward today's settings.
+pub async fn retrieval_questions(
+    collection: &Collection,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<crate::eval::Question>, RagError> {
+    let mut rng = Rng::new(seed);
+    let mut walk = ChunkWalk::new(collection, &mut rng).await?;
+    let mut seen = Seen::default();
+    let mut out = Vec::new();
+    while out.len() < n
+        && let Some(chunks) = walk.next_batch().await?
+    {
+        for chunk in &chunks {
+            if out.len() >= n {
+                break;
+            }
+            let draft = drafts(chunk)
+                .into_iter()
+                .find(|d| reject(d).is_none() && seen.repeats(d).is_none());
+            if let Some(draft) = draft {
+                seen.keep(&draft);
+                out.push(crate::eval::Question {
+                    id: format!("synthetic:{}", chunk.chunk_id),
+                    query: draft.question,
+                    gold_doc_ids: vec![chunk.doc_id.clone()],
+                    answers: vec![draft.answer],
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A collection's chunks, read [`READ_BATCH`] at a time in a random order.
+struct ChunkWalk {
+    index: Arc<Bm25Index>,
+    order: Vec<usize>,
+    next: usize,
+}
+
+impl ChunkWalk {
+    async fn new(collection: &Collection, rng: &mut Rng) -> Result<ChunkWalk, RagError> {
+        let index = Arc::clone(&collection.index);
+        let total = read_index(Arc::clone(&index), move |i| i.num_chunks()).await?;
+        let mut order: Vec<usize> = (0..total).collect();
+        rng.shuffle(&mut order);
+        Ok(ChunkWalk {
+            index,
+            order,
+            next: 0,
+        })
+    }
+
+    /// The next batch of chunks (None when all were read).
+    async fn next_batch(&mut self) -> Result<Option<Vec<ChunkRecord>>, RagError> {
+        if self.next >= self.order.len() {
+            return Ok(None);
+        }
+        let end = (self.next + READ_BATCH).min(self.order.len());
+        let positions = self.order[self.next..end].to_vec();
+        self.next = end;
+        let chunks = read_index(Arc::clone(&self.index), move |i| i.chunks_at(&positions)).await?;
+        Ok(Some(chunks))
+    }
 }
 
 /// The triplet for `draft`, or why it is dropped.

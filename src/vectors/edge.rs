@@ -10,8 +10,8 @@
 //!   crash or a restart. [`VectorStore::flush`] is therefore the durability point, and the shard also
 //!   flushes itself when dropped.
 //! - `EdgeShard::flush` takes the shard's internal locks with `try_lock` and panics if an update holds
-//!   them, so flushing (and dropping the store) takes an exclusive guard, while updates and reads,
-//!   which qdrant-edge synchronises internally, share it.
+//!   them, so flushing (and dropping the store) takes an exclusive guard, while updates, reads and
+//!   index builds (`optimize`), which qdrant-edge synchronises internally, share it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -22,8 +22,8 @@ use qdrant_edge::{
     Condition, CountRequest, CreateIndex, DEFAULT_VECTOR_NAME, Distance, EdgeConfig, EdgeShard,
     EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, NamedQuery,
     PayloadFieldSchema, PayloadSchemaType, PointInsertOperations, PointOperations, PointStruct,
-    PointStructPersisted, QueryEnum, QueryRequest, ScoredPoint, ScoringQuery, UpdateOperation,
-    VectorInternal, WithPayloadInterface, WithVector,
+    PointStructPersisted, QueryEnum, QueryRequest, ScoredPoint, ScoringQuery, SearchParams,
+    UpdateOperation, VectorInternal, WithPayloadInterface, WithVector,
 };
 use serde_json::json;
 
@@ -51,6 +51,8 @@ pub(crate) struct EdgeStore {
 struct Inner {
     path: PathBuf,
     dimension: usize,
+    /// Candidates an HNSW search explores.
+    hnsw_ef: usize,
     /// `None` once [`VectorStore::drop_store`] has closed and removed the shard.
     shard: RwLock<Option<EdgeShard>>,
 }
@@ -78,13 +80,18 @@ impl EdgeStore {
     ///
     /// An existing shard must hold one unnamed cosine vector of `dimension` values, else
     /// [`VectorError::Dimension`] (size differs) or [`VectorError::Edge`] (another layout).
-    pub(crate) async fn open(dir: PathBuf, dimension: usize) -> Result<Self, VectorError> {
+    pub(crate) async fn open(
+        dir: PathBuf,
+        dimension: usize,
+        hnsw_ef: usize,
+    ) -> Result<Self, VectorError> {
         let path = dir.clone();
         let shard = tokio::task::spawn_blocking(move || open_shard(&path, dimension)).await??;
         Ok(Self {
             inner: Arc::new(Inner {
                 path: dir,
                 dimension,
+                hnsw_ef,
                 shard: RwLock::new(Some(shard)),
             }),
         })
@@ -99,6 +106,31 @@ impl EdgeStore {
                 got,
             })
         }
+    }
+
+    /// The `k` nearest points, searched with `params`.
+    async fn query(
+        &self,
+        vector: Vec<f32>,
+        k: usize,
+        params: SearchParams,
+    ) -> Result<Vec<VectorHit>, VectorError> {
+        self.check_dimension(vector.len())?;
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        self.run(Access::Shared, move |path, shard| {
+            // Segments below qdrant's full-scan threshold, and every segment before the first
+            // optimisation, are searched exactly; HNSW segments with `params`.
+            let points = shard
+                .query(nearest(vector, k, params))
+                .map_err(|e| edge_error(path, format!("search failed: {e}")))?;
+            Ok(points
+                .into_iter()
+                .filter_map(|point| hit(path, point))
+                .collect())
+        })
+        .await
     }
 
     /// Run `op` on the shard on the blocking pool, under the guard `access` asks for.
@@ -174,20 +206,33 @@ impl VectorStore for EdgeStore {
     }
 
     async fn search(&self, vector: Vec<f32>, k: usize) -> Result<Vec<VectorHit>, VectorError> {
-        self.check_dimension(vector.len())?;
-        if k == 0 {
-            return Ok(Vec::new());
-        }
-        self.run(Access::Shared, move |path, shard| {
-            // Without `optimize` every point stays in plain (unindexed) segments, which qdrant
-            // searches exhaustively: exact results, visible right after the update returns.
-            let points = shard
-                .query(nearest(vector, k))
-                .map_err(|e| edge_error(path, format!("search failed: {e}")))?;
-            Ok(points
-                .into_iter()
-                .filter_map(|point| hit(path, point))
-                .collect())
+        let params = SearchParams {
+            hnsw_ef: Some(self.inner.hnsw_ef),
+            ..SearchParams::default()
+        };
+        self.query(vector, k, params).await
+    }
+
+    async fn search_exact(
+        &self,
+        vector: Vec<f32>,
+        k: usize,
+    ) -> Result<Vec<VectorHit>, VectorError> {
+        let params = SearchParams {
+            exact: true,
+            ..SearchParams::default()
+        };
+        self.query(vector, k, params).await
+    }
+
+    async fn optimize(&self) -> Result<bool, VectorError> {
+        // Shared: qdrant builds the graph beside proxies of the segments, so searches and
+        // updates go on meanwhile; a flush (exclusive) waits, since `EdgeShard::flush` panics
+        // when it races the optimiser's segment swap.
+        self.run(Access::Shared, |path, shard| {
+            shard
+                .optimize()
+                .map_err(|e| edge_error(path, format!("cannot build the vector index: {e}")))
         })
         .await
     }
@@ -258,9 +303,10 @@ fn open_shard(path: &Path, dimension: usize) -> Result<EdgeShard, VectorError> {
     }
     std::fs::create_dir_all(path)
         .map_err(|e| edge_error(path, format!("cannot create the directory: {e}")))?;
-    // One unnamed dense vector. Vectors are kept in RAM (and persisted in mmap files): the store is
-    // never optimised into HNSW, so searches read every vector. Payloads are only read for hits and
-    // deletes, so they stay on disk.
+    // One unnamed dense vector, kept in RAM (and persisted in mmap files). `optimize` builds HNSW
+    // (qdrant's defaults: m 16, ef_construct 100) over segments past qdrant's indexing threshold;
+    // smaller ones are searched exactly. Payloads are only read for hits and deletes, so they stay
+    // on disk.
     let config = EdgeConfig::builder()
         .vector(
             DEFAULT_VECTOR_NAME,
@@ -338,7 +384,7 @@ fn upsert_batch(
 }
 
 /// A top-`k` nearest-neighbour query on the unnamed vector, returning payloads.
-fn nearest(vector: Vec<f32>, k: usize) -> QueryRequest {
+fn nearest(vector: Vec<f32>, k: usize, params: SearchParams) -> QueryRequest {
     QueryRequest {
         prefetches: Vec::new(),
         query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
@@ -349,7 +395,7 @@ fn nearest(vector: Vec<f32>, k: usize) -> QueryRequest {
         score_threshold: None,
         limit: k,
         offset: 0,
-        params: None,
+        params: Some(params),
         with_vector: WithVector::Bool(false),
         with_payload: WithPayloadInterface::Bool(true),
     }
@@ -422,7 +468,7 @@ mod tests {
     }
 
     async fn store_with_three_points(dir: &Path) -> EdgeStore {
-        let store = EdgeStore::open(dir.join("vectors"), DIM)
+        let store = EdgeStore::open(dir.join("vectors"), DIM, 128)
             .await
             .expect("a new store opens");
         store
@@ -439,7 +485,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_store_is_empty() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = EdgeStore::open(dir.path().join("vectors"), DIM)
+        let store = EdgeStore::open(dir.path().join("vectors"), DIM, 128)
             .await
             .expect("a new store opens");
         assert_eq!(store.count().await.expect("count"), 0);
@@ -529,7 +575,7 @@ mod tests {
             store.flush().await.expect("flush");
         }
 
-        let store = EdgeStore::open(dir.path().join("vectors"), DIM)
+        let store = EdgeStore::open(dir.path().join("vectors"), DIM, 128)
             .await
             .expect("the store reopens");
 
@@ -588,7 +634,7 @@ mod tests {
 
         store.flush().await.expect("flush");
         drop(store);
-        let err = EdgeStore::open(dir.path().join("vectors"), 8)
+        let err = EdgeStore::open(dir.path().join("vectors"), 8, 128)
             .await
             .expect_err("reopening with another dimension fails");
         assert!(matches!(
@@ -609,5 +655,87 @@ mod tests {
 
         assert!(!dir.path().join("vectors").exists());
         assert!(matches!(store.count().await, Err(VectorError::Edge { .. })));
+    }
+
+    /// Past qdrant's indexing threshold (~6,600 vectors of 384 values), `optimize` builds HNSW;
+    /// its search finds what exact search finds, and writes after it still count.
+    #[tokio::test]
+    async fn optimize_builds_an_index_that_agrees_with_exact_search() {
+        const D: usize = 384;
+        const N: usize = 8000;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = EdgeStore::open(dir.path().join("vectors"), D, 128)
+            .await
+            .expect("a new store opens");
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut vector = || -> Vec<f32> {
+            (0..D)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let id = |i: usize| format!("{i:016x}{}", "0".repeat(48));
+        // Clustered, as embeddings of text are (uniform random vectors in 384 dimensions have no
+        // neighbourhoods for a graph to follow, and no embedding model makes them).
+        let centres: Vec<Vec<f32>> = (0..64).map(|_| vector()).collect();
+        let near = |centre: &[f32], noise: Vec<f32>| -> Vec<f32> {
+            centre.iter().zip(noise).map(|(c, n)| c + 0.5 * n).collect()
+        };
+        let points: Vec<VectorPoint> = (0..N)
+            .map(|i| VectorPoint {
+                chunk_id: id(i),
+                doc_id: format!("doc-{}", i / 4),
+                vector: near(&centres[i % centres.len()], vector()),
+            })
+            .collect();
+        store.upsert(points).await.expect("upsert");
+        assert!(
+            store.optimize().await.expect("optimize"),
+            "an index was built"
+        );
+        let indexed = {
+            let guard = store.inner.shard.read().expect("guard");
+            guard.as_ref().expect("open").info().indexed_vectors_count
+        };
+        assert!(indexed >= N / 2, "HNSW holds the vectors: {indexed}");
+        store.flush().await.expect("flush");
+
+        let mut overlap = 0;
+        for n in 0..20 {
+            let q = near(&centres[n * 3], vector());
+            let approx = store.search(q.clone(), 10).await.expect("search");
+            let exact = store.search_exact(q, 10).await.expect("exact");
+            overlap += approx
+                .iter()
+                .filter(|a| exact.iter().any(|e| e.chunk_id == a.chunk_id))
+                .count();
+        }
+        assert!(overlap >= 180, "recall@10 against exact: {overlap}/200");
+
+        // A point written after the build is found, a deleted document is gone.
+        let fresh = vector();
+        let new_point = VectorPoint {
+            chunk_id: id(N),
+            doc_id: "doc-new".into(),
+            vector: fresh.clone(),
+        };
+        store.upsert(vec![new_point]).await.expect("upsert after");
+        assert_eq!(
+            store.search(fresh, 1).await.expect("search")[0].chunk_id,
+            id(N)
+        );
+        store
+            .delete_docs(vec!["doc-0".into()])
+            .await
+            .expect("delete");
+        assert_eq!(store.count().await.expect("count"), N + 1 - 4);
+        assert!(
+            !store.optimize().await.expect("optimize again"),
+            "nothing left to build"
+        );
     }
 }

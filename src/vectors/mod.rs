@@ -84,8 +84,15 @@ pub trait VectorStore: Send + Sync + std::fmt::Debug {
     async fn upsert(&self, points: Vec<VectorPoint>) -> Result<(), VectorError>;
     /// Remove every point of these documents.
     async fn delete_docs(&self, doc_ids: Vec<String>) -> Result<(), VectorError>;
-    /// The `k` nearest points to `vector`, best first.
+    /// The `k` nearest points to `vector`, best first (approximate where an index is built).
     async fn search(&self, vector: Vec<f32>, k: usize) -> Result<Vec<VectorHit>, VectorError>;
+    /// The exact `k` nearest points, every vector compared (what [`Self::search`]'s recall is
+    /// measured against).
+    async fn search_exact(&self, vector: Vec<f32>, k: usize)
+    -> Result<Vec<VectorHit>, VectorError>;
+    /// Build the search index over what was written, where the store does that on request
+    /// (a Qdrant server indexes by itself); returns whether anything was rebuilt.
+    async fn optimize(&self) -> Result<bool, VectorError>;
     /// Number of points stored.
     async fn count(&self) -> Result<usize, VectorError>;
     /// Make everything written so far durable.
@@ -103,7 +110,7 @@ pub async fn open(
 ) -> Result<Arc<dyn VectorStore>, VectorError> {
     match config.backend {
         VectorBackend::Edge => Ok(Arc::new(
-            edge::EdgeStore::open(dir.join("vectors"), dimension).await?,
+            edge::EdgeStore::open(dir.join("vectors"), dimension, config.hnsw_ef).await?,
         )),
         VectorBackend::Qdrant => Ok(Arc::new(
             remote::RemoteStore::connect(&config.qdrant, name, dimension).await?,

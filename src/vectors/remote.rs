@@ -18,7 +18,7 @@ use qdrant_client::qdrant::vectors_config::Config as VectorsConfigKind;
 use qdrant_client::qdrant::{
     Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
     DeletePointsBuilder, Distance, FieldType, Filter, PointStruct, Query, QueryPointsBuilder,
-    ScoredPoint, UpsertPointsBuilder, Value, VectorParamsBuilder,
+    ScoredPoint, SearchParamsBuilder, UpsertPointsBuilder, Value, VectorParamsBuilder,
 };
 use qdrant_client::{Payload, Qdrant};
 
@@ -210,6 +210,37 @@ impl RemoteStore {
     }
 }
 
+impl RemoteStore {
+    /// The `k` nearest points (every vector compared when `exact`).
+    async fn query(
+        &self,
+        vector: Vec<f32>,
+        k: usize,
+        exact: bool,
+    ) -> Result<Vec<VectorHit>, VectorError> {
+        self.check_dimension(vector.len())?;
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let response = self
+            .client
+            .query(
+                QueryPointsBuilder::new(self.collection.as_str())
+                    .query(Query::new_nearest(vector))
+                    .limit(k as u64)
+                    .params(SearchParamsBuilder::default().exact(exact))
+                    .with_payload(true),
+            )
+            .await
+            .map_err(|e| self.error(format!("search failed: {e}")))?;
+        Ok(response
+            .result
+            .into_iter()
+            .filter_map(|point| self.hit(point))
+            .collect())
+    }
+}
+
 #[async_trait]
 impl VectorStore for RemoteStore {
     async fn upsert(&self, points: Vec<VectorPoint>) -> Result<(), VectorError> {
@@ -259,25 +290,20 @@ impl VectorStore for RemoteStore {
     }
 
     async fn search(&self, vector: Vec<f32>, k: usize) -> Result<Vec<VectorHit>, VectorError> {
-        self.check_dimension(vector.len())?;
-        if k == 0 {
-            return Ok(Vec::new());
-        }
-        let response = self
-            .client
-            .query(
-                QueryPointsBuilder::new(self.collection.as_str())
-                    .query(Query::new_nearest(vector))
-                    .limit(k as u64)
-                    .with_payload(true),
-            )
-            .await
-            .map_err(|e| self.error(format!("search failed: {e}")))?;
-        Ok(response
-            .result
-            .into_iter()
-            .filter_map(|point| self.hit(point))
-            .collect())
+        self.query(vector, k, false).await
+    }
+
+    async fn search_exact(
+        &self,
+        vector: Vec<f32>,
+        k: usize,
+    ) -> Result<Vec<VectorHit>, VectorError> {
+        self.query(vector, k, true).await
+    }
+
+    async fn optimize(&self) -> Result<bool, VectorError> {
+        // The server's optimisers index collections by themselves.
+        Ok(false)
     }
 
     async fn count(&self) -> Result<usize, VectorError> {

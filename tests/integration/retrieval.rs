@@ -67,8 +67,8 @@ async fn fusion_follows_the_collection_settings() {
         .expect("embed")
         .pop();
 
-    let mut bm25_only = col.settings().fusion;
-    bm25_only.dense_weight = 0.0;
+    let mut bm25_only = col.settings().search();
+    bm25_only.fusion.dense_weight = 0.0;
     let fused = search_with_vector(&col, query, vector.clone(), Mode::Hybrid, 5, &bm25_only)
         .await
         .expect("hybrid");
@@ -84,12 +84,12 @@ async fn fusion_follows_the_collection_settings() {
         "dense weight 0: BM25 order"
     );
 
-    let mut weighted = col.settings().fusion;
-    weighted.method = FusionMethod::Weighted;
+    let mut weighted = col.settings().search();
+    weighted.fusion.method = FusionMethod::Weighted;
     let hits = search_with_vector(&col, query, vector, Mode::Hybrid, 5, &weighted)
         .await
         .expect("weighted");
-    assert!(hits[0].score <= weighted.bm25_weight + weighted.dense_weight + 1e-6);
+    assert!(hits[0].score <= weighted.fusion.bm25_weight + weighted.fusion.dense_weight + 1e-6);
     assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
 
     // Settings persist per collection.
