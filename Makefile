@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-soak eval-demo house-adapter eval-house clean-demo
+.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-soak eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -134,3 +134,16 @@ bench: eval-squad
 
 clean-demo:
 	-$(DR) collection delete postgres
+
+## Retrieval side by side with a Python peer (bm25s + numpy) on SQuAD dev, new_wiki and Amazon
+## reviews; `collection tune` checked on questions it did not tune on; retrieval at >= 100k chunks
+## (HNSW, latency against the peer, ingest throughput and RSS). bench/retrieval/, README
+## "Retrieval against a Python peer".
+bench-retrieval: models build
+	bash benches/retrieval-peer.sh
+
+bench-retrieval-tune: models build
+	bash benches/retrieval-tune.sh
+
+bench-retrieval-scale: models build
+	bash benches/retrieval-scale.sh

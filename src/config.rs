@@ -146,6 +146,21 @@ pub struct SearchSettings {
     pub fusion: FusionConfig,
 }
 
+impl std::fmt::Display for SearchSettings {
+    /// `title weight 0.5, weighted 1/1, 50 candidates` (or `rrf k 60 bm25 x1`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fusion = &self.fusion;
+        write!(f, "title weight {}, ", self.bm25.title_weight)?;
+        match fusion.method {
+            FusionMethod::Weighted => {
+                write!(f, "weighted {}/{}", fusion.bm25_weight, fusion.dense_weight)?
+            }
+            FusionMethod::Rrf => write!(f, "rrf k {} bm25 x{}", fusion.rrf_k, fusion.bm25_weight)?,
+        }
+        write!(f, ", {} candidates", fusion.candidates)
+    }
+}
+
 /// How BM25 and dense results are fused. Kept per collection.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -208,17 +208,6 @@ pub async fn tune(
 
 /// The report as a short table (Markdown).
 pub fn table(r: &TuneReport) -> String {
-    let describe = |s: &SearchSettings| {
-        let f = &s.fusion;
-        let method = match f.method {
-            FusionMethod::Weighted => format!("weighted {}/{}", f.bm25_weight, f.dense_weight),
-            FusionMethod::Rrf => format!("rrf k {} bm25 x{}", f.rrf_k, f.bm25_weight),
-        };
-        format!(
-            "title {}, {method}, {} candidates",
-            s.bm25.title_weight, f.candidates
-        )
-    };
     let mut out = format!(
         "collection {}: {} questions ({} tuned on, {} held out), {} variants tried, ranked by {}\n\
          | settings | | tuning R@5 | tuning nDCG@10 | held-out R@5 | held-out nDCG@10 |\n\
@@ -228,7 +217,7 @@ pub fn table(r: &TuneReport) -> String {
     for (name, s) in [("before", &r.before), ("best", &r.best)] {
         out += &format!(
             "| {name} | {} | {:.4} | {:.4} | {:.4} | {:.4} |\n",
-            describe(&s.settings),
+            s.settings,
             s.tuning.recall_5,
             s.tuning.ndcg_10,
             s.held_out.recall_5,

@@ -229,7 +229,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: CollectionC
             }
             catalog.save_settings(&s)?;
             println!(
-                "updated collection {name}: {:?}, adapter {}",
+                "updated collection {name}: {}, adapter {}",
                 s.search(),
                 s.adapter.as_deref().unwrap_or("(none)")
             );

@@ -159,7 +159,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: EvalCmd) ->
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "{} questions, collection {collection}, {:?}\n\
+                    "{} questions, collection {collection}, {}\n\
                      | mode | recall@1 | recall@5 | recall@10 | MRR@10 | nDCG@10 |\n|---|---|---|---|---|---|",
                     report.questions,
                     settings_for_run.search()

@@ -13,4 +13,5 @@ mod jobs;
 mod retrieval;
 mod soak;
 mod train;
+mod tune;
 mod vector_store;
