@@ -80,7 +80,7 @@ def tune_entry(work, name, out):
 
 def tune(out_dir):
     md = (
-        "| set | tuned on | checked on | applied | hybrid R@5 before | after | nDCG@10 before | after | chosen |\n"
+        "| set | tuned on | checked on | applied | hybrid R@5 before | after | nDCG@10 before | after | best on the tuning part |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
     for s in SETS:
