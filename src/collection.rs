@@ -452,10 +452,8 @@ impl Collection {
         })
     }
 
-    /// Build the vector index over what was written (HNSW, once the store is large enough),
-    /// flush vectors and release the index writer. Searches go on meanwhile.
+    /// Flush vectors and release the index writer.
     pub async fn close(&self) -> Result<(), CollectionError> {
-        self.vectors.optimize().await?;
         self.vectors.flush().await?;
         let index = Arc::clone(&self.index);
         tokio::task::spawn_blocking(move || index.close_writer()).await??;

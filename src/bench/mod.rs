@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::collection::Collection;
+use crate::collection::{Collection, CollectionError};
 use crate::embed::Embedder;
 use crate::eval::Question;
 use crate::retrieve::{Mode, RetrieveError, Retriever, search_with_vector};
@@ -168,16 +168,18 @@ async fn dense_vs_exact(
     const TOP: usize = 10;
     let store = &collection.vectors;
     let (mut search_ms, mut exact_ms, mut recall) = (Vec::new(), Vec::new(), 0.0);
-    let vector_err = |e| RetrieveError::from(crate::collection::CollectionError::from(e));
     for v in &vectors {
         let t = Instant::now();
-        let approx = store.search(v.clone(), TOP).await.map_err(vector_err)?;
+        let approx = store
+            .search(v.clone(), TOP)
+            .await
+            .map_err(CollectionError::from)?;
         search_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         let exact = store
             .search_exact(v.clone(), TOP)
             .await
-            .map_err(vector_err)?;
+            .map_err(CollectionError::from)?;
         exact_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let found = approx
             .iter()

@@ -376,6 +376,12 @@ fn glued_heading(subject: &str) -> bool {
         .any(|pair| capitalised(pair[0]) && capitalised(pair[1]))
 }
 
+/// Why `draft` is dropped before the retriever is asked: its own flaws, or repeating what was
+/// kept (None: it may be used).
+fn unusable(draft: &Draft, seen: &Seen) -> Option<&'static str> {
+    reject(draft).or_else(|| seen.repeats(draft))
+}
+
 /// The questions and answers kept so far, for duplicate checks.
 #[derive(Debug, Default)]
 pub struct Seen {
@@ -490,7 +496,7 @@ pub async fn retrieval_questions(
             }
             let draft = drafts(chunk)
                 .into_iter()
-                .find(|d| reject(d).is_none() && seen.repeats(d).is_none());
+                .find(|d| unusable(d, &seen).is_none());
             if let Some(draft) = draft {
                 seen.keep(&draft);
                 out.push(crate::eval::Question {
@@ -547,7 +553,7 @@ async fn triplet(
     seen: &Seen,
     shuffler: Option<&mut Rng>,
 ) -> Result<Result<Triplet, &'static str>, RagError> {
-    if let Some(reason) = reject(draft).or_else(|| seen.repeats(draft)) {
+    if let Some(reason) = unusable(draft, seen) {
         return Ok(Err(reason));
     }
     let sources = rag.sources(collection, &draft.question).await?;

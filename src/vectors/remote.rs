@@ -208,9 +208,7 @@ impl RemoteStore {
             }
         }
     }
-}
 
-impl RemoteStore {
     /// The `k` nearest points (every vector compared when `exact`).
     async fn query(
         &self,
