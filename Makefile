@@ -37,6 +37,7 @@ demo: models build
 	$(MAKE) demo-adapter
 	$(DR) adapters show house >/dev/null 2>&1 || $(MAKE) house-adapter
 	$(MAKE) demo-postgres-adapter
+	bash scripts/demo-key.sh $(BIN) $(DATA_DIR)
 	@echo "starting the appliance at http://127.0.0.1:8080 (Ctrl-C stops it)"
 	@echo "pick collection newwiki: it answers with its trained adapter newwiki-demo; switch to 'base model' to compare"
 	$(DR) serve
@@ -119,6 +120,7 @@ eval-demo: models build
 
 ## The appliance alone (API, OpenAI-compatible /v1, web UI) on the config's server.bind.
 serve: build
+	bash scripts/demo-key.sh $(BIN) $(DATA_DIR)
 	$(DR) serve
 
 ## Retrieval quality on SQuAD 1.1 dev (all 10565 questions; bm25, dense, hybrid side by side).

@@ -105,9 +105,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+KEY = {"token": None}
+
+
 def http_json(url, body=None, timeout=600):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    if KEY["token"]:
+        headers["authorization"] = f"Bearer {KEY['token']}"
+    req = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read() or b"null")
 
@@ -117,6 +123,9 @@ def start_server(args, port):
     if args.models_dir:
         cmd += ["--models-dir", args.models_dir]
     env = dict(os.environ, DOMAINRAG__SERVER__BIND=f"127.0.0.1:{port}")
+    # Auth is on by default: a key for this run, revoked when it ends (run_server).
+    made = json.loads(subprocess.check_output(cmd + ["keys", "create", "--admin", "--name", "soak", "--json"]))
+    KEY["token"], KEY["id"] = made["token"], made["id"]
     if args.max_tokens:
         env["DOMAINRAG__GENERATE__MAX_TOKENS"] = str(args.max_tokens)
     log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL
@@ -163,6 +172,8 @@ def run_server(args):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        subprocess.run([args.bin, "--data-dir", args.data_dir, "keys", "revoke", KEY["id"]],
+                       stdout=subprocess.DEVNULL, check=False)
     result = summarise(series, args.warmup)
     result.update(
         mode="server",

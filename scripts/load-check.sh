@@ -9,9 +9,13 @@ COLLECTION=${1:-postgres}
 PORT=${PORT:-18080}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}/release/domainrag}
 URL=http://127.0.0.1:$PORT
+# A key for this run only (auth is on by default), revoked when the script ends.
+KEY_JSON=$("$BIN" keys create --admin --name load-check --json)
+export DOMAINRAG_KEY=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' <<<"$KEY_JSON")
+KEY_ID=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$KEY_JSON")
 DOMAINRAG__GENERATE__MAX_TOKENS=${MAX_TOKENS:-48} "$BIN" serve --bind 127.0.0.1:$PORT 2>/tmp/domainrag-load.log &
 PID=$!
-trap 'kill -TERM $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
+trap 'kill -TERM $PID 2>/dev/null; wait $PID 2>/dev/null; "$BIN" keys revoke "$KEY_ID" >/dev/null' EXIT
 for _ in $(seq 1 120); do curl -fsS "$URL/readyz" >/dev/null 2>&1 && break; sleep 0.5; done
 rss() { awk '/VmRSS/ {print $2/1024 " MiB"}' /proc/$PID/status; }
 echo "RSS at start: $(rss)"

@@ -71,6 +71,16 @@ pub enum CollectionError {
 }
 
 impl CollectionError {
+    /// Whether the collection's own files are unreadable (settings or ledger that do not parse,
+    /// vectors of another model), as opposed to a busy lock or a missing collection: such a
+    /// collection is listed as damaged and may be deleted without opening it.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            CollectionError::Corrupt { .. } | CollectionError::EmbeddingMismatch { .. }
+        )
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             CollectionError::InvalidName { .. } | CollectionError::InvalidSetting { .. } => {
@@ -170,8 +180,11 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Directories of collections being deleted start with this (not a valid collection name).
+const DELETED_PREFIX: &str = ".deleted-";
+
 /// Write `bytes` to `path` atomically (temp file + rename), so a crash never leaves half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -338,22 +351,85 @@ impl Catalog {
         }))
     }
 
-    /// Delete a collection and everything stored in it.
+    /// Delete a collection and everything stored in it; a damaged one (see
+    /// [`CollectionError::is_damage`]) is deleted without being opened.
     pub async fn delete(&self, name: &str) -> Result<(), CollectionError> {
-        let collection = self.open(name).await?;
-        self.delete_open(collection).await
+        match self.open(name).await {
+            Ok(collection) => self.delete_open(collection).await,
+            Err(e) if e.is_damage() => {
+                tracing::warn!(collection = %name, error = %e, "deleting a damaged collection");
+                self.delete_unopened(name)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Delete a collection through a handle that is already open (a server keeps one per
     /// collection; the embedded vector store cannot be opened twice).
+    ///
+    /// One rename takes the whole directory out of the catalog first, so a kill at any later point
+    /// leaves no collection at all (the `.deleted-*` directory is removed at the next start, see
+    /// [`Catalog::sweep_deleted`]): never one with its vectors gone and its documents kept, and
+    /// never old data under the name for a new collection to find.
     pub async fn delete_open(&self, collection: Arc<Collection>) -> Result<(), CollectionError> {
         let name = collection.name().to_string();
-        let name = name.as_str();
-        collection.vectors.drop_store().await?;
         collection.index.close_writer()?;
-        let dir = collection.dir.clone();
+        let trash = self.retire(&name)?;
+        // Embedded store: its files moved with the directory; a remote one is dropped on the server.
+        if let Err(e) = collection.vectors.drop_store().await {
+            tracing::error!(collection = %name, error = %e, "collection deleted, but its vector store could not be dropped");
+        }
         drop(collection);
-        std::fs::remove_dir_all(&dir).map_err(Self::io_err(name, &dir))
+        std::fs::remove_dir_all(&trash).map_err(Self::io_err(&name, &trash))
+    }
+
+    /// Whether opening `name` fails because its files are damaged ([`CollectionError::is_damage`]).
+    pub async fn open_damage(&self, name: &str) -> bool {
+        matches!(self.open(name).await, Err(e) if e.is_damage())
+    }
+
+    /// Delete a collection that cannot be opened (damaged settings, ledger or index): its
+    /// directory goes; a remote vector store of it, if any, is left for the operator.
+    pub fn delete_unopened(&self, name: &str) -> Result<(), CollectionError> {
+        validate_name(name)?;
+        if !self.dir_of(name).join(SETTINGS_FILE).exists() {
+            return Err(CollectionError::NotFound {
+                name: name.to_string(),
+            });
+        }
+        let trash = self.retire(name)?;
+        std::fs::remove_dir_all(&trash).map_err(Self::io_err(name, &trash))
+    }
+
+    /// Rename the collection's directory out of the catalog; returns where it went.
+    fn retire(&self, name: &str) -> Result<PathBuf, CollectionError> {
+        let dir = self.dir_of(name);
+        let trash = self.root.join(format!(
+            "{DELETED_PREFIX}{name}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::rename(&dir, &trash).map_err(Self::io_err(name, &dir))?;
+        Ok(trash)
+    }
+
+    /// Remove what deletes interrupted by a crash left behind (called at start, before any
+    /// collection is opened).
+    pub fn sweep_deleted(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(DELETED_PREFIX)
+            {
+                let path = entry.path();
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a deleted collection's leftovers");
+                }
+            }
+        }
     }
 }
 

@@ -215,6 +215,8 @@ pub const ISQ_TYPES: &[&str] = &[
 pub struct RagConfig {
     pub max_sources: usize,
     pub context_tokens: usize,
+    /// Longest question answered (tokens); longer ones are invalid input.
+    pub max_question_tokens: usize,
     /// The adapter that answers for a collection without one of its own, when it is registered
     /// ("" = none: the base model answers).
     pub house_adapter: String,
@@ -231,6 +233,14 @@ pub struct ServerConfig {
     pub shutdown_timeout_secs: u64,
     /// Finished background jobs remembered (with their files under `<data_dir>/jobs/`).
     pub jobs_kept: usize,
+    /// API keys required on every route but health and the UI shell (`access`). Off is allowed on
+    /// loopback addresses only.
+    pub auth: bool,
+    /// Host names (without port) requests may carry besides loopback names and the bound address;
+    /// `*` accepts any (DNS rebinding protection off).
+    pub allowed_hosts: Vec<String>,
+    /// Size at which `audit.jsonl` is rotated to `audit.jsonl.1`.
+    pub audit_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -298,7 +308,9 @@ impl Settings {
                 config::Environment::with_prefix("DOMAINRAG")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("server.allowed_hosts"),
             );
         }
         let mut settings: Settings = builder.build()?.try_deserialize()?;
@@ -418,6 +430,9 @@ impl Settings {
         if !(self.generate.top_p > 0.0 && self.generate.top_p <= 1.0) {
             return invalid("generate.top_p", "must be in (0, 1]");
         }
+        if self.rag.max_question_tokens < 16 {
+            return invalid("rag.max_question_tokens", "must be at least 16");
+        }
         if self.rag.max_sources == 0 {
             return invalid("rag.max_sources", "must be > 0");
         }
@@ -431,6 +446,20 @@ impl Settings {
             return invalid(
                 "server.max_json_bytes",
                 "and max_upload_bytes must be at least 1024",
+            );
+        }
+        if self.server.audit_max_bytes < 4096 {
+            return invalid("server.audit_max_bytes", "must be at least 4096");
+        }
+        if self
+            .server
+            .allowed_hosts
+            .iter()
+            .any(|h| h.is_empty() || h.contains(['/', ' ']))
+        {
+            return invalid(
+                "server.allowed_hosts",
+                "must be host names or addresses without scheme, path or spaces (or \"*\")",
             );
         }
         if self.server.jobs_kept == 0 {

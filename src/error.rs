@@ -8,8 +8,12 @@
 pub enum ErrorKind {
     /// The caller sent something unusable (bad name, bad file, bad parameter).
     InvalidInput,
-    /// The named thing (collection, document) does not exist.
+    /// The named thing (collection, document) does not exist (or the caller's key may not see it).
     NotFound,
+    /// No API key, or one that is unknown or revoked.
+    Unauthenticated,
+    /// The key is valid but its role does not allow this.
+    Forbidden,
     /// The thing exists already or is in a conflicting state.
     Conflict,
     /// A dependency (model files, ONNX Runtime, a Qdrant server) is missing or down.
@@ -24,6 +28,8 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::Conflict => "conflict",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",

@@ -8,6 +8,7 @@
 
 #![warn(unreachable_pub)]
 
+pub mod access;
 pub mod adapt;
 pub mod adapters;
 pub mod bench;

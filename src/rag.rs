@@ -324,6 +324,7 @@ impl Rag {
         retrieve_ms: f64,
         started: Instant,
     ) -> Result<AnswerStream, RagError> {
+        self.check_question(question).await?;
         let events = self
             .generator
             .stream(
@@ -339,6 +340,26 @@ impl Rag {
             retrieve_ms,
             started,
         })
+    }
+
+    /// Refuse a question longer than `rag.max_question_tokens` (bytes are checked first, so a
+    /// megabyte of text is not tokenised to be refused).
+    async fn check_question(&self, question: &str) -> Result<(), RagError> {
+        let max = self.config.max_question_tokens;
+        let too_long = |size: String| {
+            RagError::InvalidInput(format!(
+                "the question is {size} long; at most {max} tokens are answered \
+                 (rag.max_question_tokens)"
+            ))
+        };
+        if question.len() > max.saturating_mul(32) {
+            return Err(too_long(format!("{} bytes", question.len())));
+        }
+        let tokens = self.generator.count_tokens(question).await?;
+        if tokens > max {
+            return Err(too_long(format!("{tokens} tokens")));
+        }
+        Ok(())
     }
 
     /// Answer `question` over given `sources` (no retrieval: gold-context evaluation).

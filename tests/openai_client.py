@@ -1,14 +1,14 @@
 """Drive domainrag's OpenAI-compatible endpoint with the real `openai` client (from PyPI).
 
-Usage: python openai_client.py BASE_URL COLLECTION
+Usage: python openai_client.py BASE_URL COLLECTION API_KEY
 Prints `1 passed, 0 failed` on success; exits non-zero with the reason otherwise.
 """
 import sys
 
 from openai import OpenAI
 
-base, collection = sys.argv[1], sys.argv[2]
-client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+base, collection, key = sys.argv[1], sys.argv[2], sys.argv[3]
+client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
 
 models = [m.id for m in client.models.list().data]
 assert collection in models, models

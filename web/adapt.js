@@ -211,8 +211,9 @@
     }
     const files = (job.files || []).filter((f) => f !== 'report.json');
     if (files.length) {
-      nodes.push(d.h('p', { class: 'job-files' }, ...files.map((f) => d.h('a', {
-        href: `api/jobs/${d.enc(job.id)}/files/${d.enc(f)}`, target: '_blank', rel: 'noopener', text: f }))));
+      nodes.push(d.h('p', { class: 'job-files' }, ...files.map((f) => d.h('button', {
+        type: 'button', class: 'link-button', 'data-testid': `job-file-${f}`, text: f,
+        onclick: () => d.download(`api/jobs/${d.enc(job.id)}/files/${d.enc(f)}`, f) }))));
     }
     return d.h('li', { class: 'job', 'data-testid': `job-${job.kind}`, dataset: { state: status, jobId: job.id } }, ...nodes);
   }

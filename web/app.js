@@ -1,4 +1,5 @@
-// app.js owns the behaviour of the domainrag web UI: calls to the JSON API, the collection and
+// app.js owns the behaviour of the domainrag web UI: calls to the JSON API (with the API key kept
+// in this browser), the collection and
 // adapter pickers, document upload with ingest-job polling, the streamed chat (SSE over fetch),
 // citation chips and the source panel (the Adapt card is adapt.js's). No framework, no dependencies; all text goes in through
 // textContent, never innerHTML.
@@ -8,6 +9,7 @@
   const POLL_MS = 500;
   const NAME_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
   const STORE_KEY = 'domainrag.collection';
+  const KEY_STORE = 'domainrag.apiKey';
   const MAX_DOCS_SHOWN = 300;
   const FINISHED = ['done', 'failed', 'cancelled'];
 
@@ -23,6 +25,8 @@
     createForm: $('create-form'), newName: $('new-collection-name'), createButton: $('create-collection'),
     messages: $('messages'), emptyChat: $('empty-chat'), clearChat: $('clear-chat'),
     askForm: $('ask-form'), question: $('question'), send: $('send'), stop: $('stop'),
+    keyDetails: $('key-details'), keyForm: $('key-form'), keyInput: $('api-key'),
+    keyForget: $('key-forget'), keyState: $('key-state'),
     panel: $('source-panel'), panelTitle: $('source-title'), panelPath: $('source-path'),
     panelMeta: $('source-meta'), panelText: $('source-text'), panelClose: $('source-close'),
     backdrop: $('backdrop'),
@@ -64,6 +68,8 @@
 
   async function request(method, path, { json, body, signal, headers } = {}) {
     const init = { method, headers: { Accept: 'application/json', ...(headers || {}) }, signal };
+    const key = localStorage.getItem(KEY_STORE);
+    if (key) init.headers.Authorization = `Bearer ${key}`;
     if (json !== undefined) {
       init.headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(json);
@@ -77,8 +83,55 @@
       if (err && err.name === 'AbortError') throw err;
       throw new ApiError(0, 'network', 'Cannot reach the domainrag server. Is it running?');
     }
-    if (!res.ok) throw await errorFrom(res);
+    if (!res.ok) {
+      const err = await errorFrom(res);
+      if (res.status === 401) {
+        el.keyDetails.open = true;
+        renderKeyState();
+        err.message = `${err.message} Paste a key under "API key".`;
+      }
+      throw err;
+    }
     return res;
+  }
+
+  // ---------------------------------------------------------------- API key
+
+  function renderKeyState() {
+    el.keyState.textContent = localStorage.getItem(KEY_STORE) ? '(set)' : '(none)';
+  }
+
+  async function useKey(e) {
+    e.preventDefault();
+    const key = el.keyInput.value.trim();
+    if (!key) return;
+    localStorage.setItem(KEY_STORE, key);
+    el.keyInput.value = '';
+    el.keyDetails.open = false;
+    renderKeyState();
+    hideError();
+    await reload();
+  }
+
+  async function forgetKey() {
+    localStorage.removeItem(KEY_STORE);
+    renderKeyState();
+    await reload();
+  }
+
+  // A job's file, fetched with the key and saved (a plain link would not carry it).
+  async function download(path, name) {
+    try {
+      const res = await request('GET', path, { headers: { Accept: '*/*' } });
+      const url = URL.createObjectURL(await res.blob());
+      const a = h('a', { href: url, download: name });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
+    } catch (err) {
+      showError(err, `Downloading ${name}`);
+    }
   }
 
   async function api(method, path, options) {
@@ -171,7 +224,8 @@
       return;
     }
     for (const c of state.collections) {
-      el.collection.append(h('option', { value: c.name, text: `${c.name} (${plural(c.documents, 'document')})` }));
+      const detail = c.damaged ? `damaged: ${c.error}` : plural(c.documents, 'document');
+      el.collection.append(h('option', { value: c.name, text: `${c.name} (${detail})` }));
     }
     el.collection.disabled = false;
     const names = state.collections.map((c) => c.name);
@@ -776,6 +830,8 @@
         if (!state.asking) el.askForm.requestSubmit();
       }
     });
+    el.keyForm.addEventListener('submit', useKey);
+    el.keyForget.addEventListener('click', forgetKey);
     el.panelClose.addEventListener('click', closeSource);
     el.backdrop.addEventListener('click', closeSource);
     document.addEventListener('keydown', (e) => {
@@ -783,9 +839,7 @@
     });
   }
 
-  async function start() {
-    bind();
-    updateControls();
+  async function reload() {
     await Promise.all([
       loadAdapters(),
       loadCollections().catch((err) => {
@@ -794,6 +848,14 @@
       }),
     ]);
     updateControls();
+  }
+
+  async function start() {
+    bind();
+    renderKeyState();
+    if (!localStorage.getItem(KEY_STORE)) el.keyDetails.open = true;
+    updateControls();
+    await reload();
     document.body.dataset.ready = 'true';
   }
 
@@ -801,7 +863,7 @@
   window.domainragSseParser = sseParser;
   // What adapt.js (the Adapt card) uses; it loads after this file.
   window.domainrag = {
-    api, h, enc, showError, hideError, plural,
+    api, h, enc, showError, hideError, plural, download,
     current: currentName,
     collection: () => state.current,
     adapters: () => state.adapters,

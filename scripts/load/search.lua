@@ -9,5 +9,5 @@ local i = 0
 request = function()
   i = i + 1
   local body = string.format('{"query": "%s", "mode": "hybrid", "k": 5}', queries[(i % #queries) + 1])
-  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. (os.getenv("DOMAINRAG_KEY") or "")}, body)
 end

@@ -200,7 +200,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: BenchCmd) -
                 "files": report.files,
                 "documents": report.documents,
                 "chunks": report.chunks,
-                "failures": report.failures.len(),
+                "failures": report.failures_total,
                 "seconds": report.seconds,
                 "chunks_per_second": report.chunks_per_second(),
                 "vector_backend": settings.vectors.backend,

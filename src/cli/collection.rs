@@ -300,7 +300,7 @@ pub(super) async fn ingest(
             report.documents,
             report.unchanged,
             report.chunks,
-            report.failures.len(),
+            report.failures_total,
             report.skipped_files,
             report.seconds,
             report.chunks_per_second()

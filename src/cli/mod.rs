@@ -6,7 +6,7 @@
 //! This file owns the top-level `Cli` and `Command`, settings loading, the dispatch in `run`, and
 //! what several command groups share: the stderr progress bar, the answering pipeline, question
 //! sampling and SQuAD gold paragraphs. Each group lives in its own file: `collection` (collections
-//! and ingest), `query` (search, ask, serve), `adapters`, `eval`, `bench`, `train` (triplets and
+//! and ingest), `query` (search, ask, serve), `adapters`, `keys`, `eval`, `bench`, `train` (triplets and
 //! training). The files under `cli/` parse arguments and print; the work itself is done by the
 //! library modules they call.
 
@@ -30,6 +30,7 @@ mod adapters;
 mod bench;
 mod collection;
 mod eval;
+mod keys;
 mod query;
 mod train;
 
@@ -37,6 +38,7 @@ pub use adapters::AdaptersCmd;
 pub use bench::BenchCmd;
 pub use collection::{CollectionCmd, SettingsArgs};
 pub use eval::EvalCmd;
+pub use keys::KeysCmd;
 pub use train::{TrainArgs, TripletsCmd};
 
 #[derive(Debug, Parser)]
@@ -114,6 +116,9 @@ pub enum Command {
     /// Manage LoRA adapters (PEFT format).
     #[command(subcommand)]
     Adapters(AdaptersCmd),
+    /// API keys: create (admin, or reader/editor of collections), list, revoke.
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Evaluate retrieval quality.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -180,6 +185,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             .await
         }
         Command::Adapters(cmd) => adapters::run(&catalog, &settings, cmd),
+        Command::Keys(cmd) => keys::run(&settings, cmd),
         Command::Eval(cmd) => eval::run(&catalog, &settings, cmd).await,
         Command::Bench(cmd) => bench::run(&catalog, &settings, cmd).await,
         Command::Triplets(cmd) => train::triplets(&catalog, &settings, cmd).await,

@@ -58,6 +58,14 @@ pub(super) async fn search(
 /// `domainrag serve`: the HTTP API, OpenAI-compatible chat and web UI, until SIGTERM/SIGINT.
 pub(super) async fn serve(settings: Settings, bind: Option<String>) -> Result<()> {
     let bind = bind.unwrap_or_else(|| settings.server.bind.clone());
+    crate::http::listen_addrs(&settings, &bind)?;
+    let keys = crate::access::keys::KeyStore::new(&settings.paths.data_dir);
+    if settings.server.auth && !keys.has_active()? {
+        eprintln!(
+            "no API keys yet: every request but /healthz will be refused. Make one with \
+             `domainrag keys create --admin` (and `--role reader --collection NAME` for teams)"
+        );
+    }
     let state = crate::http::AppState::load(settings).await?;
     let server = crate::http::start(state, &bind).await?;
     eprintln!("domainrag serving on http://{}", server.addr);

@@ -11,6 +11,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
+use super::guard::Caller;
 use super::{ApiError, AppState, sse_event};
 use crate::collection::{CollectionSettings, CollectionStats};
 use crate::config::{Bm25Config, ChunkingConfig, FusionConfig};
@@ -50,11 +51,40 @@ fn view(s: CollectionSettings, stats: CollectionStats) -> CollectionView {
     }
 }
 
-async fn list_collections(state: State) -> Result<HttpResponse, ApiError> {
+/// A collection in the list: its view, or why it cannot be opened (it can still be deleted).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Listed {
+    Open(Box<CollectionView>),
+    Damaged {
+        name: String,
+        damaged: bool,
+        error: String,
+    },
+}
+
+async fn list_collections(state: State, caller: Caller) -> Result<HttpResponse, ApiError> {
     let mut out = Vec::new();
     for name in state.catalog.list()? {
-        let c = state.collection(&name).await?;
-        out.push(view(c.settings(), c.stats().await?));
+        if !caller.0.can_see(&name) {
+            continue;
+        }
+        match state.collection(&name).await {
+            Ok(c) => out.push(Listed::Open(Box::new(view(c.settings(), c.stats().await?)))),
+            Err(e) => {
+                // The API error of an internal failure is opaque; the catalog's says what is wrong.
+                let error = match state.catalog.open(&name).await {
+                    Err(cause) => cause.to_string(),
+                    Ok(_) => e.message,
+                };
+                tracing::error!(collection = %name, %error, "collection cannot be opened");
+                out.push(Listed::Damaged {
+                    name,
+                    damaged: true,
+                    error,
+                });
+            }
+        }
     }
     Ok(HttpResponse::Ok().json(out))
 }
@@ -148,11 +178,17 @@ async fn delete_collection(
     state: State,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
     let lock = state.write_lock(&name).await;
     let _writing = lock.lock().await;
-    state.take_collection(&name).await;
-    state.catalog.delete_open(c).await?;
+    match state.collection(&name).await {
+        Ok(c) => {
+            state.take_collection(&name).await;
+            state.catalog.delete_open(c).await?;
+        }
+        // Damaged: deleted without opening it. Anything else (not found, busy) is the answer.
+        Err(_) if state.catalog.open_damage(&name).await => state.catalog.delete_unopened(&name)?,
+        Err(e) => return Err(e),
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -210,6 +246,7 @@ pub(crate) fn adapter_choice(adapter: Option<Option<String>>) -> AdapterChoice {
 
 async fn ask(
     state: State,
+    caller: Caller,
     name: web::Path<String>,
     body: web::Json<AskRequest>,
 ) -> Result<HttpResponse, ApiError> {
@@ -219,9 +256,7 @@ async fn ask(
         return Err(ApiError::bad_request("`question` is empty"));
     }
     let choice = adapter_choice(body.adapter);
-    if let AdapterChoice::Named(a) = &choice {
-        state.registry.get(a)?;
-    }
+    state.check_choice(&caller, &choice)?;
     let stream = state.rag.answer_stream(&c, &body.question, &choice).await?;
     if !body.stream {
         return Ok(HttpResponse::Ok().json(tracked_answer(&state, stream, |_| {}).await?));
@@ -231,10 +266,12 @@ async fn ask(
     let state2 = state.clone();
     tokio::spawn(async move {
         let tx_tokens = tx.clone();
-        let result = tracked_answer(&state2, stream, move |t| {
+        let answer = tracked_answer(&state2, stream, move |t| {
             let _ = tx_tokens.send(Ok(sse_event("token", &serde_json::json!({ "text": t }))));
-        })
-        .await;
+        });
+        let Some(result) = while_client_listens(&tx, answer).await else {
+            return;
+        };
         let event = match result {
             Ok(answer) => sse_event("done", &answer),
             Err(e) => {
@@ -253,16 +290,41 @@ async fn ask(
         .streaming(tokio_stream_from(rx)))
 }
 
+/// Run `work` (an answer being streamed to the client behind `tx`) while the client is
+/// connected. When it goes away the work is dropped, which stops generation and frees its slot
+/// at the next token, instead of finishing an answer nobody reads.
+pub(crate) async fn while_client_listens<T, E>(
+    tx: &tokio::sync::mpsc::UnboundedSender<Result<web::Bytes, E>>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        out = work => Some(out),
+        () = tx.closed() => {
+            tracing::debug!("client disconnected: answer cancelled");
+            None
+        }
+    }
+}
+
 /// Drain an answer stream, keeping the in-flight gauge and the answer metrics.
 pub(crate) async fn tracked_answer(
     state: &AppState,
     stream: rag::AnswerStream,
     on_token: impl FnMut(&str),
 ) -> Result<rag::Answer, rag::RagError> {
+    /// Counts an answer in flight until it ends, however it ends (done, failed, or dropped when
+    /// the client left).
+    struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
     let m = &state.metrics;
     m.in_flight_answers.fetch_add(1, Ordering::Relaxed);
+    let in_flight = InFlight(&m.in_flight_answers);
     let answer = rag::collect(stream, on_token).await;
-    m.in_flight_answers.fetch_sub(1, Ordering::Relaxed);
+    drop(in_flight);
     if let Ok(answer) = &answer {
         m.answers.fetch_add(1, Ordering::Relaxed);
         m.answer_micros
@@ -358,10 +420,20 @@ async fn upload_documents(
     let mut paths: Vec<PathBuf> = Vec::new();
     for (f, n) in form.files.into_iter().zip(names) {
         let dest = dir.join(&n);
-        let tmp = dir.join(format!(".{n}.part"));
-        std::fs::copy(f.file.path(), &tmp)
-            .and_then(|_| std::fs::rename(&tmp, &dest))
-            .map_err(|e| ApiError::from_kind(crate::error::ErrorKind::Internal, &e))?;
+        // A staging name of its own: two uploads of one file name at once must not share it.
+        let tmp = dir.join(format!(".{n}.{}.part", uuid::Uuid::new_v4().simple()));
+        let target = dest.clone();
+        web::block(move || {
+            let staged =
+                std::fs::copy(f.file.path(), &tmp).and_then(|_| std::fs::rename(&tmp, &target));
+            if staged.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            staged
+        })
+        .await
+        .map_err(|e| ApiError::from_kind(crate::error::ErrorKind::Internal, &e))?
+        .map_err(|e| ApiError::from_kind(crate::error::ErrorKind::Internal, &e))?;
         paths.push(dest);
     }
     // Ingest cannot stop half-way without leaving a document half-replaced: not cancellable.
@@ -386,6 +458,7 @@ async fn upload_documents(
                 "documents": report.documents + report.unchanged,
                 "chunks": report.chunks,
                 "failures": report.failures,
+                "failures_total": report.failures_total,
             })),
             Err(e) => {
                 tracing::error!(error = %e, "ingest job failed");
@@ -432,8 +505,12 @@ async fn delete_document(
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn list_adapters(state: State) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(state.registry.list()?))
+async fn list_adapters(state: State, caller: Caller) -> Result<HttpResponse, ApiError> {
+    let mut list = state.registry.list()?;
+    if let Some(usable) = state.usable_adapters(&caller)? {
+        list.retain(|a| usable.contains(&a.name));
+    }
+    Ok(HttpResponse::Ok().json(list))
 }
 
 #[derive(MultipartForm)]
@@ -489,6 +566,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api")
             .configure(super::jobs::configure)
+            .configure(super::keys::configure)
             .route("/collections", web::get().to(list_collections))
             .route("/collections", web::post().to(create_collection))
             .route("/collections/{name}", web::get().to(get_collection))

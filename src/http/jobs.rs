@@ -9,11 +9,13 @@ use std::sync::atomic::AtomicBool;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
+use super::guard::Caller;
 use super::{ApiError, AppState};
+use crate::access::{self, Action};
 use crate::adapt::{AdaptError, TrainRequest, TripletSource, Workbench};
 use crate::collection::Collection;
 use crate::eval::Question;
-use crate::jobs::{Job, JobError, JobKind};
+use crate::jobs::{Job, JobError, JobKind, JobView};
 use crate::train::{TrainOptions, Triplet};
 
 type State = web::Data<AppState>;
@@ -44,23 +46,53 @@ struct ListQuery {
     collection: Option<String>,
 }
 
-async fn list_jobs(state: State, q: web::Query<ListQuery>) -> HttpResponse {
-    HttpResponse::Ok().json(state.jobs.list(q.collection.as_deref()))
+async fn list_jobs(state: State, caller: Caller, q: web::Query<ListQuery>) -> HttpResponse {
+    let mut jobs = state.jobs.list(q.collection.as_deref());
+    jobs.retain(|j| caller.0.can_see(&j.collection));
+    HttpResponse::Ok().json(jobs)
 }
 
-async fn get_job(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(state.jobs.get(&id)?.view()))
+/// Job `id` if the caller may do `action` on it; a job of a collection the key does not hold
+/// does not exist for it.
+fn job_for(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    action: Option<Action>,
+) -> Result<JobView, ApiError> {
+    let view = state.jobs.get(id)?.view();
+    if !caller.0.can_see(&view.collection) {
+        return Err(JobError::NotFound(id.to_string()).into());
+    }
+    let action = action.unwrap_or_else(|| access::action_to_run(view.kind));
+    caller.0.require(action, Some(&view.collection))?;
+    Ok(view)
 }
 
-async fn cancel_job(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn get_job(
+    state: State,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(job_for(&state, &caller, &id, Some(Action::Read))?))
+}
+
+async fn cancel_job(
+    state: State,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    job_for(&state, &caller, &id, None)?;
     Ok(HttpResponse::Accepted().json(state.jobs.cancel(&id)?))
 }
 
 async fn job_file(
     state: State,
+    caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (id, name) = path.into_inner();
+    job_for(&state, &caller, &id, Some(Action::Read))?;
     let file = state.jobs.file(&id, &name)?;
     let body = tokio::fs::read(&file)
         .await
@@ -70,7 +102,14 @@ async fn job_file(
         Some("json") => "application/json",
         _ => "application/x-ndjson",
     };
-    Ok(HttpResponse::Ok().content_type(content_type).body(body))
+    // A report is a document of its own: inline styles, nothing else, no scripts, sandboxed.
+    Ok(HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header((
+            actix_web::http::header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox",
+        ))
+        .body(body))
 }
 
 /// What a job's work returns: its result, or an error whose whole chain the job shows.

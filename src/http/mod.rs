@@ -6,7 +6,9 @@
 //! DTO back. No tantivy, Qdrant or mistral.rs types here. Nothing imports this module.
 
 pub mod api;
+pub mod guard;
 pub mod jobs;
+pub mod keys;
 pub mod openai;
 
 use std::collections::HashMap;
@@ -18,6 +20,9 @@ use actix_web::{HttpResponse, ResponseError, web};
 use serde::Serialize;
 use tokio::sync::Mutex;
 
+use crate::access::AccessError;
+use crate::access::audit::AuditLog;
+use crate::access::keys::KeyStore;
 use crate::adapters::{AdapterError, AdapterRegistry};
 use crate::collection::{Catalog, Collection, CollectionError};
 use crate::config::Settings;
@@ -63,6 +68,8 @@ impl ApiError {
         let status = match kind {
             ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -114,7 +121,8 @@ api_error_from!(
     RetrieveError,
     IngestError,
     AdapterError,
-    EmbedError
+    EmbedError,
+    AccessError
 );
 
 impl From<GenerateError> for ApiError {
@@ -216,12 +224,16 @@ pub struct AppState {
     /// Synthesis, training and evaluation jobs take turns (one at a time).
     pub heavy_jobs: tokio::sync::Semaphore,
     pub metrics: Metrics,
+    /// API keys (`server.auth`); shared with the blocking pool, where Argon2 runs.
+    pub keys: Arc<KeyStore>,
+    pub audit: AuditLog,
 }
 
 impl AppState {
     /// Load the embedder and the base model, preload the adapters collections use.
     pub async fn load(settings: Settings) -> anyhow::Result<Arc<AppState>> {
         let catalog = Catalog::new(&settings);
+        catalog.sweep_deleted();
         let registry = AdapterRegistry::new(&settings.paths.data_dir);
         let embedder = Embedder::load_async(&settings).await?;
         let generator = Generator::load(&settings).await?;
@@ -242,7 +254,15 @@ impl AppState {
         }
         let mut in_use = Vec::new();
         for name in catalog.list()? {
-            let adapter = catalog.settings(&name)?.adapter.or_else(|| house.clone());
+            // A damaged collection is reported (listed as damaged, deletable), not fatal.
+            let settings = match catalog.settings(&name) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(collection = %name, error = %e, "collection cannot be read");
+                    continue;
+                }
+            };
+            let adapter = settings.adapter.or_else(|| house.clone());
             if let Some(a) = adapter
                 && !in_use.contains(&a)
             {
@@ -264,6 +284,8 @@ impl AppState {
             ),
             heavy_jobs: tokio::sync::Semaphore::new(1),
             metrics: Metrics::default(),
+            keys: Arc::new(KeyStore::new(&settings.paths.data_dir)),
+            audit: AuditLog::new(&settings.paths.data_dir, settings.server.audit_max_bytes),
             settings,
         }))
     }
@@ -294,6 +316,28 @@ impl AppState {
                 .entry(name.to_string())
                 .or_default(),
         )
+    }
+
+    /// The adapters `caller` may see and name (`None`: all).
+    pub fn usable_adapters(&self, caller: &guard::Caller) -> Result<Option<Vec<String>>, ApiError> {
+        Ok(crate::access::usable_adapters(
+            &caller.0,
+            &self.catalog,
+            self.rag.house_adapter(),
+        )?)
+    }
+
+    /// Refuse an adapter choice the caller may not make, or one that is not registered.
+    pub fn check_choice(
+        &self,
+        caller: &guard::Caller,
+        choice: &crate::rag::AdapterChoice,
+    ) -> Result<(), ApiError> {
+        if let crate::rag::AdapterChoice::Named(a) = choice {
+            crate::access::require_adapter(&self.usable_adapters(caller)?, a)?;
+            self.registry.get(a)?;
+        }
+        Ok(())
     }
 
     /// Flush every open collection (shutdown).
@@ -429,14 +473,37 @@ impl Server {
     }
 }
 
+/// The addresses `bind` names, if the server may listen there: without `server.auth` only
+/// loopback ones, since anyone who can reach it could change everything. Checked before the
+/// models load, so a refused start is quick.
+pub fn listen_addrs(settings: &Settings, bind: &str) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(bind)
+        .map_err(|e| anyhow::anyhow!("server.bind {bind:?}: {e}"))?
+        .collect();
+    if !settings.server.auth && addrs.iter().any(|a| !a.ip().is_loopback()) {
+        anyhow::bail!(
+            "refusing to listen on {bind} with server.auth = false: anyone who can reach it could \
+             delete collections and install adapters. Turn auth on (create a key with `domainrag \
+             keys create --admin`) or bind a loopback address such as 127.0.0.1:8080"
+        );
+    }
+    Ok(addrs)
+}
+
 /// Bind and start the server on `bind` (e.g. `127.0.0.1:8080`, or port 0 for tests).
 pub async fn start(state: Arc<AppState>, bind: &str) -> anyhow::Result<Server> {
     let data = web::Data::from(Arc::clone(&state));
+    let addrs = listen_addrs(&state.settings, bind)?;
+    let gate = web::Data::new(guard::Gate::new(
+        &state.settings.server.allowed_hosts,
+        &addrs,
+    ));
     let json_limit = state.settings.server.max_json_bytes;
     let upload_limit = state.settings.server.max_upload_bytes;
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(data.clone())
+            .app_data(gate.clone())
             .app_data(json_config(json_limit))
             .app_data(
                 actix_multipart::form::MultipartFormConfig::default()
@@ -444,7 +511,9 @@ pub async fn start(state: Arc<AppState>, bind: &str) -> anyhow::Result<Server> {
                     .memory_limit(upload_limit)
                     .error_handler(multipart_error),
             )
+            .wrap(actix_web::middleware::from_fn(guard::gate))
             .wrap(actix_web::middleware::from_fn(count_requests))
+            .wrap(guard::headers())
             .configure(configure)
             .configure(api::configure)
             .configure(openai::configure)

@@ -9,19 +9,27 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
-use super::api::{tokio_stream_from, tracked_answer};
+use super::api::{tokio_stream_from, tracked_answer, while_client_listens};
+use super::guard::Caller;
 use super::{ApiError, AppState};
+use crate::access::Action;
 use crate::collection::now_secs;
 use crate::generate::{ChatMessage, Role};
 use crate::rag::AdapterChoice;
 
 type State = web::Data<AppState>;
 
-async fn models(state: State) -> Result<HttpResponse, ApiError> {
+async fn models(state: State, caller: Caller) -> Result<HttpResponse, ApiError> {
     let created = now_secs();
     let mut data = Vec::new();
-    let adapters = state.registry.list()?;
+    let mut adapters = state.registry.list()?;
+    if let Some(usable) = state.usable_adapters(&caller)? {
+        adapters.retain(|a| usable.contains(&a.name));
+    }
     for name in state.catalog.list()? {
+        if !caller.0.can_see(&name) {
+            continue;
+        }
         data.push(serde_json::json!({"id": name, "object": "model", "created": created, "owned_by": "domainrag"}));
         data.push(serde_json::json!({"id": format!("{name}:base"), "object": "model", "created": created, "owned_by": "domainrag"}));
         for a in &adapters {
@@ -64,17 +72,17 @@ fn text_of(content: &Option<serde_json::Value>) -> String {
 
 async fn chat_completions(
     state: State,
+    caller: Caller,
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let (collection, choice) = match body.model.split_once(':') {
         None => (body.model.as_str(), AdapterChoice::Collection),
         Some((c, "base")) => (c, AdapterChoice::Base),
-        Some((c, a)) => {
-            state.registry.get(a)?;
-            (c, AdapterChoice::Named(a.to_string()))
-        }
+        Some((c, a)) => (c, AdapterChoice::Named(a.to_string())),
     };
+    caller.0.require(Action::Read, Some(collection))?;
+    state.check_choice(&caller, &choice)?;
     let c = state.collection(collection).await?;
     let mut history = Vec::new();
     for m in &body.messages {
@@ -136,10 +144,12 @@ async fn chat_completions(
             None,
         )));
         let tx_tokens = tx.clone();
-        let result = tracked_answer(&state2, stream, |t| {
+        let answer = tracked_answer(&state2, stream, |t| {
             let _ = tx_tokens.send(Ok(chunk(serde_json::json!({ "content": t }), None)));
-        })
-        .await;
+        });
+        let Some(result) = while_client_listens(&tx, answer).await else {
+            return;
+        };
         match result {
             Ok(answer) => {
                 let v = serde_json::json!({

@@ -77,12 +77,26 @@ pub enum LoadError {
     Unsupported,
 }
 
+/// Per-record errors one file keeps (the rest are only counted): a file of a million bad lines
+/// must not hold a million messages.
+pub const MAX_RECORD_ERRORS: usize = 100;
+
 /// The result of loading one file: documents, and per-record errors (JSONL lines) that did not
-/// stop the rest.
+/// stop the rest (the first [`MAX_RECORD_ERRORS`] of `errors_total`).
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub documents: Vec<Document>,
     pub errors: Vec<LoadError>,
+    pub errors_total: usize,
+}
+
+impl Loaded {
+    fn error(&mut self, e: LoadError) {
+        self.errors_total += 1;
+        if self.errors.len() < MAX_RECORD_ERRORS {
+            self.errors.push(e);
+        }
+    }
 }
 
 /// Load the file at `path` (already read into `bytes`) as `format`.
@@ -112,6 +126,7 @@ pub fn load(path: &Path, bytes: &[u8], format: Format) -> Result<Loaded, LoadErr
                 metadata: serde_json::json!({}),
             }],
             errors: Vec::new(),
+            errors_total: 0,
         })
     };
     match format {
@@ -375,7 +390,7 @@ fn jsonl(source: &str, text: &str) -> Result<Loaded, LoadError> {
         let record: JsonlRecord = match serde_json::from_str(line) {
             Ok(r) => r,
             Err(e) => {
-                loaded.errors.push(err(e.to_string()));
+                loaded.error(err(e.to_string()));
                 continue;
             }
         };
@@ -383,21 +398,17 @@ fn jsonl(source: &str, text: &str) -> Result<Loaded, LoadError> {
             serde_json::Value::String(s) if !s.trim().is_empty() => s,
             serde_json::Value::Number(n) => n.to_string(),
             _ => {
-                loaded
-                    .errors
-                    .push(err("`id` must be a non-empty string or a number".into()));
+                loaded.error(err("`id` must be a non-empty string or a number".into()));
                 continue;
             }
         };
         if record.text.trim().is_empty() {
-            loaded
-                .errors
-                .push(err(format!("document {id:?} has empty `text`")));
+            loaded.error(err(format!("document {id:?} has empty `text`")));
             continue;
         }
         let metadata = record.metadata.unwrap_or_else(|| serde_json::json!({}));
         if !metadata.is_object() {
-            loaded.errors.push(err(format!(
+            loaded.error(err(format!(
                 "document {id:?}: `metadata` must be an object"
             )));
             continue;
@@ -617,6 +628,16 @@ mod tests {
             })
             .collect();
         assert_eq!(lines, [2, 4]);
+    }
+
+    #[test]
+    fn a_flood_of_bad_jsonl_lines_keeps_a_hundred_messages_and_counts_the_rest() {
+        let mut body = "{oops\n".repeat(300_000);
+        body.push_str(r#"{"id": "ok", "text": "still here"}"#);
+        let loaded = load(&p("flood.jsonl"), body.as_bytes(), Format::Jsonl).expect("jsonl");
+        assert_eq!(loaded.documents.len(), 1);
+        assert_eq!(loaded.errors.len(), MAX_RECORD_ERRORS);
+        assert_eq!(loaded.errors_total, 300_000);
     }
 
     #[test]

@@ -70,11 +70,29 @@ pub struct IngestReport {
     pub unchanged: usize,
     /// Chunks written.
     pub chunks: usize,
+    /// The first [`MAX_FAILURES`] failures (of `failures_total`).
     pub failures: Vec<IngestFailure>,
+    /// Files, records and documents that failed, all counted.
+    pub failures_total: usize,
     pub seconds: f64,
 }
 
+/// Failures one report keeps with their message: job results and memory stay small whatever
+/// the input.
+pub const MAX_FAILURES: usize = 200;
+
 impl IngestReport {
+    /// Count a failure; keep its message while fewer than [`MAX_FAILURES`] are kept.
+    pub fn fail(&mut self, source: &str, error: impl ToString) {
+        self.failures_total += 1;
+        if self.failures.len() < MAX_FAILURES {
+            self.failures.push(IngestFailure {
+                source: source.to_string(),
+                error: error.to_string(),
+            });
+        }
+    }
+
     pub fn chunks_per_second(&self) -> f64 {
         if self.seconds > 0.0 {
             self.chunks as f64 / self.seconds
@@ -207,18 +225,18 @@ impl Ingestor {
             report.files += 1;
             match loaded {
                 Ok(loaded) => {
-                    for e in loaded.errors {
-                        report.failures.push(IngestFailure {
-                            source: path.display().to_string(),
-                            error: e.to_string(),
-                        });
+                    let source = path.display().to_string();
+                    for e in &loaded.errors {
+                        report.fail(&source, e);
+                    }
+                    let unkept = loaded.errors_total - loaded.errors.len();
+                    if unkept > 0 {
+                        report.fail(&source, format!("{unkept} more bad records not listed"));
+                        report.failures_total += unkept - 1;
                     }
                     pending.extend(loaded.documents);
                 }
-                Err(e) => report.failures.push(IngestFailure {
-                    source: path.display().to_string(),
-                    error: e.to_string(),
-                }),
+                Err(e) => report.fail(&path.display().to_string(), e),
             }
             while pending.len() >= self.batch_docs {
                 let batch: Vec<Document> = pending.drain(..self.batch_docs).collect();
@@ -304,10 +322,7 @@ impl Ingestor {
                 })
                 .collect();
             if chunks.is_empty() {
-                report.failures.push(IngestFailure {
-                    source: doc.source.clone(),
-                    error: LoadError::NoText.to_string(),
-                });
+                report.fail(&doc.source, LoadError::NoText);
                 continue;
             }
             prepared.push(Prepared { doc, hash, chunks });

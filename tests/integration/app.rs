@@ -1,10 +1,14 @@
 //! The test app: the server started on port 0 with a temp data dir (or the process-wide adapter
-//! data dir, for tests that serve adapters they register) and the real models, and a client with
-//! the calls the HTTP tests share (JSON requests, uploads, waiting for a job).
+//! data dir, for tests that serve adapters they register) and the real models, auth on with an
+//! admin key, and a client sending it with the calls the HTTP tests share (JSON requests, uploads,
+//! waiting for a job).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use domainrag::access::Role;
+use domainrag::access::keys::KeySpec;
+use domainrag::config::Settings;
 use domainrag::http::{AppState, Server};
 use serde_json::Value;
 
@@ -13,7 +17,10 @@ use crate::helpers::{settings, write_corpus};
 pub(crate) struct App {
     pub(crate) server: Server,
     pub(crate) base: String,
+    /// Sends [`App::admin_key`] with every request.
     pub(crate) client: reqwest::Client,
+    /// An admin key made for the test (auth is on, as by default).
+    pub(crate) admin_key: String,
     /// The server's data dir.
     pub(crate) dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
@@ -31,12 +38,29 @@ pub(crate) async fn spawn_app(max_concurrent: usize, queue_depth: usize) -> App 
 /// per process (`helpers::adapter_data_dir`): a test that trains or uploads an adapter and then
 /// answers with it runs its server there (with collection names no other test uses).
 pub(crate) async fn spawn_app_at(dir: &Path, max_concurrent: usize, queue_depth: usize) -> App {
+    spawn_app_tuned(dir, |s| {
+        s.generate.max_concurrent = max_concurrent;
+        s.generate.queue_depth = queue_depth;
+    })
+    .await
+}
+
+/// A server on `dir` with the tests' settings, changed by `tune`.
+pub(crate) async fn spawn_app_tuned(dir: &Path, tune: impl FnOnce(&mut Settings)) -> App {
     let mut s = settings(dir);
-    s.generate.max_concurrent = max_concurrent;
-    s.generate.queue_depth = queue_depth;
     s.generate.max_tokens = 48;
     s.server.max_upload_bytes = 256 * 1024;
+    tune(&mut s);
     let state = AppState::load(s).await.expect("state loads");
+    let admin_key = state
+        .keys
+        .create(KeySpec {
+            name: "tests".into(),
+            role: Role::Admin,
+            collections: vec![],
+        })
+        .expect("admin key")
+        .token;
     let server = domainrag::http::start(state, "127.0.0.1:0")
         .await
         .expect("binds");
@@ -44,10 +68,24 @@ pub(crate) async fn spawn_app_at(dir: &Path, max_concurrent: usize, queue_depth:
     App {
         server,
         base,
-        client: reqwest::Client::new(),
+        client: client_with_key(&admin_key),
+        admin_key,
         dir: dir.to_path_buf(),
         _temp: None,
     }
+}
+
+/// An HTTP client that sends `key` as its bearer token on every request.
+pub(crate) fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().expect("valid header"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client builds")
 }
 
 impl App {

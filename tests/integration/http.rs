@@ -143,6 +143,34 @@ async fn every_route_group_over_http() {
     assert_eq!(done["adapter"], Value::Null);
     assert!(done["timings_ms"]["total"].as_f64().unwrap() > 0.0);
 
+    // A question longer than the model can take is the caller's mistake (400), on both routes,
+    // in words and in bytes; the server answers the next question.
+    for question in ["password ".repeat(2000), "(".repeat(200_000)] {
+        let (status, e) = app
+            .send(
+                Method::POST,
+                "/api/collections/docs/ask",
+                json!({"question": question}),
+            )
+            .await;
+        assert_eq!(status, 400, "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("rag.max_question_tokens"),
+            "{e}"
+        );
+        let (status, _) = app
+            .send(
+                Method::POST,
+                "/v1/chat/completions",
+                json!({"model": "docs", "messages": [{"role": "user", "content": question}]}),
+            )
+            .await;
+        assert_eq!(status, 400);
+    }
+
     // Documents: list, bad uploads, delete.
     let (_, docs) = app.get("/api/collections/docs/documents").await;
     assert_eq!(docs.as_array().unwrap().len(), 4);
@@ -271,6 +299,7 @@ async fn the_real_openai_client_works() {
         .arg(script)
         .arg(&base)
         .arg("support")
+        .arg(&app.admin_key)
         .output()
         .await
         .expect("python runs");
@@ -349,6 +378,72 @@ async fn excess_generation_is_refused_with_429_and_health_stays_up() {
     app.server.stop().await.expect("stop");
 }
 
+/// A client that leaves in the middle of a streamed answer frees its generation slot: the answer
+/// is cancelled (it never counts as answered) instead of running to `max_tokens` for nobody.
+#[tokio::test]
+async fn a_client_that_disconnects_mid_answer_frees_its_slot() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let app = crate::app::spawn_app_tuned(temp.path(), |s| {
+        s.generate.max_concurrent = 1;
+        s.generate.queue_depth = 0;
+        s.generate.max_tokens = 4000;
+    })
+    .await;
+    app.corpus("leave").await;
+    let metric = |name: &'static str| {
+        let app = &app;
+        async move {
+            let text = app
+                .client
+                .get(format!("{}/metrics", app.base))
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text");
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .expect("metric present")
+        }
+    };
+    let answered = metric("domainrag_answer_seconds_count ").await;
+    let mut r = app.client
+        .post(format!("{}/api/collections/leave/ask", app.base))
+        .json(&json!({"question": "Explain in great detail, step by step, everything about password resets and shipping.", "stream": true}))
+        .send().await.expect("ask");
+    assert_eq!(r.status().as_u16(), 200);
+    let first = r.chunk().await.expect("read").expect("a first event");
+    assert!(
+        String::from_utf8_lossy(&first).contains("event: "),
+        "{first:?}"
+    );
+    drop(r); // the client goes away
+    let mut freed = false;
+    for _ in 0..300 {
+        if metric("domainrag_generation_in_flight ").await == 0.0 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "the answer still runs 30 s after its client left");
+    assert_eq!(
+        metric("domainrag_answer_seconds_count ").await,
+        answered,
+        "the abandoned answer ran to its end"
+    );
+    let again = app
+        .client
+        .post(format!("{}/api/collections/leave/ask", app.base))
+        .json(&json!({"question": "How long does shipping take?"}))
+        .send()
+        .await
+        .expect("ask again");
+    assert_eq!(again.status().as_u16(), 200, "the slot is free again");
+    app.server.stop().await.expect("stop");
+}
+
 /// The web UI in a real headless Chromium (Debian's, driven by playwright-core): create a
 /// collection, upload a document, ask, see a streamed answer with a citation, open the source,
 /// switch the adapter to none and ask again. The screenshot lands in `target/ui.png`.
@@ -375,6 +470,7 @@ async fn the_web_ui_works_in_headless_chromium() {
     let out = tokio::process::Command::new("node")
         .arg(web.join("ui.test.mjs"))
         .env("DOMAINRAG_URL", &app.base)
+        .env("DOMAINRAG_KEY", &app.admin_key)
         .env("DOMAINRAG_FIXTURE", &fixture)
         .env("DOMAINRAG_ARTIFACTS", &artifacts)
         .output()
@@ -386,5 +482,58 @@ async fn the_web_ui_works_in_headless_chromium() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    app.server.stop().await.expect("stop");
+}
+
+/// A collection whose files are damaged is listed as such, does not take the others down, and
+/// can be deleted through the API; what an interrupted delete left is gone after a restart.
+#[tokio::test]
+async fn a_damaged_collection_is_listed_and_deletable_and_leftovers_are_swept() {
+    use reqwest::Method;
+    let temp = tempfile::tempdir().expect("tempdir");
+    let app = crate::app::spawn_app_at(temp.path(), 1, 4).await;
+    for name in ["good", "broken"] {
+        assert_eq!(
+            app.send(Method::POST, "/api/collections", json!({"name": name}))
+                .await
+                .0,
+            201
+        );
+    }
+    app.server.stop().await.expect("stop");
+    let collections = temp.path().join("collections");
+    std::fs::write(collections.join("broken/collection.json"), "{oops").expect("damage it");
+    // What a kill half-way through a delete leaves: the renamed directory.
+    std::fs::create_dir_all(collections.join(".deleted-old-0123/vectors")).expect("leftover");
+
+    let app = crate::app::spawn_app_at(temp.path(), 1, 4).await;
+    assert!(
+        !collections.join(".deleted-old-0123").exists(),
+        "leftovers are swept at start"
+    );
+    let (status, list) = app.get("/api/collections").await;
+    assert_eq!(status, 200, "{list}");
+    let list = list.as_array().expect("array").clone();
+    assert_eq!(list.len(), 2, "{list:?}");
+    let broken = list.iter().find(|c| c["name"] == "broken").expect("listed");
+    assert_eq!(broken["damaged"], true);
+    assert!(
+        broken["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("collection.json"),
+        "{broken}"
+    );
+    assert_eq!(
+        list.iter().find(|c| c["name"] == "good").expect("listed")["documents"],
+        0
+    );
+    let (status, body) = app
+        .send(Method::DELETE, "/api/collections/broken", json!({}))
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (_, list) = app.get("/api/collections").await;
+    assert_eq!(list.as_array().expect("array").len(), 1);
+    assert!(!collections.join("broken").exists());
     app.server.stop().await.expect("stop");
 }

@@ -1,6 +1,7 @@
 //! The integration suite, one test binary: real tantivy, real qdrant-edge, real MiniLM embeddings
 //! (from `data/models`, fetched by scripts/fetch-models.sh), the real CLI binary.
 
+mod access;
 mod app;
 mod cli;
 mod deploy;

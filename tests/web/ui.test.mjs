@@ -1,9 +1,10 @@
 // ui.test.mjs owns the end-to-end browser test of the domainrag web UI: in headless Debian chromium
-// it creates a collection, uploads a fixture, waits for ingest, asks a question with the collection's
+// it checks the security headers, enters an API key after the server refused it without one,
+// creates a collection, uploads a fixture, waits for ingest, asks a question with the collection's
 // default adapter and again with "none (base model)", and checks the streamed answers, the citation
 // chips and the source panel; then, in the Adapt card, drafts questions, trains an adapter, evaluates
-// it and cancels an evaluation. Reads DOMAINRAG_URL (a running server) and DOMAINRAG_FIXTURE (a .txt
-// about password resets); writes ${DOMAINRAG_ARTIFACTS:-target}/ui.png and ui-adapt.png. Last line: "N passed, N failed".
+// it and cancels an evaluation. Reads DOMAINRAG_URL (a running server), DOMAINRAG_KEY (an admin key)
+// and DOMAINRAG_FIXTURE (a .txt about password resets); writes ${DOMAINRAG_ARTIFACTS:-target}/ui.png and ui-adapt.png. Last line: "N passed, N failed".
 import { chromium } from 'playwright-core';
 import { mkdir, mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -75,9 +76,26 @@ async function run(page, log) {
   if (!fixture) fail('DOMAINRAG_FIXTURE is not set (a .txt file about password resets)');
   const fixtureText = await readFile(fixture, 'utf8');
 
-  await page.goto(url, { waitUntil: 'load' });
+  const key = process.env.DOMAINRAG_KEY;
+  if (!key) fail('DOMAINRAG_KEY is not set (an API key the server accepts)');
+  const response = await page.goto(url, { waitUntil: 'load' });
+  const headers = response.headers();
+  if (!/frame-ancestors 'none'/.test(headers['content-security-policy'] || '')) fail(`no CSP: ${JSON.stringify(headers)}`);
+  if (headers['x-frame-options'] !== 'DENY' || headers['x-content-type-options'] !== 'nosniff') {
+    fail(`security headers missing: ${JSON.stringify(headers)}`);
+  }
   await page.waitForSelector('body[data-ready="true"]', { timeout: 30_000 });
-  log('page loaded');
+  log('page loaded with CSP, X-Frame-Options and nosniff');
+
+  // No key yet: the server answers 401 and the UI asks for one; with the key it loads.
+  await page.waitForSelector('[data-testid="error-banner"]:not([hidden])', { timeout: 30_000 });
+  const banner = await page.innerText('[data-testid="error-banner"]');
+  if (!/API key/.test(banner)) fail(`expected the banner to ask for an API key, got: ${banner}`);
+  await page.fill('[data-testid="api-key"]', key);
+  await page.click('[data-testid="key-save"]');
+  await page.waitForFunction(() => document.querySelector('[data-testid="key-state"]').textContent === '(set)');
+  await page.waitForSelector('[data-testid="error-banner"][hidden]', { state: 'attached', timeout: 30_000 });
+  log('asked for a key, took it');
 
   // Create a collection.
   const name = `ui-${randomBytes(4).toString('hex')}`;
