@@ -294,6 +294,38 @@ impl AdapterRegistry {
         }
     }
 
+    /// Finish what a killed `add`, `replace` or `remove` left: an old adapter moved aside by a
+    /// replace whose new copy never arrived is put back (collections using it keep answering,
+    /// and `serve` starts), staging and removal leftovers go. Directories of a process that is
+    /// still running are left alone. Returns the adapters put back.
+    pub fn recover(&self) -> Vec<String> {
+        let mut restored = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.hub) else {
+            return restored;
+        };
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some((kind, name, pid)) = parse_work_dir(&file_name) else {
+                continue;
+            };
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                continue; // that process is still at work
+            }
+            let path = entry.path();
+            let repo = self.repo_dir(name);
+            if kind == "replacing" && !repo.exists() && std::fs::rename(&path, &repo).is_ok() {
+                tracing::warn!(adapter = %name, "an interrupted replace left no adapter: the previous one is back");
+                restored.push(name.to_string());
+                continue;
+            }
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove adapter leftovers");
+            }
+        }
+        sync_dir(&self.hub);
+        restored
+    }
+
     /// The hub cache the adapters live in; the process sets `HF_HUB_CACHE` to it.
     pub fn hub_dir(&self) -> PathBuf {
         self.hub.clone()
@@ -592,6 +624,18 @@ fn sync_dir(dir: &Path) {
 }
 
 /// A name part that no other staging or removal directory of this or another process has.
+/// `.<kind>-<name>-<pid>-<nanos>-<n>` (see [`unique_suffix`]) -> (kind, name, pid).
+fn parse_work_dir(file_name: &str) -> Option<(&str, &str, u32)> {
+    let rest = file_name.strip_prefix('.')?;
+    let (kind, rest) = rest.split_once('-')?;
+    if !matches!(kind, "adding" | "replacing" | "removing") {
+        return None;
+    }
+    let mut parts = rest.rsplitn(4, '-');
+    let (_n, _nanos, pid, name) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    Some((kind, name, pid.parse().ok()?))
+}
+
 fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -752,6 +796,34 @@ fn read_safetensors_header(
     })
 }
 
+/// The tensors must tile the data exactly, in offset order, as the safetensors loader requires:
+/// tensors that share bytes are accepted by nothing that reads the file later (they were once
+/// registered, and then every answer with the adapter failed and the server would not restart).
+fn check_layout(mut spans: Vec<(u64, u64, String)>, data_len: u64) -> Result<(), String> {
+    spans.sort();
+    let mut at = 0;
+    for (begin, end, name) in &spans {
+        if *begin < at {
+            return Err(format!(
+                "{name}: data_offsets [{begin}, {end}] overlap the tensor before it (which ends \
+                 at {at}); each tensor needs bytes of its own"
+            ));
+        }
+        if *begin > at {
+            return Err(format!(
+                "{name}: data_offsets start at {begin}, leaving bytes {at}..{begin} unused"
+            ));
+        }
+        at = *end;
+    }
+    if at != data_len {
+        return Err(format!(
+            "the tensors end at byte {at} of {data_len} bytes of data: the file has trailing bytes"
+        ));
+    }
+    Ok(())
+}
+
 /// One tensor's entry in a safetensors header.
 #[derive(Debug, Deserialize)]
 struct TensorEntry {
@@ -826,6 +898,7 @@ fn check_weights(
         .map_err(|e| format!("header is not a safetensors JSON header: {e}"))?;
     // (layer, module) -> (has lora_A, has lora_B)
     let mut found: BTreeMap<(usize, &'static str), (bool, bool)> = BTreeMap::new();
+    let mut spans: Vec<(u64, u64, String)> = Vec::new();
     for (name, value) in entries {
         if name == "__metadata__" {
             continue;
@@ -892,6 +965,7 @@ fn check_weights(
                 needed.map_or_else(|| "more than fits".to_string(), |n| n.to_string())
             ));
         }
+        spans.push((begin, end, name.clone()));
         let halves = found.entry((layer, module)).or_default();
         match part {
             LoraPart::A => halves.0 = true,
@@ -917,6 +991,7 @@ fn check_weights(
     if found.is_empty() {
         return Err("holds no LoRA weights".to_string());
     }
+    check_layout(spans, data_len)?;
     for layer in 0..base.num_hidden_layers {
         for module in &lora.target_modules {
             if !found
@@ -1392,6 +1467,32 @@ mod tests {
         write_safetensors_raw(&f.src.join(WEIGHTS_FILE), &header, &[0u8; 16]).unwrap();
         assert_invalid(&refused(&f), WEIGHTS_FILE, "lie outside the 16 bytes");
 
+        // Every tensor pointing at the same bytes (a well-formed header otherwise).
+        let f = fixture();
+        let weights = f.src.join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&weights).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value =
+            serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let data = &bytes[8 + header_len..];
+        let mut first: Option<serde_json::Value> = None;
+        for (key, entry) in header.as_object_mut().unwrap() {
+            if key == "__metadata__" {
+                continue;
+            }
+            let offsets = first
+                .get_or_insert_with(|| entry["data_offsets"].clone())
+                .clone();
+            let len = offsets[1].as_u64().unwrap() - offsets[0].as_u64().unwrap();
+            let own = entry["data_offsets"][1].as_u64().unwrap()
+                - entry["data_offsets"][0].as_u64().unwrap();
+            if own == len {
+                entry["data_offsets"] = offsets;
+            }
+        }
+        write_safetensors_raw(&weights, &header, data).unwrap();
+        assert_invalid(&refused(&f), WEIGHTS_FILE, "overlap");
+
         // A dtype mistral.rs cannot use for LoRA weights.
         let f = fixture();
         let header = serde_json::json!({
@@ -1399,6 +1500,30 @@ mod tests {
         });
         write_safetensors_raw(&f.src.join(WEIGHTS_FILE), &header, &[0u8; 512]).unwrap();
         assert_invalid(&refused(&f), WEIGHTS_FILE, "dtype I64");
+    }
+
+    #[test]
+    fn recover_puts_back_an_adapter_a_killed_replace_moved_aside_and_clears_leftovers() {
+        let f = fixture();
+        f.registry.add("support", &f.src, &f.base).unwrap();
+        // A kill between a replace's two renames: the old copy aside, the new one staged.
+        let aside = f.registry.hub.join(".replacing-support-999999999-1-0");
+        std::fs::rename(f.registry.repo_dir("support"), &aside).unwrap();
+        let staged = f.registry.hub.join(".adding-support-999999999-2-0");
+        std::fs::create_dir_all(&staged).unwrap();
+        assert!(f.registry.get("support").is_err());
+
+        assert_eq!(f.registry.recover(), ["support"]);
+        assert!(f.registry.get("support").is_ok());
+        assert!(!aside.exists() && !staged.exists());
+        // A live process's work is left alone.
+        let mine = f
+            .registry
+            .hub
+            .join(format!(".adding-x-{}-1-0", std::process::id()));
+        std::fs::create_dir_all(&mine).unwrap();
+        assert!(f.registry.recover().is_empty());
+        assert!(mine.exists());
     }
 
     #[test]

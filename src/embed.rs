@@ -63,10 +63,17 @@ impl EmbedError {
     }
 }
 
+/// Calls of at most this many texts are queries (a search, an answer's scoring): they go before
+/// the next batch of a bulk call (an ingest), so a search never waits for a whole ingest batch.
+const URGENT_TEXTS: usize = 8;
+
 /// A loaded embedding model. Cheap to share behind an `Arc`; calls are serialised because ONNX
-/// Runtime already spreads one batch over all configured threads.
+/// Runtime already spreads one batch over all configured threads. Bulk calls take the model one
+/// batch at a time and step aside while an urgent (small) call waits.
 pub struct Embedder {
     model: Mutex<TextEmbedding>,
+    /// Urgent calls waiting for the model.
+    urgent_waiting: std::sync::atomic::AtomicUsize,
     dimension: usize,
     batch_size: usize,
     dir: PathBuf,
@@ -152,6 +159,7 @@ impl Embedder {
         })?;
         let embedder = Embedder {
             model: Mutex::new(model),
+            urgent_waiting: std::sync::atomic::AtomicUsize::new(0),
             dimension: settings.embedding.dimension,
             batch_size: settings.embedding.batch_size,
             dir: dir.clone(),
@@ -193,14 +201,17 @@ impl Embedder {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| texts[i].as_ref().len());
         let sorted: Vec<&str> = order.iter().map(|&i| texts[i].as_ref()).collect();
-        let mut model = self
-            .model
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let embedded = model
-            .embed(&sorted, Some(self.batch_size))
-            .map_err(|e| EmbedError::Inference(e.to_string()))?;
-        drop(model);
+        let urgent = texts.len() <= URGENT_TEXTS;
+        let mut embedded = Vec::with_capacity(texts.len());
+        // The same batches fastembed would cut, one lock each (identical vectors).
+        for batch in sorted.chunks(self.batch_size.max(1)) {
+            let mut model = self.take_model(urgent);
+            embedded.extend(
+                model
+                    .embed(batch, Some(self.batch_size))
+                    .map_err(|e| EmbedError::Inference(e.to_string()))?,
+            );
+        }
         // A batch's activations are freed by now; hand the pages back (see `telemetry`).
         if texts.len() > 1 {
             crate::telemetry::release_freed_heap();
@@ -210,6 +221,27 @@ impl Embedder {
             out[i] = vector;
         }
         Ok(out)
+    }
+
+    /// The model, for one batch: an urgent caller announces itself while it waits; a bulk caller
+    /// lets announced ones go first (each waits at most one bulk batch).
+    fn take_model(&self, urgent: bool) -> std::sync::MutexGuard<'_, TextEmbedding> {
+        use std::sync::atomic::Ordering;
+        let lock = || {
+            self.model
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if urgent {
+            self.urgent_waiting.fetch_add(1, Ordering::SeqCst);
+            let guard = lock();
+            self.urgent_waiting.fetch_sub(1, Ordering::SeqCst);
+            return guard;
+        }
+        while self.urgent_waiting.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        lock()
     }
 
     /// Embed `texts` on the blocking pool.

@@ -16,6 +16,7 @@ pub mod chunk;
 pub mod cli;
 pub mod collection;
 pub mod config;
+pub mod datadir;
 pub mod embed;
 pub mod error;
 pub mod eval;

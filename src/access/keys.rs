@@ -263,8 +263,8 @@ impl KeyStore {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
         }
-        let _lock =
-            FileLock::exclusive(&self.path.with_extension("lock")).map_err(|e| self.io(e))?;
+        let _lock = crate::datadir::FileLock::exclusive(&self.path.with_extension("lock"))
+            .map_err(|e| self.io(e))?;
         let mut file = self.read_file()?;
         change(&mut file)?;
         let bytes = serde_json::to_vec_pretty(&file).expect("key file serialises");
@@ -339,27 +339,6 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 fn restrict_permissions(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-}
-
-/// An advisory `flock` held until dropped (closing the file releases it).
-struct FileLock {
-    _file: std::fs::File,
-}
-
-impl FileLock {
-    fn exclusive(path: &Path) -> std::io::Result<FileLock> {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
-        // SAFETY: flock on a descriptor this struct owns; released when the file closes.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(FileLock { _file: file })
-    }
 }
 
 #[cfg(test)]

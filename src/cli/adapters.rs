@@ -33,6 +33,7 @@ pub enum AdaptersCmd {
 /// `domainrag adapters add|list|show|remove`.
 pub(super) fn run(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> Result<()> {
     let registry = AdapterRegistry::new(&settings.paths.data_dir);
+    registry.recover();
     match cmd {
         AdaptersCmd::Add { name, dir } => {
             let base = BaseModelInfo::from_dir(&settings.generate_base_dir())?;

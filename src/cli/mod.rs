@@ -141,8 +141,30 @@ pub fn settings(cli: &Cli) -> Result<Settings> {
     ))?)
 }
 
+/// What `command` would change that a running server keeps in memory (and would overwrite), if
+/// anything: such commands are refused while a server holds the data dir (`datadir`).
+fn changes_served_state(command: &Command) -> Option<&'static str> {
+    match command {
+        Command::Collection(
+            CollectionCmd::Create { .. }
+            | CollectionCmd::Set { .. }
+            | CollectionCmd::Delete { .. }
+            | CollectionCmd::Tune(_),
+        ) => Some("create, change, tune or delete collections"),
+        Command::Ingest { .. } => Some("ingest documents (upload them)"),
+        Command::Adapters(AdaptersCmd::Add { .. } | AdaptersCmd::Remove { .. }) => {
+            Some("add or remove adapters")
+        }
+        Command::Train(_) => Some("train adapters (POST /api/collections/NAME/train)"),
+        _ => None,
+    }
+}
+
 /// Run a parsed command.
 pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
+    if let Some(what) = changes_served_state(&cli.command) {
+        crate::datadir::refuse_if_served(&settings.paths.data_dir, what)?;
+    }
     let catalog = Catalog::new(&settings);
     match cli.command {
         Command::Collection(cmd) => collection::run(&catalog, &settings, cmd).await,

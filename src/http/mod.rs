@@ -235,6 +235,7 @@ impl AppState {
         let catalog = Catalog::new(&settings);
         catalog.sweep_deleted();
         let registry = AdapterRegistry::new(&settings.paths.data_dir);
+        registry.recover();
         let embedder = Embedder::load_async(&settings).await?;
         let generator = Generator::load(&settings).await?;
         let rag = Rag::new(
@@ -452,6 +453,8 @@ fn multipart_error(
 
 /// A running server.
 pub struct Server {
+    /// Tells CLI commands that this data dir is served (released when the server is dropped).
+    _served: crate::datadir::FileLock,
     pub addr: std::net::SocketAddr,
     pub handle: actix_web::dev::ServerHandle,
     pub state: Arc<AppState>,
@@ -494,6 +497,7 @@ pub fn listen_addrs(settings: &Settings, bind: &str) -> anyhow::Result<Vec<std::
 pub async fn start(state: Arc<AppState>, bind: &str) -> anyhow::Result<Server> {
     let data = web::Data::from(Arc::clone(&state));
     let addrs = listen_addrs(&state.settings, bind)?;
+    let served = crate::datadir::hold_for_server(&state.settings.paths.data_dir)?;
     let gate = web::Data::new(guard::Gate::new(
         &state.settings.server.allowed_hosts,
         &addrs,
@@ -540,6 +544,7 @@ pub async fn start(state: Arc<AppState>, bind: &str) -> anyhow::Result<Server> {
     let task = tokio::spawn(server);
     tracing::info!(%addr, "listening");
     Ok(Server {
+        _served: served,
         addr,
         handle,
         state,

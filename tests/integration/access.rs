@@ -517,6 +517,14 @@ async fn an_api_key_made_by_the_cli_works_until_the_cli_revokes_it() {
         .expect("runs");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("at least one collection"));
+    // Settings a running server holds in memory are not changed behind its back.
+    let set = std::process::Command::new(bin)
+        .args(["--data-dir", dir, "collection", "create", "behind-its-back"])
+        .output()
+        .expect("runs");
+    assert!(!set.status.success());
+    let stderr = String::from_utf8_lossy(&set.stderr);
+    assert!(stderr.contains("server is running"), "{stderr}");
     let audit = std::fs::read_to_string(app.dir.join("audit.jsonl")).expect("audit");
     assert!(
         audit.contains("keys revoke") && audit.contains("\"key_id\":\"cli\""),

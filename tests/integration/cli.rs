@@ -465,3 +465,59 @@ fn synthetic_triplets_from_documents_train_an_adapter() {
     assert_eq!(answer["adapter"], "docs-synth");
     assert!(!answer["answer"].as_str().expect("text").is_empty());
 }
+
+/// README "Operations": a stopped data dir archived with tar and unpacked elsewhere is the same
+/// appliance: collections with their counts and search results, keys, audit log.
+#[test]
+fn a_data_dir_backed_up_with_tar_restores_whole() {
+    let (dir, data) = docs_collection();
+    let key = ok(&domainrag(
+        &data,
+        &["keys", "create", "--admin", "--name", "ops"],
+    ));
+    let before = json(&domainrag(&data, &["collection", "show", "docs", "--json"]));
+    let hits_before = json(&domainrag(
+        &data,
+        &["search", "-c", "docs", "--json", "reset password"],
+    ));
+    let archive = dir.path().join("backup.tar.gz");
+    let tar = Command::new("tar")
+        .arg("-czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&data)
+        .arg(".")
+        .status()
+        .expect("tar runs");
+    assert!(tar.success());
+    std::fs::remove_dir_all(&data).expect("lose the original");
+    let restored = dir.path().join("restored");
+    std::fs::create_dir_all(&restored).expect("mkdir");
+    let untar = Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&restored)
+        .status()
+        .expect("tar runs");
+    assert!(untar.success());
+    let after = json(&domainrag(
+        &restored,
+        &["collection", "show", "docs", "--json"],
+    ));
+    for field in ["documents", "chunks", "vectors"] {
+        assert_eq!(after["stats"][field], before["stats"][field], "{field}");
+    }
+    assert!(after["stats"]["chunks"].as_u64().unwrap_or(0) > 0);
+    let hits_after = json(&domainrag(
+        &restored,
+        &["search", "-c", "docs", "--json", "reset password"],
+    ));
+    assert_eq!(hits_after, hits_before);
+    let keys = json(&domainrag(&restored, &["keys", "list", "--json"]));
+    assert_eq!(
+        keys[0]["id"],
+        key.trim().split('_').nth(1).expect("id in the key")
+    );
+    assert!(restored.join("audit.jsonl").is_file());
+}

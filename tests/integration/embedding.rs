@@ -33,3 +33,42 @@ async fn rust_embeddings_match_the_numpy_reference() {
         assert!((norm - 1.0).abs() < 1e-4, "normalised");
     }
 }
+
+/// A search's query embedding goes before the rest of a bulk (ingest) embedding instead of waiting
+/// for all of it: with 4,000 texts in flight, one query finishes while the bulk is still running.
+/// (Order of completion, seen by the threads themselves, not time, is asserted.)
+#[tokio::test]
+async fn a_query_does_not_wait_for_a_whole_bulk_embedding() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let embedder = embedder().await;
+    let bulk_texts: Vec<String> = (0..4000)
+        .map(|i| format!("paragraph {i} about vacuuming tables, partial indexes and backups"))
+        .collect();
+    let bulk_done = std::sync::Arc::new(AtomicBool::new(false));
+    let bulk = {
+        let (e, done) = (
+            std::sync::Arc::clone(&embedder),
+            std::sync::Arc::clone(&bulk_done),
+        );
+        std::thread::spawn(move || {
+            let out = e.embed_blocking(&bulk_texts);
+            done.store(true, Ordering::SeqCst);
+            out.map(|v| v.len())
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !bulk_done.load(Ordering::SeqCst),
+        "the bulk call must still be running for this test to mean anything"
+    );
+    let query = embedder
+        .embed_blocking(&["how do I reset my password"])
+        .expect("query");
+    let bulk_finished_first = bulk_done.load(Ordering::SeqCst);
+    assert_eq!(query[0].len(), 384);
+    assert!(
+        !bulk_finished_first,
+        "the query waited for the whole bulk embedding"
+    );
+    assert_eq!(bulk.join().expect("join").expect("bulk"), 4000);
+}
