@@ -5,6 +5,12 @@ use clap::Parser;
 use domainrag::cli::{self, Cli};
 
 fn main() -> std::process::ExitCode {
+    // The bounded PDF reader the ingest starts (see `ingest::pdf`): nothing else is loaded.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(domainrag::ingest::pdf::HELPER_ARG))
+    {
+        return domainrag::ingest::pdf::helper_main();
+    }
     let cli = Cli::parse();
     let settings = match cli::settings(&cli) {
         Ok(s) => s,
@@ -28,6 +34,10 @@ fn main() -> std::process::ExitCode {
         }
     }
     domainrag::telemetry::init(&settings.log.level);
+    match std::env::current_exe() {
+        Ok(exe) => domainrag::ingest::pdf::use_helper(exe),
+        Err(e) => tracing::warn!(error = %e, "PDFs will be read in this process, without bounds"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

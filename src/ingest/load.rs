@@ -151,7 +151,7 @@ pub fn load(path: &Path, bytes: &[u8], format: Format) -> Result<Loaded, LoadErr
             single(title.unwrap_or(stem), body)
         }
         Format::Pdf => {
-            let text = pdf(bytes)?;
+            let text = super::pdf::extract(bytes)?;
             single(stem, text)
         }
         Format::Jsonl => jsonl(&source, text_of(bytes)?),
@@ -347,21 +347,6 @@ fn visible_text(root: ElementRef<'_>, out: &mut String) {
             }
             _ => {}
         }
-    }
-}
-
-/// PDF text layer. pdf-extract panics on some malformed files; a panic is caught and reported as
-/// this file's error so the rest of the ingest goes on.
-fn pdf(bytes: &[u8]) -> Result<String, LoadError> {
-    if !bytes.starts_with(b"%PDF") {
-        return Err(LoadError::Pdf("missing %PDF header".into()));
-    }
-    let result = std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem(bytes));
-    match result {
-        Ok(Ok(text)) if !text.trim().is_empty() => Ok(text),
-        Ok(Ok(_)) => Err(LoadError::NoText),
-        Ok(Err(e)) => Err(LoadError::Pdf(e.to_string())),
-        Err(_) => Err(LoadError::Pdf("the PDF parser failed on this file".into())),
     }
 }
 

@@ -6,6 +6,7 @@
 //! replaces its chunks instead of duplicating them, and unchanged documents are skipped.
 
 pub mod load;
+pub mod pdf;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -521,3 +521,55 @@ fn a_data_dir_backed_up_with_tar_restores_whole() {
     );
     assert!(restored.join("audit.jsonl").is_file());
 }
+
+/// A PDF that inflates one stream thousands of times (a few KB on disk, gigabytes when read) is
+/// read by the bounded helper process: the file fails with a clear reason, the rest of the ingest
+/// goes on, and the CLI itself never holds the inflated bytes.
+#[test]
+fn a_pdf_bomb_fails_alone_and_the_ingest_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let inputs = dir.path().join("in");
+    std::fs::create_dir_all(&inputs).expect("mkdir");
+    let bomb = crate::helpers::pdf_bomb(4000, 1 << 20);
+    assert!(bomb.len() < 64 * 1024, "{} bytes", bomb.len());
+    std::fs::write(inputs.join("bomb.pdf"), bomb).expect("write");
+    std::fs::write(
+        inputs.join("fine.txt"),
+        "Shipping\n\nOrders ship within two business days.",
+    )
+    .expect("write");
+    ok(&domainrag(&data, &["collection", "create", "docs"]));
+    let report = json(&domainrag(
+        &data,
+        &[
+            "ingest",
+            "-c",
+            "docs",
+            "--no-progress",
+            "--json",
+            inputs.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(report["documents"], 1, "{report}");
+    let failure = &report["failures"][0];
+    assert!(
+        failure["source"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("bomb.pdf"),
+        "{report}"
+    );
+    assert!(
+        failure["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MiB to read"),
+        "{report}"
+    );
+    let hits = json(&domainrag(
+        &data,
+        &["search", "-c", "docs", "--json", "when do orders ship"],
+    ));
+    assert!(hits.to_string().contains("two business days"), "{hits}");
+}

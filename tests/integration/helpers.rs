@@ -195,6 +195,53 @@ pub fn pdf_with_text(text: &str) -> Vec<u8> {
     out
 }
 
+/// A small PDF (a few KB) whose one page lists the same compressed content stream `refs` times;
+/// the stream inflates to `inflated` bytes, so reading the page naively takes `refs * inflated`.
+pub fn pdf_bomb(refs: usize, inflated: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&b"0 0 m\n".repeat(inflated / 6))
+        .expect("compress");
+    let stream = z.finish().expect("compress");
+    let contents = vec!["4 0 R"; refs].join(" ");
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    let mut object = |out: &mut Vec<u8>, body: &[u8]| {
+        offsets.push(out.len());
+        out.extend(format!("{} 0 obj\n", offsets.len()).as_bytes());
+        out.extend(body);
+        out.extend(b"\nendobj\n");
+    };
+    object(&mut out, b"<< /Type /Catalog /Pages 2 0 R >>");
+    object(&mut out, b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>");
+    object(
+        &mut out,
+        format!("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents [{contents}] >>")
+            .as_bytes(),
+    );
+    let mut body = format!(
+        "<< /Length {} /Filter /FlateDecode >>\nstream\n",
+        stream.len()
+    )
+    .into_bytes();
+    body.extend(&stream);
+    body.extend(b"\nendstream");
+    object(&mut out, &body);
+    let xref = out.len();
+    out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", offsets.len() + 1).as_bytes());
+    for off in &offsets {
+        out.extend(format!("{off:010} 00000 n \n").as_bytes());
+    }
+    out.extend(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            offsets.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
 /// The small fixture corpus: one file per format, each on its own topic.
 /// Returns (file name, the doc id suffix to expect).
 pub fn write_corpus(dir: &Path) {
