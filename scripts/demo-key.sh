@@ -9,6 +9,7 @@ DATA_DIR=$2
 FILE="$DATA_DIR/demo-admin.key"
 if [ ! -s "$FILE" ]; then
   umask 077
+  mkdir -p "$DATA_DIR"
   "$BIN" --data-dir "$DATA_DIR" keys create --admin --name demo > "$FILE"
 fi
 KEY=$(cat "$FILE")

@@ -102,7 +102,10 @@ pub(super) fn run(settings: &Settings, cmd: KeysCmd) -> Result<()> {
                     };
                     println!(
                         "{:<14} {:<7} {:<20} {:<30} {state}",
-                        k.id, k.role, k.name, collections
+                        k.id,
+                        k.role.to_string(),
+                        k.name,
+                        collections
                     );
                 }
             }
