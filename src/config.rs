@@ -183,6 +183,8 @@ pub struct IngestConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateConfig {
+    /// `mistralrs` (merged model per adapter) or `native` (domainrag's engine, `crate::engine`).
+    pub engine: String,
     pub base_model_dir: PathBuf,
     pub dtype: String,
     /// In-situ quantisation of the linear layers after loading (and after merging an adapter):
@@ -201,6 +203,14 @@ pub struct GenerateConfig {
     pub no_repeat_ngram: usize,
     pub temperature: f64,
     pub top_p: f64,
+    /// Native engine: KV cache tokens of all running sequences together (prompt + max_tokens
+    /// each); requests beyond wait.
+    pub kv_budget_tokens: usize,
+    /// Native engine: rows of one forward step (a long prompt is read in chunks of this, between
+    /// decode steps of the others).
+    pub step_tokens: usize,
+    /// Native engine: seed of sampling when the temperature is above 0 (0 = from the clock).
+    pub seed: u64,
 }
 
 /// The in-situ quantisation types `generate.isq` accepts (GGML block formats that mistral.rs
@@ -385,6 +395,24 @@ impl Settings {
         }
         if !["f32", "bf16", "f16", "auto"].contains(&self.generate.dtype.as_str()) {
             return invalid("generate.dtype", "must be one of f32, bf16, f16, auto");
+        }
+        if !["mistralrs", "native"].contains(&self.generate.engine.as_str()) {
+            return invalid("generate.engine", "must be mistralrs or native");
+        }
+        if self.generate.engine == "native"
+            && (self.generate.isq != "none" || self.generate.dtype != "f32")
+        {
+            return invalid(
+                "generate.engine",
+                "native runs f32 weights: set generate.isq = \"none\" and generate.dtype = \"f32\" \
+                 (quantised weights are mistralrs only for now)",
+            );
+        }
+        if self.generate.kv_budget_tokens < 256 {
+            return invalid("generate.kv_budget_tokens", "must be at least 256");
+        }
+        if !(1..=8192).contains(&self.generate.step_tokens) {
+            return invalid("generate.step_tokens", "must be between 1 and 8192");
         }
         if self.generate.isq != "none" && !ISQ_TYPES.contains(&self.generate.isq.as_str()) {
             return invalid(

@@ -20,7 +20,7 @@ use crate::embed::{EmbedError, Embedder};
 use crate::error::ErrorKind;
 use crate::eval::{Metrics, Question, mean, score_question};
 use crate::retrieve::{RetrieveError, fuse};
-use crate::train::model::Rng;
+use crate::rng::Rng;
 
 /// Candidates fetched per retriever and question (the grid's largest `candidates`).
 pub const DEPTH: usize = 100;

@@ -1,28 +1,32 @@
-//! Text generation with mistral.rs: one base model, plus a pool of LoRA-adapted models.
+//! Text generation behind one interface, on one of two engines (`generate.engine`): domainrag's
+//! own ([`crate::engine`] via `native`: one base model, every adapter resident unmerged, requests
+//! for different adapters batched together) or mistral.rs (`mistral`, with `load`: one merged
+//! model per adapter in a small pool). Both share the request slots (`generate.max_concurrent`,
+//! `generate.queue_depth`), the chat types and the events a stream yields. `repetition` adapts
+//! the rule against looping answers to mistral.rs's logits processors.
 //!
-//! mistral.rs 0.8.1 merges a LoRA adapter into the weights when it loads it, and ignores per-request
-//! adapter selection, so each adapter in use is its own merged `Model`; at most
-//! `generate.max_resident_adapters` are kept (least recently used evicted); `load` builds them.
-//! `repetition` forbids an answer to repeat a run of its own tokens (it curbs loops, not all).
-//!
-//! Owns mistral.rs: no mistral.rs type leaves this module. Knows nothing of retrieval or prompts
-//! beyond the chat messages it is given.
+//! Knows nothing of retrieval or prompts beyond the chat messages it is given.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use mistralrs::{Model, RequestBuilder, Response, TextMessageRole};
 use serde::Serialize;
-use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::adapters::{AdapterError, AdapterRegistry};
 use crate::config::{GenerateConfig, Settings};
 use crate::error::ErrorKind;
 
 mod load;
+mod mistral;
+mod native;
 pub mod repetition;
+
+pub use crate::engine::{ChatMessage, EngineStats, GenEvent, Role};
+use mistral::MistralPool;
+use native::NativeBackend;
 
 /// Errors of the generator.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +45,8 @@ pub enum GenerateError {
     Generation(String),
     #[error("the generator is busy ({0} requests in flight); retry shortly")]
     Busy(usize),
+    #[error("{0}")]
+    TooLong(String),
 }
 
 impl GenerateError {
@@ -52,39 +58,9 @@ impl GenerateError {
             GenerateError::Adapter(e) => e.kind(),
             GenerateError::Generation(_) => ErrorKind::Internal,
             GenerateError::Busy(_) => ErrorKind::Unavailable,
+            GenerateError::TooLong(_) => ErrorKind::InvalidInput,
         }
     }
-}
-
-/// Who says a chat message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ChatMessage {
-    pub role: Role,
-    pub content: String,
-}
-
-/// What a generation stream yields.
-#[derive(Debug, Clone, PartialEq)]
-pub enum GenEvent {
-    /// A piece of the answer.
-    Token(String),
-    /// The end, with token counts.
-    Done {
-        prompt_tokens: usize,
-        completion_tokens: usize,
-        finish_reason: String,
-    },
-    /// Generation failed part-way.
-    Error(String),
 }
 
 /// Sampling for one request.
@@ -109,30 +85,32 @@ impl Sampling {
     }
 }
 
-/// The base model and the adapter pool.
+/// The engine answering.
+enum Backend {
+    Mistral(MistralPool),
+    Native(NativeBackend),
+}
+
+/// The generator: an engine and the request slots.
 pub struct Generator {
     config: GenerateConfig,
     base_dir: PathBuf,
     registry: AdapterRegistry,
-    base: Arc<Model>,
-    /// Resident adapter models, least recently used first.
-    adapters: Mutex<Vec<(String, Arc<Model>)>>,
-    /// Serialises adapter builds so two requests for the same cold adapter build it once.
-    building: Mutex<()>,
+    backend: Backend,
     permits: Arc<Semaphore>,
     /// Requests waiting for a permit now.
     waiting: AtomicUsize,
-    /// Adapter pool lookups served by a resident model / that had to build one.
-    pool_hits: AtomicU64,
-    pool_misses: AtomicU64,
 }
 
 /// Counters of the generator, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct GeneratorStats {
     pub queued: usize,
+    /// mistral.rs's merged-model pool: lookups served by a resident model / that built one.
     pub pool_hits: u64,
     pub pool_misses: u64,
+    /// The native engine's figures (`None` on mistral.rs).
+    pub engine: Option<EngineStats>,
 }
 
 impl std::fmt::Debug for Generator {
@@ -143,16 +121,8 @@ impl std::fmt::Debug for Generator {
     }
 }
 
-fn role(role: Role) -> TextMessageRole {
-    match role {
-        Role::System => TextMessageRole::System,
-        Role::User => TextMessageRole::User,
-        Role::Assistant => TextMessageRole::Assistant,
-    }
-}
-
 impl Generator {
-    /// Load the base model (blocking work happens on its own thread).
+    /// Load the base model on the configured engine (blocking work happens on its own thread).
     pub async fn load(settings: &Settings) -> Result<Arc<Generator>, GenerateError> {
         let config = &settings.generate;
         let base_dir = settings.generate_base_dir();
@@ -166,8 +136,19 @@ impl Generator {
                 return Err(GenerateError::MissingBase { path: base_dir });
             }
         }
-        let base = load::model(config, &base_dir, None).await?;
-        Ok(Self::with_base(settings, base_dir, base))
+        let registry = AdapterRegistry::new(&settings.paths.data_dir);
+        let backend = if config.engine == "native" {
+            Backend::Native(NativeBackend::load(config, &base_dir, registry.clone()).await?)
+        } else {
+            let base = load::model(config, &base_dir, None).await?;
+            Backend::Mistral(MistralPool::new(
+                config.clone(),
+                base_dir.clone(),
+                registry.clone(),
+                base,
+            ))
+        };
+        Ok(Self::with_backend(settings, base_dir, backend))
     }
 
     /// A generator whose base model is read from a GGUF file by mistral.rs's GGUF loader (with
@@ -179,27 +160,25 @@ impl Generator {
         gguf: &std::path::Path,
     ) -> Result<Arc<Generator>, GenerateError> {
         let base = load::gguf_model(settings, gguf).await?;
-        Ok(Self::with_base(
+        let base_dir = settings.generate_base_dir();
+        let registry = AdapterRegistry::new(&settings.paths.data_dir);
+        let pool = MistralPool::new(settings.generate.clone(), base_dir.clone(), registry, base);
+        Ok(Self::with_backend(
             settings,
-            settings.generate_base_dir(),
-            base,
+            base_dir,
+            Backend::Mistral(pool),
         ))
     }
 
-    fn with_base(settings: &Settings, base_dir: PathBuf, base: Model) -> Arc<Generator> {
+    fn with_backend(settings: &Settings, base_dir: PathBuf, backend: Backend) -> Arc<Generator> {
         let config = settings.generate.clone();
-        let registry = AdapterRegistry::new(&settings.paths.data_dir);
         Arc::new(Generator {
             permits: Arc::new(Semaphore::new(config.max_concurrent)),
+            registry: AdapterRegistry::new(&settings.paths.data_dir),
             config,
             base_dir,
-            registry,
-            base: Arc::new(base),
-            adapters: Mutex::new(Vec::new()),
-            building: Mutex::new(()),
+            backend,
             waiting: AtomicUsize::new(0),
-            pool_hits: AtomicU64::new(0),
-            pool_misses: AtomicU64::new(0),
         })
     }
 
@@ -207,78 +186,37 @@ impl Generator {
         &self.registry
     }
 
-    /// Names of the adapters resident now, least recently used first.
+    /// Which engine answers: `native` or `mistralrs`.
+    pub fn engine_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Mistral(_) => "mistralrs",
+            Backend::Native(_) => "native",
+        }
+    }
+
+    /// Names of the adapters resident now.
     pub async fn resident_adapters(&self) -> Vec<String> {
-        self.adapters
-            .lock()
-            .await
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect()
+        match &self.backend {
+            Backend::Mistral(pool) => pool.resident_adapters().await,
+            Backend::Native(native) => native.engine().adapter_names(),
+        }
     }
 
-    /// The model serving `adapter` (the base for `None`), building it if it is not resident.
-    async fn model_for(&self, adapter: Option<&str>) -> Result<Arc<Model>, GenerateError> {
-        let Some(name) = adapter else {
-            return Ok(Arc::clone(&self.base));
-        };
-        if let Some(model) = self.touch(name).await {
-            self.pool_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(model);
-        }
-        let _building = self.building.lock().await;
-        if let Some(model) = self.touch(name).await {
-            self.pool_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(model);
-        }
-        self.pool_misses.fetch_add(1, Ordering::Relaxed);
-        // Checked (and its files verified present) before the expensive build.
-        self.registry.get(name)?;
-        let started = Instant::now();
-        let model = Arc::new(
-            load::model(
-                &self.config,
-                &self.base_dir,
-                Some(self.registry.model_id(name)),
-            )
-            .await?,
-        );
-        tracing::info!(
-            adapter = name,
-            seconds = started.elapsed().as_secs_f64(),
-            "adapter model built"
-        );
-        let mut resident = self.adapters.lock().await;
-        resident.push((name.to_string(), Arc::clone(&model)));
-        while resident.len() > self.config.max_resident_adapters.max(1) {
-            let (evicted, _) = resident.remove(0);
-            // In-flight requests keep their `Arc`; the model is freed when they finish.
-            tracing::info!(adapter = evicted, "adapter model evicted");
-        }
-        Ok(model)
-    }
-
-    /// The resident model for `name`, marked most recently used.
-    async fn touch(&self, name: &str) -> Option<Arc<Model>> {
-        let mut resident = self.adapters.lock().await;
-        let pos = resident.iter().position(|(n, _)| n == name)?;
-        let entry = resident.remove(pos);
-        let model = Arc::clone(&entry.1);
-        resident.push(entry);
-        Some(model)
-    }
-
-    /// Build the models of these adapters now (at start, for the collections' adapters).
+    /// Make these adapters resident now (at start, for the collections' adapters; the native
+    /// engine also loads every other registered adapter).
     pub async fn preload(&self, adapters: &[String]) -> Result<(), GenerateError> {
-        for name in adapters.iter().take(self.config.max_resident_adapters) {
-            self.model_for(Some(name)).await?;
+        match &self.backend {
+            Backend::Mistral(pool) => pool.preload(adapters).await,
+            Backend::Native(native) => native.preload(adapters).await,
         }
-        Ok(())
     }
 
-    /// Evict an adapter's model (after it is removed from the registry).
+    /// Forget an adapter's resident copy (after it is removed or replaced in the registry).
     pub async fn evict(&self, name: &str) {
-        self.adapters.lock().await.retain(|(n, _)| n != name);
+        match &self.backend {
+            Backend::Mistral(pool) => pool.evict(name).await,
+            Backend::Native(native) => native.evict(name),
+        }
     }
 
     /// Number of tokens of `text` in the base tokenizer (no special tokens).
@@ -292,72 +230,52 @@ impl Generator {
         &self,
         messages: Vec<ChatMessage>,
     ) -> Result<Vec<u32>, GenerateError> {
-        let mut text = mistralrs::TextMessages::new();
-        for m in messages {
-            text = text.add_message(role(m.role), m.content);
+        match &self.backend {
+            Backend::Mistral(pool) => pool.tokenize_chat(messages).await,
+            Backend::Native(native) => native
+                .engine()
+                .chat()
+                .encode_chat(&messages)
+                .map_err(|e| GenerateError::Generation(e.to_string())),
         }
-        self.base
-            .tokenize(either::Either::Left(text), None, true, true, None)
-            .await
-            .map_err(|e| GenerateError::Generation(e.to_string()))
     }
 
     /// Token ids of `text` alone (no special tokens added).
     pub async fn tokenize_text(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
-        self.base
-            .tokenize(
-                either::Either::Right(text.to_string()),
-                None,
-                false,
-                false,
-                None,
-            )
-            .await
-            .map_err(|e| GenerateError::Generation(e.to_string()))
+        match &self.backend {
+            Backend::Mistral(pool) => pool.tokenize_text(text).await,
+            Backend::Native(native) => native
+                .engine()
+                .chat()
+                .encode_text(text)
+                .map_err(|e| GenerateError::Generation(e.to_string())),
+        }
     }
 
     /// The token that ends an assistant turn: what the chat template appends after an assistant
     /// message (generation stops there).
     pub async fn end_of_turn_token(&self) -> Result<u32, GenerateError> {
-        let probe = |answer: &str| {
-            vec![
-                ChatMessage {
-                    role: Role::User,
-                    content: "q".into(),
-                },
-                ChatMessage {
-                    role: Role::Assistant,
-                    content: answer.into(),
-                },
-            ]
-        };
-        // The template renders `...answer<end>\n` or `...answer<end>`; the first token after the
-        // answer's own tokens is the end-of-turn token.
-        let mut text = mistralrs::TextMessages::new();
-        for m in probe("zebra") {
-            text = text.add_message(role(m.role), m.content);
+        match &self.backend {
+            Backend::Mistral(pool) => pool.end_of_turn_token().await,
+            Backend::Native(native) => Ok(native.engine().chat().end_of_turn()),
         }
-        let ids = self
-            .base
-            .tokenize(either::Either::Left(text), None, true, false, None)
-            .await
-            .map_err(|e| GenerateError::Generation(e.to_string()))?;
-        let answer = self.tokenize_text("zebra").await?;
-        let at = ids
-            .windows(answer.len())
-            .rposition(|w| w == answer.as_slice())
-            .ok_or_else(|| GenerateError::Generation("cannot find the end-of-turn token".into()))?;
-        ids.get(at + answer.len()).copied().ok_or_else(|| {
-            GenerateError::Generation("the chat template ends without an end-of-turn token".into())
-        })
     }
 
     /// Counters for metrics.
     pub fn stats(&self) -> GeneratorStats {
+        let (pool_hits, pool_misses, engine) = match &self.backend {
+            Backend::Mistral(pool) => (
+                pool.pool_hits.load(Ordering::Relaxed),
+                pool.pool_misses.load(Ordering::Relaxed),
+                None,
+            ),
+            Backend::Native(native) => (0, 0, Some(native.engine().stats())),
+        };
         GeneratorStats {
             queued: self.waiting.load(Ordering::Relaxed),
-            pool_hits: self.pool_hits.load(Ordering::Relaxed),
-            pool_misses: self.pool_misses.load(Ordering::Relaxed),
+            pool_hits,
+            pool_misses,
+            engine,
         }
     }
 
@@ -377,7 +295,8 @@ impl Generator {
         permit.map_err(|_| GenerateError::Generation("the generator is shutting down".into()))
     }
 
-    /// Stream a chat completion from the model of `adapter` (waits for a slot; see `slot`).
+    /// Stream a chat completion with `adapter` (the base for `None`); waits for a slot (see
+    /// `slot`). Dropping the receiver cancels the generation.
     pub async fn stream(
         &self,
         adapter: Option<&str>,
@@ -385,89 +304,10 @@ impl Generator {
         sampling: Sampling,
     ) -> Result<mpsc::Receiver<GenEvent>, GenerateError> {
         let permit = self.slot().await?;
-        let model = self.model_for(adapter).await?;
-        let mut request = RequestBuilder::new().set_sampler_max_len(sampling.max_tokens);
-        if sampling.temperature > 0.0 {
-            request = request
-                .set_sampler_temperature(sampling.temperature)
-                .set_sampler_topp(sampling.top_p)
-                .set_sampler_topk(0);
+        match &self.backend {
+            Backend::Mistral(pool) => pool.stream(permit, adapter, messages, sampling).await,
+            Backend::Native(native) => native.stream(permit, adapter, messages, sampling).await,
         }
-        if sampling.no_repeat_ngram > 0 {
-            request = request.add_logits_processor(Arc::new(repetition::NoRepeatNgram::new(
-                sampling.no_repeat_ngram,
-            )));
-        }
-        for m in messages {
-            request = request.add_message(role(m.role), m.content);
-        }
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let _permit = permit;
-            // Runs when this task ends, however it ends (done, error, caller gone).
-            let _release = crate::telemetry::ReleaseFreedHeapOnDrop;
-            let mut stream = match model.stream_chat_request(request).await {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx.send(GenEvent::Error(e.to_string())).await;
-                    return;
-                }
-            };
-            let mut completion_tokens = 0;
-            while let Some(response) = stream.next().await {
-                match response {
-                    Response::Chunk(chunk) => {
-                        let choice = chunk.choices.first();
-                        if let Some(text) = choice.and_then(|c| c.delta.content.clone()) {
-                            completion_tokens += 1;
-                            if !text.is_empty() && tx.send(GenEvent::Token(text)).await.is_err() {
-                                return; // the caller went away: dropping the stream cancels it
-                            }
-                        }
-                        let finish = choice.and_then(|c| c.finish_reason.clone());
-                        if let Some(finish_reason) = finish {
-                            let (prompt_tokens, completion) = chunk
-                                .usage
-                                .as_ref()
-                                .map(|u| (u.prompt_tokens, u.completion_tokens))
-                                .unwrap_or((0, completion_tokens));
-                            let _ = tx
-                                .send(GenEvent::Done {
-                                    prompt_tokens,
-                                    completion_tokens: completion,
-                                    finish_reason,
-                                })
-                                .await;
-                            return;
-                        }
-                    }
-                    Response::Done(done) => {
-                        let _ = tx
-                            .send(GenEvent::Done {
-                                prompt_tokens: done.usage.prompt_tokens,
-                                completion_tokens: done.usage.completion_tokens,
-                                finish_reason: done
-                                    .choices
-                                    .first()
-                                    .map(|c| c.finish_reason.clone())
-                                    .unwrap_or_default(),
-                            })
-                            .await;
-                        return;
-                    }
-                    Response::InternalError(e) | Response::ValidationError(e) => {
-                        let _ = tx.send(GenEvent::Error(e.to_string())).await;
-                        return;
-                    }
-                    Response::ModelError(e, _) => {
-                        let _ = tx.send(GenEvent::Error(e)).await;
-                        return;
-                    }
-                    _ => {}
-                }
-            }
-        });
-        Ok(rx)
     }
 
     /// Generate a whole answer (collects the stream).

@@ -7,28 +7,13 @@
 //! four times, to the token limit). Penalties over the whole context (mistral.rs's frequency,
 //! presence and DRY penalties) would also punish copying from the sources, which is what a RAG
 //! answer should do; this rule looks at the generated tokens alone. Owns nothing of mistral.rs but
-//! its processor trait; the rule itself is the pure [`banned_next_tokens`].
+//! its processor trait; the rule itself is the engine's [`banned_next_tokens`].
 
 use std::sync::OnceLock;
 
 use candle_core::Tensor;
 
-/// The tokens that would complete an `n`-token run already present in `generated`: for each
-/// earlier position where the last `n - 1` tokens occurred, the token that followed them.
-pub fn banned_next_tokens(generated: &[u32], n: usize) -> Vec<u32> {
-    if n == 0 || generated.len() < n {
-        return Vec::new();
-    }
-    let tail = &generated[generated.len() - (n - 1)..];
-    let mut banned: Vec<u32> = generated
-        .windows(n)
-        .filter(|w| &w[..n - 1] == tail)
-        .map(|w| w[n - 1])
-        .collect();
-    banned.sort_unstable();
-    banned.dedup();
-    banned
-}
+use crate::engine::sample::banned_next_tokens;
 
 /// The per-request processor. mistral.rs passes the whole context (prompt and answer so far); the
 /// first call comes right after prefill, so the context's length then is the prompt's.
@@ -68,20 +53,6 @@ impl mistralrs::CustomLogitsProcessor for NoRepeatNgram {
 mod tests {
     use super::*;
     use mistralrs::CustomLogitsProcessor;
-
-    #[test]
-    fn bans_only_what_would_repeat_a_run_of_the_answer() {
-        // "a b c d a b" with n = 3: "a b" occurred before, followed by "c".
-        assert_eq!(banned_next_tokens(&[1, 2, 3, 4, 1, 2], 3), vec![3]);
-        // Every earlier continuation of the tail is banned, once each.
-        assert_eq!(banned_next_tokens(&[1, 2, 3, 1, 2, 5, 1, 2], 3), vec![3, 5]);
-        // Nothing to repeat yet, or the rule off.
-        assert!(banned_next_tokens(&[1, 2, 3, 4], 3).is_empty());
-        assert!(banned_next_tokens(&[1, 2], 3).is_empty());
-        assert!(banned_next_tokens(&[1, 1, 1], 0).is_empty());
-        // n = 1: no token may appear twice.
-        assert_eq!(banned_next_tokens(&[7, 8], 1), vec![7, 8]);
-    }
 
     #[test]
     fn the_processor_ignores_the_prompt_and_masks_the_answer_repeats() -> candle_core::Result<()> {

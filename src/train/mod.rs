@@ -28,7 +28,8 @@ use crate::adapters::{AdapterError, AdapterInfo, AdapterRegistry, BaseModelInfo}
 use crate::error::ErrorKind;
 use crate::generate::{GenerateError, Generator};
 use crate::rag::build_messages_from_context;
-use model::{LINEAR_MODULES, LlamaLora, LoraSpec, Rng};
+use crate::rng::Rng;
+use model::{LINEAR_MODULES, LlamaLora, LoraSpec};
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]

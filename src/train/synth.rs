@@ -27,7 +27,6 @@ use std::time::Instant;
 use serde::Serialize;
 use unicode_segmentation::UnicodeSegmentation;
 
-use super::model::Rng;
 use super::triplets::shuffle_sources;
 use super::{Origin, Triplet};
 use crate::collection::Collection;
@@ -36,6 +35,7 @@ use crate::eval::answer_metrics::normalize;
 use crate::index::{Bm25Index, ChunkRecord, IndexError};
 use crate::rag::{Rag, RagError, format_sources};
 use crate::retrieve::RetrieveError;
+use crate::rng::Rng;
 
 /// Answers shorter or longer than this (in words) are dropped.
 pub const ANSWER_WORDS: std::ops::RangeInclusive<usize> = 6..=80;

@@ -16,11 +16,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Serialize;
 
 use super::Triplet;
-use super::model::Rng;
 use crate::collection::Collection;
 use crate::eval::answer_metrics::normalize;
 use crate::eval::{ContextMode, Question, gold_sources};
 use crate::rag::{Rag, RagError, Source, format_sources};
+use crate::rng::Rng;
 
 /// What `build` kept and dropped.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]

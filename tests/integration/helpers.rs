@@ -94,6 +94,21 @@ pub async fn generator() -> Arc<Generator> {
         .clone()
 }
 
+/// One generator on the native engine for the whole test binary, on [`adapter_data_dir`]'s
+/// registry (the one [`generator`] uses).
+pub async fn native_generator() -> Arc<Generator> {
+    static NATIVE: OnceCell<Arc<Generator>> = OnceCell::const_new();
+    NATIVE
+        .get_or_init(|| async {
+            let mut s = settings(adapter_data_dir());
+            s.generate.engine = "native".into();
+            s.generate.max_concurrent = 8;
+            Generator::load(&s).await.expect("native engine loads")
+        })
+        .await
+        .clone()
+}
+
 /// Held by every test that compares outputs of the shared generator: mistral.rs batches
 /// concurrent requests to one model, and batched logits differ slightly from a lone request's, which
 /// can flip a greedy token of a 135M model.

@@ -6,6 +6,7 @@ mod app;
 mod cli;
 mod deploy;
 mod embedding;
+mod engine;
 mod generate;
 mod helpers;
 mod http;

@@ -15,7 +15,7 @@ use domainrag::train::{
     Progress, TrainJob, TrainOptions, Triplet, encode, register, train as run_training,
 };
 
-use crate::helpers::{exclusive_generation, generator, models_dir};
+use crate::helpers::{exclusive_generation, generator, models_dir, native_generator};
 
 fn base_dir() -> std::path::PathBuf {
     models_dir().join("SmolLM2-135M-Instruct-hf")
@@ -165,7 +165,7 @@ async fn gradients_reach_only_the_lora_matrices() {
 /// A short run (100 steps of 2 sequences on 2 threads, with dropout) overfits four examples; the adapter, registered and served by mistral.rs, generates
 /// the trained answers, token for token what the trainer's forward pass generates.
 #[tokio::test]
-async fn trained_adapter_overfits_and_mistralrs_serves_it_identically() {
+async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
     let g = generator().await;
     let triplets = fixture();
     let (examples, report) = encode(&g, &triplets, 512).await.expect("encode");
@@ -242,17 +242,14 @@ async fn trained_adapter_overfits_and_mistralrs_serves_it_identically() {
         let messages = build_messages_from_context(&t.query, &t.context);
         let prompt = g.tokenize_chat(messages.clone()).await.unwrap();
         let (trainer_ids, _) = trainer_model.greedy(&prompt, 12, &[end]).unwrap();
+        let greedy12 = Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            max_tokens: 12,
+            no_repeat_ngram: 0,
+        };
         let served = g
-            .complete(
-                Some("zorblat"),
-                messages,
-                Sampling {
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    max_tokens: 12,
-                    no_repeat_ngram: 0,
-                },
-            )
+            .complete(Some("zorblat"), messages, greedy12)
             .await
             .expect("mistral.rs serves the adapter");
         let mut served_ids = g.tokenize_text(&served.text).await.unwrap();
@@ -269,5 +266,16 @@ async fn trained_adapter_overfits_and_mistralrs_serves_it_identically() {
             "the adapter learned {:?}",
             t.query
         );
+        // The native engine serves the trained adapter unmerged: the same answer.
+        let native = native_generator()
+            .await
+            .complete(
+                Some("zorblat"),
+                build_messages_from_context(&t.query, &t.context),
+                greedy12,
+            )
+            .await
+            .expect("the native engine serves the adapter");
+        assert_eq!(native.text, served.text, "{:?}", t.query);
     }
 }

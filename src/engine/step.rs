@@ -1,0 +1,187 @@
+//! One forward step of the engine over a batch: every running sequence contributes a segment of
+//! rows (a chunk of its prompt, or its one newest token), all rows go through each base linear
+//! layer as one matrix product, each group of rows that shares an adapter adds that adapter's
+//! LoRA update (segments are ordered so a group's rows are contiguous: one pair of small matrix
+//! products per adapter and layer, whatever the batch), and each segment attends over its own
+//! KV cache.
+//!
+//! [`KvCache`] owns a sequence's keys and values: one `(kv_heads, capacity, head_dim)` buffer per
+//! layer, sized once for the prompt and the answer's token limit, written in place.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{D, DType, Device, Tensor};
+
+use super::adapter::ResidentAdapter;
+use crate::llama::{Hooks, LlamaConfig};
+
+/// One sequence's keys and values.
+#[derive(Debug)]
+pub(super) struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// Room for `capacity` tokens in every layer.
+    pub(super) fn new(
+        config: &LlamaConfig,
+        capacity: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let shape = (config.kv_heads(), capacity, config.head_dim());
+        let mut k = Vec::with_capacity(config.num_hidden_layers);
+        let mut v = Vec::with_capacity(config.num_hidden_layers);
+        for _ in 0..config.num_hidden_layers {
+            k.push(Tensor::zeros(shape, DType::F32, device)?);
+            v.push(Tensor::zeros(shape, DType::F32, device)?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Tokens cached.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Write the step's keys and values `(kv_heads, n, head_dim)` of `layer` after the cached
+    /// ones; the cached and new keys and values together, `(kv_heads, len + n, head_dim)`. The
+    /// length moves on once every layer is written ([`KvCache::advance`]).
+    fn write(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let n = k.dim(1)?;
+        if self.len + n > self.capacity {
+            candle_core::bail!(
+                "KV cache overflow: {} + {n} tokens, room for {}",
+                self.len,
+                self.capacity
+            );
+        }
+        self.k[layer].slice_set(&k.contiguous()?, 1, self.len)?;
+        self.v[layer].slice_set(&v.contiguous()?, 1, self.len)?;
+        Ok((
+            self.k[layer].narrow(1, 0, self.len + n)?,
+            self.v[layer].narrow(1, 0, self.len + n)?,
+        ))
+    }
+
+    /// `n` more tokens are cached (after a step wrote them in every layer).
+    pub(super) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+/// One sequence's part of a step.
+pub(super) struct Segment<'a> {
+    /// Its rows in the step's input.
+    pub(super) rows: Range<usize>,
+    pub(super) cache: &'a mut KvCache,
+}
+
+/// The serving side of [`crate::llama::Weights::forward`] for one step.
+pub(super) struct StepHooks<'a> {
+    /// In row order.
+    pub(super) segments: Vec<Segment<'a>>,
+    /// Contiguous row ranges that use an adapter, with it.
+    pub(super) groups: Vec<(Range<usize>, Arc<ResidentAdapter>)>,
+}
+
+impl Hooks for StepHooks<'_> {
+    fn linear(
+        &mut self,
+        layer: usize,
+        m: usize,
+        x: &Tensor,
+        y: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let rows = y.dim(0)?;
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for (range, adapter) in &self.groups {
+            let Some(pair) = adapter.lora(layer, m) else {
+                continue;
+            };
+            if range.start > at {
+                parts.push(y.narrow(0, at, range.start - at)?);
+            }
+            let n = range.len();
+            let delta = x
+                .narrow(0, range.start, n)?
+                .matmul(&pair.a_t)?
+                .matmul(&pair.b_t)?;
+            parts.push((y.narrow(0, range.start, n)? + delta)?);
+            at = range.end;
+        }
+        if parts.is_empty() {
+            return Ok(y);
+        }
+        if at < rows {
+            parts.push(y.narrow(0, at, rows - at)?);
+        }
+        Tensor::cat(&parts, 0)
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let mut outs = Vec::with_capacity(self.segments.len());
+        for seg in &mut self.segments {
+            let (start, n) = (seg.rows.start, seg.rows.len());
+            let past = seg.cache.len();
+            let (k_all, v_all) =
+                seg.cache
+                    .write(layer, &k.narrow(1, start, n)?, &v.narrow(1, start, n)?)?;
+            let q = q.narrow(1, start, n)?.contiguous()?;
+            outs.push(attention(&q, &k_all, &v_all, past)?);
+        }
+        Tensor::cat(&outs, 0)
+    }
+}
+
+/// Attention of `n` new queries `(heads, n, head_dim)` at positions `past..past + n` over keys and
+/// values `(kv_heads, past + n, head_dim)` (causal among the new ones). Returns
+/// `(n, heads * head_dim)`. Heads share key/value heads in groups (GQA), so the queries of one
+/// key/value head are multiplied together instead of copying the keys per head.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> candle_core::Result<Tensor> {
+    let (nh, n, hd) = q.dims3()?;
+    let (nkv, total, _) = k.dims3()?;
+    let rep = nh / nkv;
+    let q = q.reshape((nkv, rep * n, hd))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = if n > 1 {
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, total), q.device())?;
+        scores
+            .reshape((nkv, rep, n, total))?
+            .broadcast_add(&mask)?
+            .reshape((nkv, rep * n, total))?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs
+        .matmul(v)?
+        .reshape((nh, n, hd))?
+        .transpose(0, 1)?
+        .reshape((n, nh * hd))
+}

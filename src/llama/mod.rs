@@ -1,0 +1,268 @@
+//! The Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or separate
+//! LM head) over the frozen f32 weights of a converted HF directory, written once for training
+//! and serving. [`Weights::forward`] runs the layers over a set of rows (token ids, each at its
+//! own position) and leaves two things to its caller through [`Hooks`]: what an adapter adds to
+//! each linear layer's output (the trainer's LoRA `Var`s with dropout; the engine's resident
+//! adapters, a different one per group of rows), and attention (the trainer's causal attention
+//! over one sequence; the engine's attention of each sequence over its KV cache).
+//!
+//! `ops` holds the fused CPU ops. Knows nothing of prompts, tokenizers, adapters' files or
+//! scheduling.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+pub(crate) mod ops;
+
+/// The linear modules of a layer, in the order of its forward pass (the index a [`Hooks`] call
+/// names).
+pub const LINEAR_MODULES: &[&str] = &crate::adapters::LORA_MODULES;
+
+/// Index of each module in [`LINEAR_MODULES`].
+pub const Q: usize = 0;
+pub const K: usize = 1;
+pub const V: usize = 2;
+pub const O: usize = 3;
+pub const GATE: usize = 4;
+pub const UP: usize = 5;
+pub const DOWN: usize = 6;
+
+/// The fields of an HF `config.json` the forward pass needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    /// `(in_features, out_features)` of linear module `m` (an index into [`LINEAR_MODULES`]).
+    pub fn linear_dims(&self, m: usize) -> (usize, usize) {
+        let attention = self.num_attention_heads * self.head_dim();
+        let key_value = self.kv_heads() * self.head_dim();
+        match m {
+            Q => (self.hidden_size, attention),
+            K | V => (self.hidden_size, key_value),
+            O => (attention, self.hidden_size),
+            GATE | UP => (self.hidden_size, self.intermediate_size),
+            _ => (self.intermediate_size, self.hidden_size),
+        }
+    }
+}
+
+/// `mlp` or `self_attn`: where a linear module sits in the HF weight names.
+pub fn module_group(module: &str) -> &'static str {
+    if ["gate_proj", "up_proj", "down_proj"].contains(&module) {
+        "mlp"
+    } else {
+        "self_attn"
+    }
+}
+
+/// The HF path of linear module `m` of layer `layer` (`model.layers.3.self_attn.q_proj`).
+pub fn module_path(layer: usize, m: usize) -> String {
+    let module = LINEAR_MODULES[m];
+    format!("model.layers.{layer}.{}.{module}", module_group(module))
+}
+
+/// One decoder layer's frozen weights.
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub input_norm: Tensor,
+    pub post_norm: Tensor,
+    /// `(out_features, in_features)`, in [`LINEAR_MODULES`] order.
+    pub linears: Vec<Tensor>,
+}
+
+/// The frozen base model.
+#[derive(Debug)]
+pub struct Weights {
+    pub config: LlamaConfig,
+    pub embed: Tensor,
+    pub lm_head: Tensor,
+    pub norm: Tensor,
+    pub layers: Vec<LayerWeights>,
+    pub device: Device,
+}
+
+/// What the caller of [`Weights::forward`] decides.
+pub trait Hooks {
+    /// The output of linear module `m` of `layer` for the rows `x`, given the base's `y = x·Wᵀ`:
+    /// `y` itself, or `y` plus an adapter's update.
+    fn linear(
+        &mut self,
+        layer: usize,
+        m: usize,
+        x: &Tensor,
+        y: Tensor,
+    ) -> candle_core::Result<Tensor>;
+
+    /// Attention of the rows: `q` `(heads, rows, head_dim)`, `k` and `v`
+    /// `(kv_heads, rows, head_dim)`, rotary embeddings applied. Returns `(rows, heads * head_dim)`.
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor>;
+}
+
+impl Weights {
+    /// Load `config.json` and `model.safetensors` from `dir` onto `device` as f32.
+    pub fn load(dir: &Path, device: &Device) -> candle_core::Result<Weights> {
+        let text = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))?;
+        let config: LlamaConfig = serde_json::from_str(&text)
+            .map_err(|e| candle_core::Error::Msg(format!("config.json: {e}")))?;
+        if let Some(scaling) = config.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            candle_core::bail!("rope_scaling {scaling} is not supported");
+        }
+        let mut weights = candle_core::safetensors::load(dir.join("model.safetensors"), device)?;
+        let mut take = |name: &str| -> candle_core::Result<Tensor> {
+            weights
+                .remove(name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("model.safetensors has no {name}")))?
+                .to_dtype(DType::F32)
+        };
+        let embed = take("model.embed_tokens.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            embed.clone()
+        } else {
+            take("lm_head.weight")?
+        };
+        let norm = take("model.norm.weight")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let mut linears = Vec::with_capacity(LINEAR_MODULES.len());
+            for m in 0..LINEAR_MODULES.len() {
+                linears.push(take(&format!("{}.weight", module_path(i, m)))?);
+            }
+            layers.push(LayerWeights {
+                input_norm: take(&format!("model.layers.{i}.input_layernorm.weight"))?,
+                post_norm: take(&format!("model.layers.{i}.post_attention_layernorm.weight"))?,
+                linears,
+            });
+        }
+        Ok(Weights {
+            config,
+            embed,
+            lm_head,
+            norm,
+            layers,
+            device: device.clone(),
+        })
+    }
+
+    /// Final hidden states `(rows, hidden)` of `ids`, row `i` at position `positions[i]`.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        hooks: &mut dyn Hooks,
+    ) -> candle_core::Result<Tensor> {
+        let rows = ids.len();
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let ids_t = Tensor::from_slice(ids, rows, &self.device)?;
+        let mut h = self.embed.index_select(&ids_t, 0)?;
+        let (cos, sin) = ops::rope_tables(positions, hd, c.rope_theta, &self.device)?;
+        let eps = c.rms_norm_eps;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut lin = |m: usize, x: &Tensor| -> candle_core::Result<Tensor> {
+                let y = ops::frozen_linear(x, &layer.linears[m])?;
+                hooks.linear(l, m, x, y)
+            };
+            let x = ops::rms_norm(&h, &layer.input_norm, eps)?;
+            let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+                t.reshape((rows, n, hd))?.transpose(0, 1)?.contiguous()
+            };
+            let q = heads(lin(Q, &x)?, nh)?;
+            let k = heads(lin(K, &x)?, nkv)?;
+            let v = heads(lin(V, &x)?, nkv)?;
+            let q = ops::apply_rope(&q, &cos, &sin)?;
+            let k = ops::apply_rope(&k, &cos, &sin)?;
+            let y = hooks.attend(l, &q, &k, &v)?;
+            let mut lin = |m: usize, x: &Tensor| -> candle_core::Result<Tensor> {
+                let y = ops::frozen_linear(x, &layer.linears[m])?;
+                hooks.linear(l, m, x, y)
+            };
+            h = (h + lin(O, &y)?)?;
+            let x = ops::rms_norm(&h, &layer.post_norm, eps)?;
+            let gate = lin(GATE, &x)?;
+            let up = lin(UP, &x)?;
+            let m = (gate.silu()? * up)?;
+            h = (h + lin(DOWN, &m)?)?;
+        }
+        ops::rms_norm(&h, &self.norm, eps)
+    }
+
+    /// Logits `(P, vocab)` at rows `rows` of the hidden states `(T, hidden)`.
+    pub fn logits_at(&self, hidden: &Tensor, rows: &[u32]) -> candle_core::Result<Tensor> {
+        let pos = Tensor::from_slice(rows, rows.len(), &self.device)?;
+        let sel = hidden.index_select(&pos, 0)?;
+        ops::frozen_linear(&sel, &self.lm_head)
+    }
+
+    /// Every frozen tensor (for checks that training leaves them alone).
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut out = vec![&self.embed, &self.lm_head, &self.norm];
+        for layer in &self.layers {
+            out.push(&layer.input_norm);
+            out.push(&layer.post_norm);
+            out.extend(layer.linears.iter());
+        }
+        out
+    }
+}
+
+/// Attention of one whole sequence over itself (causal), the training case: `q`
+/// `(heads, T, head_dim)`, `k`, `v` `(kv_heads, T, head_dim)`; returns `(T, heads * head_dim)`.
+pub fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let (nh, t, hd) = q.dims3()?;
+    let nkv = k.dim(0)?;
+    let (k, v) = if nkv == nh {
+        (k.clone(), v.clone())
+    } else {
+        let rep = nh / nkv;
+        let expand = |x: &Tensor| -> candle_core::Result<Tensor> {
+            x.unsqueeze(1)?
+                .broadcast_as((nkv, rep, t, hd))?
+                .reshape((nh, t, hd))
+        };
+        (expand(k)?, expand(v)?)
+    };
+    // The CPU's attention op masks in place; elsewhere plain ops add this mask.
+    let mask = if q.device().is_cpu() {
+        None
+    } else {
+        Some(ops::causal_mask(t, q.device())?)
+    };
+    let att = ops::causal_attention_probs(q, &k, 1.0 / (hd as f64).sqrt(), mask.as_ref())?;
+    att.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))
+}

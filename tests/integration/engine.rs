@@ -1,0 +1,201 @@
+//! The native engine (`generate.engine = "native"`) on the real converted SmolLM2-135M-Instruct:
+//! the same greedy tokens as mistral.rs with and without an adapter (a RAG prompt among them),
+//! the same prompt tokens, requests for different adapters batched together answering as they
+//! do alone, adapters loaded and forgotten without a restart, a dropped request leaving the
+//! engine, and prompts too long for the KV budget refused as bad input.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use domainrag::adapters::{BaseModelInfo, write_test_adapter};
+use domainrag::error::ErrorKind;
+use domainrag::generate::{ChatMessage, GenEvent, Generator, Role, Sampling};
+use domainrag::rag::build_messages_from_context;
+
+use crate::helpers::{exclusive_generation, generator, models_dir, native_generator};
+
+fn greedy(max_tokens: usize) -> Sampling {
+    Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens,
+        no_repeat_ngram: 0,
+    }
+}
+
+fn user(text: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: Role::User,
+        content: text.to_string(),
+    }]
+}
+
+/// Register a deterministic synthetic LoRA adapter on all seven modules.
+fn register_adapter(g: &Generator, tag: &str, seed: usize) -> String {
+    let base = BaseModelInfo::from_dir(&models_dir().join("SmolLM2-135M-Instruct-hf")).unwrap();
+    let src = tempfile::tempdir().expect("tempdir");
+    let layers: Vec<usize> = (0..base.num_hidden_layers).collect();
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    write_test_adapter(src.path(), &base, 8, 16.0, &targets, &layers, |i| {
+        (((i * 7919 + seed * 104_729) % 13) as f32 - 6.0) * 0.012
+    })
+    .expect("write adapter");
+    let name = format!("{tag}-{}", std::process::id());
+    g.registry()
+        .add(&name, src.path(), &base)
+        .expect("adapter is valid");
+    name
+}
+
+fn prompts() -> Vec<Vec<ChatMessage>> {
+    let context = "[1] The Normans were the people who in the 10th and 11th centuries gave their \
+                   name to Normandy, a region in France. They were descended from Norse raiders \
+                   and pirates from Denmark, Iceland and Norway who, under their leader Rollo, \
+                   agreed to swear fealty to King Charles III of West Francia.\n[2] The Norman \
+                   dynasty had a major political, cultural and military impact on medieval \
+                   Europe and even the Near East.";
+    vec![
+        user("What is the capital of France?"),
+        user("Write a short poem about the sea."),
+        build_messages_from_context("In what country is Normandy located?", context),
+    ]
+}
+
+#[tokio::test]
+async fn native_engine_gives_mistralrs_greedy_tokens_with_and_without_an_adapter() {
+    let _alone = exclusive_generation().await;
+    let (mistral, native) = (generator().await, native_generator().await);
+    let name = register_adapter(&mistral, "parity", 1);
+    let mut changed = 0;
+    for messages in prompts() {
+        assert_eq!(
+            native.tokenize_chat(messages.clone()).await.unwrap(),
+            mistral.tokenize_chat(messages.clone()).await.unwrap(),
+            "the prompt's tokens"
+        );
+        let mut texts = Vec::new();
+        for adapter in [None, Some(name.as_str())] {
+            let want = mistral
+                .complete(adapter, messages.clone(), greedy(64))
+                .await
+                .expect("mistral.rs answers");
+            let got = native
+                .complete(adapter, messages.clone(), greedy(64))
+                .await
+                .expect("native answers");
+            assert_eq!(got.text, want.text, "adapter {adapter:?}, {messages:?}");
+            assert_eq!(got.completion_tokens, want.completion_tokens);
+            assert_eq!(got.prompt_tokens, want.prompt_tokens);
+            texts.push(got.text);
+        }
+        changed += usize::from(texts[0] != texts[1]);
+    }
+    assert!(
+        changed > 0,
+        "the adapter changed no answer: the test shows nothing"
+    );
+    assert_eq!(
+        native.end_of_turn_token().await.unwrap(),
+        mistral.end_of_turn_token().await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn requests_for_different_adapters_batched_together_answer_as_alone() {
+    let g = native_generator().await;
+    let a = register_adapter(&g, "mix-a", 2);
+    let b = register_adapter(&g, "mix-b", 3);
+    let jobs: Vec<(Option<String>, &str)> = vec![
+        (None, "Name three colours."),
+        (Some(a.clone()), "Name three colours."),
+        (Some(b.clone()), "Name three colours."),
+        (Some(a.clone()), "What is two plus two?"),
+        (None, "What is two plus two?"),
+    ];
+    let mut alone = Vec::new();
+    for (adapter, q) in &jobs {
+        let c = g.complete(adapter.as_deref(), user(q), greedy(24)).await;
+        alone.push(c.expect("alone").text);
+    }
+    let together = futures::future::join_all(jobs.iter().map(|(adapter, q)| {
+        let g = Arc::clone(&g);
+        async move { g.complete(adapter.as_deref(), user(q), greedy(24)).await }
+    }))
+    .await;
+    for ((job, alone), together) in jobs.iter().zip(&alone).zip(together) {
+        assert_eq!(&together.expect("batched").text, alone, "{job:?}");
+    }
+    assert_ne!(alone[0], alone[1], "adapter a has no effect");
+    assert_ne!(alone[1], alone[2], "adapters a and b answer alike");
+    let stats = g.stats().engine.expect("native figures");
+    assert!(
+        stats.step_rows > stats.steps,
+        "no step ever ran more than one row: {stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn adapters_come_and_go_without_a_restart() {
+    let g = native_generator().await;
+    let name = register_adapter(&g, "hot", 4);
+    g.preload(&[]).await.expect("preload");
+    assert!(
+        g.resident_adapters().await.contains(&name),
+        "preload loads every registered adapter"
+    );
+    let before = g
+        .complete(Some(&name), user("Hi"), greedy(8))
+        .await
+        .unwrap();
+    g.evict(&name).await;
+    assert!(!g.resident_adapters().await.contains(&name));
+    // Loaded again at its next request, from the registry's files.
+    let again = g
+        .complete(Some(&name), user("Hi"), greedy(8))
+        .await
+        .unwrap();
+    assert_eq!(again.text, before.text);
+    g.registry().remove(&name, &[]).expect("remove");
+    g.evict(&name).await;
+    let err = g
+        .complete(Some(&name), user("Hi"), greedy(8))
+        .await
+        .expect_err("a removed adapter cannot answer");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
+#[tokio::test]
+async fn a_dropped_request_leaves_the_engine_and_a_too_long_one_is_refused() {
+    let g = native_generator().await;
+    let mut rx = g
+        .stream(None, user("Count from one to five hundred."), greedy(400))
+        .await
+        .expect("stream");
+    assert!(matches!(rx.recv().await, Some(GenEvent::Token(_))));
+    let cancelled = g.stats().engine.unwrap().cancelled;
+    drop(rx);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = g.stats().engine.unwrap();
+        if s.cancelled > cancelled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request kept running: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let long = "word ".repeat(20_000);
+    let err = g
+        .complete(None, user(&long), greedy(16))
+        .await
+        .expect_err("too long");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("tokens"), "{err}");
+}
