@@ -183,7 +183,11 @@ pub async fn train_adapter(
         request.replace,
     )?;
     // A resident copy of the replaced adapter would keep answering with the old weights.
-    bench.rag.generator().evict(&request.name).await;
+    bench
+        .rag
+        .generator()
+        .adapter_registered(&request.name)
+        .await;
     if request.assign {
         let name = request.name.clone();
         collection.update_settings(bench.catalog, move |s| s.adapter = Some(name))?;

@@ -6,11 +6,14 @@
 //! latency); the machine is shared, so rerun and compare medians rather than trusting one run.
 
 pub mod engines;
+pub mod generate;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+
+pub use generate::{DecodeSpeed, GenerateBench, decode_rate, generate_speed, generate_table};
 
 use crate::collection::{Collection, CollectionError};
 use crate::embed::Embedder;
@@ -224,6 +227,11 @@ pub fn search_table(b: &SearchBench) -> String {
     out
 }
 
+/// Resident set size of this process, in MiB.
+pub fn rss_mib() -> f64 {
+    crate::telemetry::proc_status_mib("VmRSS")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,158 +246,4 @@ mod tests {
         assert_eq!(Latency::from_samples(vec![]).n, 0);
         assert_eq!(Latency::from_samples(vec![3.0]).p95_ms, 3.0);
     }
-}
-
-/// Resident set size of this process, in MiB.
-pub fn rss_mib() -> f64 {
-    crate::telemetry::proc_status_mib("VmRSS")
-}
-
-/// Speed of one model on one prompt.
-#[derive(Debug, Clone, Serialize)]
-pub struct DecodeSpeed {
-    pub first_token_ms: f64,
-    pub total_ms: f64,
-    pub completion_tokens: usize,
-    /// Completion tokens per second after the first token.
-    pub decode_tokens_per_s: f64,
-}
-
-impl DecodeSpeed {
-    fn of(c: &crate::generate::Completion) -> DecodeSpeed {
-        DecodeSpeed {
-            first_token_ms: c.first_token_ms,
-            total_ms: c.total_ms,
-            completion_tokens: c.completion_tokens,
-            decode_tokens_per_s: decode_rate(c.completion_tokens, c.first_token_ms, c.total_ms),
-        }
-    }
-}
-
-/// Completion tokens per second after the first token (the first one is prefill's).
-pub fn decode_rate(completion_tokens: usize, first_token_ms: f64, total_ms: f64) -> f64 {
-    let seconds = (total_ms - first_token_ms) / 1e3;
-    if seconds > 0.0 {
-        completion_tokens.saturating_sub(1) as f64 / seconds
-    } else {
-        0.0
-    }
-}
-
-/// The result of `bench generate`.
-#[derive(Debug, Clone, Serialize)]
-pub struct GenerateBench {
-    pub base_load_s: f64,
-    pub rss_after_base_mib: f64,
-    pub base: DecodeSpeed,
-    pub adapter: DecodeSpeed,
-    pub adapter_cold_switch_s: f64,
-    pub adapter_warm_switch_ms: f64,
-    /// Resident memory with 1, 2 and 4 adapter models resident.
-    pub rss_with_adapters_mib: std::collections::BTreeMap<usize, f64>,
-    /// Total completion tokens per second with N concurrent requests (base model).
-    pub throughput_tokens_per_s: std::collections::BTreeMap<usize, f64>,
-}
-
-/// Measure the generator: see [`GenerateBench`]. `adapters` must name at least 4 registered
-/// adapters; the generator must allow 4 resident adapters and 8 concurrent requests.
-pub async fn generate_speed(
-    settings: &crate::config::Settings,
-    adapters: &[String],
-    max_tokens: usize,
-) -> Result<GenerateBench, crate::generate::GenerateError> {
-    use crate::generate::{ChatMessage, Generator, Role, Sampling};
-    let prompt = |q: &str| {
-        vec![ChatMessage {
-            role: Role::User,
-            content: q.to_string(),
-        }]
-    };
-    let sampling = Sampling {
-        temperature: 0.0,
-        top_p: 1.0,
-        max_tokens,
-        no_repeat_ngram: 0,
-    };
-    let question = "Explain what a database index is and when to use one.";
-    let started = Instant::now();
-    let g = Generator::load(settings).await?;
-    let base_load_s = started.elapsed().as_secs_f64();
-    let rss_after_base_mib = rss_mib();
-    // Warm-up, then the measured base run.
-    g.complete(None, prompt("Hi"), sampling).await?;
-    let base = DecodeSpeed::of(&g.complete(None, prompt(question), sampling).await?);
-
-    let t = Instant::now();
-    g.preload(&adapters[..1]).await?;
-    let adapter_cold_switch_s = t.elapsed().as_secs_f64();
-    let adapter = DecodeSpeed::of(
-        &g.complete(Some(&adapters[0]), prompt(question), sampling)
-            .await?,
-    );
-    let t = Instant::now();
-    g.preload(&adapters[..1]).await?;
-    let adapter_warm_switch_ms = t.elapsed().as_secs_f64() * 1e3;
-
-    let mut rss_with_adapters_mib = std::collections::BTreeMap::new();
-    rss_with_adapters_mib.insert(1, rss_mib());
-    g.preload(&adapters[..2]).await?;
-    rss_with_adapters_mib.insert(2, rss_mib());
-    g.preload(&adapters[..4]).await?;
-    rss_with_adapters_mib.insert(4, rss_mib());
-
-    let mut throughput_tokens_per_s = std::collections::BTreeMap::new();
-    for n in [1usize, 4, 8] {
-        let t = Instant::now();
-        let runs = (0..n).map(|i| {
-            let g = Arc::clone(&g);
-            let q = format!("{question} (variant {i})");
-            async move { g.complete(None, prompt(&q), sampling).await }
-        });
-        let results = futures::future::join_all(runs).await;
-        let tokens: usize = results
-            .into_iter()
-            .map(|r| r.map(|c| c.completion_tokens))
-            .sum::<Result<usize, _>>()?;
-        throughput_tokens_per_s.insert(n, tokens as f64 / t.elapsed().as_secs_f64());
-    }
-    Ok(GenerateBench {
-        base_load_s,
-        rss_after_base_mib,
-        base,
-        adapter,
-        adapter_cold_switch_s,
-        adapter_warm_switch_ms,
-        rss_with_adapters_mib,
-        throughput_tokens_per_s,
-    })
-}
-
-/// A short table of a generation benchmark.
-pub fn generate_table(b: &GenerateBench) -> String {
-    let mut out = format!(
-        "base load {:.2} s, RSS {:.0} MiB\n\
-         | model | TTFT ms | decode tok/s | tokens |\n|---|---|---|---|\n\
-         | base | {:.1} | {:.1} | {} |\n| adapter | {:.1} | {:.1} | {} |\n\
-         adapter switch: cold {:.2} s, warm {:.3} ms\n",
-        b.base_load_s,
-        b.rss_after_base_mib,
-        b.base.first_token_ms,
-        b.base.decode_tokens_per_s,
-        b.base.completion_tokens,
-        b.adapter.first_token_ms,
-        b.adapter.decode_tokens_per_s,
-        b.adapter.completion_tokens,
-        b.adapter_cold_switch_s,
-        b.adapter_warm_switch_ms
-    );
-    for (n, mib) in &b.rss_with_adapters_mib {
-        out.push_str(&format!("RSS with {n} adapter(s) resident: {mib:.0} MiB\n"));
-    }
-    for (n, tps) in &b.throughput_tokens_per_s {
-        out.push_str(&format!(
-            "{n} concurrent requests: {tps:.1} tokens/s total\n"
-        ));
-    }
-    out
 }

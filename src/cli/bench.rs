@@ -40,12 +40,25 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
-    /// LLM speed: load time, TTFT and decode tokens/s (base vs adapter), adapter switch latency,
-    /// memory with 1/2/4 adapters resident, throughput with 1/4/8 concurrent requests.
+    /// LLM speed of one engine: load time, TTFT and decode tokens/s (base vs adapter), adapter
+    /// switch latency, memory with 1/2/4 (native: also all) adapters resident, a never-used
+    /// adapter's TTFT, throughput with 1/4/8 concurrent requests, 8 requests over 4 adapters.
     Generate {
         /// Completion tokens per request.
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
+        /// `native` or `mistralrs` (default: the configured `generate.engine`).
+        #[arg(long)]
+        engine: Option<String>,
+        /// Synthetic adapters registered for the run (at least 5).
+        #[arg(long, default_value_t = 10)]
+        adapters: usize,
+        /// Their LoRA rank.
+        #[arg(long, default_value_t = 8)]
+        adapter_rank: usize,
+        /// Their modules: `attention` (q/k/v/o) or `all` (also the MLP, as `train` does).
+        #[arg(long, default_value = "attention")]
+        adapter_modules: String,
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long)]
@@ -117,14 +130,24 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: BenchCmd) -
         }
         BenchCmd::Generate {
             max_tokens,
+            engine,
+            adapters,
+            adapter_rank,
+            adapter_modules,
             out,
             json,
         } => {
             let mut bench_settings = settings.clone();
             bench_settings.generate.max_resident_adapters = 4;
             bench_settings.generate.max_concurrent = 8;
-            let names = synthetic_adapters(settings, 4)?;
-            let result = bench::generate_speed(&bench_settings, &names, max_tokens).await?;
+            if let Some(engine) = engine {
+                bench_settings.generate.engine = engine;
+            }
+            bench_settings.validate()?;
+            let kind = SyntheticKind::parse(adapter_rank, &adapter_modules)?;
+            let names = synthetic_adapters(settings, adapters.max(5), &kind)?;
+            let desc = format!("{} x rank {adapter_rank} on {adapter_modules}", names.len());
+            let result = bench::generate_speed(&bench_settings, &names, &desc, max_tokens).await?;
             emit_bench(&result, &bench::generate_table(&result), out, json)
         }
         BenchCmd::Engines {
@@ -150,7 +173,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: BenchCmd) -
             let adapter = if no_adapter {
                 None
             } else {
-                synthetic_adapters(settings, 1)?.pop()
+                synthetic_adapters(settings, 1, &SyntheticKind::parse(8, "attention")?)?.pop()
             };
             let threads = if settings.generate.threads > 0 {
                 settings.generate.threads
@@ -221,21 +244,47 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: BenchCmd) -
 /// `n` fixed synthetic adapters `bench-lora-1..n` (deterministic weights, rank 8 on q/k/v/o),
 /// registered if missing: the speed of a merged adapter model does not depend on what the
 /// adapter learned.
-fn synthetic_adapters(settings: &Settings, n: usize) -> Result<Vec<String>> {
+/// Shape of the synthetic bench adapters.
+struct SyntheticKind {
+    rank: usize,
+    modules: &'static [&'static str],
+    tag: String,
+}
+
+impl SyntheticKind {
+    fn parse(rank: usize, modules: &str) -> Result<SyntheticKind> {
+        let (modules, short): (&'static [&'static str], &str) = match modules {
+            "attention" => (&["q_proj", "k_proj", "v_proj", "o_proj"], ""),
+            "all" => (&crate::adapters::LORA_MODULES, "-all"),
+            other => anyhow::bail!("--adapter-modules must be attention or all, not {other:?}"),
+        };
+        anyhow::ensure!((1..=256).contains(&rank), "--adapter-rank must be 1..=256");
+        // The first shape keeps the names earlier runs registered.
+        let tag = if rank == 8 && short.is_empty() {
+            String::new()
+        } else {
+            format!("-r{rank}{short}")
+        };
+        Ok(SyntheticKind { rank, modules, tag })
+    }
+}
+
+/// Register `n` deterministic synthetic adapters of `kind` (once per data dir).
+fn synthetic_adapters(settings: &Settings, n: usize, kind: &SyntheticKind) -> Result<Vec<String>> {
     let registry = AdapterRegistry::new(&settings.paths.data_dir);
     let base = BaseModelInfo::from_dir(&settings.generate_base_dir())?;
     let mut names = Vec::new();
     for i in 1..=n {
-        let name = format!("bench-lora-{i}");
+        let name = format!("bench-lora{}-{i}", kind.tag);
         if registry.get(&name).is_err() {
             let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
             let layers: Vec<usize> = (0..base.num_hidden_layers).collect();
             crate::adapters::write_test_adapter(
                 &dir,
                 &base,
-                8,
-                16.0,
-                &["q_proj", "k_proj", "v_proj", "o_proj"],
+                kind.rank,
+                2.0 * kind.rank as f64,
+                kind.modules,
                 &layers,
                 |j| ((j * (7919 + i) % 17) as f32 - 8.0) * 0.01,
             )

@@ -421,8 +421,11 @@ impl Scheduler {
                 .counters
                 .cancelled
                 .fetch_add(cancelled as u64, Ordering::Relaxed);
+            // The step runs on a worker of rayon's pool, where the ops' parallel loops start
+            // without a hand-over: from this thread each of the ~300 loops of a decode step
+            // would wake a worker and sleep until it finished.
             if !self.running.is_empty()
-                && let Err(e) = self.step()
+                && let Err(e) = rayon::scope(|_| self.step())
             {
                 tracing::error!(error = %e, "generation step failed");
                 for s in &mut self.running {

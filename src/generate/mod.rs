@@ -202,8 +202,7 @@ impl Generator {
         }
     }
 
-    /// Make these adapters resident now (at start, for the collections' adapters; the native
-    /// engine also loads every other registered adapter).
+    /// Make these adapters resident now (at start, for the collections' adapters).
     pub async fn preload(&self, adapters: &[String]) -> Result<(), GenerateError> {
         match &self.backend {
             Backend::Mistral(pool) => pool.preload(adapters).await,
@@ -211,11 +210,31 @@ impl Generator {
         }
     }
 
-    /// Forget an adapter's resident copy (after it is removed or replaced in the registry).
+    /// At start, after [`Generator::preload`]: the native engine loads every other registered
+    /// adapter too (they cost megabytes, not a model copy each); mistral.rs builds nothing more.
+    pub async fn preload_registered(&self) -> Result<(), GenerateError> {
+        match &self.backend {
+            Backend::Mistral(_) => Ok(()),
+            Backend::Native(native) => native.preload_registered().await,
+        }
+    }
+
+    /// Forget an adapter's resident copy (after it is removed from the registry).
     pub async fn evict(&self, name: &str) {
         match &self.backend {
             Backend::Mistral(pool) => pool.evict(name).await,
             Backend::Native(native) => native.evict(name),
+        }
+    }
+
+    /// After `name` was registered or replaced: the old resident copy goes; the native engine
+    /// loads the new one at once (a failure is logged; the next request reports it).
+    pub async fn adapter_registered(&self, name: &str) {
+        self.evict(name).await;
+        if let Backend::Native(native) = &self.backend
+            && let Err(e) = native.preload(&[name.to_string()]).await
+        {
+            tracing::warn!(adapter = name, error = %e, "registered adapter not loaded");
         }
     }
 

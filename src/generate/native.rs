@@ -1,8 +1,7 @@
 //! The native path (`generate.engine = "native"`): domainrag's own [`crate::engine`], one base and
-//! every adapter resident beside it. Adapters are loaded from the registry at start
-//! ([`NativeBackend::preload`] loads every registered one that fits the base) or at their first
-//! request, and forgotten when evicted (removed or replaced), so the next request reads the new
-//! files.
+//! every adapter resident beside it. Adapters are loaded from the registry at start (every
+//! registered one that fits the base), on registration, or at their first request, and forgotten
+//! when evicted (removed or replaced), so the next request reads the new files.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -107,15 +106,21 @@ impl NativeBackend {
             .ok_or_else(|| GenerateError::Generation(format!("adapter {name} vanished")))
     }
 
-    /// Load these adapters and every other registered one that fits the base.
+    /// Load these adapters (an unknown or broken one is an error).
     pub(super) async fn preload(&self, adapters: &[String]) -> Result<(), GenerateError> {
         for name in adapters {
             self.adapter(name).await?;
         }
+        Ok(())
+    }
+
+    /// Load every registered adapter made for this base; one that fails is logged and skipped.
+    pub(super) async fn preload_registered(&self) -> Result<(), GenerateError> {
         for info in self.registry.list()? {
-            if info.fits(&self.base)
-                && let Err(e) = self.adapter(&info.name).await
-            {
+            if !info.fits(&self.base) {
+                continue;
+            }
+            if let Err(e) = self.adapter(&info.name).await {
                 tracing::warn!(adapter = info.name, error = %e, "adapter not loaded");
             }
         }

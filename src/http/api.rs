@@ -539,7 +539,9 @@ async fn add_adapter(
     let base = crate::adapters::BaseModelInfo::from_dir(&state.settings.generate_base_dir())?;
     let result = state.registry.add(&form.name, &staging, &base);
     let _ = std::fs::remove_dir_all(&staging);
-    Ok(HttpResponse::Created().json(result?))
+    let info = result?;
+    state.generator.adapter_registered(&info.name).await;
+    Ok(HttpResponse::Created().json(info))
 }
 
 fn tempfile_dir() -> Result<PathBuf, ApiError> {

@@ -271,6 +271,7 @@ impl AppState {
             }
         }
         generator.preload(&in_use).await?;
+        generator.preload_registered().await?;
         Ok(Arc::new(AppState {
             catalog,
             registry,

@@ -146,10 +146,10 @@ async fn requests_for_different_adapters_batched_together_answer_as_alone() {
 async fn adapters_come_and_go_without_a_restart() {
     let g = native_generator().await;
     let name = register_adapter(&g, "hot", 4);
-    g.preload(&[]).await.expect("preload");
+    g.preload_registered().await.expect("preload");
     assert!(
         g.resident_adapters().await.contains(&name),
-        "preload loads every registered adapter"
+        "every registered adapter is loaded"
     );
     let before = g
         .complete(Some(&name), user("Hi"), greedy(8))

@@ -1,0 +1,218 @@
+//! `bench generate`: one engine's speed and memory with adapters. Load time and RSS of the base,
+//! TTFT and decode rate of the base and of an adapter, the cost of switching to an adapter, RSS
+//! with 1..N adapters resident, a request for an adapter no request has used (TTFT, against the
+//! base's), throughput of 1/4/8 concurrent base requests, and a mixed-adapter load: 8 concurrent
+//! requests spread over 4 adapters. `benches/generate-engines.sh` runs it for both engines and
+//! puts them side by side.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::rss_mib;
+use crate::generate::{ChatMessage, Completion, GenerateError, Generator, Role, Sampling};
+
+/// Speed of one model on one prompt.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeSpeed {
+    pub first_token_ms: f64,
+    pub total_ms: f64,
+    pub completion_tokens: usize,
+    /// Completion tokens per second after the first token.
+    pub decode_tokens_per_s: f64,
+}
+
+impl DecodeSpeed {
+    fn of(c: &Completion) -> DecodeSpeed {
+        DecodeSpeed {
+            first_token_ms: c.first_token_ms,
+            total_ms: c.total_ms,
+            completion_tokens: c.completion_tokens,
+            decode_tokens_per_s: decode_rate(c.completion_tokens, c.first_token_ms, c.total_ms),
+        }
+    }
+}
+
+/// Completion tokens per second after the first token (the first one is prefill's).
+pub fn decode_rate(completion_tokens: usize, first_token_ms: f64, total_ms: f64) -> f64 {
+    let seconds = (total_ms - first_token_ms) / 1e3;
+    if seconds > 0.0 {
+        completion_tokens.saturating_sub(1) as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// The result of `bench generate`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateBench {
+    /// `native` or `mistralrs`.
+    pub engine: String,
+    /// Rank and modules of the synthetic adapters.
+    pub adapters: String,
+    pub max_tokens: usize,
+    pub base_load_s: f64,
+    pub rss_after_base_mib: f64,
+    pub base: DecodeSpeed,
+    pub adapter: DecodeSpeed,
+    /// Making the first adapter resident (mistral.rs: merge and load a model; native: read its
+    /// matrices).
+    pub adapter_cold_switch_s: f64,
+    pub adapter_warm_switch_ms: f64,
+    /// Resident memory with N adapters resident (mistral.rs keeps at most 4 merged models).
+    pub rss_with_adapters_mib: BTreeMap<usize, f64>,
+    /// A request for an adapter that no request has used yet, on the same prompt as `base`.
+    pub adapter_never_used: DecodeSpeed,
+    /// Total completion tokens per second with N concurrent requests (base model).
+    pub throughput_tokens_per_s: BTreeMap<usize, f64>,
+    /// Total completion tokens per second of 8 concurrent requests over 4 adapters (2 each).
+    pub mixed_8_over_4_tokens_per_s: f64,
+}
+
+fn user(q: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: Role::User,
+        content: q.to_string(),
+    }]
+}
+
+/// Run `jobs` (adapter, question) at once; total completion tokens per second.
+async fn concurrent(
+    g: &Arc<Generator>,
+    jobs: Vec<(Option<String>, String)>,
+    sampling: Sampling,
+) -> Result<f64, GenerateError> {
+    let t = Instant::now();
+    let runs = jobs.into_iter().map(|(adapter, q)| {
+        let g = Arc::clone(g);
+        async move { g.complete(adapter.as_deref(), user(&q), sampling).await }
+    });
+    let tokens: usize = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|r| r.map(|c| c.completion_tokens))
+        .sum::<Result<usize, _>>()?;
+    Ok(tokens as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Measure the configured engine: see [`GenerateBench`]. `adapters` must name at least 5
+/// registered adapters (RSS is read with 1, 2, 4 and, on the native engine, all of them
+/// resident); the generator must allow 4 resident adapters and 8 concurrent requests.
+pub async fn generate_speed(
+    settings: &crate::config::Settings,
+    adapters: &[String],
+    adapters_desc: &str,
+    max_tokens: usize,
+) -> Result<GenerateBench, GenerateError> {
+    let sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens,
+        no_repeat_ngram: 0,
+    };
+    let question = "Explain what a database index is and when to use one.";
+    let started = Instant::now();
+    let g = Generator::load(settings).await?;
+    let base_load_s = started.elapsed().as_secs_f64();
+    let rss_after_base_mib = rss_mib();
+    // Warm-up, then the measured base run.
+    g.complete(None, user("Hi"), sampling).await?;
+    let base = DecodeSpeed::of(&g.complete(None, user(question), sampling).await?);
+
+    let t = Instant::now();
+    g.preload(&adapters[..1]).await?;
+    let adapter_cold_switch_s = t.elapsed().as_secs_f64();
+    let adapter = DecodeSpeed::of(
+        &g.complete(Some(&adapters[0]), user(question), sampling)
+            .await?,
+    );
+    let t = Instant::now();
+    g.preload(&adapters[..1]).await?;
+    let adapter_warm_switch_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    let mut rss_with_adapters_mib = BTreeMap::new();
+    let mut counts = vec![1, 2, 4];
+    if g.engine_name() == "native" {
+        counts.push(adapters.len());
+    }
+    for n in counts {
+        g.preload(&adapters[..n]).await?;
+        rss_with_adapters_mib.insert(n, rss_mib());
+    }
+    // Resident but never asked for (native), or not resident at all (mistral.rs's pool of 4).
+    let adapter_never_used = DecodeSpeed::of(
+        &g.complete(Some(&adapters[4]), user(question), sampling)
+            .await?,
+    );
+
+    let mut throughput_tokens_per_s = BTreeMap::new();
+    for n in [1usize, 4, 8] {
+        let jobs = (0..n)
+            .map(|i| (None, format!("{question} (variant {i})")))
+            .collect();
+        throughput_tokens_per_s.insert(n, concurrent(&g, jobs, sampling).await?);
+    }
+    let mixed = (0..8)
+        .map(|i| {
+            let adapter = adapters[i % 4].clone();
+            (Some(adapter), format!("{question} (variant {i})"))
+        })
+        .collect();
+    let mixed_8_over_4_tokens_per_s = concurrent(&g, mixed, sampling).await?;
+    Ok(GenerateBench {
+        engine: g.engine_name().to_string(),
+        adapters: adapters_desc.to_string(),
+        max_tokens,
+        base_load_s,
+        rss_after_base_mib,
+        base,
+        adapter,
+        adapter_cold_switch_s,
+        adapter_warm_switch_ms,
+        rss_with_adapters_mib,
+        adapter_never_used,
+        throughput_tokens_per_s,
+        mixed_8_over_4_tokens_per_s,
+    })
+}
+
+/// A short table of a generation benchmark.
+pub fn generate_table(b: &GenerateBench) -> String {
+    let mut out = format!(
+        "engine {}, adapters {}; base load {:.2} s, RSS {:.0} MiB\n\
+         | request | TTFT ms | decode tok/s | tokens |\n|---|---|---|---|\n",
+        b.engine, b.adapters, b.base_load_s, b.rss_after_base_mib,
+    );
+    for (what, s) in [
+        ("base", &b.base),
+        ("adapter", &b.adapter),
+        ("adapter never used before", &b.adapter_never_used),
+    ] {
+        out.push_str(&format!(
+            "| {what} | {:.1} | {:.1} | {} |\n",
+            s.first_token_ms, s.decode_tokens_per_s, s.completion_tokens
+        ));
+    }
+    out.push_str(&format!(
+        "adapter switch: cold {:.3} s, warm {:.3} ms\n",
+        b.adapter_cold_switch_s, b.adapter_warm_switch_ms
+    ));
+    for (n, mib) in &b.rss_with_adapters_mib {
+        out.push_str(&format!(
+            "RSS with {n} adapter(s) resident: {mib:.0} MiB ({:.3}x the base alone)\n",
+            mib / b.rss_after_base_mib
+        ));
+    }
+    for (n, tps) in &b.throughput_tokens_per_s {
+        out.push_str(&format!(
+            "{n} concurrent requests: {tps:.1} tokens/s total\n"
+        ));
+    }
+    out.push_str(&format!(
+        "8 concurrent requests over 4 adapters: {:.1} tokens/s total\n",
+        b.mixed_8_over_4_tokens_per_s
+    ));
+    out
+}
