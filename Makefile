@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-soak eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale
+.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -89,6 +89,11 @@ bench-engines: models build
 	$(DR) bench engines --isq none,q8_0,q4k \
 		--mistralrs-gguf data/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
 		--peer-python "$$(bash benches/llama-cpp-venv.sh)" --reps 3 --max-tokens 128 --out bench/engines.json
+
+## The native engine and mistral.rs side by side (~10 min): speed, memory with 10 adapters, a
+## never-used adapter's TTFT, 8 requests over 4 adapters. bench/generate/.
+bench-generate: models build
+	bash benches/generate-engines.sh
 
 ## Memory soak (~75 min): the server answers 500 distinct new_wiki questions, base and the demo
 ## adapter alternating, RSS read after each; then `eval answers` over 300 questions with two arms.

@@ -13,13 +13,16 @@ use candle_core::{DType, Device, Tensor};
 use crate::adapters::AdapterInfo;
 use crate::llama::{LINEAR_MODULES, LlamaConfig, module_path};
 
-/// One LoRA pair of a linear module, ready to apply: `y += (x·Aᵀ)·(scale·B)ᵀ`.
+/// One LoRA pair of a linear module, ready to apply: `y += (x·Aᵀ)·(scale·B)ᵀ`. Both row-major
+/// and contiguous: the decode kernel takes `A`'s rows as dot-product operands and `(scale·B)ᵀ`'s
+/// rows as update rows.
 #[derive(Debug)]
 pub struct LoraPair {
-    /// `(in_features, rank)`: `Aᵀ`, contiguous.
-    pub a_t: Tensor,
-    /// `(rank, out_features)`: `(scale·B)ᵀ`, contiguous.
+    /// `(rank, in_features)`: `A`.
+    pub a: Tensor,
+    /// `(rank, out_features)`: `(scale·B)ᵀ`.
     pub b_t: Tensor,
+    pub rank: usize,
 }
 
 /// What an adapter changes.
@@ -91,10 +94,11 @@ impl ResidentAdapter {
                     );
                 }
                 let pair = LoraPair {
-                    a_t: a.t()?.contiguous()?,
+                    a: a.contiguous()?,
                     b_t: (b * scale)?.t()?.contiguous()?,
+                    rank: info.rank,
                 };
-                bytes += 4 * (pair.a_t.elem_count() + pair.b_t.elem_count());
+                bytes += 4 * (pair.a.elem_count() + pair.b_t.elem_count());
                 row.push(Some(pair));
             }
             layers.push(row);

@@ -29,6 +29,7 @@ use crate::rng::Rng;
 
 pub mod adapter;
 pub mod chat;
+mod kernels;
 pub mod sample;
 mod step;
 

@@ -11,10 +11,23 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
-use super::adapter::ResidentAdapter;
+use super::adapter::{LoraPair, ResidentAdapter};
+use super::kernels::{self, DecodeRow, LoraRows};
 use crate::llama::{Hooks, LlamaConfig};
+
+/// Groups of at most this many rows take the CPU decode kernels (`kernels`); larger ones (prompt
+/// chunks) go through matrix products.
+const KERNEL_ROWS: usize = 16;
+
+/// The f32 data of a CPU storage (every tensor handed here is contiguous from its offset).
+fn host(storage: &Storage) -> candle_core::Result<&[f32]> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(data)) => Ok(data),
+        _ => candle_core::bail!("the engine's CPU kernels need f32 CPU tensors"),
+    }
+}
 
 /// One sequence's keys and values.
 #[derive(Debug)]
@@ -77,6 +90,11 @@ impl KvCache {
         ))
     }
 
+    /// Layer `layer`'s key and value buffers `(kv_heads, capacity, head_dim)`.
+    fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.k[layer], &self.v[layer])
+    }
+
     /// `n` more tokens are cached (after a step wrote them in every layer).
     pub(super) fn advance(&mut self, n: usize) {
         self.len += n;
@@ -98,6 +116,48 @@ pub(super) struct StepHooks<'a> {
     pub(super) groups: Vec<(Range<usize>, Arc<ResidentAdapter>)>,
 }
 
+impl StepHooks<'_> {
+    /// Each group's LoRA update through the CPU kernel.
+    fn lora_on_cpu(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        pairs: &[(Range<usize>, &LoraPair)],
+    ) -> candle_core::Result<Tensor> {
+        let (rows, in_f) = x.dims2()?;
+        let out_f = y.dim(1)?;
+        let (x, y) = (x.contiguous()?, y.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (ys, yl) = y.storage_and_layout();
+        let xs = &host(&xs)?[xl.start_offset()..xl.start_offset() + rows * in_f];
+        let ys = &host(&ys)?[yl.start_offset()..yl.start_offset() + rows * out_f];
+        let guards: Vec<_> = pairs
+            .iter()
+            .map(|(r, p)| {
+                (
+                    r,
+                    p.a.storage_and_layout().0,
+                    p.b_t.storage_and_layout().0,
+                    p.rank,
+                )
+            })
+            .collect();
+        let groups = guards
+            .iter()
+            .map(|(rows, a, b, rank)| {
+                Ok(LoraRows {
+                    rows: (*rows).clone(),
+                    a: host(a)?,
+                    b_t: host(b)?,
+                    rank: *rank,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let out = kernels::add_lora_rows(xs, ys, in_f, out_f, &groups);
+        Tensor::from_vec(out, (rows, out_f), x.device())
+    }
+}
+
 impl Hooks for StepHooks<'_> {
     fn linear(
         &mut self,
@@ -106,26 +166,31 @@ impl Hooks for StepHooks<'_> {
         x: &Tensor,
         y: Tensor,
     ) -> candle_core::Result<Tensor> {
+        let pairs: Vec<(Range<usize>, &LoraPair)> = self
+            .groups
+            .iter()
+            .filter_map(|(rows, a)| a.lora(layer, m).map(|p| (rows.clone(), p)))
+            .collect();
+        if pairs.is_empty() {
+            return Ok(y);
+        }
+        if x.device().is_cpu() && pairs.iter().all(|(r, _)| r.len() <= KERNEL_ROWS) {
+            return self.lora_on_cpu(x, &y, &pairs);
+        }
         let rows = y.dim(0)?;
         let mut parts = Vec::new();
         let mut at = 0;
-        for (range, adapter) in &self.groups {
-            let Some(pair) = adapter.lora(layer, m) else {
-                continue;
-            };
+        for (range, pair) in &pairs {
             if range.start > at {
                 parts.push(y.narrow(0, at, range.start - at)?);
             }
             let n = range.len();
             let delta = x
                 .narrow(0, range.start, n)?
-                .matmul(&pair.a_t)?
+                .matmul(&pair.a.t()?)?
                 .matmul(&pair.b_t)?;
             parts.push((y.narrow(0, range.start, n)? + delta)?);
             at = range.end;
-        }
-        if parts.is_empty() {
-            return Ok(y);
         }
         if at < rows {
             parts.push(y.narrow(0, at, rows - at)?);
@@ -140,17 +205,57 @@ impl Hooks for StepHooks<'_> {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let mut outs = Vec::with_capacity(self.segments.len());
+        let (nh, rows, hd) = q.dims3()?;
+        let nkv = k.dim(0)?;
+        let mut out = vec![0f32; rows * nh * hd];
+        let mut decode = Vec::new();
         for seg in &mut self.segments {
             let (start, n) = (seg.rows.start, seg.rows.len());
             let past = seg.cache.len();
             let (k_all, v_all) =
                 seg.cache
                     .write(layer, &k.narrow(1, start, n)?, &v.narrow(1, start, n)?)?;
-            let q = q.narrow(1, start, n)?.contiguous()?;
-            outs.push(attention(&q, &k_all, &v_all, past)?);
+            if n == 1 && q.device().is_cpu() {
+                decode.push((start, layer, &*seg.cache));
+                continue;
+            }
+            let qs = q.narrow(1, start, n)?.contiguous()?;
+            let o = attention(&qs, &k_all, &v_all, past)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            out[start * nh * hd..(start + n) * nh * hd].copy_from_slice(&o);
         }
-        Tensor::cat(&outs, 0)
+        if !decode.is_empty() {
+            let q = q.contiguous()?;
+            let (qs, ql) = q.storage_and_layout();
+            let qs = &host(&qs)?[ql.start_offset()..ql.start_offset() + nh * rows * hd];
+            let guards: Vec<_> = decode
+                .iter()
+                .map(|(row, layer, cache)| {
+                    let (k, v) = cache.layer(*layer);
+                    (
+                        *row,
+                        k.storage_and_layout().0,
+                        v.storage_and_layout().0,
+                        cache,
+                    )
+                })
+                .collect();
+            let seqs = guards
+                .iter()
+                .map(|(row, k, v, cache)| {
+                    Ok(DecodeRow {
+                        row: *row,
+                        k: host(k)?,
+                        v: host(v)?,
+                        capacity: cache.capacity,
+                        len: cache.len() + 1,
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            kernels::decode_attention(qs, rows, nh, nkv, hd, &seqs, &mut out);
+        }
+        Tensor::from_vec(out, (rows, nh * hd), q.device())
     }
 }
 
@@ -178,7 +283,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> candle_core::Re
     } else {
         scores
     };
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     probs
         .matmul(v)?
         .reshape((nh, n, hd))?

@@ -298,7 +298,7 @@ fn few_rows_linear(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f3
 }
 
 /// Dot product with 16 independent fused multiply-add lanes (vectorised by the compiler).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0f32; LANES];
     let (ac, at) = a.split_at(a.len() / LANES * LANES);

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The native engine and mistral.rs side by side in one run: `bench generate` for each engine with
+# ten synthetic adapters of two shapes (rank 8 on q/k/v/o, as `bench engines` uses; rank 16 on all
+# seven modules, as `train` makes), in a scratch data dir, one after another on an otherwise idle
+# machine. Writes bench/generate/<engine>-<shape>.json and bench/generate/summary.md.
+#   bash benches/generate-engines.sh      (make bench-generate)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}"
+BIN="${DOMAINRAG_BIN:-$CARGO_TARGET_DIR/release/domainrag}"
+OUT=bench/generate
+TOKENS="${BENCH_TOKENS:-64}"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+for shape in 8:attention 16:all; do
+    rank=${shape%%:*}
+    modules=${shape#*:}
+    for engine in native mistralrs; do
+        echo "== $engine, rank $rank on $modules" >&2
+        "$BIN" --data-dir "$WORK" bench generate --engine "$engine" --adapters 10 \
+            --adapter-rank "$rank" --adapter-modules "$modules" --max-tokens "$TOKENS" \
+            --out "$OUT/$engine-r$rank-$modules.json" > /dev/null
+    done
+done
+python3 - "$OUT" > "$OUT/summary.md" <<'PY'
+import json, sys, glob, os
+out = sys.argv[1]
+rows = []
+for path in sorted(glob.glob(os.path.join(out, "*-r*-*.json"))):
+    b = json.load(open(path))
+    base = b["rss_after_base_mib"]
+    rss = b["rss_with_adapters_mib"]
+    most = max(rss, key=int)
+    single = b["throughput_tokens_per_s"]["1"]
+    rows.append([
+        b["engine"], b["adapters"],
+        f'{b["base"]["first_token_ms"]:.0f} / {b["base"]["decode_tokens_per_s"]:.1f}',
+        f'{b["adapter"]["first_token_ms"]:.0f} / {b["adapter"]["decode_tokens_per_s"]:.1f}',
+        f'{b["adapter_never_used"]["first_token_ms"]:.0f} ({b["adapter_never_used"]["first_token_ms"] / b["base"]["first_token_ms"]:.2f}x base)',
+        f'{base:.0f}',
+        f'{rss[most]:.0f} with {most} ({rss[most] / base:.2f}x)',
+        f'{single:.1f} / {b["throughput_tokens_per_s"]["8"]:.1f}',
+        f'{b["mixed_8_over_4_tokens_per_s"]:.1f} ({b["mixed_8_over_4_tokens_per_s"] / single:.2f}x one request)',
+    ])
+print("| engine | adapters | base TTFT ms / decode tok/s | adapter TTFT / decode | never-used adapter TTFT ms | RSS base MiB | RSS with adapters resident | 1 / 8 concurrent base tok/s | 8 requests over 4 adapters tok/s |")
+print("|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print("| " + " | ".join(r) + " |")
+PY
+cat "$OUT/summary.md"

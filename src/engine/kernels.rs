@@ -1,0 +1,242 @@
+//! CPU kernels of the engine's decode steps, where each sequence contributes one row and the
+//! per-sequence work is too small for a matrix library: candle/gemm calls of a few hundred
+//! multiply-adds each cost more in dispatch and packing than in arithmetic.
+//!
+//! - [`add_lora_rows`]: every group of rows adds its own adapter's LoRA update in one pass
+//!   (`h = A·x` by dot products, `y += hᵀ·(scale·B)ᵀ` by row updates), rows in parallel.
+//! - [`decode_attention`]: one query row per sequence attending over that sequence's cached keys
+//!   and values, all sequences and key/value heads in parallel.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::llama::ops::dot;
+
+/// One group's LoRA pair as slices: `a` `(rank, in)`, `b_t` `(rank, out)` = `(scale·B)ᵀ`.
+pub(super) struct LoraRows<'a> {
+    pub(super) rows: Range<usize>,
+    pub(super) a: &'a [f32],
+    pub(super) b_t: &'a [f32],
+    pub(super) rank: usize,
+}
+
+/// `y` `(rows, out)` plus each group's update for its rows of `x` `(rows, in)`.
+pub(super) fn add_lora_rows(
+    x: &[f32],
+    y: &[f32],
+    in_f: usize,
+    out_f: usize,
+    groups: &[LoraRows<'_>],
+) -> Vec<f32> {
+    let mut out = y.to_vec();
+    let mut tasks: Vec<(usize, &mut [f32], &LoraRows<'_>)> = Vec::new();
+    let mut rest: &mut [f32] = &mut out;
+    let mut at = 0;
+    for g in groups {
+        let (_, tail) = rest.split_at_mut((g.rows.start - at) * out_f);
+        let (mine, tail) = tail.split_at_mut(g.rows.len() * out_f);
+        for (i, row) in mine.chunks_exact_mut(out_f).enumerate() {
+            tasks.push((g.rows.start + i, row, g));
+        }
+        rest = tail;
+        at = g.rows.end;
+    }
+    tasks.into_par_iter().for_each(|(r, dst, g)| {
+        let xr = &x[r * in_f..(r + 1) * in_f];
+        for k in 0..g.rank {
+            let h = dot(&g.a[k * in_f..(k + 1) * in_f], xr);
+            for (d, b) in dst.iter_mut().zip(&g.b_t[k * out_f..(k + 1) * out_f]) {
+                *d = h.mul_add(*b, *d);
+            }
+        }
+    });
+    out
+}
+
+/// One decoding sequence's part of an attention step.
+pub(super) struct DecodeRow<'a> {
+    /// Its row in the step.
+    pub(super) row: usize,
+    /// Cached keys and values `(kv_heads, capacity, head_dim)`, the first `len` positions valid
+    /// (the step's own key and value already written).
+    pub(super) k: &'a [f32],
+    pub(super) v: &'a [f32],
+    pub(super) capacity: usize,
+    pub(super) len: usize,
+}
+
+/// Attention of decode rows: `q` `(heads, rows, head_dim)` of the whole step; writes each
+/// sequence's output into `out` `(rows, heads * head_dim)` at its row.
+pub(super) fn decode_attention(
+    q: &[f32],
+    rows: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    seqs: &[DecodeRow<'_>],
+    out: &mut [f32],
+) {
+    let rep = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let width = heads * hd;
+    // (sequence, kv head) tasks, each computing `rep` heads' outputs.
+    let results: Vec<(usize, usize, Vec<f32>)> = seqs
+        .par_iter()
+        .flat_map_iter(|s| (0..kv_heads).map(move |g| (s, g)))
+        .map(|(s, g)| {
+            let keys = &s.k[g * s.capacity * hd..(g * s.capacity + s.len) * hd];
+            let values = &s.v[g * s.capacity * hd..(g * s.capacity + s.len) * hd];
+            let mut o = vec![0f32; rep * hd];
+            let mut scores = vec![0f32; s.len];
+            for h in 0..rep {
+                let head = g * rep + h;
+                let qh = &q[(head * rows + s.row) * hd..(head * rows + s.row + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (sc, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+                    *sc = dot(qh, key) * scale;
+                    max = max.max(*sc);
+                }
+                let mut sum = 0.0;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let oh = &mut o[h * hd..(h + 1) * hd];
+                for (p, value) in scores.iter().zip(values.chunks_exact(hd)) {
+                    let w = p / sum;
+                    for (d, v) in oh.iter_mut().zip(value) {
+                        *d = w.mul_add(*v, *d);
+                    }
+                }
+            }
+            (s.row, g, o)
+        })
+        .collect();
+    for (row, g, o) in results {
+        let at = row * width + g * rep * hd;
+        out[at..at + rep * hd].copy_from_slice(&o);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.uniform() - 0.5).collect()
+    }
+
+    fn gap(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Two groups with different adapters and an untouched row between them, against the same
+    /// products in candle.
+    #[test]
+    fn lora_rows_match_matrix_products() -> candle_core::Result<()> {
+        let (rows, in_f, out_f, rank) = (6, 37, 70, 4);
+        let mut rng = Rng::new(5);
+        let dev = Device::Cpu;
+        let x = rand(&mut rng, rows * in_f);
+        let y = rand(&mut rng, rows * out_f);
+        let (a1, b1) = (rand(&mut rng, rank * in_f), rand(&mut rng, rank * out_f));
+        let (a2, b2) = (rand(&mut rng, rank * in_f), rand(&mut rng, rank * out_f));
+        let groups = [
+            LoraRows {
+                rows: 0..2,
+                a: &a1,
+                b_t: &b1,
+                rank,
+            },
+            LoraRows {
+                rows: 3..6,
+                a: &a2,
+                b_t: &b2,
+                rank,
+            },
+        ];
+        let got = add_lora_rows(&x, &y, in_f, out_f, &groups);
+        let xt = Tensor::from_vec(x, (rows, in_f), &dev)?;
+        let mut want = Tensor::from_vec(y.clone(), (rows, out_f), &dev)?.to_vec2::<f32>()?;
+        for (g, (a, b)) in [(0..2, (&a1, &b1)), (3..6, (&a2, &b2))] {
+            let at = Tensor::from_slice(a, (rank, in_f), &dev)?;
+            let bt = Tensor::from_slice(b, (rank, out_f), &dev)?;
+            let delta = xt
+                .narrow(0, g.start, g.len())?
+                .matmul(&at.t()?)?
+                .matmul(&bt)?
+                .to_vec2::<f32>()?;
+            for (i, d) in g.zip(delta) {
+                for (w, v) in want[i].iter_mut().zip(d) {
+                    *w += v;
+                }
+            }
+        }
+        assert!(gap(&got, &want.concat()) < 1e-5);
+        // The row outside every group is y's.
+        assert_eq!(&got[2 * out_f..3 * out_f], &y[2 * out_f..3 * out_f]);
+        Ok(())
+    }
+
+    /// Decode attention with grouped heads against softmax(q·kᵀ/√d)·v per head.
+    #[test]
+    fn decode_attention_matches_softmax_attention() {
+        let (heads, kv_heads, hd, capacity, rows) = (6, 2, 8, 10, 3);
+        let mut rng = Rng::new(9);
+        let q = rand(&mut rng, heads * rows * hd);
+        let caches: Vec<(Vec<f32>, Vec<f32>, usize)> = [7usize, 3]
+            .iter()
+            .map(|&len| {
+                let k = rand(&mut rng, kv_heads * capacity * hd);
+                let v = rand(&mut rng, kv_heads * capacity * hd);
+                (k, v, len)
+            })
+            .collect();
+        // Rows 0 and 2 decode; row 1 belongs to someone else.
+        let seqs: Vec<DecodeRow<'_>> = caches
+            .iter()
+            .zip([0, 2])
+            .map(|((k, v, len), row)| DecodeRow {
+                row,
+                k,
+                v,
+                capacity,
+                len: *len,
+            })
+            .collect();
+        let mut out = vec![0f32; rows * heads * hd];
+        decode_attention(&q, rows, heads, kv_heads, hd, &seqs, &mut out);
+        for s in &seqs {
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                let qh = &q[(h * rows + s.row) * hd..][..hd];
+                let scores: Vec<f32> = (0..s.len)
+                    .map(|j| {
+                        let key = &s.k[(g * capacity + j) * hd..][..hd];
+                        qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                let want: Vec<f32> = (0..hd)
+                    .map(|d| {
+                        (0..s.len)
+                            .map(|j| e[j] / sum * s.v[(g * capacity + j) * hd + d])
+                            .sum()
+                    })
+                    .collect();
+                let got = &out[s.row * heads * hd + h * hd..][..hd];
+                assert!(gap(got, &want) < 1e-5, "row {} head {h}", s.row);
+            }
+        }
+        assert!(out[heads * hd..2 * heads * hd].iter().all(|v| *v == 0.0));
+    }
+}
