@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The native engine and mistral.rs side by side in one run: `bench generate` for each engine with
-# ten synthetic adapters of two shapes (rank 8 on q/k/v/o, as `bench engines` uses; rank 16 on all
-# seven modules, as `train` makes), in a scratch data dir, one after another on an otherwise idle
-# machine. Writes bench/generate/<engine>-<shape>.json and bench/generate/summary.md.
+# The native engine (f32 and q8_0 weights) and mistral.rs (f32) side by side in one run:
+# `bench generate` for each with ten synthetic adapters of two shapes (rank 8 on q/k/v/o, as
+# `bench engines` uses; rank 16 on all seven modules, as `train` makes), in a scratch data dir,
+# one after another on an otherwise idle machine. Writes
+# bench/generate/<engine>-<isq>-<shape>.json and bench/generate/summary.md.
 #   bash benches/generate-engines.sh      (make bench-generate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,25 +17,27 @@ mkdir -p "$OUT"
 for shape in 8:attention 16:all; do
     rank=${shape%%:*}
     modules=${shape#*:}
-    for engine in native mistralrs; do
-        echo "== $engine, rank $rank on $modules" >&2
-        "$BIN" --data-dir "$WORK" bench generate --engine "$engine" --adapters 10 \
-            --adapter-rank "$rank" --adapter-modules "$modules" --max-tokens "$TOKENS" \
-            --out "$OUT/$engine-r$rank-$modules.json" > /dev/null
+    for run in native:none native:q8_0 mistralrs:none; do
+        engine=${run%%:*}
+        isq=${run#*:}
+        echo "== $engine (isq $isq), rank $rank on $modules" >&2
+        DOMAINRAG__GENERATE__ISQ=$isq "$BIN" --data-dir "$WORK" bench generate --engine "$engine" \
+            --adapters 10 --adapter-rank "$rank" --adapter-modules "$modules" --max-tokens "$TOKENS" \
+            --out "$OUT/$engine-$isq-r$rank-$modules.json" > /dev/null
     done
 done
 python3 - "$OUT" > "$OUT/summary.md" <<'PY'
 import json, sys, glob, os
 out = sys.argv[1]
 rows = []
-for path in sorted(glob.glob(os.path.join(out, "*-r*-*.json"))):
+for path in sorted(glob.glob(os.path.join(out, "*-*-r*-*.json"))):
     b = json.load(open(path))
     base = b["rss_after_base_mib"]
     rss = b["rss_with_adapters_mib"]
     most = max(rss, key=int)
     single = b["throughput_tokens_per_s"]["1"]
     rows.append([
-        b["engine"], b["adapters"],
+        f'{b["engine"]} ({b["isq"]})', b["adapters"],
         f'{b["base"]["first_token_ms"]:.0f} / {b["base"]["decode_tokens_per_s"]:.1f}',
         f'{b["adapter"]["first_token_ms"]:.0f} / {b["adapter"]["decode_tokens_per_s"]:.1f}',
         f'{b["adapter_never_used"]["first_token_ms"]:.0f} ({b["adapter_never_used"]["first_token_ms"] / b["base"]["first_token_ms"]:.2f}x base)',

@@ -400,12 +400,13 @@ impl Settings {
             return invalid("generate.engine", "must be mistralrs or native");
         }
         if self.generate.engine == "native"
-            && (self.generate.isq != "none" || self.generate.dtype != "f32")
+            && (!["none", "q8_0"].contains(&self.generate.isq.as_str())
+                || self.generate.dtype != "f32")
         {
             return invalid(
                 "generate.engine",
-                "native runs f32 weights: set generate.isq = \"none\" and generate.dtype = \"f32\" \
-                 (quantised weights are mistralrs only for now)",
+                "native loads f32 weights and quantises them to q8_0 or not: set generate.dtype = \
+                 \"f32\" and generate.isq to \"none\" or \"q8_0\"",
             );
         }
         if self.generate.kv_budget_tokens < 256 {

@@ -1,6 +1,6 @@
-//! `bench engines`: generation speed of mistral.rs configurations side by side with llama.cpp,
-//! on the same prompts (short questions and RAG-sized prompts built exactly as `rag` builds them),
-//! the same thread count and greedy decoding.
+//! `bench engines`: generation speed of domainrag's native engine and mistral.rs configurations
+//! side by side with llama.cpp, on the same prompts (short questions and RAG-sized prompts built
+//! exactly as `rag` builds them), the same thread count and greedy decoding.
 //!
 //! llama.cpp is a measuring stick only: `benches/llama_cpp_peer.py` runs it (from a venv made by
 //! `benches/llama-cpp-venv.sh`), reading the prompts as JSON on stdin and writing one sample per
@@ -113,6 +113,9 @@ pub struct EnginesPlan {
     pub reps: usize,
     pub max_tokens: usize,
     pub threads: usize,
+    /// Also measure domainrag's native engine (for the `isq` values it has: none, q8_0; with the
+    /// adapter when there is one).
+    pub native: bool,
 }
 
 const SHORT_QUESTIONS: &[&str] = &[
@@ -276,6 +279,29 @@ pub async fn run(
             g.preload(std::slice::from_ref(adapter)).await?;
             engines.push((
                 format!("{} + lora", base_label(isq)),
+                g,
+                Some(adapter.clone()),
+                format!("{reference} + lora"),
+            ));
+        }
+    }
+    // The native engine with each weight format it has among the requested ones.
+    for isq in plan.isq.iter().filter(|_| plan.native) {
+        let label = match isq.as_str() {
+            "none" => "native f32",
+            "q8_0" => "native q8_0",
+            _ => continue,
+        };
+        let mut s = settings.clone();
+        s.generate.engine = "native".into();
+        s.generate.isq = isq.clone();
+        s.generate.max_concurrent = 1;
+        let g = Generator::load(&s).await?;
+        engines.push((label.into(), Arc::clone(&g), None, reference.clone()));
+        if let Some(adapter) = &plan.adapter {
+            g.preload(std::slice::from_ref(adapter)).await?;
+            engines.push((
+                format!("{label} + lora"),
                 g,
                 Some(adapter.clone()),
                 format!("{reference} + lora"),

@@ -50,6 +50,8 @@ pub fn decode_rate(completion_tokens: usize, first_token_ms: f64, total_ms: f64)
 pub struct GenerateBench {
     /// `native` or `mistralrs`.
     pub engine: String,
+    /// `generate.isq` (weight quantisation).
+    pub isq: String,
     /// Rank and modules of the synthetic adapters.
     pub adapters: String,
     pub max_tokens: usize,
@@ -163,6 +165,7 @@ pub async fn generate_speed(
     let mixed_8_over_4_tokens_per_s = concurrent(&g, mixed, sampling).await?;
     Ok(GenerateBench {
         engine: g.engine_name().to_string(),
+        isq: settings.generate.isq.clone(),
         adapters: adapters_desc.to_string(),
         max_tokens,
         base_load_s,
@@ -181,9 +184,9 @@ pub async fn generate_speed(
 /// A short table of a generation benchmark.
 pub fn generate_table(b: &GenerateBench) -> String {
     let mut out = format!(
-        "engine {}, adapters {}; base load {:.2} s, RSS {:.0} MiB\n\
+        "engine {} (isq {}), adapters {}; base load {:.2} s, RSS {:.0} MiB\n\
          | request | TTFT ms | decode tok/s | tokens |\n|---|---|---|---|\n",
-        b.engine, b.adapters, b.base_load_s, b.rss_after_base_mib,
+        b.engine, b.isq, b.adapters, b.base_load_s, b.rss_after_base_mib,
     );
     for (what, s) in [
         ("base", &b.base),

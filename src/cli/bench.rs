@@ -73,6 +73,9 @@ pub enum BenchCmd {
         /// Skip the runs with a LoRA adapter (a synthetic rank-8 adapter on q/k/v/o).
         #[arg(long)]
         no_adapter: bool,
+        /// Skip domainrag's native engine.
+        #[arg(long)]
+        no_native: bool,
         /// Also run this GGUF through mistral.rs's GGUF loader (base only).
         #[arg(long)]
         mistralrs_gguf: Option<PathBuf>,
@@ -153,6 +156,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: BenchCmd) -
         BenchCmd::Engines {
             isq,
             no_adapter,
+            no_native,
             mistralrs_gguf,
             peer_python,
             peer_gguf,
@@ -188,6 +192,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: BenchCmd) -
                 reps,
                 max_tokens,
                 threads,
+                native: !no_native,
             };
             let result = bench::engines::run(settings, &squad, &plan).await?;
             emit_bench(&result, &bench::engines::table(&result), out, json)

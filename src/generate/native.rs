@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc};
 use super::{ChatMessage, GenEvent, GenerateError, Sampling};
 use crate::adapters::{AdapterRegistry, BaseModelInfo};
 use crate::config::GenerateConfig;
-use crate::engine::{Engine, EngineLimits, GenRequest, ResidentAdapter, SamplingParams};
+use crate::engine::{Engine, EngineLimits, GenRequest, Quant, ResidentAdapter, SamplingParams};
 
 pub(super) struct NativeBackend {
     engine: Arc<Engine>,
@@ -31,6 +31,22 @@ fn engine_error(e: crate::engine::EngineError) -> GenerateError {
     }
 }
 
+/// The first CUDA GPU in a `--features cuda` build (the engine's ops fall back from their CPU
+/// kernels to candle's tensor ops there), else the CPU.
+fn device() -> Result<candle_core::Device, GenerateError> {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::Device::cuda_if_available(0).map_err(|e| GenerateError::Load {
+            what: "the CUDA device".into(),
+            message: e.to_string(),
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(candle_core::Device::Cpu)
+    }
+}
+
 impl NativeBackend {
     /// Load the base model and start the engine (on a blocking thread).
     pub(super) async fn load(
@@ -44,12 +60,17 @@ impl NativeBackend {
             step_tokens: config.step_tokens,
         };
         let dir = base_dir.to_path_buf();
-        let engine = tokio::task::spawn_blocking(move || {
-            Engine::start(&dir, &candle_core::Device::Cpu, limits)
-        })
-        .await
-        .map_err(|e| GenerateError::Generation(e.to_string()))?
-        .map_err(engine_error)?;
+        let device = device()?;
+        let quant = if config.isq == "q8_0" {
+            Quant::Q8_0
+        } else {
+            Quant::F32
+        };
+        let engine =
+            tokio::task::spawn_blocking(move || Engine::start(&dir, &device, quant, limits))
+                .await
+                .map_err(|e| GenerateError::Generation(e.to_string()))?
+                .map_err(engine_error)?;
         let seed = if config.seed == 0 {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

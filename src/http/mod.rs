@@ -204,8 +204,29 @@ impl Metrics {
             generator.queued,
             generator.pool_hits,
             generator.pool_misses,
-        )
+        ) + &generator.engine.map(engine_metrics).unwrap_or_default()
     }
+}
+
+/// The native engine's gauges and counters.
+fn engine_metrics(e: crate::generate::EngineStats) -> String {
+    format!(
+        "# TYPE domainrag_engine_running gauge\ndomainrag_engine_running {}\n\
+         # TYPE domainrag_engine_waiting gauge\ndomainrag_engine_waiting {}\n\
+         # TYPE domainrag_engine_kv_reserved_tokens gauge\ndomainrag_engine_kv_reserved_tokens {}\n\
+         # TYPE domainrag_engine_steps_total counter\ndomainrag_engine_steps_total {}\n\
+         # TYPE domainrag_engine_step_rows_total counter\ndomainrag_engine_step_rows_total {}\n\
+         # TYPE domainrag_engine_sequences_total counter\ndomainrag_engine_sequences_total{{end=\"finished\"}} {}\ndomainrag_engine_sequences_total{{end=\"cancelled\"}} {}\n\
+         # TYPE domainrag_engine_adapter_bytes gauge\ndomainrag_engine_adapter_bytes {}\n",
+        e.running,
+        e.waiting,
+        e.kv_reserved_tokens,
+        e.steps,
+        e.step_rows,
+        e.finished,
+        e.cancelled,
+        e.adapter_bytes,
+    )
 }
 
 /// What every handler shares.

@@ -15,6 +15,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 pub(crate) mod ops;
+pub mod quant;
+
+use quant::Q8Matrix;
 
 /// The linear modules of a layer, in the order of its forward pass (the index a [`Hooks`] call
 /// names).
@@ -90,13 +93,39 @@ pub fn module_path(layer: usize, m: usize) -> String {
     format!("model.layers.{layer}.{}.{module}", module_group(module))
 }
 
+/// A linear layer's frozen weight `(out_features, in_features)`.
+#[derive(Debug)]
+pub enum Linear {
+    F32(Tensor),
+    /// Blockwise 8-bit (serving only, [`Weights::quantize_q8`]).
+    Q8(Q8Matrix),
+}
+
+impl Linear {
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Linear::F32(w) => w.dims2(),
+            Linear::Q8(q) => Ok((q.rows, q.cols)),
+        }
+    }
+
+    /// `x·Wᵀ` (only `x` gets a gradient).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::F32(w) => ops::frozen_linear(x, w),
+            Linear::Q8(q) => q.linear(x),
+        }
+    }
+}
+
 /// One decoder layer's frozen weights.
 #[derive(Debug)]
 pub struct LayerWeights {
     pub input_norm: Tensor,
     pub post_norm: Tensor,
-    /// `(out_features, in_features)`, in [`LINEAR_MODULES`] order.
-    pub linears: Vec<Tensor>,
+    /// In [`LINEAR_MODULES`] order.
+    pub linears: Vec<Linear>,
 }
 
 /// The frozen base model.
@@ -104,7 +133,7 @@ pub struct LayerWeights {
 pub struct Weights {
     pub config: LlamaConfig,
     pub embed: Tensor,
-    pub lm_head: Tensor,
+    pub lm_head: Linear,
     pub norm: Tensor,
     pub layers: Vec<LayerWeights>,
     pub device: Device,
@@ -151,17 +180,17 @@ impl Weights {
                 .to_dtype(DType::F32)
         };
         let embed = take("model.embed_tokens.weight")?;
-        let lm_head = if config.tie_word_embeddings {
+        let lm_head = Linear::F32(if config.tie_word_embeddings {
             embed.clone()
         } else {
             take("lm_head.weight")?
-        };
+        });
         let norm = take("model.norm.weight")?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let mut linears = Vec::with_capacity(LINEAR_MODULES.len());
             for m in 0..LINEAR_MODULES.len() {
-                linears.push(take(&format!("{}.weight", module_path(i, m)))?);
+                linears.push(Linear::F32(take(&format!("{}.weight", module_path(i, m)))?));
             }
             layers.push(LayerWeights {
                 input_norm: take(&format!("model.layers.{i}.input_layernorm.weight"))?,
@@ -195,7 +224,7 @@ impl Weights {
         let eps = c.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut lin = |m: usize, x: &Tensor| -> candle_core::Result<Tensor> {
-                let y = ops::frozen_linear(x, &layer.linears[m])?;
+                let y = layer.linears[m].forward(x)?;
                 hooks.linear(l, m, x, y)
             };
             let x = ops::rms_norm(&h, &layer.input_norm, eps)?;
@@ -209,7 +238,7 @@ impl Weights {
             let k = ops::apply_rope(&k, &cos, &sin)?;
             let y = hooks.attend(l, &q, &k, &v)?;
             let mut lin = |m: usize, x: &Tensor| -> candle_core::Result<Tensor> {
-                let y = ops::frozen_linear(x, &layer.linears[m])?;
+                let y = layer.linears[m].forward(x)?;
                 hooks.linear(l, m, x, y)
             };
             h = (h + lin(O, &y)?)?;
@@ -226,18 +255,35 @@ impl Weights {
     pub fn logits_at(&self, hidden: &Tensor, rows: &[u32]) -> candle_core::Result<Tensor> {
         let pos = Tensor::from_slice(rows, rows.len(), &self.device)?;
         let sel = hidden.index_select(&pos, 0)?;
-        ops::frozen_linear(&sel, &self.lm_head)
+        self.lm_head.forward(&sel)
     }
 
-    /// Every frozen tensor (for checks that training leaves them alone).
+    /// Every frozen f32 tensor (for checks that training leaves them alone).
     pub fn tensors(&self) -> Vec<&Tensor> {
-        let mut out = vec![&self.embed, &self.lm_head, &self.norm];
+        let mut out = vec![&self.embed, &self.norm];
+        let linears = self.layers.iter().flat_map(|l| &l.linears);
+        for linear in linears.chain([&self.lm_head]) {
+            if let Linear::F32(w) = linear {
+                out.push(w);
+            }
+        }
         for layer in &self.layers {
             out.push(&layer.input_norm);
             out.push(&layer.post_norm);
-            out.extend(layer.linears.iter());
         }
         out
+    }
+
+    /// Replace every linear layer and the LM head by its blockwise 8-bit form (the embedding
+    /// table stays f32 for lookups). Serving only.
+    pub fn quantize_q8(&mut self) -> candle_core::Result<()> {
+        let linears = self.layers.iter_mut().flat_map(|l| l.linears.iter_mut());
+        for linear in linears.chain([&mut self.lm_head]) {
+            if let Linear::F32(w) = linear {
+                *linear = Linear::Q8(Q8Matrix::quantize(w)?);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -263,7 +263,7 @@ impl candle_core::CustomOp1 for FrozenLinear {
 }
 
 /// Inputs of at most this many rows (decode steps) go through [`few_rows_linear`] instead of gemm.
-const FEW_ROWS: usize = 16;
+pub(crate) const FEW_ROWS: usize = 16;
 
 /// `x·Wᵀ` for a few rows `x` `(m, k)` and `W` `(n, k)` row-major, by dot products of each row of
 /// `W` with every row of `x`, `W` read once. gemm would first pack all of `W` (it multiplies

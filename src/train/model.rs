@@ -76,7 +76,7 @@ impl LlamaLora {
             for (module, w) in LINEAR_MODULES.iter().zip(&layer.linears) {
                 let lora = match &spec {
                     Some(s) if s.targets.iter().any(|t| t == module) => {
-                        let (out_f, in_f) = w.dims2()?;
+                        let (out_f, in_f) = w.dims()?;
                         // PEFT: kaiming_uniform_(a=sqrt(5)) => U(-1/sqrt(in), 1/sqrt(in)).
                         let bound = 1.0 / (in_f as f32).sqrt();
                         let a: Vec<f32> = (0..s.rank * in_f)

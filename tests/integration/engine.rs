@@ -7,44 +7,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use domainrag::adapters::{BaseModelInfo, write_test_adapter};
+use domainrag::adapters::{BaseModelInfo, LORA_MODULES, write_test_adapter};
 use domainrag::error::ErrorKind;
-use domainrag::generate::{ChatMessage, GenEvent, Generator, Role, Sampling};
+use domainrag::generate::{ChatMessage, GenEvent, Generator};
 use domainrag::rag::build_messages_from_context;
 
-use crate::helpers::{exclusive_generation, generator, models_dir, native_generator};
-
-fn greedy(max_tokens: usize) -> Sampling {
-    Sampling {
-        temperature: 0.0,
-        top_p: 1.0,
-        max_tokens,
-        no_repeat_ngram: 0,
-    }
-}
-
-fn user(text: &str) -> Vec<ChatMessage> {
-    vec![ChatMessage {
-        role: Role::User,
-        content: text.to_string(),
-    }]
-}
+use crate::helpers::{exclusive_generation, generator, greedy, models_dir, native_generator, user};
 
 /// Register a deterministic synthetic LoRA adapter on all seven modules.
 fn register_adapter(g: &Generator, tag: &str, seed: usize) -> String {
     let base = BaseModelInfo::from_dir(&models_dir().join("SmolLM2-135M-Instruct-hf")).unwrap();
     let src = tempfile::tempdir().expect("tempdir");
     let layers: Vec<usize> = (0..base.num_hidden_layers).collect();
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    write_test_adapter(src.path(), &base, 8, 16.0, &targets, &layers, |i| {
+    write_test_adapter(src.path(), &base, 8, 16.0, &LORA_MODULES, &layers, |i| {
         (((i * 7919 + seed * 104_729) % 13) as f32 - 6.0) * 0.012
     })
     .expect("write adapter");
@@ -198,4 +173,48 @@ async fn a_dropped_request_leaves_the_engine_and_a_too_long_one_is_refused() {
         .expect_err("too long");
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
     assert!(err.to_string().contains("tokens"), "{err}");
+}
+
+#[tokio::test]
+async fn the_native_engine_answers_through_rag_with_citations() {
+    use domainrag::rag::{AdapterChoice, Rag};
+    use domainrag::retrieve::Retriever;
+
+    use crate::helpers::{TestCollection, embedder};
+    let t = TestCollection::with_corpus("native-answers").await;
+    let col = t.open().await;
+    let settings = crate::helpers::settings(t.dir.path());
+    let rag = Rag::new(
+        Retriever::new(embedder().await),
+        native_generator().await,
+        settings.rag.clone(),
+        greedy(96),
+    );
+    let answer = rag
+        .answer(&col, "How do I reset my password?", &AdapterChoice::Base)
+        .await
+        .expect("answer");
+    assert_eq!(answer.sources[0].doc_id, "faq-password");
+    assert!(answer.completion_tokens > 0 && !answer.answer.is_empty());
+    assert!(
+        !answer.citations.is_empty(),
+        "the answer cites no source: {:?}",
+        answer.answer
+    );
+}
+
+#[tokio::test]
+async fn the_q8_engine_answers_like_the_f32_one() {
+    let mut s = crate::helpers::settings(crate::helpers::adapter_data_dir());
+    s.generate.engine = "native".into();
+    s.generate.isq = "q8_0".into();
+    let q8 = Generator::load(&s).await.expect("q8_0 engine loads");
+    let f32 = native_generator().await;
+    let q = "What is the capital of France?";
+    let a = q8.complete(None, user(q), greedy(16)).await.expect("q8_0");
+    let b = f32.complete(None, user(q), greedy(16)).await.expect("f32");
+    assert!(a.text.contains("Paris"), "{:?}", a.text);
+    assert!(b.text.contains("Paris"), "{:?}", b.text);
+    let stats = q8.stats().engine.expect("native");
+    assert!(stats.finished >= 1);
 }

@@ -3,28 +3,12 @@
 //! thread-local LoRA bug guarded against (base after adapter gives base output).
 
 use domainrag::adapters::{AdapterRegistry, BaseModelInfo, write_test_adapter};
-use domainrag::generate::{ChatMessage, Role, Sampling};
 use domainrag::rag::{AdapterChoice, Rag};
 use domainrag::retrieve::Retriever;
 
-use crate::helpers::{TestCollection, embedder, exclusive_generation, generator, models_dir};
-
-fn greedy(max_tokens: usize) -> Sampling {
-    Sampling {
-        temperature: 0.0,
-        top_p: 1.0,
-        max_tokens,
-        // Token-for-token comparisons with references: no repetition rule.
-        no_repeat_ngram: 0,
-    }
-}
-
-fn user(text: &str) -> Vec<ChatMessage> {
-    vec![ChatMessage {
-        role: Role::User,
-        content: text.to_string(),
-    }]
-}
+use crate::helpers::{
+    TestCollection, embedder, exclusive_generation, generator, greedy, models_dir, user,
+};
 
 #[tokio::test]
 async fn converted_model_reproduces_the_reference_greedy_tokens() {

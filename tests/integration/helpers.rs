@@ -94,6 +94,25 @@ pub async fn generator() -> Arc<Generator> {
         .clone()
 }
 
+/// Greedy decoding of up to `max_tokens`, no repetition rule (token-for-token comparisons with
+/// references).
+pub fn greedy(max_tokens: usize) -> domainrag::generate::Sampling {
+    domainrag::generate::Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens,
+        no_repeat_ngram: 0,
+    }
+}
+
+/// One user message.
+pub fn user(text: &str) -> Vec<domainrag::generate::ChatMessage> {
+    vec![domainrag::generate::ChatMessage {
+        role: domainrag::generate::Role::User,
+        content: text.to_string(),
+    }]
+}
+
 /// One generator on the native engine for the whole test binary, on [`adapter_data_dir`]'s
 /// registry (the one [`generator`] uses).
 pub async fn native_generator() -> Arc<Generator> {

@@ -1,7 +1,8 @@
 //! Memory stays flat while the server answers (issue 13: mistral.rs kept every answer's KV cache,
-//! ~68 MiB per RAG answer). The real binary serves the fixture corpus with a registered adapter;
-//! `benches/soak.py` (the soak benchmark's own driver) asks it 60 distinct questions over HTTP,
-//! base model and adapter alternating, and reads the server's RSS after every answer.
+//! ~68 MiB per RAG answer), on each engine. The real binary serves the fixture corpus with a
+//! registered adapter; `benches/soak.py` (the soak benchmark's own driver) asks it 60 distinct
+//! questions over HTTP, base model and adapter alternating, and reads the server's RSS after every
+//! answer.
 
 use std::process::Command;
 
@@ -15,6 +16,15 @@ const WARMUP: usize = 10;
 
 #[test]
 fn server_memory_stays_flat_over_sixty_answers() {
+    soak("mistralrs");
+}
+
+#[test]
+fn native_engine_memory_stays_flat_over_sixty_answers() {
+    soak("native");
+}
+
+fn soak(engine: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let docs = dir.path().join("docs");
@@ -83,12 +93,13 @@ fn server_memory_stays_flat_over_sixty_answers() {
         ])
         .env_remove("RUST_LOG")
         .env_remove("DOMAINRAG_ENV")
+        .env("DOMAINRAG__GENERATE__ENGINE", engine)
         .output()
         .expect("python3 runs benches/soak.py");
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
     assert!(
         out.status.success(),
-        "soak.py failed: {}\n{}\nserver log:\n{log}",
+        "soak.py ({engine}) failed: {}\n{}\nserver log:\n{log}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -112,7 +123,7 @@ fn server_memory_stays_flat_over_sixty_answers() {
     );
     assert!(
         growth_per_answer < 0.1 * kv_per_answer,
-        "RSS grows {growth_per_answer:.2} MiB per answer (one answer's KV cache is \
+        "{engine}: RSS grows {growth_per_answer:.2} MiB per answer (one answer's KV cache is \
          {kv_per_answer:.1} MiB): {}",
         String::from_utf8_lossy(&out.stdout)
     );
