@@ -98,17 +98,23 @@ bench-generate: models build
 ## Memory soak (~75 min): the server answers 500 distinct new_wiki questions, base and the demo
 ## adapter alternating, RSS read after each; then `eval answers` over 300 questions with two arms.
 ## Needs the newwiki collection and its adapter (`make demo-adapter`). bench/soak/*.json.
+## `make bench-soak SOAK_ENGINE=native` runs it on the native engine (files *-native.json).
 SOAK_TOKENS ?= 64
+# The engine the server soak runs on (mistralrs or native).
+SOAK_ENGINE ?= mistralrs
+SOAK_SUFFIX := $(if $(filter native,$(SOAK_ENGINE)),-native,)
 bench-soak: models build
 	$(DR) adapters show newwiki-demo >/dev/null 2>&1 || $(MAKE) demo-adapter
-	python3 benches/soak.py server --bin $(BIN) --data-dir $(DATA_DIR) --collection newwiki \
+	DOMAINRAG__GENERATE__ENGINE=$(SOAK_ENGINE) python3 benches/soak.py server --bin $(BIN) --data-dir $(DATA_DIR) --collection newwiki \
 		--adapter newwiki-demo --questions data/squad/new_wiki_v1.0.json --answers 500 \
 		--max-tokens $(SOAK_TOKENS) --model-dir data/models/SmolLM2-135M-Instruct-hf \
-		--progress 50 --out bench/soak/server.json
-	DOMAINRAG__GENERATE__MAX_TOKENS=$(SOAK_TOKENS) $(DR) eval answers --collection newwiki \
+		--progress 50 --out bench/soak/server$(SOAK_SUFFIX).json
+	DOMAINRAG__GENERATE__ENGINE=$(SOAK_ENGINE) DOMAINRAG__GENERATE__MAX_TOKENS=$(SOAK_TOKENS) \
+		$(DR) eval answers --collection newwiki \
 		--format squad --questions data/squad/new_wiki_v1.0.json --sample 300 \
-		--adapter none --adapter newwiki-demo --json bench/soak/eval-report.json
-	python3 benches/soak.py eval --report bench/soak/eval-report.json --warmup 150 --out bench/soak/eval.json
+		--adapter none --adapter newwiki-demo --json bench/soak/eval-report$(SOAK_SUFFIX).json
+	python3 benches/soak.py eval --report bench/soak/eval-report$(SOAK_SUFFIX).json --warmup 150 \
+		--out bench/soak/eval$(SOAK_SUFFIX).json
 
 ## Answer quality on the demo corpus: data/eval/postgres-manual.jsonl (89 questions written by
 ## reading the PostgreSQL manual) through the full pipeline: the base model, the house adapter
