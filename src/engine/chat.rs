@@ -177,11 +177,25 @@ impl Detokenizer {
         self.ids.push(id);
         let before = chat.decode(&self.ids[self.prefix..self.read])?;
         let now = chat.decode(&self.ids[self.prefix..])?;
-        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+        // A character split over tokens waits for its last byte (4 at most); past that the bytes
+        // are invalid and come out as U+FFFD, so the window never grows without bound.
+        if now.ends_with('\u{FFFD}') && self.ids.len() - self.read < 4 {
             return Ok(None);
         }
-        let Some(piece) = now.get(before.len()..).filter(|_| now.starts_with(&before)) else {
-            return Ok(None);
+        let piece = match now.get(before.len()..).filter(|_| now.starts_with(&before)) {
+            // Tokens that decode to nothing (special tokens) move the window on as well.
+            Some(piece) => piece,
+            // The context decodes differently with the new tokens: wait for a few more, then
+            // give out what follows the common part.
+            None if self.ids.len() - self.read < 4 => return Ok(None),
+            None => {
+                let common = before
+                    .char_indices()
+                    .zip(now.chars())
+                    .find(|((_, a), b)| a != b)
+                    .map_or(before.len().min(now.len()), |((at, _), _)| at);
+                &now[common..]
+            }
         };
         let piece = self.start(piece);
         self.prefix = self.read;

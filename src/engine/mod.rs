@@ -100,6 +100,13 @@ pub struct GenRequest {
     pub seed: u64,
 }
 
+impl GenRequest {
+    /// KV cache tokens it needs at most: its prompt and its token limit.
+    pub fn kv_tokens(&self) -> usize {
+        self.prompt.len() + self.max_tokens
+    }
+}
+
 struct Queued {
     request: GenRequest,
     events: mpsc::UnboundedSender<GenEvent>,
@@ -267,7 +274,7 @@ impl Engine {
         &self,
         request: GenRequest,
     ) -> Result<mpsc::UnboundedReceiver<GenEvent>, EngineError> {
-        let need = request.prompt.len() + request.max_tokens;
+        let need = request.kv_tokens();
         let context = self
             .weights
             .config

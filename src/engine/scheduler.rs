@@ -38,7 +38,7 @@ impl Sequence {
     }
 
     fn reserved(&self) -> usize {
-        self.request.prompt.len() + self.request.max_tokens
+        self.request.kv_tokens()
     }
 
     /// The rows this sequence feeds the next step (`limit` rows at most for a prompt).
@@ -192,7 +192,7 @@ impl Scheduler {
         let mut reserved: usize = self.running.iter().map(Sequence::reserved).sum();
         let mut admitted = Vec::new();
         while let Some(next) = queue.waiting.front() {
-            let need = next.request.prompt.len() + next.request.max_tokens;
+            let need = next.request.kv_tokens();
             if reserved + need > self.limits.kv_budget_tokens {
                 break;
             }
@@ -207,8 +207,11 @@ impl Scheduler {
         if events.is_closed() {
             return;
         }
-        let capacity = request.prompt.len() + request.max_tokens;
-        match KvCache::new(&self.weights.config, capacity, &self.weights.device) {
+        match KvCache::new(
+            &self.weights.config,
+            request.kv_tokens(),
+            &self.weights.device,
+        ) {
             Ok(cache) => {
                 let rng = Rng::new(request.seed);
                 self.running.push(Sequence {

@@ -1,9 +1,10 @@
 //! One forward step of the engine over a batch: every running sequence contributes a segment of
 //! rows (a chunk of its prompt, or its one newest token), all rows go through each base linear
 //! layer as one matrix product, each group of rows that shares an adapter adds that adapter's
-//! LoRA update (segments are ordered so a group's rows are contiguous: one pair of small matrix
-//! products per adapter and layer, whatever the batch), and each segment attends over its own
-//! KV cache.
+//! LoRA update (segments are ordered so a group's rows are contiguous: for decode rows one
+//! kernel pass per layer for all groups, for prompt chunks a pair of matrix products per group),
+//! and each segment attends over its own KV cache (decode rows through one kernel for all of
+//! them).
 //!
 //! [`KvCache`] owns a sequence's keys and values: one `(kv_heads, capacity, head_dim)` buffer per
 //! layer, sized once for the prompt and the answer's token limit, written in place.
@@ -17,9 +18,10 @@ use super::adapter::{LoraPair, ResidentAdapter};
 use super::kernels::{self, DecodeRow, LoraRows};
 use crate::llama::{Hooks, LlamaConfig};
 
-/// Groups of at most this many rows take the CPU decode kernels (`kernels`); larger ones (prompt
-/// chunks) go through matrix products.
-const KERNEL_ROWS: usize = 16;
+/// Groups of at most this many rows (decode rows) take the CPU decode kernels (`kernels`), as
+/// the base's linear layers take their few-rows kernel; larger ones (prompt chunks) go through
+/// matrix products.
+use crate::llama::ops::FEW_ROWS as KERNEL_ROWS;
 
 /// The f32 data of a CPU storage (every tensor handed here is contiguous from its offset).
 fn host(storage: &Storage) -> candle_core::Result<&[f32]> {

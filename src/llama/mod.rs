@@ -223,30 +223,26 @@ impl Weights {
         let (cos, sin) = ops::rope_tables(positions, hd, c.rope_theta, &self.device)?;
         let eps = c.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut lin = |m: usize, x: &Tensor| -> candle_core::Result<Tensor> {
+            let lin = |hooks: &mut dyn Hooks, m: usize, x: &Tensor| {
                 let y = layer.linears[m].forward(x)?;
                 hooks.linear(l, m, x, y)
             };
-            let x = ops::rms_norm(&h, &layer.input_norm, eps)?;
             let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
                 t.reshape((rows, n, hd))?.transpose(0, 1)?.contiguous()
             };
-            let q = heads(lin(Q, &x)?, nh)?;
-            let k = heads(lin(K, &x)?, nkv)?;
-            let v = heads(lin(V, &x)?, nkv)?;
+            let x = ops::rms_norm(&h, &layer.input_norm, eps)?;
+            let q = heads(lin(hooks, Q, &x)?, nh)?;
+            let k = heads(lin(hooks, K, &x)?, nkv)?;
+            let v = heads(lin(hooks, V, &x)?, nkv)?;
             let q = ops::apply_rope(&q, &cos, &sin)?;
             let k = ops::apply_rope(&k, &cos, &sin)?;
             let y = hooks.attend(l, &q, &k, &v)?;
-            let mut lin = |m: usize, x: &Tensor| -> candle_core::Result<Tensor> {
-                let y = layer.linears[m].forward(x)?;
-                hooks.linear(l, m, x, y)
-            };
-            h = (h + lin(O, &y)?)?;
+            h = (h + lin(hooks, O, &y)?)?;
             let x = ops::rms_norm(&h, &layer.post_norm, eps)?;
-            let gate = lin(GATE, &x)?;
-            let up = lin(UP, &x)?;
+            let gate = lin(hooks, GATE, &x)?;
+            let up = lin(hooks, UP, &x)?;
             let m = (gate.silu()? * up)?;
-            h = (h + lin(DOWN, &m)?)?;
+            h = (h + lin(hooks, DOWN, &m)?)?;
         }
         ops::rms_norm(&h, &self.norm, eps)
     }

@@ -270,6 +270,19 @@ pub(crate) const FEW_ROWS: usize = 16;
 /// `W·xᵀ`, and a row-major `W` is the wrong layout for its left operand): for one decode row
 /// that packing was ~36% of the engine's time, more than the product itself.
 fn few_rows_linear(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    by_weight_rows(m, n, |i, j| {
+        dot(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k])
+    })
+}
+
+/// The `(m, n)` output of a few-rows product whose entry `(i, j)` is `entry(i, j)` (input row `i`
+/// against weight row `j`), computed weight row by weight row so each is read once for all `m`
+/// inputs, in parallel blocks of weight rows.
+pub(crate) fn by_weight_rows(
+    m: usize,
+    n: usize,
+    entry: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
     const BLOCK: usize = 64;
     // Output columns in blocks, transposed `(n, m)`, so each task writes one slice.
     let mut out_t = vec![0f32; n * m];
@@ -279,9 +292,8 @@ fn few_rows_linear(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f3
         .for_each(|(b, chunk)| {
             for (jj, dst) in chunk.chunks_exact_mut(m).enumerate() {
                 let j = b * BLOCK + jj;
-                let row = &w[j * k..(j + 1) * k];
                 for (i, d) in dst.iter_mut().enumerate() {
-                    *d = dot(&x[i * k..(i + 1) * k], row);
+                    *d = entry(i, j);
                 }
             }
         });

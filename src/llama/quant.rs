@@ -85,27 +85,11 @@ impl Q8Matrix {
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let n = self.rows;
-        const COLS_PER_TASK: usize = 64;
-        let mut out_t = vec![0f32; n * m];
-        out_t
-            .par_chunks_mut(COLS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(b, chunk)| {
-                for (jj, dst) in chunk.chunks_exact_mut(m).enumerate() {
-                    let j = b * COLS_PER_TASK + jj;
-                    let q = &self.q[j * k..(j + 1) * k];
-                    let s = &self.scales[j * k / BLOCK..(j + 1) * k / BLOCK];
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = dot_q8(&xs[i * k..(i + 1) * k], q, s);
-                    }
-                }
-            });
-        let mut out = vec![0f32; m * n];
-        for (j, col) in out_t.chunks_exact(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                out[i * n + j] = *v;
-            }
-        }
+        let out = super::ops::by_weight_rows(m, n, |i, j| {
+            let q = &self.q[j * k..(j + 1) * k];
+            let s = &self.scales[j * k / BLOCK..(j + 1) * k / BLOCK];
+            dot_q8(&xs[i * k..(i + 1) * k], q, s)
+        });
         Tensor::from_vec(out, (m, n), x.device())
     }
 }

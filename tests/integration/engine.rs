@@ -218,3 +218,21 @@ async fn the_q8_engine_answers_like_the_f32_one() {
     let stats = q8.stats().engine.expect("native");
     assert!(stats.finished >= 1);
 }
+
+/// Tokens that decode to nothing (here the end-of-turn token, a special token) leave nothing
+/// behind: the text after them streams as if they were not there.
+#[tokio::test]
+async fn the_detokenizer_passes_over_tokens_that_decode_to_nothing() {
+    use domainrag::engine::{ChatTokenizer, Detokenizer};
+    let chat = ChatTokenizer::load(&models_dir().join("SmolLM2-135M-Instruct-hf")).unwrap();
+    let mut d = Detokenizer::default();
+    let mut text = String::new();
+    for _ in 0..300 {
+        assert_eq!(d.push(&chat, chat.end_of_turn()).unwrap(), None);
+    }
+    for id in chat.encode_text("The capital is Paris.").unwrap() {
+        text.extend(d.push(&chat, id).unwrap());
+    }
+    text.extend(d.finish(&chat).unwrap());
+    assert_eq!(text, "The capital is Paris.");
+}
