@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::llama::ops::dot;
+use crate::llama::simd::dot;
 
 /// One group's LoRA pair as slices: `a` `(rank, in)`, `b_t` `(rank, out)` = `(scale·B)ᵀ`.
 pub(super) struct LoraRows<'a> {

@@ -6,8 +6,8 @@
 //! adapters, a different one per group of rows), and attention (the trainer's causal attention
 //! over one sequence; the engine's attention of each sequence over its KV cache).
 //!
-//! `ops` holds the fused CPU ops. Knows nothing of prompts, tokenizers, adapters' files or
-//! scheduling.
+//! `ops` holds the fused CPU ops, `simd` the vector dot products under them, `quant` the 8-bit
+//! weights. Knows nothing of prompts, tokenizers, adapters' files or scheduling.
 
 use std::path::Path;
 
@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 pub(crate) mod ops;
 pub mod quant;
+pub(crate) mod simd;
 
 use quant::Q8Matrix;
 

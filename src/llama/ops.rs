@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, D, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::simd;
 use crate::rng::Rng;
 /// Elements per parallel chunk of the element-wise custom ops.
 const ROWS_CHUNK: usize = 16 * 1024;
@@ -265,23 +266,24 @@ impl candle_core::CustomOp1 for FrozenLinear {
 /// Inputs of at most this many rows (decode steps) go through [`few_rows_linear`] instead of gemm.
 pub(crate) const FEW_ROWS: usize = 16;
 
-/// `x·Wᵀ` for a few rows `x` `(m, k)` and `W` `(n, k)` row-major, by dot products of each row of
-/// `W` with every row of `x`, `W` read once. gemm would first pack all of `W` (it multiplies
+/// `x·Wᵀ` for a few rows `x` `(m, k)` and `W` `(n, k)` row-major, weight row by weight row, each
+/// read once for all `m` rows ([`simd::dots_rows`]). gemm would first pack all of `W` (it multiplies
 /// `W·xᵀ`, and a row-major `W` is the wrong layout for its left operand): for one decode row
 /// that packing was ~36% of the engine's time, more than the product itself.
 fn few_rows_linear(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    by_weight_rows(m, n, |i, j| {
-        dot(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k])
+    by_weight_rows(m, n, |j, dst, _| {
+        simd::dots_rows(&w[j * k..(j + 1) * k], x, dst)
     })
 }
 
-/// The `(m, n)` output of a few-rows product whose entry `(i, j)` is `entry(i, j)` (input row `i`
-/// against weight row `j`), computed weight row by weight row so each is read once for all `m`
-/// inputs, in parallel blocks of weight rows.
+/// The `(m, n)` output of a few-rows product, weight row by weight row: `row(j, dst, scratch)`
+/// writes the `m` entries of output column `j` (every input row against weight row `j`) into
+/// `dst`; `scratch` is a buffer the caller may reuse between rows of one task. Blocks of weight
+/// rows run in parallel.
 pub(crate) fn by_weight_rows(
     m: usize,
     n: usize,
-    entry: impl Fn(usize, usize) -> f32 + Sync,
+    row: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync,
 ) -> Vec<f32> {
     const BLOCK: usize = 64;
     // Output columns in blocks, transposed `(n, m)`, so each task writes one slice.
@@ -290,11 +292,9 @@ pub(crate) fn by_weight_rows(
         .par_chunks_mut(BLOCK * m)
         .enumerate()
         .for_each(|(b, chunk)| {
+            let mut scratch = Vec::new();
             for (jj, dst) in chunk.chunks_exact_mut(m).enumerate() {
-                let j = b * BLOCK + jj;
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = entry(i, j);
-                }
+                row(b * BLOCK + jj, dst, &mut scratch);
             }
         });
     if m == 1 {
@@ -307,24 +307,6 @@ pub(crate) fn by_weight_rows(
         }
     }
     out
-}
-
-/// Dot product with 16 independent fused multiply-add lanes (vectorised by the compiler).
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (ac, at) = a.split_at(a.len() / LANES * LANES);
-    let (bc, bt) = b.split_at(ac.len());
-    for (ca, cb) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] = ca[l].mul_add(cb[l], acc[l]);
-        }
-    }
-    let mut sum = acc.iter().sum::<f32>();
-    for (x, y) in at.iter().zip(bt) {
-        sum = x.mul_add(*y, sum);
-    }
-    sum
 }
 
 /// RMSNorm with a frozen scale `w`: `x / sqrt(mean(x^2) + eps) * w`.
@@ -539,7 +521,14 @@ mod tests {
     fn few_rows_linear_matches_gemm() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let mut rng = Rng::new(11);
-        for (m, n, k) in [(1, 130, 37), (3, 64, 16), (16, 200, 100), (17, 65, 33)] {
+        for (m, n, k) in [
+            (1, 130, 37),
+            (3, 64, 16),
+            (6, 70, 40),
+            (8, 33, 64),
+            (16, 200, 100),
+            (17, 65, 33),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() - 0.5).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() - 0.5).collect();
             let xt = Tensor::from_vec(x, (m, k), &dev)?;

@@ -85,12 +85,26 @@ impl Q8Matrix {
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let n = self.rows;
-        let out = super::ops::by_weight_rows(m, n, |i, j| {
+        let out = super::ops::by_weight_rows(m, n, |j, dst, row| {
             let q = &self.q[j * k..(j + 1) * k];
             let s = &self.scales[j * k / BLOCK..(j + 1) * k / BLOCK];
-            dot_q8(&xs[i * k..(i + 1) * k], q, s)
+            if m == 1 {
+                dst[0] = dot_q8(&xs, q, s);
+            } else {
+                // Several rows: widen the weight row once, then share it.
+                dequantize_row(q, s, row);
+                super::simd::dots_rows(row, &xs, dst);
+            }
         });
         Tensor::from_vec(out, (m, n), x.device())
+    }
+}
+
+/// One row's weights as f32 into `out`.
+fn dequantize_row(q: &[i8], scales: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    for (qb, s) in q.chunks_exact(BLOCK).zip(scales) {
+        out.extend(qb.iter().map(|v| *v as f32 * s));
     }
 }
 
@@ -129,7 +143,7 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(err <= 0.5 / 127.0 + 1e-6, "{err}");
-        for m in [1, 5, 40] {
+        for m in [1, 2, 5, 8, 40] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() - 0.5).collect();
             let xt = Tensor::from_vec(x, (m, k), &dev)?;
             let exact = xt.matmul(&wt.t()?)?;
