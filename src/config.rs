@@ -400,13 +400,13 @@ impl Settings {
             return invalid("generate.engine", "must be mistralrs or native");
         }
         if self.generate.engine == "native"
-            && (!["none", "q8_0"].contains(&self.generate.isq.as_str())
+            && (!["none", "q8_0", "q4_0"].contains(&self.generate.isq.as_str())
                 || self.generate.dtype != "f32")
         {
             return invalid(
                 "generate.engine",
-                "native loads f32 weights and quantises them to q8_0 or not: set generate.dtype = \
-                 \"f32\" and generate.isq to \"none\" or \"q8_0\"",
+                "native loads f32 weights and quantises them to q8_0, q4_0 or not: set \
+                 generate.dtype = \"f32\" and generate.isq to \"none\", \"q8_0\" or \"q4_0\"",
             );
         }
         if self.generate.kv_budget_tokens < 256 {

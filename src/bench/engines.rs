@@ -113,7 +113,7 @@ pub struct EnginesPlan {
     pub reps: usize,
     pub max_tokens: usize,
     pub threads: usize,
-    /// Also measure domainrag's native engine (for the `isq` values it has: none, q8_0; with the
+    /// Also measure domainrag's native engine (for the `isq` values it has: none, q8_0, q4_0; with the
     /// adapter when there is one).
     pub native: bool,
 }
@@ -290,6 +290,7 @@ pub async fn run(
         let label = match isq.as_str() {
             "none" => "native f32",
             "q8_0" => "native q8_0",
+            "q4_0" => "native q4_0",
             _ => continue,
         };
         let mut s = settings.clone();

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::adapters::AdapterInfo;
 use crate::llama::Weights;
+use crate::llama::quant::QFormat;
 
 pub mod adapter;
 pub mod chat;
@@ -59,6 +60,28 @@ pub enum Quant {
     F32,
     /// Blockwise 8-bit ([`crate::llama::quant`]).
     Q8_0,
+    /// Blockwise 4-bit ([`crate::llama::quant`]).
+    Q4_0,
+}
+
+impl Quant {
+    /// The `generate.isq` value naming this (`none` for f32); `None` for other values.
+    pub fn from_isq(isq: &str) -> Option<Quant> {
+        match isq {
+            "none" => Some(Quant::F32),
+            "q8_0" => Some(Quant::Q8_0),
+            "q4_0" => Some(Quant::Q4_0),
+            _ => None,
+        }
+    }
+
+    fn format(self) -> Option<QFormat> {
+        match self {
+            Quant::F32 => None,
+            Quant::Q8_0 => Some(QFormat::Q8_0),
+            Quant::Q4_0 => Some(QFormat::Q4_0),
+        }
+    }
 }
 
 /// Limits of the scheduler.
@@ -181,10 +204,10 @@ impl Engine {
         };
         let mut weights =
             Weights::load(dir, device).map_err(|e| load("the base model", e.to_string()))?;
-        if quant == Quant::Q8_0 {
+        if let Some(format) = quant.format() {
             weights
-                .quantize_q8()
-                .map_err(|e| load("the base model as q8_0", e.to_string()))?;
+                .quantize(format)
+                .map_err(|e| load(&format!("the base model as {format:?}"), e.to_string()))?;
         }
         let weights = Arc::new(weights);
         let chat =

@@ -26,7 +26,9 @@ struct Sequence {
     generated: Vec<u32>,
     detok: Detokenizer,
     rng: Rng,
-    done: bool,
+    /// How it ended (a `Done` or `Error` event), sent once the scheduler has counted it, so a
+    /// client that sees its answer end also sees it in the engine's counters.
+    outcome: Option<GenEvent>,
 }
 
 impl Sequence {
@@ -53,13 +55,23 @@ impl Sequence {
         }
     }
 
+    fn done(&self) -> bool {
+        self.outcome.is_some()
+    }
+
     fn finish(&mut self, reason: &str) {
-        self.done = true;
-        let _ = self.events.send(GenEvent::Done {
+        self.outcome = Some(GenEvent::Done {
             prompt_tokens: self.request.prompt.len(),
             completion_tokens: self.generated.len(),
             finish_reason: reason.to_string(),
         });
+    }
+
+    /// Send how it ended.
+    fn end(mut self) {
+        if let Some(event) = self.outcome.take() {
+            let _ = self.events.send(event);
+        }
     }
 
     /// Take the sampled `token`: stream its text, or stop.
@@ -94,8 +106,7 @@ impl Sequence {
     }
 
     fn fail(&mut self, message: &str) {
-        self.done = true;
-        let _ = self.events.send(GenEvent::Error(message.to_string()));
+        self.outcome = Some(GenEvent::Error(message.to_string()));
     }
 }
 
@@ -147,17 +158,21 @@ impl Scheduler {
                     s.fail(&format!("generation failed: {e}"));
                 }
             }
-            let before = self.running.len();
-            self.running.retain(|s| !s.done);
-            let finished = before - self.running.len();
+            let (ended, running) = std::mem::take(&mut self.running)
+                .into_iter()
+                .partition::<Vec<_>, _>(Sequence::done);
+            self.running = running;
+            let finished = ended.len();
             self.publish(finished as u64);
+            ended.into_iter().for_each(Sequence::end);
             if finished + cancelled > 0 {
                 // Hand the finished sequences' caches back to the kernel (see telemetry).
                 crate::telemetry::release_freed_heap();
             }
         }
-        for s in &mut self.running {
+        for mut s in std::mem::take(&mut self.running) {
             s.fail("the engine has stopped");
+            s.end();
         }
     }
 
@@ -222,7 +237,7 @@ impl Scheduler {
                     generated: Vec::new(),
                     detok: Detokenizer::default(),
                     rng,
-                    done: false,
+                    outcome: None,
                 });
             }
             Err(e) => {

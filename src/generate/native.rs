@@ -61,11 +61,8 @@ impl NativeBackend {
         };
         let dir = base_dir.to_path_buf();
         let device = device()?;
-        let quant = if config.isq == "q8_0" {
-            Quant::Q8_0
-        } else {
-            Quant::F32
-        };
+        // `Settings::validate` lets only these through for the native engine.
+        let quant = Quant::from_isq(&config.isq).unwrap_or(Quant::F32);
         let engine =
             tokio::task::spawn_blocking(move || Engine::start(&dir, &device, quant, limits))
                 .await

@@ -6,8 +6,8 @@
 //! adapters, a different one per group of rows), and attention (the trainer's causal attention
 //! over one sequence; the engine's attention of each sequence over its KV cache).
 //!
-//! `ops` holds the fused CPU ops, `simd` the vector dot products under them, `quant` the 8-bit
-//! weights. Knows nothing of prompts, tokenizers, adapters' files or scheduling.
+//! `ops` holds the fused CPU ops, `simd` the vector dot products under them, `quant` the 8- and
+//! 4-bit weights. Knows nothing of prompts, tokenizers, adapters' files or scheduling.
 
 use std::path::Path;
 
@@ -18,7 +18,7 @@ pub(crate) mod ops;
 pub mod quant;
 pub(crate) mod simd;
 
-use quant::Q8Matrix;
+use quant::{QFormat, QMatrix};
 
 /// The linear modules of a layer, in the order of its forward pass (the index a [`Hooks`] call
 /// names).
@@ -98,8 +98,8 @@ pub fn module_path(layer: usize, m: usize) -> String {
 #[derive(Debug)]
 pub enum Linear {
     F32(Tensor),
-    /// Blockwise 8-bit (serving only, [`Weights::quantize_q8`]).
-    Q8(Q8Matrix),
+    /// Blockwise 8- or 4-bit (serving only, [`Weights::quantize`]).
+    Quant(QMatrix),
 }
 
 impl Linear {
@@ -107,7 +107,7 @@ impl Linear {
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
             Linear::F32(w) => w.dims2(),
-            Linear::Q8(q) => Ok((q.rows, q.cols)),
+            Linear::Quant(q) => Ok((q.rows, q.cols)),
         }
     }
 
@@ -115,7 +115,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Linear::F32(w) => ops::frozen_linear(x, w),
-            Linear::Q8(q) => q.linear(x),
+            Linear::Quant(q) => q.linear(x),
         }
     }
 }
@@ -271,13 +271,13 @@ impl Weights {
         out
     }
 
-    /// Replace every linear layer and the LM head by its blockwise 8-bit form (the embedding
+    /// Replace every linear layer and the LM head by its blockwise quantised form (the embedding
     /// table stays f32 for lookups). Serving only.
-    pub fn quantize_q8(&mut self) -> candle_core::Result<()> {
+    pub fn quantize(&mut self, format: QFormat) -> candle_core::Result<()> {
         let linears = self.layers.iter_mut().flat_map(|l| l.linears.iter_mut());
         for linear in linears.chain([&mut self.lm_head]) {
             if let Linear::F32(w) = linear {
-                *linear = Linear::Q8(Q8Matrix::quantize(w)?);
+                *linear = Linear::Quant(QMatrix::quantize(w, format)?);
             }
         }
         Ok(())

@@ -271,19 +271,19 @@ pub(crate) const FEW_ROWS: usize = 16;
 /// `W·xᵀ`, and a row-major `W` is the wrong layout for its left operand): for one decode row
 /// that packing was ~36% of the engine's time, more than the product itself.
 fn few_rows_linear(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    by_weight_rows(m, n, |j, dst, _| {
+    by_weight_rows(m, n, |j, dst, _: &mut ()| {
         simd::dots_rows(&w[j * k..(j + 1) * k], x, dst)
     })
 }
 
 /// The `(m, n)` output of a few-rows product, weight row by weight row: `row(j, dst, scratch)`
 /// writes the `m` entries of output column `j` (every input row against weight row `j`) into
-/// `dst`; `scratch` is a buffer the caller may reuse between rows of one task. Blocks of weight
-/// rows run in parallel.
-pub(crate) fn by_weight_rows(
+/// `dst`; `scratch` is the caller's buffer, reused between the rows of one task. Blocks of
+/// weight rows run in parallel.
+pub(crate) fn by_weight_rows<S: Default>(
     m: usize,
     n: usize,
-    row: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync,
+    row: impl Fn(usize, &mut [f32], &mut S) + Sync,
 ) -> Vec<f32> {
     const BLOCK: usize = 64;
     // Output columns in blocks, transposed `(n, m)`, so each task writes one slice.
@@ -292,7 +292,7 @@ pub(crate) fn by_weight_rows(
         .par_chunks_mut(BLOCK * m)
         .enumerate()
         .for_each(|(b, chunk)| {
-            let mut scratch = Vec::new();
+            let mut scratch = S::default();
             for (jj, dst) in chunk.chunks_exact_mut(m).enumerate() {
                 row(b * BLOCK + jj, dst, &mut scratch);
             }

@@ -1,123 +1,186 @@
-//! Blockwise 8-bit weights for serving (`generate.isq = "q8_0"` on the native engine): each run of
-//! 32 weights of a row keeps one f32 scale and 32 signed bytes (`w ≈ scale · q`, `scale =
-//! max|w| / 127`), the layout of GGML's Q8_0 with an f32 scale. A decode step reads 1.125 bytes per
-//! weight instead of 4, which is what bounds decoding on a CPU; rows are multiplied straight from
-//! the bytes. Prompt chunks (more than a few rows) dequantise the matrix for one product.
+//! Blockwise quantised weights for serving (`generate.isq = "q8_0"` or `"q4_0"` on the native
+//! engine), the layouts of GGML's Q8_0 and Q4_0 with an f32 scale: each run of 32 weights of a row
+//! keeps one scale and 32 codes, `w ≈ scale · code`; 8-bit codes in -127..=127 (`scale = max|w| /
+//! 127`), or 4-bit codes in -8..=7 packed two to a byte (`scale = -m / 8` for the block's `m` of
+//! largest magnitude, so `m` itself is exact). A decode step reads 1.125 or 0.625 bytes per weight
+//! instead of 4, which is what bounds decoding on a CPU.
 //!
-//! Serving only: training keeps f32 weights (gradients flow through them).
+//! A few input rows (decode steps) are quantised to 8-bit blocks themselves and multiplied with
+//! integer multiply-adds ([`simd::dots_i8_rows`]), one weight row at a time, 4-bit rows widened to
+//! bytes once for all input rows. Prompt chunks (more rows) dequantise the matrix for one f32
+//! product. Serving only: training keeps f32 weights (gradients flow through them).
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-/// Weights per block.
-pub const BLOCK: usize = 32;
+use super::simd::{self, QBLOCK as BLOCK, QRow};
 
-/// A `(rows, cols)` matrix in blocks of [`BLOCK`] along each row.
-#[derive(Debug)]
-pub struct Q8Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    /// `rows * cols / BLOCK`, row-major.
-    scales: Vec<f32>,
-    /// `rows * cols`, row-major.
-    q: Vec<i8>,
+/// How a [`QMatrix`] codes its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    /// 8-bit codes.
+    Q8_0,
+    /// 4-bit codes.
+    Q4_0,
 }
 
-impl Q8Matrix {
-    /// Quantise a row-major f32 matrix whose rows are a multiple of [`BLOCK`] long.
-    pub fn quantize(w: &Tensor) -> candle_core::Result<Q8Matrix> {
+/// The codes of a matrix, row-major.
+#[derive(Debug)]
+enum Codes {
+    /// One per weight.
+    I8(Vec<i8>),
+    /// Two per byte: in each block's 16 bytes, byte `i` holds code `i` in its low half and code
+    /// `i + 16` in its high half, each stored plus 8.
+    Nibbles(Vec<u8>),
+}
+
+/// A `(rows, cols)` matrix in blocks of 32 along each row.
+#[derive(Debug)]
+pub struct QMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows * cols / 32`, row-major.
+    scales: Vec<f32>,
+    codes: Codes,
+}
+
+impl QMatrix {
+    /// Quantise a row-major f32 matrix whose rows are a multiple of 32 long.
+    pub fn quantize(w: &Tensor, format: QFormat) -> candle_core::Result<QMatrix> {
         let (rows, cols) = w.dims2()?;
         if !cols.is_multiple_of(BLOCK) {
-            candle_core::bail!("q8_0 needs rows of a multiple of {BLOCK} weights, not {cols}");
+            candle_core::bail!(
+                "{format:?} needs rows of a multiple of {BLOCK} weights, not {cols}"
+            );
         }
         let data = w.flatten_all()?.to_vec1::<f32>()?;
-        let blocks = rows * cols / BLOCK;
-        let mut scales = vec![0f32; blocks];
-        let mut q = vec![0i8; rows * cols];
-        scales
-            .par_iter_mut()
-            .zip(q.par_chunks_mut(BLOCK))
-            .zip(data.par_chunks(BLOCK))
-            .for_each(|((scale, qs), ws)| {
-                let max = ws.iter().fold(0f32, |m, v| m.max(v.abs()));
-                *scale = max / 127.0;
-                let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-                for (d, v) in qs.iter_mut().zip(ws) {
-                    *d = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                }
-            });
-        Ok(Q8Matrix {
+        let mut scales = vec![0f32; rows * cols / BLOCK];
+        let codes = match format {
+            QFormat::Q8_0 => {
+                let mut q = vec![0i8; rows * cols];
+                scales
+                    .par_iter_mut()
+                    .zip(q.par_chunks_mut(BLOCK))
+                    .zip(data.par_chunks(BLOCK))
+                    .for_each(|((scale, qs), ws)| *scale = quantize_block(ws, 127.0, qs));
+                Codes::I8(q)
+            }
+            QFormat::Q4_0 => {
+                let mut q = vec![0u8; rows * cols / 2];
+                scales
+                    .par_iter_mut()
+                    .zip(q.par_chunks_mut(BLOCK / 2))
+                    .zip(data.par_chunks(BLOCK))
+                    .for_each(|((scale, packed), ws)| {
+                        let mut qs = [0i8; BLOCK];
+                        *scale = quantize_block(ws, -8.0, &mut qs);
+                        for (i, p) in packed.iter_mut().enumerate() {
+                            *p = (qs[i] + 8) as u8 | (((qs[i + 16] + 8) as u8) << 4);
+                        }
+                    });
+                Codes::Nibbles(q)
+            }
+        };
+        Ok(QMatrix {
             rows,
             cols,
             scales,
-            q,
+            codes,
         })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.q.len() + 4 * self.scales.len()
+        let codes = match &self.codes {
+            Codes::I8(q) => q.len(),
+            Codes::Nibbles(q) => q.len(),
+        };
+        codes + 4 * self.scales.len()
+    }
+
+    /// Row `j`'s codes, widened to bytes in `scratch` when they are packed.
+    fn row_codes<'a>(&'a self, j: usize, scratch: &'a mut Vec<i8>) -> &'a [i8] {
+        let k = self.cols;
+        match &self.codes {
+            Codes::I8(q) => &q[j * k..(j + 1) * k],
+            Codes::Nibbles(q) => {
+                scratch.resize(k, 0);
+                simd::unpack_nibbles(&q[j * k / 2..(j + 1) * k / 2], scratch);
+                scratch
+            }
+        }
     }
 
     /// The matrix as f32 `(rows, cols)`.
     pub fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(BLOCK)
-            .zip(self.q.par_chunks(BLOCK))
-            .zip(self.scales.par_iter())
-            .for_each(|((d, qs), s)| {
-                for (o, v) in d.iter_mut().zip(qs) {
+        let k = self.cols;
+        let mut out = vec![0f32; self.rows * k];
+        out.par_chunks_mut(k).enumerate().for_each(|(j, row)| {
+            let mut scratch = Vec::new();
+            let codes = self.row_codes(j, &mut scratch);
+            let scales = &self.scales[j * k / BLOCK..(j + 1) * k / BLOCK];
+            for ((d, q), s) in row.chunks_mut(BLOCK).zip(codes.chunks(BLOCK)).zip(scales) {
+                for (o, v) in d.iter_mut().zip(q) {
                     *o = *v as f32 * s;
                 }
-            });
-        Tensor::from_vec(out, (self.rows, self.cols), device)
+            }
+        });
+        Tensor::from_vec(out, (self.rows, k), device)
     }
 
-    /// `x·Wᵀ` for `x` `(m, cols)` on the CPU: a few rows straight from the bytes, more through a
-    /// dequantised matrix product.
+    /// `x·Wᵀ` for `x` `(m, cols)` on the CPU: a few rows quantised and multiplied straight from
+    /// the codes, more through a dequantised matrix product.
     pub fn linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (m, k) = x.dims2()?;
         if k != self.cols {
-            candle_core::bail!("q8_0 linear: input has {k} columns, weight {}", self.cols);
+            candle_core::bail!(
+                "quantised linear: input has {k} columns, weight {}",
+                self.cols
+            );
         }
         if m > super::ops::FEW_ROWS || !x.device().is_cpu() {
             return x.matmul(&self.dequantize(x.device())?.t()?);
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let n = self.rows;
-        let out = super::ops::by_weight_rows(m, n, |j, dst, row| {
-            let q = &self.q[j * k..(j + 1) * k];
-            let s = &self.scales[j * k / BLOCK..(j + 1) * k / BLOCK];
-            if m == 1 {
-                dst[0] = dot_q8(&xs, q, s);
-            } else {
-                // Several rows: widen the weight row once, then share it.
-                dequantize_row(q, s, row);
-                super::simd::dots_rows(row, &xs, dst);
-            }
+        let mut x_codes = vec![0i8; m * k];
+        let x_scales: Vec<f32> = xs
+            .chunks_exact(BLOCK)
+            .zip(x_codes.chunks_exact_mut(BLOCK))
+            .map(|(v, q)| quantize_block(v, 127.0, q))
+            .collect();
+        let xq = QRow {
+            codes: &x_codes,
+            scales: &x_scales,
+        };
+        let out = super::ops::by_weight_rows(m, self.rows, |j, dst, scratch: &mut Vec<i8>| {
+            let w = QRow {
+                codes: self.row_codes(j, scratch),
+                scales: &self.scales[j * k / BLOCK..(j + 1) * k / BLOCK],
+            };
+            simd::dots_i8_rows(w, xq, dst);
         });
-        Tensor::from_vec(out, (m, n), x.device())
+        Tensor::from_vec(out, (m, self.rows), x.device())
     }
 }
 
-/// One row's weights as f32 into `out`.
-fn dequantize_row(q: &[i8], scales: &[f32], out: &mut Vec<f32>) {
-    out.clear();
-    for (qb, s) in q.chunks_exact(BLOCK).zip(scales) {
-        out.extend(qb.iter().map(|v| *v as f32 * s));
+/// Quantise one block `ws` into `qs` and return its scale: the value of largest magnitude maps
+/// to code `top` (127 for 8 bits; -8 for 4 bits, whose codes run -8..=7), the rest round to the
+/// nearest code within range.
+fn quantize_block(ws: &[f32], top: f32, qs: &mut [i8]) -> f32 {
+    let m = ws
+        .iter()
+        .fold(0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
+    let scale = if top > 0.0 { m.abs() / top } else { m / top };
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    let (lo, hi) = if top > 0.0 {
+        (-top, top)
+    } else {
+        (top, -top - 1.0)
+    };
+    for (d, v) in qs.iter_mut().zip(ws) {
+        *d = (v * inv).round().clamp(lo, hi) as i8;
     }
-}
-
-/// `Σ x·(scale·q)` over one row, block by block, in 32 independent lanes (vectorised by the
-/// compiler: bytes widened to f32, scaled, fused multiply-add).
-fn dot_q8(x: &[f32], q: &[i8], scales: &[f32]) -> f32 {
-    let mut acc = [0f32; BLOCK];
-    for ((xb, qb), s) in x.chunks_exact(BLOCK).zip(q.chunks_exact(BLOCK)).zip(scales) {
-        for l in 0..BLOCK {
-            acc[l] = (qb[l] as f32 * s).mul_add(xb[l], acc[l]);
-        }
-    }
-    acc.iter().sum()
+    scale
 }
 
 #[cfg(test)]
@@ -125,46 +188,57 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    /// Quantised products stay within the rounding error of 8 bits, for a few rows (the byte
-    /// kernel) and many (the dequantised product), and dequantising reproduces the weights.
+    fn max_gap(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// Both formats: dequantising stays within half a step of each block's scale (and keeps each
+    /// block's largest weight exact), and products for a few rows (the integer kernel, which
+    /// also quantises its input) and many (the dequantised product) stay near the f32 product.
     #[test]
-    fn q8_products_are_close_to_f32() -> candle_core::Result<()> {
+    fn quantised_products_are_close_to_f32() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let mut rng = Rng::new(4);
         let (n, k) = (70, 96);
         let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() - 0.5).collect();
-        let wt = Tensor::from_vec(w, (n, k), &dev)?;
-        let q = Q8Matrix::quantize(&wt)?;
-        assert_eq!(q.bytes(), n * k + 4 * n * k / BLOCK);
-        let back = q.dequantize(&dev)?;
-        let err = (&back - &wt)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert!(err <= 0.5 / 127.0 + 1e-6, "{err}");
-        for m in [1, 2, 5, 8, 40] {
-            let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() - 0.5).collect();
-            let xt = Tensor::from_vec(x, (m, k), &dev)?;
-            let exact = xt.matmul(&wt.t()?)?;
-            let ours = q.linear(&xt)?;
-            let via_back = xt.matmul(&back.t()?)?;
-            let gap = (&ours - &via_back)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert!(gap < 1e-4, "m={m}: {gap}");
-            let err = (&ours - &exact)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert!(err < 0.05, "m={m}: {err}");
+        let wt = Tensor::from_vec(w.clone(), (n, k), &dev)?;
+        // (format, bytes per weight times 32, largest dequantisation error, product error)
+        for (format, bytes32, step, tolerance) in [
+            (QFormat::Q8_0, 32 + 4, 0.5 / 127.0, 0.08),
+            (QFormat::Q4_0, 16 + 4, 0.5 / 8.0, 0.4),
+        ] {
+            let q = QMatrix::quantize(&wt, format)?;
+            assert_eq!(q.bytes(), n * k / BLOCK * bytes32, "{format:?}");
+            let back = q.dequantize(&dev)?;
+            assert!(max_gap(&back, &wt)? <= step + 1e-6, "{format:?}");
+            let back_v = back.flatten_all()?.to_vec1::<f32>()?;
+            for (b, block) in w.chunks(BLOCK).enumerate() {
+                let (i, _) = block
+                    .iter()
+                    .enumerate()
+                    .fold((0, 0f32), |(bi, bm), (i, v)| {
+                        if v.abs() > bm { (i, v.abs()) } else { (bi, bm) }
+                    });
+                assert!(
+                    (back_v[b * BLOCK + i] - block[i]).abs() < 1e-6,
+                    "{format:?}"
+                );
+            }
+            for m in [1, 2, 5, 8, 40] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() - 0.5).collect();
+                let xt = Tensor::from_vec(x, (m, k), &dev)?;
+                let exact = xt.matmul(&wt.t()?)?;
+                let ours = q.linear(&xt)?;
+                let err = max_gap(&ours, &exact)?;
+                assert!(err < tolerance, "{format:?} m={m}: {err}");
+                if m > crate::llama::ops::FEW_ROWS {
+                    let via_back = xt.matmul(&back.t()?)?;
+                    assert!(max_gap(&ours, &via_back)? < 1e-4, "{format:?} m={m}");
+                }
+            }
+            let bad = Tensor::zeros((2, 33), candle_core::DType::F32, &dev)?;
+            assert!(QMatrix::quantize(&bad, format).is_err());
         }
-        assert!(
-            Q8Matrix::quantize(&Tensor::zeros((2, 33), candle_core::DType::F32, &dev)?).is_err()
-        );
         Ok(())
     }
 }

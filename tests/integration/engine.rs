@@ -204,19 +204,21 @@ async fn the_native_engine_answers_through_rag_with_citations() {
 }
 
 #[tokio::test]
-async fn the_q8_engine_answers_like_the_f32_one() {
-    let mut s = crate::helpers::settings(crate::helpers::adapter_data_dir());
-    s.generate.engine = "native".into();
-    s.generate.isq = "q8_0".into();
-    let q8 = Generator::load(&s).await.expect("q8_0 engine loads");
+async fn the_quantised_engines_answer_like_the_f32_one() {
     let f32 = native_generator().await;
     let q = "What is the capital of France?";
-    let a = q8.complete(None, user(q), greedy(16)).await.expect("q8_0");
     let b = f32.complete(None, user(q), greedy(16)).await.expect("f32");
-    assert!(a.text.contains("Paris"), "{:?}", a.text);
     assert!(b.text.contains("Paris"), "{:?}", b.text);
-    let stats = q8.stats().engine.expect("native");
-    assert!(stats.finished >= 1);
+    for isq in ["q8_0", "q4_0"] {
+        let mut s = crate::helpers::settings(crate::helpers::adapter_data_dir());
+        s.generate.engine = "native".into();
+        s.generate.isq = isq.into();
+        let g = Generator::load(&s).await.expect("quantised engine loads");
+        let a = g.complete(None, user(q), greedy(16)).await.expect(isq);
+        assert!(a.text.contains("Paris"), "{isq}: {:?}", a.text);
+        let stats = g.stats().engine.expect("native");
+        assert!(stats.finished >= 1);
+    }
 }
 
 /// Tokens that decode to nothing (here the end-of-turn token, a special token) leave nothing
