@@ -35,10 +35,29 @@ pub struct ChatError(pub String);
 #[derive(Debug)]
 pub struct ChatTokenizer {
     tokenizer: Tokenizer,
-    template: String,
+    /// The chat template, parsed once (as [`CHAT_TEMPLATE`]).
+    env: minijinja::Environment<'static>,
     bos: String,
     eos: String,
     end_of_turn: u32,
+}
+
+/// The chat template's name in its environment.
+const CHAT_TEMPLATE: &str = "chat";
+
+/// An environment holding the model's chat template, parsed, with the Python string methods and
+/// the `raise_exception` function HF templates use.
+fn template_env(template: String) -> Result<minijinja::Environment<'static>, minijinja::Error> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, _> {
+        Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            msg,
+        ))
+    });
+    env.add_template_owned(CHAT_TEMPLATE, template)?;
+    Ok(env)
 }
 
 /// A special token in `tokenizer_config.json`: a string, or `{"content": ...}`.
@@ -65,7 +84,8 @@ impl ChatTokenizer {
             .to_string();
         let mut chat = ChatTokenizer {
             tokenizer,
-            template,
+            env: template_env(template)
+                .map_err(|e| ChatError(format!("{}: chat_template: {e}", path.display())))?,
             bos: special(&config, "bos_token"),
             eos: special(&config, "eos_token"),
             end_of_turn: 0,
@@ -80,24 +100,17 @@ impl ChatTokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
-        let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, _> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        });
-        env.render_str(
-            &self.template,
-            minijinja::context! {
+        self.env
+            .get_template(CHAT_TEMPLATE)
+            .and_then(|t| {
+                t.render(minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos,
-                eos_token => &self.eos,
-            },
-        )
-        .map_err(|e| ChatError(format!("chat template: {e}")))
+                    bos_token => &self.bos,
+                    eos_token => &self.eos,
+                })
+            })
+            .map_err(|e| ChatError(format!("chat template: {e}")))
     }
 
     /// The prompt's token ids: the template with the generation prompt, tokenised.
