@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::median;
 use crate::generate::{ChatMessage, GenerateError, Generator, Role, Sampling};
 use crate::ingest::load::parse_squad;
 use crate::rag::{Source, build_messages};
@@ -181,19 +182,6 @@ pub fn prompts(squad: &Path, reps: usize) -> Result<Vec<Vec<BenchPrompt>>, Engin
             ]
         })
         .collect())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Run the llama.cpp peer on `prompts`.

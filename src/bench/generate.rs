@@ -1,5 +1,5 @@
 //! `bench generate`: one engine's speed and memory with adapters. Load time and RSS of the base,
-//! TTFT and decode rate of the base and of an adapter, the cost of switching to an adapter, RSS
+//! TTFT and decode rate of the base and of an adapter (medians of [`REPS`] requests), the cost of switching to an adapter, RSS
 //! with 1..N adapters resident, a request for an adapter no request has used (TTFT, against the
 //! base's), throughput of 1/4/8 concurrent base requests, and a mixed-adapter load: 8 concurrent
 //! requests spread over 4 adapters. `benches/generate-engines.sh` runs it for both engines and
@@ -14,7 +14,12 @@ use serde::Serialize;
 use super::rss_mib;
 use crate::generate::{ChatMessage, Completion, GenerateError, Generator, Role, Sampling};
 
-/// Speed of one model on one prompt.
+/// Requests behind each TTFT and decode figure.
+pub const REPS: usize = 5;
+/// Runs behind each throughput figure.
+pub const THROUGHPUT_REPS: usize = 3;
+
+/// Speed of one model on one prompt: per-field medians over `runs` requests.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeSpeed {
     pub first_token_ms: f64,
@@ -22,6 +27,7 @@ pub struct DecodeSpeed {
     pub completion_tokens: usize,
     /// Completion tokens per second after the first token.
     pub decode_tokens_per_s: f64,
+    pub runs: usize,
 }
 
 impl DecodeSpeed {
@@ -31,8 +37,36 @@ impl DecodeSpeed {
             total_ms: c.total_ms,
             completion_tokens: c.completion_tokens,
             decode_tokens_per_s: decode_rate(c.completion_tokens, c.first_token_ms, c.total_ms),
+            runs: 1,
         }
     }
+
+    fn median(runs: &[DecodeSpeed]) -> DecodeSpeed {
+        let of = |f: fn(&DecodeSpeed) -> f64| super::median(runs.iter().map(f).collect());
+        DecodeSpeed {
+            first_token_ms: of(|s| s.first_token_ms),
+            total_ms: of(|s| s.total_ms),
+            completion_tokens: of(|s| s.completion_tokens as f64) as usize,
+            decode_tokens_per_s: of(|s| s.decode_tokens_per_s),
+            runs: runs.len(),
+        }
+    }
+}
+
+/// The median speed of `REPS` requests of `adapter` on `question`.
+async fn speed(
+    g: &Generator,
+    adapter: Option<&str>,
+    question: &str,
+    sampling: Sampling,
+) -> Result<DecodeSpeed, GenerateError> {
+    let mut runs = Vec::with_capacity(REPS);
+    for _ in 0..REPS {
+        runs.push(DecodeSpeed::of(
+            &g.complete(adapter, user(question), sampling).await?,
+        ));
+    }
+    Ok(DecodeSpeed::median(&runs))
 }
 
 /// Completion tokens per second after the first token (the first one is prefill's).
@@ -65,9 +99,11 @@ pub struct GenerateBench {
     pub adapter_warm_switch_ms: f64,
     /// Resident memory with N adapters resident (mistral.rs keeps at most 4 merged models).
     pub rss_with_adapters_mib: BTreeMap<usize, f64>,
-    /// A request for an adapter that no request has used yet, on the same prompt as `base`.
+    /// Requests for adapters that no request has used yet (one each, up to [`REPS`]), on the same
+    /// prompt as `base`.
     pub adapter_never_used: DecodeSpeed,
-    /// Total completion tokens per second with N concurrent requests (base model).
+    /// Total completion tokens per second with N concurrent requests (base model; median of
+    /// [`THROUGHPUT_REPS`] runs, as the next).
     pub throughput_tokens_per_s: BTreeMap<usize, f64>,
     /// Total completion tokens per second of 8 concurrent requests over 4 adapters (2 each).
     pub mixed_8_over_4_tokens_per_s: f64,
@@ -80,23 +116,30 @@ fn user(q: &str) -> Vec<ChatMessage> {
     }]
 }
 
-/// Run `jobs` (adapter, question) at once; total completion tokens per second.
+/// Run `jobs` (adapter, question) at once, [`THROUGHPUT_REPS`] times (each time with the
+/// questions marked by the rep, so no engine answers from a prompt cache); the median of the
+/// total completion tokens per second.
 async fn concurrent(
     g: &Arc<Generator>,
     jobs: Vec<(Option<String>, String)>,
     sampling: Sampling,
 ) -> Result<f64, GenerateError> {
-    let t = Instant::now();
-    let runs = jobs.into_iter().map(|(adapter, q)| {
-        let g = Arc::clone(g);
-        async move { g.complete(adapter.as_deref(), user(&q), sampling).await }
-    });
-    let tokens: usize = futures::future::join_all(runs)
-        .await
-        .into_iter()
-        .map(|r| r.map(|c| c.completion_tokens))
-        .sum::<Result<usize, _>>()?;
-    Ok(tokens as f64 / t.elapsed().as_secs_f64())
+    let mut rates = Vec::with_capacity(THROUGHPUT_REPS);
+    for rep in 0..THROUGHPUT_REPS {
+        let t = Instant::now();
+        let runs = jobs.iter().map(|(adapter, q)| {
+            let g = Arc::clone(g);
+            let (adapter, q) = (adapter.clone(), format!("{q} (rep {rep})"));
+            async move { g.complete(adapter.as_deref(), user(&q), sampling).await }
+        });
+        let tokens: usize = futures::future::join_all(runs)
+            .await
+            .into_iter()
+            .map(|r| r.map(|c| c.completion_tokens))
+            .sum::<Result<usize, _>>()?;
+        rates.push(tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(super::median(rates))
 }
 
 /// Measure the configured engine: see [`GenerateBench`]. `adapters` must name at least 5
@@ -121,15 +164,12 @@ pub async fn generate_speed(
     let rss_after_base_mib = rss_mib();
     // Warm-up, then the measured base run.
     g.complete(None, user("Hi"), sampling).await?;
-    let base = DecodeSpeed::of(&g.complete(None, user(question), sampling).await?);
+    let base = speed(&g, None, question, sampling).await?;
 
     let t = Instant::now();
     g.preload(&adapters[..1]).await?;
     let adapter_cold_switch_s = t.elapsed().as_secs_f64();
-    let adapter = DecodeSpeed::of(
-        &g.complete(Some(&adapters[0]), user(question), sampling)
-            .await?,
-    );
+    let adapter = speed(&g, Some(&adapters[0]), question, sampling).await?;
     let t = Instant::now();
     g.preload(&adapters[..1]).await?;
     let adapter_warm_switch_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -144,10 +184,13 @@ pub async fn generate_speed(
         rss_with_adapters_mib.insert(n, rss_mib());
     }
     // Resident but never asked for (native), or not resident at all (mistral.rs's pool of 4).
-    let adapter_never_used = DecodeSpeed::of(
-        &g.complete(Some(&adapters[4]), user(question), sampling)
-            .await?,
-    );
+    let mut never_used = Vec::new();
+    for name in adapters.iter().skip(4).take(REPS) {
+        never_used.push(DecodeSpeed::of(
+            &g.complete(Some(name), user(question), sampling).await?,
+        ));
+    }
+    let adapter_never_used = DecodeSpeed::median(&never_used);
 
     let mut throughput_tokens_per_s = BTreeMap::new();
     for n in [1usize, 4, 8] {
@@ -194,8 +237,8 @@ pub fn generate_table(b: &GenerateBench) -> String {
         ("adapter never used before", &b.adapter_never_used),
     ] {
         out.push_str(&format!(
-            "| {what} | {:.1} | {:.1} | {} |\n",
-            s.first_token_ms, s.decode_tokens_per_s, s.completion_tokens
+            "| {what} (median of {}) | {:.1} | {:.1} | {} |\n",
+            s.runs, s.first_token_ms, s.decode_tokens_per_s, s.completion_tokens
         ));
     }
     out.push_str(&format!(

@@ -228,6 +228,20 @@ pub fn search_table(b: &SearchBench) -> String {
 }
 
 /// Resident set size of this process, in MiB.
+/// The median of `v` (0 when empty).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 pub fn rss_mib() -> f64 {
     crate::telemetry::proc_status_mib("VmRSS")
 }

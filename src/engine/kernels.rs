@@ -5,13 +5,14 @@
 //! - [`add_lora_rows`]: every group of rows adds its own adapter's LoRA update in one pass
 //!   (`h = A·x` by dot products, `y += hᵀ·(scale·B)ᵀ` by row updates), rows in parallel.
 //! - [`decode_attention`]: one query row per sequence attending over that sequence's cached keys
-//!   and values, all sequences and key/value heads in parallel.
+//!   and values, all sequences, key/value heads and runs of cached positions in parallel (the
+//!   runs' partial softmaxes merged), each key read once for the query heads that share it.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::llama::simd::dot;
+use crate::llama::simd::{dot, dots_rows};
 
 /// One group's LoRA pair as slices: `a` `(rank, in)`, `b_t` `(rank, out)` = `(scale·B)ᵀ`.
 pub(super) struct LoraRows<'a> {
@@ -66,6 +67,11 @@ pub(super) struct DecodeRow<'a> {
     pub(super) len: usize,
 }
 
+/// Cached positions per attention task: a long sequence's keys are split into runs of this many,
+/// so one sequence's decode attention still spreads over every thread (a 700-token RAG prompt
+/// with 3 key/value heads was 3 tasks on 2 threads); the runs' partial softmaxes are merged.
+const KEYS_PER_TASK: usize = 256;
+
 /// Attention of decode rows: `q` `(heads, rows, head_dim)` of the whole step; writes each
 /// sequence's output into `out` `(rows, heads * head_dim)` at its row.
 pub(super) fn decode_attention(
@@ -77,45 +83,104 @@ pub(super) fn decode_attention(
     seqs: &[DecodeRow<'_>],
     out: &mut [f32],
 ) {
+    decode_attention_in_runs(q, rows, heads, kv_heads, hd, seqs, out, KEYS_PER_TASK);
+}
+
+/// One task's part: for each of the `rep` query heads of a key/value head, the largest score,
+/// the sum of `exp(score - max)` and the output weighted by those, not yet divided by the sum.
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    out: Vec<f32>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_attention_in_runs(
+    q: &[f32],
+    rows: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    seqs: &[DecodeRow<'_>],
+    out: &mut [f32],
+    run: usize,
+) {
     let rep = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let width = heads * hd;
-    // (sequence, kv head) tasks, each computing `rep` heads' outputs.
-    let results: Vec<(usize, usize, Vec<f32>)> = seqs
+    // (sequence, kv head, run of positions) tasks, in that order.
+    let tasks: Vec<(&DecodeRow<'_>, usize, Range<usize>)> = seqs
+        .iter()
+        .flat_map(|s| {
+            (0..kv_heads).flat_map(move |g| {
+                (0..s.len)
+                    .step_by(run)
+                    .map(move |start| (s, g, start..(start + run).min(s.len)))
+            })
+        })
+        .collect();
+    let partials: Vec<Partial> = tasks
         .par_iter()
-        .flat_map_iter(|s| (0..kv_heads).map(move |g| (s, g)))
-        .map(|(s, g)| {
-            let keys = &s.k[g * s.capacity * hd..(g * s.capacity + s.len) * hd];
-            let values = &s.v[g * s.capacity * hd..(g * s.capacity + s.len) * hd];
-            let mut o = vec![0f32; rep * hd];
-            let mut scores = vec![0f32; s.len];
-            for h in 0..rep {
+        .map(|(s, g, positions)| {
+            // This kv head's query heads side by side, so each key is read once for all of them.
+            let mut qs = vec![0f32; rep * hd];
+            for (h, dst) in qs.chunks_exact_mut(hd).enumerate() {
                 let head = g * rep + h;
-                let qh = &q[(head * rows + s.row) * hd..(head * rows + s.row + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (sc, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-                    *sc = dot(qh, key) * scale;
-                    max = max.max(*sc);
+                dst.copy_from_slice(&q[(head * rows + s.row) * hd..][..hd]);
+            }
+            let base = g * s.capacity * hd;
+            let keys = &s.k[base + positions.start * hd..base + positions.end * hd];
+            let values = &s.v[base + positions.start * hd..base + positions.end * hd];
+            let mut scores = vec![0f32; positions.len() * rep];
+            for (sc, key) in scores.chunks_exact_mut(rep).zip(keys.chunks_exact(hd)) {
+                dots_rows(key, &qs, sc);
+            }
+            let mut max = vec![f32::NEG_INFINITY; rep];
+            for sc in scores.chunks_exact(rep) {
+                for (m, v) in max.iter_mut().zip(sc) {
+                    *m = m.max(v * scale);
                 }
-                let mut sum = 0.0;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let oh = &mut o[h * hd..(h + 1) * hd];
-                for (p, value) in scores.iter().zip(values.chunks_exact(hd)) {
-                    let w = p / sum;
-                    for (d, v) in oh.iter_mut().zip(value) {
-                        *d = w.mul_add(*v, *d);
+            }
+            let mut sum = vec![0f32; rep];
+            let mut o = vec![0f32; rep * hd];
+            for (sc, value) in scores.chunks_exact(rep).zip(values.chunks_exact(hd)) {
+                for h in 0..rep {
+                    let p = (sc[h] * scale - max[h]).exp();
+                    sum[h] += p;
+                    for (d, v) in o[h * hd..(h + 1) * hd].iter_mut().zip(value) {
+                        *d = p.mul_add(*v, *d);
                     }
                 }
             }
-            (s.row, g, o)
+            Partial { max, sum, out: o }
         })
         .collect();
-    for (row, g, o) in results {
-        let at = row * width + g * rep * hd;
-        out[at..at + rep * hd].copy_from_slice(&o);
+    // Merge each (sequence, kv head)'s runs: rescale to the largest maximum, then divide.
+    let mut at = 0;
+    while at < tasks.len() {
+        let (s, g, _) = &tasks[at];
+        let end = at
+            + tasks[at..]
+                .iter()
+                .take_while(|(t, tg, _)| t.row == s.row && tg == g)
+                .count();
+        let group = &partials[at..end];
+        let dst = &mut out[s.row * width + g * rep * hd..][..rep * hd];
+        for h in 0..rep {
+            let top = group.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.max[h]));
+            let mut total = 0.0;
+            let oh = &mut dst[h * hd..(h + 1) * hd];
+            oh.fill(0.0);
+            for p in group {
+                let f = (p.max[h] - top).exp();
+                total += f * p.sum[h];
+                for (d, v) in oh.iter_mut().zip(&p.out[h * hd..(h + 1) * hd]) {
+                    *d = f.mul_add(*v, *d);
+                }
+            }
+            oh.iter_mut().for_each(|d| *d /= total);
+        }
+        at = end;
     }
 }
 
@@ -185,7 +250,8 @@ mod tests {
         Ok(())
     }
 
-    /// Decode attention with grouped heads against softmax(q·kᵀ/√d)·v per head.
+    /// Decode attention with grouped heads against softmax(q·kᵀ/√d)·v per head, with the keys
+    /// in one run and split into runs of 2 and 3 (partial softmaxes merged).
     #[test]
     fn decode_attention_matches_softmax_attention() {
         let (heads, kv_heads, hd, capacity, rows) = (6, 2, 8, 10, 3);
@@ -211,9 +277,25 @@ mod tests {
                 len: *len,
             })
             .collect();
-        let mut out = vec![0f32; rows * heads * hd];
-        decode_attention(&q, rows, heads, kv_heads, hd, &seqs, &mut out);
-        for s in &seqs {
+        for run in [2, 3, KEYS_PER_TASK] {
+            let mut out = vec![0f32; rows * heads * hd];
+            decode_attention_in_runs(&q, rows, heads, kv_heads, hd, &seqs, &mut out, run);
+            check_decode_attention(&q, rows, heads, kv_heads, hd, capacity, &seqs, &out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_decode_attention(
+        q: &[f32],
+        rows: usize,
+        heads: usize,
+        kv_heads: usize,
+        hd: usize,
+        capacity: usize,
+        seqs: &[DecodeRow<'_>],
+        out: &[f32],
+    ) {
+        for s in seqs {
             for h in 0..heads {
                 let g = h / (heads / kv_heads);
                 let qh = &q[(h * rows + s.row) * hd..][..hd];
