@@ -86,7 +86,7 @@ bench-train: models build
 
 ## Generation speed, mistral.rs configurations vs llama.cpp side by side (~5 min): bench/engines.json.
 bench-engines: models build
-	$(DR) bench engines --isq none,q8_0,q4k \
+	$(DR) bench engines --isq none,q8_0,q4_0,q4k \
 		--mistralrs-gguf data/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
 		--peer-python "$$(bash benches/llama-cpp-venv.sh)" --reps 3 --max-tokens 128 --out bench/engines.json
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The native engine (f32 and q8_0 weights) and mistral.rs (f32) side by side in one run:
+# The native engine (f32, q8_0 and q4_0 weights) and mistral.rs (f32) side by side in one run:
 # `bench generate` for each with ten synthetic adapters of two shapes (rank 8 on q/k/v/o, as
 # `bench engines` uses; rank 16 on all seven modules, as `train` makes), in a scratch data dir,
 # one after another on an otherwise idle machine. Writes
@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 for shape in 8:attention 16:all; do
     rank=${shape%%:*}
     modules=${shape#*:}
-    for run in native:none native:q8_0 mistralrs:none; do
+    for run in native:none native:q8_0 native:q4_0 mistralrs:none; do
         engine=${run%%:*}
         isq=${run#*:}
         echo "== $engine (isq $isq), rank $rank on $modules" >&2
