@@ -90,7 +90,7 @@ bench-engines: models build
 		--mistralrs-gguf data/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
 		--peer-python "$$(bash benches/llama-cpp-venv.sh)" --reps 3 --max-tokens 128 --out bench/engines.json
 
-## The native engine and mistral.rs side by side (~10 min): speed, memory with 10 adapters, a
+## The native engine and mistral.rs side by side (~35 min): speed, memory with 10 adapters, a
 ## never-used adapter's TTFT, 8 requests over 4 adapters. bench/generate/.
 bench-generate: models build
 	bash benches/generate-engines.sh
