@@ -84,7 +84,8 @@ eval-house: models build
 bench-train: models build
 	bash benches/train-vs-peft.sh
 
-## Generation speed, mistral.rs configurations vs llama.cpp side by side (~5 min): bench/engines.json.
+## Generation speed, native engine and mistral.rs configurations vs llama.cpp side by side (~17 min):
+## bench/engines.json.
 bench-engines: models build
 	$(DR) bench engines --isq none,q8_0,q4_0,q4k \
 		--mistralrs-gguf data/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
