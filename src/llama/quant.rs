@@ -115,16 +115,18 @@ impl QMatrix {
     pub fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
         let k = self.cols;
         let mut out = vec![0f32; self.rows * k];
-        out.par_chunks_mut(k).enumerate().for_each(|(j, row)| {
-            let mut scratch = Vec::new();
-            let codes = self.row_codes(j, &mut scratch);
-            let scales = &self.scales[j * k / BLOCK..(j + 1) * k / BLOCK];
-            for ((d, q), s) in row.chunks_mut(BLOCK).zip(codes.chunks(BLOCK)).zip(scales) {
-                for (o, v) in d.iter_mut().zip(q) {
-                    *o = *v as f32 * s;
+        // One widening buffer per task, not one per row (prompt chunks dequantise every row).
+        out.par_chunks_mut(k)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (j, row)| {
+                let codes = self.row_codes(j, scratch);
+                let scales = &self.scales[j * k / BLOCK..(j + 1) * k / BLOCK];
+                for ((d, q), s) in row.chunks_mut(BLOCK).zip(codes.chunks(BLOCK)).zip(scales) {
+                    for (o, v) in d.iter_mut().zip(q) {
+                        *o = *v as f32 * s;
+                    }
                 }
-            }
-        });
+            });
         Tensor::from_vec(out, (self.rows, k), device)
     }
 
