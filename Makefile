@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale
+.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak bench-answerlog eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -116,6 +116,17 @@ bench-soak: models build
 		--adapter none --adapter newwiki-demo --json bench/soak/eval-report$(SOAK_SUFFIX).json
 	python3 benches/soak.py eval --report bench/soak/eval-report$(SOAK_SUFFIX).json --warmup 150 \
 		--out bench/soak/eval$(SOAK_SUFFIX).json
+
+## What the answer log costs an ask (~7 min, nothing else running): wrk on loopback against
+## `serve` with the log on and off in alternating rounds, on a collection of this repo's docs.
+## Needs wrk (apt-get install wrk). bench/answerlog/load.json.
+ANSWERLOG_DIR ?= $(HOME)/.cache/domainrag/bench-answerlog
+bench-answerlog: models build
+	rm -rf $(ANSWERLOG_DIR) && mkdir -p $(ANSWERLOG_DIR)
+	$(BIN) --data-dir $(ANSWERLOG_DIR) --models-dir data/models collection create docs
+	$(BIN) --data-dir $(ANSWERLOG_DIR) --models-dir data/models ingest -c docs --no-progress README.md ARCHITECTURE.md
+	python3 benches/answerlog_load.py --bin $(BIN) --data-dir $(ANSWERLOG_DIR) --models-dir data/models \
+		--collection docs --out bench/answerlog/load.json
 
 ## Answer quality on the demo corpus: data/eval/postgres-manual.jsonl (89 questions written by
 ## reading the PostgreSQL manual) through the full pipeline: the base model, the house adapter

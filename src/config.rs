@@ -35,6 +35,7 @@ pub struct Settings {
     pub ingest: IngestConfig,
     pub generate: GenerateConfig,
     pub rag: RagConfig,
+    pub answers: AnswersConfig,
     pub server: ServerConfig,
     pub log: LogConfig,
 }
@@ -232,6 +233,22 @@ pub struct RagConfig {
     pub house_adapter: String,
 }
 
+/// The answer log, feedback and experiments (`answerlog`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswersConfig {
+    /// Log answers (off: no answer log, no feedback, no experiments; for teams whose questions
+    /// must not be kept).
+    pub enabled: bool,
+    /// Logged answers (with their feedback) older than this are deleted (0 = kept forever).
+    pub retention_days: u64,
+    /// Answers each arm of an experiment needs before a difference between arms is reported.
+    pub min_per_arm: usize,
+    /// Score each logged answer's faithfulness to its sources in the background (the `eval
+    /// answers` scorer; one embedding call per answer).
+    pub score_faithfulness: bool,
+}
+
 /// The HTTP server.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -425,6 +442,12 @@ impl Settings {
             return invalid(
                 "generate.threads",
                 "must be between 0 (one per core) and 1024",
+            );
+        }
+        if self.answers.min_per_arm < 2 {
+            return invalid(
+                "answers.min_per_arm",
+                "must be at least 2 (an interval needs two answers per arm)",
             );
         }
         if self.generate.max_resident_adapters == 0 {

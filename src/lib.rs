@@ -4,6 +4,7 @@
 //! Module graph (one way): {`cli`, `http`} -> `adapt` -> `train` -> `eval` -> `rag` ->
 //! {`retrieve`, `generate`}; `http` -> `jobs`;
 //! `cli` -> {`ingest`, `bench`} -> `collection` -> {`index`, `vectors`, `embed`, `chunk`};
+//! {`cli`, `http`, `train`} -> `answerlog` -> {`eval`, `rag`};
 //! `generate` -> `adapters`; everything -> {`config`, `error`}. See ARCHITECTURE.md.
 
 #![warn(unreachable_pub)]
@@ -11,6 +12,7 @@
 pub mod access;
 pub mod adapt;
 pub mod adapters;
+pub mod answerlog;
 pub mod bench;
 pub mod chunk;
 pub mod cli;

@@ -192,6 +192,16 @@ pub fn citations(answer: &str, sources: &[Source]) -> Vec<Citation> {
         .collect()
 }
 
+/// The adapter that answers for a collection whose own adapter is `own`: that one; else the house
+/// adapter `house` when it is configured and `registered`; else none (the base model).
+pub fn adapter_in_service(
+    own: Option<String>,
+    house: &str,
+    registered: impl Fn(&str) -> bool,
+) -> Option<String> {
+    own.or_else(|| (!house.is_empty() && registered(house)).then(|| house.to_string()))
+}
+
 /// The pipeline.
 #[derive(Debug, Clone)]
 pub struct Rag {
@@ -227,10 +237,11 @@ impl Rag {
         collection: &Collection,
     ) -> Option<String> {
         match choice {
-            AdapterChoice::Collection => collection
-                .settings()
-                .adapter
-                .or_else(|| self.house_adapter()),
+            AdapterChoice::Collection => adapter_in_service(
+                collection.settings().adapter,
+                &self.config.house_adapter,
+                |a| self.generator.registry().contains(a),
+            ),
             AdapterChoice::Named(n) => Some(n.clone()),
             AdapterChoice::Base => None,
         }
@@ -238,9 +249,9 @@ impl Rag {
 
     /// The house adapter, when one is configured and registered.
     pub fn house_adapter(&self) -> Option<String> {
-        let name = &self.config.house_adapter;
-        let registered = !name.is_empty() && self.generator.registry().contains(name);
-        registered.then(|| name.clone())
+        adapter_in_service(None, &self.config.house_adapter, |a| {
+            self.generator.registry().contains(a)
+        })
     }
 
     /// Retrieve and pick the sources that fit the token budget.

@@ -10,6 +10,7 @@
   const NAME_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
   const STORE_KEY = 'domainrag.collection';
   const KEY_STORE = 'domainrag.apiKey';
+  const SESSION_STORE = 'domainrag.session';
   const MAX_DOCS_SHOWN = 300;
   const FINISHED = ['done', 'failed', 'cancelled'];
 
@@ -25,6 +26,7 @@
     createForm: $('create-form'), newName: $('new-collection-name'), createButton: $('create-collection'),
     messages: $('messages'), emptyChat: $('empty-chat'), clearChat: $('clear-chat'),
     askForm: $('ask-form'), question: $('question'), send: $('send'), stop: $('stop'),
+    blind: $('blind'), blindLabel: $('blind-label'),
     keyDetails: $('key-details'), keyForm: $('key-form'), keyInput: $('api-key'),
     keyForget: $('key-forget'), keyState: $('key-state'),
     panel: $('source-panel'), panelTitle: $('source-title'), panelPath: $('source-path'),
@@ -662,7 +664,129 @@
       `${answer.prompt_tokens ?? '?'} prompt + ${answer.completion_tokens ?? '?'} completion tokens`,
       `retrieve ${fmtMs(t.retrieve)}`, `first token ${fmtMs(t.first_token)}`, `total ${fmtMs(t.total)}`,
     ];
+    if (answer.experiment) meta.push(`experiment ${answer.experiment.id}: ${answer.experiment.arm}`);
     view.node.append(h('p', { class: 'meta', 'data-testid': 'answer-meta', text: meta.join(' · ') }));
+    if (typeof answer.answer_id === 'string') view.node.append(feedbackBar(answer.answer_id));
+  }
+
+  // A blind comparison: both arms of the running experiment answer; the user sees "A" and "B"
+  // (order drawn by the server, adapters not named) and picks the better one.
+  async function askBlind(question, collection) {
+    addUserMessage(question);
+    el.question.value = '';
+    autosize();
+    const status = h('p', { class: 'answer-status', role: 'status', text: 'Answering with both arms…' });
+    const node = h('article', { class: 'msg answer blind', 'data-testid': 'comparison', 'aria-busy': 'true' },
+      h('div', { class: 'msg-label', text: `Blind comparison · ${collection}` }), status);
+    el.messages.append(node);
+    scrollToEnd(true);
+    state.asking = new AbortController();
+    updateControls();
+    try {
+      const r = await api('POST', `api/collections/${enc(collection)}/compare`,
+        { json: { question, user: sessionId() }, signal: state.asking.signal });
+      status.remove();
+      const sides = h('div', { class: 'sides' });
+      for (const a of r.answers) {
+        const text = h('div', { class: 'answer-text', 'data-testid': 'side-text' });
+        renderAnswerText(text, a);
+        sides.append(h('section', { class: 'side', 'data-testid': `side-${a.label}` },
+          h('h3', { class: 'msg-label', text: `Answer ${a.label}` }), text));
+      }
+      const done = h('span', { class: 'muted small', role: 'status', 'data-testid': 'prefer-status' });
+      const pick = (preferred, label) => h('button', {
+        type: 'button', class: 'chip secondary', 'data-testid': `prefer-${preferred}`, text: label,
+        onclick: async () => {
+          try {
+            await api('POST', `api/collections/${enc(collection)}/compare/${enc(r.comparison_id)}`, { json: { preferred } });
+            done.textContent = 'Thanks, recorded.';
+          } catch (err) { showError(err, 'Comparison'); }
+        },
+      });
+      node.append(sides, h('div', { class: 'feedback' }, h('span', { class: 'muted small', text: 'Which is better?' }),
+        pick('a', 'A'), pick('tie', 'Tie'), pick('b', 'B'), done));
+    } catch (err) {
+      status.className = 'answer-status error';
+      status.textContent = `Error${err.code ? ` (${err.code})` : ''}: ${err.message}`;
+    } finally {
+      node.removeAttribute('aria-busy');
+      state.asking = null;
+      updateControls();
+      scrollToEnd(false);
+    }
+  }
+
+  // This browser's session: experiments keep one arm per session (sent as the ask's `user`).
+  function sessionId() {
+    let id = '';
+    try { id = localStorage.getItem(SESSION_STORE) || ''; } catch (_) { /* storage off */ }
+    if (!id) {
+      id = (crypto.randomUUID && crypto.randomUUID()) || `s-${Date.now()}-${Math.random().toString(16).slice(2)}`;
+      try { localStorage.setItem(SESSION_STORE, id); } catch (_) { /* storage off */ }
+    }
+    return id;
+  }
+
+  // Thumbs up/down and an optional correction or comment, sent to POST /api/answers/{id}/feedback.
+  function feedbackBar(answerId) {
+    const sent = { rating: null };
+    const status = h('span', { class: 'muted small', role: 'status', 'data-testid': 'feedback-status' });
+    const send = async (feedback) => {
+      try {
+        await api('POST', `api/answers/${enc(answerId)}/feedback`, { json: feedback });
+        status.textContent = 'Thanks, saved.';
+        return true;
+      } catch (err) {
+        status.textContent = '';
+        showError(err, 'Feedback');
+        return false;
+      }
+    };
+    const thumb = (rating, label) => {
+      const button = h('button', {
+        type: 'button', class: 'chip secondary thumb', 'aria-pressed': 'false',
+        'data-testid': `thumb-${rating}`, text: label,
+      });
+      button.addEventListener('click', async () => {
+        if (await send({ rating })) {
+          sent.rating = rating;
+          for (const b of bar.querySelectorAll('.thumb')) b.setAttribute('aria-pressed', 'false');
+          button.setAttribute('aria-pressed', 'true');
+        }
+      });
+      return button;
+    };
+    const correction = h('textarea', {
+      rows: '3', class: 'correction', 'data-testid': 'correction-text', maxlength: '16000',
+      'aria-label': 'The answer you would have wanted',
+      placeholder: 'The answer you would have wanted (cite sources like [1])',
+    });
+    const comment = h('input', {
+      type: 'text', 'data-testid': 'feedback-comment', maxlength: '2000', 'aria-label': 'Comment',
+      placeholder: 'Comment (optional)',
+    });
+    const form = h('form', { class: 'correction-form', hidden: '', 'data-testid': 'correction-form' },
+      correction, comment,
+      h('button', { type: 'submit', class: 'button', 'data-testid': 'correction-send', text: 'Send' }));
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const text = correction.value.trim();
+      const note = comment.value.trim();
+      if (!text && !note) { correction.focus(); return; }
+      const body = { rating: sent.rating };
+      if (text) body.correction = text;
+      if (note) body.comment = note;
+      if (await send(body)) form.hidden = true;
+    });
+    const bar = h('div', { class: 'feedback', 'data-testid': 'feedback' },
+      h('span', { class: 'muted small', text: 'Was this helpful?' }),
+      thumb('up', '▲ Yes'), thumb('down', '▼ No'),
+      h('button', {
+        type: 'button', class: 'chip secondary', 'data-testid': 'correct-button', text: 'Correct it',
+        onclick: () => { form.hidden = !form.hidden; if (!form.hidden) correction.focus(); },
+      }),
+      status, form);
+    return bar;
   }
 
   function failAnswer(view, message, stateName) {
@@ -682,7 +806,8 @@
     if (!question) { el.question.focus(); return; }
     if (!collection) { showError(new Error('Create or pick a collection first.'), 'Ask'); return; }
 
-    const body = { question, stream: true };
+    if (el.blind.checked && !el.blindLabel.hidden) { await askBlind(question, collection); return; }
+    const body = { question, stream: true, user: sessionId() };
     const adapter = chosenAdapter();
     if (adapter !== undefined) body.adapter = adapter;
 
@@ -865,6 +990,8 @@
   window.domainrag = {
     api, h, enc, showError, hideError, plural, download,
     current: currentName,
+    // experiment.js: offer blind comparisons while an experiment runs.
+    setBlindAvailable: (on) => { el.blindLabel.hidden = !on; if (!on) el.blind.checked = false; },
     collection: () => state.current,
     adapters: () => state.adapters,
     refresh: async () => {

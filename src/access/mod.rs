@@ -232,16 +232,39 @@ pub fn route_need(method: &str, pattern: Option<&str>) -> Need {
     match (method, pattern) {
         (
             "GET" | "HEAD",
-            "/healthz" | "/readyz" | "/" | "/app.js" | "/adapt.js" | "/style.css" | "/openapi.json",
+            "/healthz"
+            | "/readyz"
+            | "/"
+            | "/app.js"
+            | "/adapt.js"
+            | "/experiment.js"
+            | "/style.css"
+            | "/openapi.json",
         ) => Need::Public,
         ("GET", "/api/collections" | "/api/adapters" | "/api/jobs" | "/v1/models")
         | ("GET", "/api/jobs/{id}" | "/api/jobs/{id}/files/{name}")
-        | ("POST", "/api/jobs/{id}/cancel" | "/v1/chat/completions") => Need::AnyKey,
-        ("GET", "/api/collections/{name}" | "/api/collections/{name}/documents")
-        | ("POST", "/api/collections/{name}/search" | "/api/collections/{name}/ask") => {
-            Need::Action(Read)
-        }
-        ("POST", "/api/collections/{name}/documents" | "/api/collections/{name}/eval")
+        | ("POST", "/api/jobs/{id}/cancel" | "/v1/chat/completions")
+        // The handler checks the answer's collection (its id names it).
+        | ("POST", "/api/answers/{id}/feedback") => Need::AnyKey,
+        (
+            "GET",
+            "/api/collections/{name}"
+            | "/api/collections/{name}/documents"
+            | "/api/collections/{name}/experiment",
+        )
+        | (
+            "POST",
+            "/api/collections/{name}/search"
+            | "/api/collections/{name}/ask"
+            | "/api/collections/{name}/compare"
+            | "/api/collections/{name}/compare/{id}",
+        ) => Need::Action(Read),
+        // The answer log holds every user's questions: the team's editors, not its readers.
+        (
+            "GET",
+            "/api/collections/{name}/answers" | "/api/collections/{name}/answers/export",
+        )
+        | ("POST", "/api/collections/{name}/documents" | "/api/collections/{name}/eval")
         | ("DELETE", "/api/collections/{name}/documents/{doc_id}") => Need::Action(Edit),
         _ => Need::Action(Admin),
     }

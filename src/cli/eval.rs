@@ -27,8 +27,17 @@ pub enum EvalCmd {
         collection: String,
         #[arg(long, value_enum, default_value = "jsonl")]
         format: QuestionFormat,
+        #[arg(
+            long,
+            required_unless_present = "from_log",
+            conflicts_with = "from_log"
+        )]
+        questions: Option<PathBuf>,
+        /// Shadow replay: the collection's logged questions (newest first, distinct; --sample N
+        /// of them, default 200) replayed through each arm offline. A user's correction, or an
+        /// answer rated up, is the reference where there is one.
         #[arg(long)]
-        questions: PathBuf,
+        from_log: bool,
         /// An arm: an adapter name, or `none` for the base model. Repeat; default `none`.
         #[arg(long = "adapter")]
         adapters: Vec<String>,
@@ -77,6 +86,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: EvalCmd) ->
             collection,
             format,
             questions,
+            from_log,
             adapters,
             sample,
             seed,
@@ -85,11 +95,27 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: EvalCmd) ->
             html,
             context,
         } => {
-            let mut qs = eval::load_questions(&questions, format)?;
-            let gold = gold_paragraphs(context, format, &questions)?;
-            if let Some(n) = sample {
-                qs = sample_questions(qs, n, seed);
-            }
+            let (mut qs, gold) = match &questions {
+                Some(path) if !from_log => {
+                    let qs = eval::load_questions(path, format)?;
+                    let qs = match sample {
+                        Some(n) => sample_questions(qs, n, seed),
+                        None => qs,
+                    };
+                    (qs, gold_paragraphs(context, format, path)?)
+                }
+                _ => {
+                    let log = crate::answerlog::AnswerLog::new(
+                        &catalog.dir_of(&collection),
+                        &settings.answers,
+                    );
+                    let qs = log.replay_questions(sample.unwrap_or(200))?;
+                    if qs.is_empty() {
+                        anyhow::bail!("collection {collection} has no logged questions to replay");
+                    }
+                    (qs, None)
+                }
+            };
             if let Some(limit) = limit {
                 qs.truncate(limit);
             }

@@ -7,7 +7,7 @@
 //! what several command groups share: the stderr progress bar, the answering pipeline, question
 //! sampling and SQuAD gold paragraphs. Each group lives in its own file: `collection` (collections
 //! and ingest), `query` (search, ask, serve), `adapters`, `keys`, `eval`, `bench`, `train` (triplets and
-//! training). The files under `cli/` parse arguments and print; the work itself is done by the
+//! training), `experiment` (A/B tests and the answer log). The files under `cli/` parse arguments and print; the work itself is done by the
 //! library modules they call.
 
 use std::path::PathBuf;
@@ -30,6 +30,7 @@ mod adapters;
 mod bench;
 mod collection;
 mod eval;
+mod experiment;
 mod keys;
 mod query;
 mod train;
@@ -38,6 +39,7 @@ pub use adapters::AdaptersCmd;
 pub use bench::BenchCmd;
 pub use collection::{CollectionCmd, SettingsArgs};
 pub use eval::EvalCmd;
+pub use experiment::{AnswersCmd, ExperimentCmd};
 pub use keys::KeysCmd;
 pub use train::{TrainArgs, TripletsCmd};
 
@@ -130,6 +132,12 @@ pub enum Command {
     Triplets(TripletsCmd),
     /// Train a LoRA adapter for the base model from triplets and register it.
     Train(TrainArgs),
+    /// A/B test a candidate adapter on a share of a collection's live traffic.
+    #[command(subcommand)]
+    Experiment(ExperimentCmd),
+    /// The answer log: every answer given, with its sources, arm and feedback.
+    #[command(subcommand)]
+    Answers(AnswersCmd),
 }
 
 /// Load settings from the global flags.
@@ -156,6 +164,9 @@ fn changes_served_state(command: &Command) -> Option<&'static str> {
             Some("add or remove adapters")
         }
         Command::Train(_) => Some("train adapters (POST /api/collections/NAME/train)"),
+        Command::Experiment(cmd) if cmd.changes_settings() => {
+            Some("promote an experiment's candidate (POST /api/collections/NAME/experiment/stop)")
+        }
         _ => None,
     }
 }
@@ -212,6 +223,8 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
         Command::Bench(cmd) => bench::run(&catalog, &settings, cmd).await,
         Command::Triplets(cmd) => train::triplets(&catalog, &settings, cmd).await,
         Command::Train(args) => train::train_command(&catalog, &settings, args).await,
+        Command::Experiment(cmd) => experiment::run(&catalog, &settings, cmd),
+        Command::Answers(cmd) => experiment::answers(&catalog, &settings, cmd),
     }
 }
 

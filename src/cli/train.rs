@@ -34,8 +34,23 @@ pub enum TripletsCmd {
         #[arg(long, value_enum, default_value = "jsonl")]
         format: QuestionFormat,
         /// Questions with gold answers (`{"query", "gold_doc_ids", "answers"}` JSONL, or SQuAD).
+        #[arg(
+            long,
+            required_unless_present = "from_log",
+            conflicts_with = "from_log"
+        )]
+        questions: Option<PathBuf>,
+        /// Learn from the collection's answer log instead: answers users rated up (as given)
+        /// and answers they corrected (the correction), with the sources given then.
         #[arg(long)]
-        questions: PathBuf,
+        from_log: bool,
+        /// With --from-log: `positive` (rated up), `corrected`, or `either`.
+        #[arg(long, value_enum, default_value = "either", requires = "from_log")]
+        feedback: FeedbackArg,
+        /// With --from-log: keep emails, phone numbers and secrets in questions and answers
+        /// (masked by default).
+        #[arg(long, requires = "from_log")]
+        keep_pii: bool,
         #[arg(long)]
         out: PathBuf,
         /// `retrieved` (serving's sources) or `gold` (the SQuAD paragraph as source [1]).
@@ -74,6 +89,24 @@ pub enum TripletsCmd {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+}
+
+/// Which logged answers `triplets build --from-log` learns from.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FeedbackArg {
+    Positive,
+    Corrected,
+    Either,
+}
+
+impl From<FeedbackArg> for crate::answerlog::FeedbackFilter {
+    fn from(f: FeedbackArg) -> Self {
+        match f {
+            FeedbackArg::Positive => Self::Positive,
+            FeedbackArg::Corrected => Self::Corrected,
+            FeedbackArg::Either => Self::Either,
+        }
+    }
 }
 
 /// `domainrag train` (defaults: see `TrainOptions::default`).
@@ -154,6 +187,37 @@ pub(super) async fn triplets(
 ) -> Result<()> {
     match cmd {
         TripletsCmd::Build {
+            from_log: true,
+            collection,
+            feedback,
+            keep_pii,
+            out,
+            shuffle_sources,
+            seed,
+            ..
+        } => {
+            let col = catalog.open(&collection).await?;
+            let log =
+                crate::answerlog::AnswerLog::new(&catalog.dir_of(&collection), &settings.answers);
+            let (_, rag) = load_rag(settings).await?;
+            let options = crate::train::from_log::FromLog {
+                filter: feedback.into(),
+                mask_pii: !keep_pii,
+                shuffle: shuffle_sources.then_some(seed),
+            };
+            let (triplets, report) =
+                crate::train::from_log::build(&rag, &col, &log, options).await?;
+            eprintln!("{}", serde_json::to_string_pretty(&report)?);
+            if triplets.is_empty() {
+                bail!(
+                    "no logged answer of {collection} has the feedback asked for: nothing to write"
+                );
+            }
+            crate::train::write_triplets(&out, &triplets)?;
+            println!("wrote {} triplets to {}", triplets.len(), out.display());
+            Ok(())
+        }
+        TripletsCmd::Build {
             collection,
             format,
             questions,
@@ -162,7 +226,9 @@ pub(super) async fn triplets(
             sample,
             shuffle_sources,
             seed,
+            ..
         } => {
+            let questions = questions.context("--questions is required without --from-log")?;
             let mut qs = eval::load_questions(&questions, format)?;
             if let Some(n) = sample {
                 qs = sample_questions(qs, n, seed);

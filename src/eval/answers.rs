@@ -141,7 +141,8 @@ fn mean_of_some(xs: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     (!present.is_empty()).then(|| mean(&present))
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+/// The median (0 for none).
+pub fn median(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() {
         return 0.0;
     }
@@ -179,32 +180,80 @@ pub fn bootstrap_ci(xs: &[f64], resamples: usize, seed: u64) -> Interval {
     }
 }
 
-type Metric = fn(&QuestionScore) -> f64;
+/// Percentile bootstrap 95% interval of `ratio(b) - ratio(a)` for two independent groups of
+/// clusters, each cluster a `(sum, count)` and a group's ratio `Σ sum / Σ count`. Clusters (users,
+/// whose answers are not independent of each other) are resampled whole, within each group.
+pub fn bootstrap_difference(
+    a: &[(f64, f64)],
+    b: &[(f64, f64)],
+    resamples: usize,
+    seed: u64,
+) -> Interval {
+    let mut rng = XorShift(seed | 1);
+    let mut draw = |group: &[(f64, f64)]| {
+        let (mut sum, mut count) = (0.0, 0.0);
+        for _ in 0..group.len() {
+            let (s, c) = group[(rng.next() % group.len() as u64) as usize];
+            sum += s;
+            count += c;
+        }
+        if count > 0.0 { sum / count } else { 0.0 }
+    };
+    if a.is_empty() || b.is_empty() || resamples == 0 {
+        return Interval {
+            low: 0.0,
+            high: 0.0,
+        };
+    }
+    let mut diffs: Vec<f64> = (0..resamples).map(|_| -draw(a) + draw(b)).collect();
+    diffs.sort_by(f64::total_cmp);
+    let at = |q: f64| diffs[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    Interval {
+        low: at(0.025),
+        high: at(0.975),
+    }
+}
+
+/// A per-question figure; None where the question does not have it.
+type Metric = fn(&QuestionScore) -> Option<f64>;
+
+/// Whether a question has reference answers to grade against (questions replayed from an answer
+/// log often do not).
+fn graded(q: &QuestionScore) -> bool {
+    !q.gold_answers.is_empty()
+}
 
 const METRICS: &[(&str, Metric)] = &[
-    ("em", |q| q.em),
-    ("f1", |q| q.f1),
-    ("faithfulness", |q| q.faithfulness.unwrap_or(1.0)),
-    ("answer_relevance", |q| q.answer_relevance),
+    ("em", |q| graded(q).then_some(q.em)),
+    ("f1", |q| graded(q).then_some(q.f1)),
+    ("faithfulness", |q| Some(q.faithfulness.unwrap_or(1.0))),
+    ("answer_relevance", |q| Some(q.answer_relevance)),
     ("hallucination_rate", |q| {
-        f64::from(u8::from(q.hallucinated))
+        Some(f64::from(u8::from(q.hallucinated)))
     }),
-    ("abstention_rate", |q| f64::from(u8::from(q.abstained))),
+    ("abstention_rate", |q| {
+        Some(f64::from(u8::from(q.abstained)))
+    }),
 ];
 
 /// Summarise an arm (and compare it with `base`, paired by question, when given).
 pub fn summarise(scores: &[QuestionScore], base: Option<&[QuestionScore]>) -> ArmSummary {
-    let col = |f: Metric| scores.iter().map(f).collect::<Vec<f64>>();
+    let col = |f: fn(&QuestionScore) -> f64| scores.iter().map(f).collect::<Vec<f64>>();
+    let some = |f: Metric| scores.iter().filter_map(f).collect::<Vec<f64>>();
     let with_claims: Vec<f64> = scores.iter().filter_map(|q| q.faithfulness).collect();
     let mut ci95 = BTreeMap::new();
     let mut vs_base = BTreeMap::new();
     for (i, (name, f)) in METRICS.iter().enumerate() {
         ci95.insert(
             name.to_string(),
-            bootstrap_ci(&col(*f), 1000, 17 + i as u64),
+            bootstrap_ci(&some(*f), 1000, 17 + i as u64),
         );
         if let Some(base) = base {
-            let diffs: Vec<f64> = scores.iter().zip(base).map(|(a, b)| f(a) - f(b)).collect();
+            let diffs: Vec<f64> = scores
+                .iter()
+                .zip(base)
+                .filter_map(|(a, b)| Some(f(a)? - f(b)?))
+                .collect();
             vs_base.insert(
                 name.to_string(),
                 (mean(&diffs), bootstrap_ci(&diffs, 1000, 101 + i as u64)),
@@ -212,8 +261,8 @@ pub fn summarise(scores: &[QuestionScore], base: Option<&[QuestionScore]>) -> Ar
         }
     }
     ArmSummary {
-        em: mean(&col(|q| q.em)),
-        f1: mean(&col(|q| q.f1)),
+        em: mean(&some(METRICS[0].1)),
+        f1: mean(&some(METRICS[1].1)),
         faithfulness: mean(&with_claims),
         answer_relevance: mean(&col(|q| q.answer_relevance)),
         hallucination_rate: mean(&col(|q| f64::from(u8::from(q.hallucinated)))),
@@ -263,12 +312,24 @@ pub struct MemorySeries {
     pub peak_rss_mib: f64,
 }
 
-/// Score one answer against its question (embeddings come from `embedder`).
-async fn score(
+/// How an answer stands against the sources it was given, without a reference answer: what
+/// `evaluate` scores offline and the answer log scores online.
+#[derive(Debug, Clone)]
+pub struct Judgement {
+    /// None when the answer makes no claim (e.g. an abstention).
+    pub faithfulness: Option<f64>,
+    pub answer_relevance: f64,
+    pub hallucinated: bool,
+    pub abstained: bool,
+    pub claims: Vec<ClaimEvidence>,
+}
+
+/// Judge `answer` to `query` against its sources (embeddings come from `embedder`).
+pub async fn judge(
     embedder: &Arc<Embedder>,
-    q: &Question,
+    query: &str,
     answer: &crate::rag::Answer,
-) -> Result<QuestionScore, RagError> {
+) -> Result<Judgement, RagError> {
     let claims_text = claims(&answer.answer);
     let source_sentences: Vec<(usize, String)> = answer
         .sources
@@ -282,7 +343,7 @@ async fn score(
                 .collect::<Vec<_>>()
         })
         .collect();
-    let mut texts = vec![q.query.clone(), answer.answer.clone()];
+    let mut texts = vec![query.to_string(), answer.answer.clone()];
     texts.extend(claims_text.iter().cloned());
     texts.extend(source_sentences.iter().map(|(_, t)| t.clone()));
     let vectors = embedder
@@ -318,6 +379,23 @@ async fn score(
     } else {
         Some(evidence.iter().filter(|e| e.supported).count() as f64 / evidence.len() as f64)
     };
+    Ok(Judgement {
+        faithfulness,
+        answer_relevance: f64::from(cosine(qv, av)),
+        hallucinated: !abstained && evidence.iter().any(|e| !e.supported),
+        abstained,
+        claims: evidence,
+    })
+}
+
+/// Score one answer against its question (embeddings come from `embedder`).
+async fn score(
+    embedder: &Arc<Embedder>,
+    q: &Question,
+    answer: &crate::rag::Answer,
+) -> Result<QuestionScore, RagError> {
+    let judgement = judge(embedder, &q.query, answer).await?;
+    let abstained = judgement.abstained;
     let mut seen = HashSet::new();
     let given_docs: Vec<String> = answer
         .sources
@@ -340,9 +418,9 @@ async fn score(
             .collect(),
         em: exact_match(&strip_citations(&answer.answer), &q.answers),
         f1: f1(&strip_citations(&answer.answer), &q.answers),
-        hallucinated: !abstained && evidence.iter().any(|e| !e.supported),
-        faithfulness,
-        answer_relevance: f64::from(cosine(qv, av)),
+        hallucinated: judgement.hallucinated,
+        faithfulness: judgement.faithfulness,
+        answer_relevance: judgement.answer_relevance,
         abstained,
         // Without gold documents nobody knows whether the answer was there to give.
         abstention_justified: abstained && has_gold && !gold_given,
@@ -362,7 +440,7 @@ async fn score(
         cut_off: answer.finish_reason == "length",
         prompt_tokens: answer.prompt_tokens,
         completion_tokens: answer.completion_tokens,
-        claims: evidence,
+        claims: judgement.claims,
     })
 }
 

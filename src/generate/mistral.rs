@@ -144,23 +144,28 @@ impl MistralPool {
         for m in messages {
             text = text.add_message(role(m.role), m.content);
         }
-        self.base
-            .tokenize(either::Either::Left(text), None, true, true, None)
-            .await
-            .map_err(|e| GenerateError::Generation(e.to_string()))
+        self.tokenize(either::Either::Left(text), true).await
     }
 
     /// Token ids of `text` alone (no special tokens added).
     pub(super) async fn tokenize_text(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
-        self.base
-            .tokenize(
-                either::Either::Right(text.to_string()),
-                None,
-                false,
-                false,
-                None,
-            )
+        self.tokenize(either::Either::Right(text.to_string()), false)
             .await
+    }
+
+    /// Tokenise through the base model's engine, on a task of its own: mistral.rs 0.8.1's engine
+    /// thread panics ("Sender disconnected unexpectedly!") when the caller of a tokenisation has
+    /// gone by the time it answers, which kills the model for every later request. A caller that
+    /// is dropped (a cancelled job, a client that left) leaves the task to take the answer.
+    async fn tokenize(
+        &self,
+        input: either::Either<mistralrs::TextMessages, String>,
+        chat: bool,
+    ) -> Result<Vec<u32>, GenerateError> {
+        let base = Arc::clone(&self.base);
+        tokio::spawn(async move { base.tokenize(input, None, chat, chat, None).await })
+            .await
+            .map_err(|e| GenerateError::Generation(format!("tokenisation task failed: {e}")))?
             .map_err(|e| GenerateError::Generation(e.to_string()))
     }
 

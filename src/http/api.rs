@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::guard::Caller;
 use super::{ApiError, AppState, sse_event};
+use crate::answerlog::Who;
 use crate::collection::{CollectionSettings, CollectionStats};
 use crate::config::{Bm25Config, ChunkingConfig, FusionConfig};
 use crate::ingest::{Format, Ingestor, Progress};
@@ -234,6 +235,9 @@ struct AskRequest {
     adapter: Option<Option<String>>,
     #[serde(default)]
     stream: bool,
+    /// The end user or session asking (hashed in the answer log; experiments assign arms by it).
+    #[serde(default)]
+    user: Option<String>,
 }
 
 pub(crate) fn adapter_choice(adapter: Option<Option<String>>) -> AdapterChoice {
@@ -257,9 +261,17 @@ async fn ask(
     }
     let choice = adapter_choice(body.adapter);
     state.check_choice(&caller, &choice)?;
-    let stream = state.rag.answer_stream(&c, &body.question, &choice).await?;
+    let who = Who {
+        key_id: caller.0.key_id.clone(),
+        user: body.user,
+    };
+    let (stream, ticket) = state
+        .begin_answer(&c, who, &[], &body.question, choice)
+        .await?;
     if !body.stream {
-        return Ok(HttpResponse::Ok().json(tracked_answer(&state, stream, |_| {}).await?));
+        let answer = tracked_answer(&state, stream, |_| {}).await?;
+        ticket.log(&state, &answer).await;
+        return Ok(HttpResponse::Ok().json(ticket.view(&answer)));
     }
     // Unbounded: at most `generate.max_tokens` token events per answer, and none may be dropped.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<web::Bytes, std::io::Error>>();
@@ -273,7 +285,10 @@ async fn ask(
             return;
         };
         let event = match result {
-            Ok(answer) => sse_event("done", &answer),
+            Ok(answer) => {
+                ticket.log(&state2, &answer).await;
+                sse_event("done", &ticket.view(&answer))
+            }
             Err(e) => {
                 let e = ApiError::from(e);
                 sse_event(
@@ -500,8 +515,11 @@ async fn delete_document(
     let lock = state.write_lock(&name).await;
     let _writing = lock.lock().await;
     Ingestor::new(c, Arc::clone(&state.embedder), 1)
-        .delete_documents(vec![doc_id])
+        .delete_documents(vec![doc_id.clone()])
         .await?;
+    // What the answer log holds of the document goes with it: the answers given from it.
+    let log = state.answer_log(&name);
+    crate::answerlog::blocking(move || log.forget_documents(&[doc_id])).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -555,7 +573,12 @@ async fn delete_adapter(state: State, name: web::Path<String>) -> Result<HttpRes
     let mut used_by = Vec::new();
     for c in state.catalog.list()? {
         if state.catalog.settings(&c)?.adapter.as_deref() == Some(name.as_str()) {
-            used_by.push(c);
+            used_by.push(c.clone());
+        }
+        let log = state.answer_log(&c);
+        let running = crate::answerlog::blocking(move || log.running_experiment()).await?;
+        if running.is_some_and(|e| e.candidate == *name || e.control.as_deref() == Some(&name)) {
+            used_by.push(format!("{c} (its running experiment)"));
         }
     }
     state.registry.remove(&name, &used_by)?;
@@ -569,6 +592,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::scope("/api")
             .configure(super::jobs::configure)
             .configure(super::keys::configure)
+            .configure(super::answers::configure)
             .route("/collections", web::get().to(list_collections))
             .route("/collections", web::post().to(create_collection))
             .route("/collections/{name}", web::get().to(get_collection))

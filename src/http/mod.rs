@@ -5,6 +5,7 @@
 //! Handlers are thin: request DTO -> one call into `rag` / `retrieve` / `ingest` / `collection` ->
 //! DTO back. No tantivy, Qdrant or mistral.rs types here. Nothing imports this module.
 
+pub mod answers;
 pub mod api;
 pub mod guard;
 pub mod jobs;
@@ -165,6 +166,8 @@ pub struct Metrics {
     pub completion_tokens: AtomicU64,
     pub rejected_busy: AtomicU64,
     pub in_flight_answers: AtomicU64,
+    /// Answers given but not logged (the answer log could not be written).
+    pub answer_log_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -187,7 +190,8 @@ impl Metrics {
              # TYPE domainrag_adapters_resident gauge\ndomainrag_adapters_resident {}\n\
              # TYPE domainrag_jobs_running gauge\ndomainrag_jobs_running {}\n\
              # TYPE domainrag_generation_queued gauge\ndomainrag_generation_queued {}\n\
-             # TYPE domainrag_adapter_pool_total counter\ndomainrag_adapter_pool_total{{result=\"hit\"}} {}\ndomainrag_adapter_pool_total{{result=\"miss\"}} {}\n",
+             # TYPE domainrag_adapter_pool_total counter\ndomainrag_adapter_pool_total{{result=\"hit\"}} {}\ndomainrag_adapter_pool_total{{result=\"miss\"}} {}\n\
+             # TYPE domainrag_answer_log_errors_total counter\ndomainrag_answer_log_errors_total {}\n",
             g(&self.requests),
             g(&self.errors_4xx),
             g(&self.errors_5xx),
@@ -204,6 +208,7 @@ impl Metrics {
             generator.queued,
             generator.pool_hits,
             generator.pool_misses,
+            g(&self.answer_log_errors),
         ) + &generator.engine.map(engine_metrics).unwrap_or_default()
     }
 }
@@ -248,6 +253,8 @@ pub struct AppState {
     /// API keys (`server.auth`); shared with the blocking pool, where Argon2 runs.
     pub keys: Arc<KeyStore>,
     pub audit: AuditLog,
+    /// Scores logged answers' faithfulness in the background.
+    pub scorer: crate::answerlog::scorer::Scorer,
 }
 
 impl AppState {
@@ -293,6 +300,10 @@ impl AppState {
         }
         generator.preload(&in_use).await?;
         generator.preload_registered().await?;
+        let scorer = crate::answerlog::scorer::Scorer::start(
+            Arc::clone(&embedder),
+            settings.answers.score_faithfulness,
+        );
         Ok(Arc::new(AppState {
             catalog,
             registry,
@@ -309,6 +320,7 @@ impl AppState {
             metrics: Metrics::default(),
             keys: Arc::new(KeyStore::new(&settings.paths.data_dir)),
             audit: AuditLog::new(&settings.paths.data_dir, settings.server.audit_max_bytes),
+            scorer,
             settings,
         }))
     }
@@ -376,6 +388,7 @@ impl AppState {
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
 const ADAPT_JS: &str = include_str!("../../web/adapt.js");
+const EXPERIMENT_JS: &str = include_str!("../../web/experiment.js");
 const STYLE_CSS: &str = include_str!("../../web/style.css");
 const OPENAPI_JSON: &str = include_str!("../../web/openapi.json");
 
@@ -397,13 +410,13 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let resident = state.generator.resident_adapters().await.len();
     let running = state.jobs.running();
+    let body = state
+        .metrics
+        .render(resident, running, state.generator.stats())
+        + &answers::experiment_metrics(&state).await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(
-            state
-                .metrics
-                .render(resident, running, state.generator.stats()),
-        )
+        .body(body)
 }
 
 fn static_file(body: &'static str, content_type: &'static str) -> HttpResponse {
@@ -430,6 +443,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/adapt.js",
             web::get().to(|| async { static_file(ADAPT_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/experiment.js",
+            web::get()
+                .to(|| async { static_file(EXPERIMENT_JS, "text/javascript; charset=utf-8") }),
         )
         .route(
             "/style.css",

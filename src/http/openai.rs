@@ -13,6 +13,7 @@ use super::api::{tokio_stream_from, tracked_answer, while_client_listens};
 use super::guard::Caller;
 use super::{ApiError, AppState};
 use crate::access::Action;
+use crate::answerlog::Who;
 use crate::collection::now_secs;
 use crate::generate::{ChatMessage, Role};
 use crate::rag::AdapterChoice;
@@ -55,6 +56,9 @@ struct ChatRequest {
     messages: Vec<Message>,
     #[serde(default)]
     stream: bool,
+    /// The end user (OpenAI's field): hashed in the answer log, experiments assign arms by it.
+    #[serde(default)]
+    user: Option<String>,
 }
 
 fn text_of(content: &Option<serde_json::Value>) -> String {
@@ -110,17 +114,23 @@ async fn chat_completions(
     if question.trim().is_empty() {
         return Err(ApiError::bad_request("the last user message is empty"));
     }
-    let stream = state
-        .rag
-        .answer_stream_with_history(&c, &history, &question, &choice)
+    let who = Who {
+        key_id: caller.0.key_id.clone(),
+        user: body.user.clone(),
+    };
+    let (stream, ticket) = state
+        .begin_answer(&c, who, &history, &question, choice)
         .await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let answer_id = ticket.id().map(str::to_string);
     let created = now_secs();
     let model = body.model.clone();
     if !body.stream {
         let answer = tracked_answer(&state, stream, |_| {}).await?;
+        ticket.log(&state, &answer).await;
         return Ok(HttpResponse::Ok().json(serde_json::json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
+            "answer_id": answer_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
@@ -135,6 +145,7 @@ async fn chat_completions(
         let chunk = |delta: serde_json::Value, finish: Option<&str>| {
             let v = serde_json::json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "answer_id": answer_id,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             });
             web::Bytes::from(format!("data: {v}\n\n"))
@@ -152,8 +163,10 @@ async fn chat_completions(
         };
         match result {
             Ok(answer) => {
+                ticket.log(&state2, &answer).await;
                 let v = serde_json::json!({
                     "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "answer_id": answer_id,
                     "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                               "total_tokens": answer.prompt_tokens + answer.completion_tokens},

@@ -12,6 +12,7 @@
 //! `model` owns the candle forward pass; `triplets` builds training data from question/answer
 //! pairs with the retriever, `synth` from a collection's own documents.
 
+pub mod from_log;
 pub mod model;
 pub mod synth;
 pub mod triplets;

@@ -29,11 +29,35 @@ pub struct BuildReport {
     pub kept: usize,
     /// Dropped, by reason.
     pub dropped: BTreeMap<String, usize>,
+    /// Where the kept triplets' contexts came from, when that varies (`--from-log`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub contexts: BTreeMap<String, usize>,
 }
 
 impl BuildReport {
-    fn drop(&mut self, reason: &str) {
+    pub(crate) fn drop(&mut self, reason: &str) {
         *self.dropped.entry(reason.to_string()).or_default() += 1;
+    }
+
+    /// Keep a triplet.
+    pub(crate) fn keep(
+        &mut self,
+        out: &mut Vec<Triplet>,
+        query: String,
+        sources: &[Source],
+        answer: String,
+    ) {
+        out.push(Triplet {
+            query,
+            context: format_sources(sources),
+            answer,
+            origin: None,
+        });
+        self.kept += 1;
+    }
+
+    pub(crate) fn count_context(&mut self, how: &str) {
+        *self.contexts.entry(how.to_string()).or_default() += 1;
     }
 }
 
@@ -105,13 +129,7 @@ pub async fn build(
             report.drop("answer not in the given sources");
             continue;
         };
-        out.push(Triplet {
-            query: q.query.clone(),
-            context: format_sources(&sources),
-            answer,
-            origin: None,
-        });
-        report.kept += 1;
+        report.keep(&mut out, q.query.clone(), &sources, answer);
     }
     Ok((out, report))
 }

@@ -99,6 +99,17 @@ impl App {
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
+    /// The body of `GET path` as text (metrics, JSONL exports).
+    pub(crate) async fn text(&self, path: &str) -> String {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("get")
+            .text()
+            .await
+            .expect("text body")
+    }
     pub(crate) async fn send(
         &self,
         method: reqwest::Method,

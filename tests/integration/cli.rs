@@ -30,7 +30,7 @@ pub(crate) fn ok(out: &Output) -> String {
 }
 
 /// A temp dir holding `data/` with collection `docs` ingested from the fixture corpus.
-fn docs_collection() -> (tempfile::TempDir, std::path::PathBuf) {
+pub(crate) fn docs_collection() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let inputs = dir.path().join("docs");

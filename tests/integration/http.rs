@@ -446,7 +446,8 @@ async fn a_client_that_disconnects_mid_answer_frees_its_slot() {
 
 /// The web UI in a real headless Chromium (Debian's, driven by playwright-core): create a
 /// collection, upload a document, ask, see a streamed answer with a citation, open the source,
-/// switch the adapter to none and ask again. The screenshot lands in `target/ui.png`.
+/// switch the adapter to none and ask again, rate and correct answers, run an experiment on the A/B
+/// card, then the Adapt card. The screenshots land in `target/ui*.png`.
 #[tokio::test]
 async fn the_web_ui_works_in_headless_chromium() {
     let web = crate::helpers::repo_root().join("tests/web");
@@ -457,6 +458,8 @@ async fn the_web_ui_works_in_headless_chromium() {
     );
     // The UI trains an adapter and answers with it: the process's adapter data dir (see app.rs).
     let _dir = crate::helpers::adapter_dir_server().await;
+    let candidate = format!("ui-candidate-{}", std::process::id());
+    crate::experiment::register(crate::helpers::adapter_data_dir(), &candidate, 3);
     let app = crate::app::spawn_app_at(crate::helpers::adapter_data_dir(), 4, 8).await;
     let fixture = app.dir.join("password-reset.txt");
     std::fs::write(
@@ -471,6 +474,7 @@ async fn the_web_ui_works_in_headless_chromium() {
         .arg(web.join("ui.test.mjs"))
         .env("DOMAINRAG_URL", &app.base)
         .env("DOMAINRAG_KEY", &app.admin_key)
+        .env("DOMAINRAG_CANDIDATE", &candidate)
         .env("DOMAINRAG_FIXTURE", &fixture)
         .env("DOMAINRAG_ARTIFACTS", &artifacts)
         .output()

@@ -7,6 +7,7 @@ mod cli;
 mod deploy;
 mod embedding;
 mod engine;
+mod experiment;
 mod generate;
 mod helpers;
 mod http;

@@ -2,9 +2,11 @@
 // it checks the security headers, enters an API key after the server refused it without one,
 // creates a collection, uploads a fixture, waits for ingest, asks a question with the collection's
 // default adapter and again with "none (base model)", and checks the streamed answers, the citation
-// chips and the source panel; then, in the Adapt card, drafts questions, trains an adapter, evaluates
+// chips and the source panel; rates one answer up and corrects the other; runs a 50/50 experiment
+// of DOMAINRAG_CANDIDATE on the A/B card, sees both arms, makes a blind comparison and rolls it
+// back; then, in the Adapt card, drafts questions, trains an adapter, evaluates
 // it and cancels an evaluation. Reads DOMAINRAG_URL (a running server), DOMAINRAG_KEY (an admin key)
-// and DOMAINRAG_FIXTURE (a .txt about password resets); writes ${DOMAINRAG_ARTIFACTS:-target}/ui.png and ui-adapt.png. Last line: "N passed, N failed".
+// and DOMAINRAG_FIXTURE (a .txt about password resets); writes ${DOMAINRAG_ARTIFACTS:-target}/ui.png, ui-experiment.png and ui-adapt.png. Last line: "N passed, N failed".
 import { chromium } from 'playwright-core';
 import { mkdir, mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -18,6 +20,8 @@ const ARTIFACTS = process.env.DOMAINRAG_ARTIFACTS || 'target';
 const INGEST_TIMEOUT_MS = Number(process.env.DOMAINRAG_UI_INGEST_TIMEOUT_MS || 300_000);
 const ANSWER_TIMEOUT_MS = Number(process.env.DOMAINRAG_UI_ANSWER_TIMEOUT_MS || 600_000);
 const QUESTION = 'How do I reset my password?';
+// A registered adapter the experiment card tests against the collection's (DOMAINRAG_CANDIDATE).
+const CANDIDATE = process.env.DOMAINRAG_CANDIDATE || '';
 
 function fail(message) {
   throw new Error(message);
@@ -159,7 +163,74 @@ async function run(page, log) {
   if (adapterUsed) fail(`answer 2 was generated with adapter "${adapterUsed}", not the base model`);
   log(`answer 2 (base model, ${second.text.length} chars): ${second.text.slice(0, 120).replace(/\s+/g, ' ')}`);
 
+  await feedback(page, log, name);
+  await experiment(page, log);
   await adapt(page, log);
+}
+
+// Thumbs up on answer 1 and a correction of answer 2, read back from the answer log.
+async function feedback(page, log, collection) {
+  const first = page.locator('[data-testid="answer"]').nth(0);
+  const sent = page.waitForResponse((r) => /\/api\/answers\/[^/]+\/feedback$/.test(r.url()));
+  await first.locator('[data-testid="thumb-up"]').click();
+  if ((await sent).status() !== 200) fail('thumbs up was not stored');
+  await page.waitForFunction(() => document.querySelector('[data-testid="answer"] [data-testid="thumb-up"]')
+    .getAttribute('aria-pressed') === 'true');
+  const second = page.locator('[data-testid="answer"]').nth(1);
+  await second.locator('[data-testid="correct-button"]').click();
+  await second.locator('[data-testid="correction-text"]').fill('Open Settings, choose Security and click Reset password [1].');
+  await second.locator('[data-testid="feedback-comment"]').fill('too long');
+  await second.locator('[data-testid="correction-send"]').click();
+  await second.locator('[data-testid="correction-form"]').waitFor({ state: 'hidden', timeout: 10_000 });
+  const logged = await page.evaluate(async (c) => {
+    const r = await fetch(`api/collections/${c}/answers`, { headers: { Authorization: `Bearer ${localStorage.getItem('domainrag.apiKey')}` } });
+    return r.json();
+  }, collection);
+  const liked = logged.filter((a) => a.feedback && a.feedback.rating === 'up').length;
+  const corrected = logged.filter((a) => a.feedback && /Reset password \[1\]/.test(a.feedback.correction || '')).length;
+  if (liked !== 1 || corrected !== 1) fail(`the answer log holds ${liked} liked and ${corrected} corrected answers: ${JSON.stringify(logged).slice(0, 400)}`);
+  log('feedback: a thumbs up and a correction are in the answer log');
+}
+
+// Start a 50/50 experiment of the candidate adapter the test registered, ask once, see both arms
+// on the experiment card, roll it back.
+async function experiment(page, log) {
+  await page.selectOption('[data-testid="adapter-select"]', 'default');
+  await page.click('#experiment-details > summary');
+  await page.selectOption('[data-testid="experiment-candidate"]', CANDIDATE);
+  await page.fill('[data-testid="experiment-share"]', '50');
+  await page.click('[data-testid="experiment-start"]');
+  await page.waitForSelector('[data-testid="experiment-arm"]', { timeout: 60_000 });
+  await askAndCapture(page, QUESTION, 'click');
+  const third = await waitForAnswer(page, 2);
+  const meta = await third.answer.locator('[data-testid="answer-meta"]').innerText();
+  if (!/experiment \d+: (control|candidate)/.test(meta)) fail(`the answer does not name its experiment arm: ${meta}`);
+  await page.click('#experiment-details > summary');
+  await page.click('#experiment-details > summary');
+  await page.waitForFunction(() => {
+    const rows = [...document.querySelectorAll('[data-testid="experiment-arm"]')];
+    const answers = rows.map((r) => Number(r.children[1].textContent));
+    return rows.length === 2 && answers.reduce((a, b) => a + b, 0) === 1;
+  }, null, { timeout: 30_000 }).catch(async () => fail(`the experiment card does not show both arms with one answer: ${await page.locator('[data-testid="experiment-status"]').innerText()}`));
+  // Blind A/B: both arms answer side by side, unlabelled; pick one.
+  await page.locator('[data-testid="blind"]').check();
+  await page.fill('[data-testid="question"]', QUESTION);
+  await page.click('[data-testid="send"]');
+  const comparison = page.locator('[data-testid="comparison"]').first();
+  await comparison.locator('[data-testid="prefer-a"]').waitFor({ timeout: ANSWER_TIMEOUT_MS });
+  if ((await comparison.locator('.side').count()) !== 2) fail('the blind comparison does not show two answers');
+  await comparison.locator('[data-testid="prefer-a"]').click();
+  await page.waitForFunction(() => (document.querySelector('[data-testid="prefer-status"]') || {}).textContent === 'Thanks, recorded.');
+  await page.locator('[data-testid="blind"]').uncheck();
+  await page.click('#experiment-details > summary');
+  await page.click('#experiment-details > summary');
+  await page.waitForSelector('[data-testid="experiment-blind"]', { timeout: 30_000 });
+  const arms = await page.locator('[data-testid="experiment-arms"]').innerText();
+  if (!arms.includes(CANDIDATE)) fail(`the experiment card does not name ${CANDIDATE}: ${arms}`);
+  await page.locator('#experiment-card').screenshot({ path: path.join(ARTIFACTS, 'ui-experiment.png') });
+  await page.click('[data-testid="experiment-rollback"]');
+  await page.waitForSelector('[data-testid="experiment-history"] li', { timeout: 30_000 });
+  log(`experiment: ${arms.replace(/\s+/g, ' ')}; rolled back`);
 }
 
 // Waits until the newest job of `kind` in the Adapt card's list ends; fails unless it ends as `want`.
