@@ -117,7 +117,7 @@ bench-soak: models build
 	python3 benches/soak.py eval --report bench/soak/eval-report$(SOAK_SUFFIX).json --warmup 150 \
 		--out bench/soak/eval$(SOAK_SUFFIX).json
 
-## What the answer log costs an ask (~7 min, nothing else running): wrk on loopback against
+## What the answer log costs an ask (~9 min, nothing else running): wrk on loopback against
 ## `serve` with the log on and off in alternating rounds, on a collection of this repo's docs.
 ## Needs wrk (apt-get install wrk). bench/answerlog/load.json.
 ANSWERLOG_DIR ?= $(HOME)/.cache/domainrag/bench-answerlog

@@ -2,13 +2,18 @@
 """What the answer log costs an ask: wrk against `domainrag serve` on loopback, with the log on
 and off (`DOMAINRAG__ANSWERS__ENABLED`), in alternating rounds on the same data dir.
 
-  answerlog_load.py --bin BIN --data-dir DIR --collection C [--rounds 3] [--seconds 40]
-      [--connections 2] [--max-tokens 16] [--out bench/answerlog/load.json]
+  answerlog_load.py --bin BIN --data-dir DIR --collection C [--rounds 4] [--seconds 45]
+      [--connections 1] [--max-tokens 8] [--engine native] [--out bench/answerlog/load.json]
 
-Each round starts the server with the log on or off (auth off, loopback only), warms it with a
+Asks are kept short (native engine, 2 sources in 300 tokens, 8 answer tokens) so that the log's
+fixed cost per ask is as large a share of the latency as it gets. Each round starts the server
+with the log on or off (auth off, loopback only), warms it with a
 few asks, then runs `wrk -t1 -c CONNECTIONS -d SECONDS --latency` with a Lua script that cycles
 through distinct questions (POST /api/collections/C/ask). Reports per round requests, p50, p90
-and p99 latency, and the medians over rounds of each setting, with the ratio on/off.
+and p99 latency, and the medians over rounds of each setting, with the ratio on/off; and, since
+rounds differ by more than the log costs on a shared machine, the server's own timing of the log
+on the asking path (/metrics: assignment before generation plus the write after it) per answer
+and as a share of answer time.
 Writes JSON and prints a Markdown table. Needs `wrk` (Debian: apt-get install wrk).
 """
 
@@ -67,6 +72,11 @@ def start_server(args, enabled):
             "DOMAINRAG__ANSWERS__ENABLED": "true" if enabled else "false",
             "DOMAINRAG__GENERATE__MAX_TOKENS": str(args.max_tokens),
             "DOMAINRAG__GENERATE__QUEUE_DEPTH": "64",
+            # Short asks (the native engine, a small context, few tokens) make the log's share of
+            # the latency as large as it gets: an upper bound for ordinary asks.
+            "DOMAINRAG__GENERATE__ENGINE": args.engine,
+            "DOMAINRAG__RAG__MAX_SOURCES": "2",
+            "DOMAINRAG__RAG__CONTEXT_TOKENS": "300",
         }
     )
     env.pop("DOMAINRAG_ENV", None)
@@ -130,9 +140,11 @@ def run_wrk(args, base, script):
     ).stdout
     pct = {
         p: parse_ms(v)
-        for p, v in re.findall(r"^\s+(50|90|99)%\s+(\S+)$", out, re.MULTILINE)
+        for p, v in re.findall(r"^\s+(50|90|99)%\s+(\S+)\s*$", out, re.MULTILINE)
     }
     requests = int(re.search(r"(\d+) requests in", out).group(1))
+    if requests == 0 or len(pct) != 3:
+        raise SystemExit(f"answerlog_load: wrk completed no requests or printed no latencies:\n{out}")
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "requests": requests,
@@ -143,16 +155,33 @@ def run_wrk(args, base, script):
     }
 
 
+def log_share(base):
+    """The server's own account: seconds spent in the answer log on the asking path and in
+    answering, summed over answers (warm-up included), from /metrics."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    values = dict(re.findall(r"^(domainrag_\w+) ([\d.e+-]+)$", text, re.MULTILINE))
+    answers = float(values.get("domainrag_answer_seconds_count", 0))
+    log_s = float(values.get("domainrag_answer_log_seconds_sum", 0))
+    answer_s = float(values.get("domainrag_answer_seconds_sum", 0))
+    return {
+        "answers_counted": answers,
+        "log_ms_per_answer": 1e3 * log_s / answers if answers else None,
+        "log_share_of_answer_time": log_s / answer_s if answer_s else None,
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bin", required=True)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--models-dir")
     ap.add_argument("--collection", required=True)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=int, default=40)
-    ap.add_argument("--connections", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seconds", type=int, default=45)
+    ap.add_argument("--connections", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--engine", default="native")
     ap.add_argument("--out", default="bench/answerlog/load.json")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -169,6 +198,7 @@ def main():
                 for q in QUESTIONS[:3]:
                     ask(base, args.collection, q)
                 result = run_wrk(args, base, script)
+                result.update(log_share(base))
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -185,6 +215,11 @@ def main():
     ratio = {
         k: summary["on"][k] / summary["off"][k] for k in ("p50_ms", "p90_ms", "p99_ms")
     }
+    on = [x for x in rounds if x["log"] == "on" and x["log_ms_per_answer"] is not None]
+    summary["on"]["log_ms_per_answer"] = statistics.median(x["log_ms_per_answer"] for x in on)
+    summary["on"]["log_share_of_answer_time"] = statistics.median(
+        x["log_share_of_answer_time"] for x in on
+    )
     report = {
         "what": "ask latency under wrk with the answer log on vs off, alternating rounds",
         "settings": vars(args),
@@ -204,6 +239,11 @@ def main():
         )
     print(
         f"| on / off | | {ratio['p50_ms']:.3f} | {ratio['p90_ms']:.3f} | {ratio['p99_ms']:.3f} |"
+    )
+    print(
+        f"\nIn the answer log on the asking path (server's own timing, median over rounds): "
+        f"{summary['on']['log_ms_per_answer']:.2f} ms per answer, "
+        f"{100 * summary['on']['log_share_of_answer_time']:.2f}% of answer time"
     )
 
 

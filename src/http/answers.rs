@@ -72,7 +72,10 @@ impl Ticket {
         if !self.log.enabled() {
             return;
         }
-        match blocking(move || log.record(&p, &a)).await {
+        let started = std::time::Instant::now();
+        let recorded = blocking(move || log.record(&p, &a)).await;
+        state.metrics.count_log_time(started);
+        match recorded {
             Ok(()) => state.scorer.submit(
                 self.log.clone(),
                 self.provenance.id.clone(),
@@ -109,7 +112,10 @@ impl AppState {
         let log = self.answer_log(c.name());
         let assignment = {
             let (log, who) = (log.clone(), who.clone());
-            blocking(move || log.assign(choice, &who)).await?
+            let started = std::time::Instant::now();
+            let assigned = blocking(move || log.assign(choice, &who)).await;
+            self.metrics.count_log_time(started);
+            assigned?
         };
         let stream = self
             .rag

@@ -168,9 +168,18 @@ pub struct Metrics {
     pub in_flight_answers: AtomicU64,
     /// Answers given but not logged (the answer log could not be written).
     pub answer_log_errors: AtomicU64,
+    /// Time spent in the answer log on the asking path (experiment assignment before generation,
+    /// the log write after it), summed over answers.
+    pub answer_log_micros: AtomicU64,
 }
 
 impl Metrics {
+    /// Add the time since `started` to the answer log's share of asking.
+    pub(crate) fn count_log_time(&self, started: std::time::Instant) {
+        self.answer_log_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
     fn render(
         &self,
         resident_adapters: usize,
@@ -191,7 +200,8 @@ impl Metrics {
              # TYPE domainrag_jobs_running gauge\ndomainrag_jobs_running {}\n\
              # TYPE domainrag_generation_queued gauge\ndomainrag_generation_queued {}\n\
              # TYPE domainrag_adapter_pool_total counter\ndomainrag_adapter_pool_total{{result=\"hit\"}} {}\ndomainrag_adapter_pool_total{{result=\"miss\"}} {}\n\
-             # TYPE domainrag_answer_log_errors_total counter\ndomainrag_answer_log_errors_total {}\n",
+             # TYPE domainrag_answer_log_errors_total counter\ndomainrag_answer_log_errors_total {}\n\
+             # TYPE domainrag_answer_log_seconds_sum counter\ndomainrag_answer_log_seconds_sum {}\n",
             g(&self.requests),
             g(&self.errors_4xx),
             g(&self.errors_5xx),
@@ -209,6 +219,7 @@ impl Metrics {
             generator.pool_hits,
             generator.pool_misses,
             g(&self.answer_log_errors),
+            g(&self.answer_log_micros) as f64 / 1e6,
         ) + &generator.engine.map(engine_metrics).unwrap_or_default()
     }
 }

@@ -396,6 +396,21 @@ async fn an_experiment_splits_users_reports_the_favoured_arm_and_promotes_it() {
         ],
     ));
     assert!(AdapterRegistry::new(dir.path()).contains("from-log"));
+
+    // Deleting the collection deletes its log: a new collection of that name starts empty.
+    crate::cli::ok(&crate::cli::domainrag(
+        dir.path(),
+        &["collection", "delete", "ab"],
+    ));
+    crate::cli::ok(&crate::cli::domainrag(
+        dir.path(),
+        &["collection", "create", "ab"],
+    ));
+    let exported = crate::cli::ok(&crate::cli::domainrag(
+        dir.path(),
+        &["answers", "export", "-c", "ab"],
+    ));
+    assert_eq!(exported, "");
 }
 
 /// `domainrag serve` on `data` at a free loopback port, auth off (loopback only), short answers.
