@@ -485,6 +485,14 @@ impl Collection {
         Ok(next)
     }
 
+    /// Whether document `doc_id` is stored.
+    pub fn has_document(&self, doc_id: &str) -> bool {
+        self.ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(doc_id)
+    }
+
     /// A copy of the ledger.
     pub fn ledger(&self) -> Ledger {
         self.ledger

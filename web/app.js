@@ -664,7 +664,8 @@
       `${answer.prompt_tokens ?? '?'} prompt + ${answer.completion_tokens ?? '?'} completion tokens`,
       `retrieve ${fmtMs(t.retrieve)}`, `first token ${fmtMs(t.first_token)}`, `total ${fmtMs(t.total)}`,
     ];
-    if (answer.experiment) meta.push(`experiment ${answer.experiment.id}: ${answer.experiment.arm}`);
+    // The arm stays out of sight (a user who knew it would rate it differently); tests read it.
+    if (answer.experiment) view.node.dataset.arm = answer.experiment.arm;
     view.node.append(h('p', { class: 'meta', 'data-testid': 'answer-meta', text: meta.join(' · ') }));
     if (typeof answer.answer_id === 'string') view.node.append(feedbackBar(answer.answer_id));
   }
@@ -757,7 +758,7 @@
       return button;
     };
     const correction = h('textarea', {
-      rows: '3', class: 'correction', 'data-testid': 'correction-text', maxlength: '16000',
+      rows: '3', class: 'correction', 'data-testid': 'correction-text', maxlength: '4000',
       'aria-label': 'The answer you would have wanted',
       placeholder: 'The answer you would have wanted (cite sources like [1])',
     });

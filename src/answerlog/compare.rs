@@ -9,7 +9,9 @@ use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
 use super::{AnswerLog, Arm, LogError, Who, now_ms};
-use crate::eval::answers::{Interval, bootstrap_ci};
+use std::collections::BTreeMap;
+
+use crate::eval::answers::{Interval, bootstrap_ratio};
 
 /// The user's pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,20 +48,41 @@ pub struct BlindFigures {
 /// or undecided.
 pub type Outcome = Option<bool>;
 
-/// Summarise outcomes (one per comparison; ties as `None` with `decided` true).
-pub fn blind_figures(outcomes: &[(bool, Outcome)]) -> BlindFigures {
-    let wins: Vec<f64> = outcomes
-        .iter()
-        .filter_map(|(_, o)| o.map(|w| f64::from(u8::from(w))))
-        .collect();
-    let won = wins.iter().filter(|w| **w > 0.0).count();
+/// One comparison as the figures need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preferred {
+    /// The user who compared (comparisons of one user are not independent).
+    pub unit: String,
+    pub decided: bool,
+    pub outcome: Outcome,
+}
+
+/// Summarise comparisons. The interval resamples users (`MIN_USERS` at least), as the arms'
+/// differences do.
+pub fn blind_figures(comparisons: &[Preferred]) -> BlindFigures {
+    let mut by_user: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    for c in comparisons {
+        if let Some(won) = c.outcome {
+            let e = by_user.entry(&c.unit).or_default();
+            e.0 += f64::from(u8::from(won));
+            e.1 += 1.0;
+        }
+    }
+    let (won, decided) = by_user
+        .values()
+        .fold((0.0, 0.0), |(w, n), c| (w + c.0, n + c.1));
+    let clusters: Vec<(f64, f64)> = by_user.into_values().collect();
     BlindFigures {
-        comparisons: outcomes.len(),
-        candidate_preferred: won,
-        control_preferred: wins.len() - won,
-        ties: outcomes.iter().filter(|(d, o)| *d && o.is_none()).count(),
-        candidate_win_rate: (!wins.is_empty()).then(|| won as f64 / wins.len() as f64),
-        ci95: (wins.len() >= 2).then(|| bootstrap_ci(&wins, 2000, 23)),
+        comparisons: comparisons.len(),
+        candidate_preferred: won as usize,
+        control_preferred: (decided - won) as usize,
+        ties: comparisons
+            .iter()
+            .filter(|c| c.decided && c.outcome.is_none())
+            .count(),
+        candidate_win_rate: (decided > 0.0).then(|| won / decided),
+        ci95: (clusters.len() >= super::stats::MIN_USERS)
+            .then(|| bootstrap_ratio(&clusters, 2000, 23)),
     }
 }
 
@@ -73,18 +96,25 @@ impl AnswerLog {
         answer_a: &str,
         answer_b: &str,
     ) -> Result<(), LogError> {
-        self.write()?
-            .execute(
-                "INSERT INTO comparisons (id, experiment, unit, answer_a, answer_b, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, experiment, who.unit(), answer_a, answer_b, now_ms()],
-            )
-            .map_err(|e| self.sql(e))?;
+        if !self.enabled() {
+            return Err(Self::disabled());
+        }
+        let conn = self.write()?;
+        let unit = self.unit_of(&conn, who)?;
+        conn.execute(
+            "INSERT INTO comparisons (id, experiment, unit, answer_a, answer_b, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, experiment, unit, answer_a, answer_b, now_ms()],
+        )
+        .map_err(|e| self.sql(e))?;
         Ok(())
     }
 
     /// Store the user's pick on comparison `id` (replacing an earlier one).
     pub fn prefer(&self, id: &str, preference: Preference) -> Result<(), LogError> {
+        if !self.enabled() {
+            return Err(Self::disabled());
+        }
         let conn = self.write()?;
         let changed = conn
             .execute(
@@ -98,15 +128,15 @@ impl AnswerLog {
         Ok(())
     }
 
-    /// Each comparison of experiment `id`: (decided, the candidate won / lost / tied or open).
-    pub fn preferences(&self, id: i64) -> Result<Vec<(bool, Outcome)>, LogError> {
+    /// Each comparison of experiment `id`: its user, whether it was decided, and the outcome.
+    pub fn preferences(&self, id: i64) -> Result<Vec<Preferred>, LogError> {
         let Some(conn) = self.connect(false)? else {
             return Ok(Vec::new());
         };
         let mut stmt = conn
             .prepare(
-                "SELECT c.preferred, a.arm FROM comparisons c JOIN answers a ON a.id = c.answer_a
-                 WHERE c.experiment = ?1",
+                "SELECT c.preferred, a.arm, c.unit FROM comparisons c
+                 JOIN answers a ON a.id = c.answer_a WHERE c.experiment = ?1",
             )
             .map_err(|e| self.sql(e))?;
         let rows = stmt
@@ -114,18 +144,24 @@ impl AnswerLog {
                 Ok((
                     r.get::<_, Option<String>>(0)?,
                     r.get::<_, Option<String>>(1)?,
+                    r.get::<_, String>(2)?,
                 ))
             })
             .map_err(|e| self.sql(e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (preferred, arm_a) = row.map_err(|e| self.sql(e))?;
+            let (preferred, arm_a, unit) = row.map_err(|e| self.sql(e))?;
             let a_is_candidate = arm_a.as_deref().and_then(Arm::parse) == Some(Arm::Candidate);
-            out.push(match preferred.as_deref() {
+            let (decided, outcome) = match preferred.as_deref() {
                 Some("a") => (true, Some(a_is_candidate)),
                 Some("b") => (true, Some(!a_is_candidate)),
                 Some(_) => (true, None),
                 None => (false, None),
+            };
+            out.push(Preferred {
+                unit,
+                decided,
+                outcome,
             });
         }
         Ok(out)
@@ -138,12 +174,17 @@ mod tests {
 
     #[test]
     fn the_win_rate_counts_decided_comparisons_only() {
-        let outcomes = [
-            (true, Some(true)),
-            (true, Some(true)),
-            (true, Some(false)),
-            (true, None),
-            (false, None),
+        let c = |user: usize, decided, outcome| Preferred {
+            unit: format!("u{user}"),
+            decided,
+            outcome,
+        };
+        let mut outcomes = vec![
+            c(0, true, Some(true)),
+            c(1, true, Some(true)),
+            c(2, true, Some(false)),
+            c(3, true, None),
+            c(4, false, None),
         ];
         let f = blind_figures(&outcomes);
         assert_eq!(
@@ -156,7 +197,9 @@ mod tests {
             (5, 2, 1, 1)
         );
         assert!((f.candidate_win_rate.unwrap() - 2.0 / 3.0).abs() < 1e-9);
-        assert!(f.ci95.is_some());
+        assert!(f.ci95.is_none(), "3 users decided: too few for an interval");
+        outcomes.extend((5..10).map(|u| c(u, true, Some(true))));
+        assert!(blind_figures(&outcomes).ci95.is_some());
         assert_eq!(blind_figures(&[]).candidate_win_rate, None);
     }
 }

@@ -77,12 +77,13 @@ pub struct Experiment {
 }
 
 impl Experiment {
-    /// The arm `who` is in: a fixed point in [0, 1) drawn from the salt and the unit.
-    pub fn arm_of(&self, who: &Who) -> Arm {
+    /// The arm of `unit` (a user's stored identity, `Who::unit`): a fixed point in [0, 1) drawn
+    /// from the experiment's salt and the unit.
+    pub fn arm_of(&self, unit: &str) -> Arm {
         let digest = Sha256::new()
             .chain_update(self.salt.as_bytes())
             .chain_update([0])
-            .chain_update(who.unit().as_bytes())
+            .chain_update(unit.as_bytes())
             .finalize();
         let draw = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
         if (draw as f64 / 2f64.powi(64)) < self.share {
@@ -228,21 +229,41 @@ impl AnswerLog {
         Ok(experiment)
     }
 
-    /// Stop the running experiment with `decision` recorded. Applying a promotion (the
-    /// collection's adapter) is the caller's, before this call.
+    /// Stop the running experiment with `decision` recorded, in one statement that only an
+    /// experiment still running matches (two stops at once: one wins, the other is told).
     pub fn stop_experiment(&self, decision: Decision) -> Result<Experiment, LogError> {
         let running = self.running_experiment()?.ok_or_else(no_experiment)?;
-        self.write()?
+        let stopped_at = now_ms();
+        let changed = self
+            .write()?
             .execute(
-                "UPDATE experiments SET stopped_at = ?2, decision = ?3 WHERE id = ?1",
-                params![running.id, now_ms(), decision.as_str()],
+                "UPDATE experiments SET stopped_at = ?2, decision = ?3
+                 WHERE id = ?1 AND stopped_at IS NULL",
+                params![running.id, stopped_at, decision.as_str()],
             )
             .map_err(|e| self.sql(e))?;
+        if changed == 0 {
+            return Err(LogError::Conflict(format!(
+                "experiment {} was stopped meanwhile",
+                running.id
+            )));
+        }
         Ok(Experiment {
-            stopped_at: Some(now_ms()),
+            stopped_at: Some(stopped_at),
             decision: Some(decision),
             ..running
         })
+    }
+
+    /// Undo [`Self::stop_experiment`] of experiment `id` (its promotion could not be applied).
+    fn resume_experiment(&self, id: i64) -> Result<(), LogError> {
+        self.write()?
+            .execute(
+                "UPDATE experiments SET stopped_at = NULL, decision = NULL WHERE id = ?1",
+                [id],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
     }
 
     /// The adapter choice for a request that made `choice`: an experiment assigns requests that
@@ -254,13 +275,27 @@ impl AnswerLog {
                 assigned: None,
             });
         }
-        let Some(experiment) = self.running_experiment()? else {
+        let Some(conn) = self.connect(false)? else {
             return Ok(Assignment {
                 choice,
                 assigned: None,
             });
         };
-        let arm = experiment.arm_of(who);
+        let Some(experiment) = conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM experiments WHERE stopped_at IS NULL"),
+                [],
+                experiment_of,
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?
+        else {
+            return Ok(Assignment {
+                choice,
+                assigned: None,
+            });
+        };
+        let arm = experiment.arm_of(&self.unit_of(&conn, who)?);
         let choice = match experiment.adapter_of(arm) {
             Some(a) => AdapterChoice::Named(a.to_string()),
             None => AdapterChoice::Base,
@@ -290,20 +325,25 @@ pub fn start(
     log.start_experiment(control, candidate, share)
 }
 
-/// Stop the running experiment. Promoting first makes the candidate the collection's adapter
-/// through `set_adapter`; the decision is recorded only once that has succeeded.
+/// Stop the running experiment. The experiment is claimed first (so a concurrent stop or start
+/// cannot interleave); promoting then makes the candidate the collection's adapter through
+/// `set_adapter`, and if that fails the experiment runs on as before.
 pub fn stop<E: std::fmt::Display>(
     log: &AnswerLog,
     decision: Decision,
     set_adapter: impl FnOnce(&str) -> Result<(), E>,
 ) -> Result<Experiment, LogError> {
-    let running = log.running_experiment()?.ok_or_else(no_experiment)?;
-    if decision == Decision::Promote {
-        set_adapter(&running.candidate).map_err(|e| {
-            LogError::Task(format!("promoting {:?} failed: {e}", running.candidate))
-        })?;
+    let stopped = log.stop_experiment(decision)?;
+    if decision == Decision::Promote
+        && let Err(e) = set_adapter(&stopped.candidate)
+    {
+        log.resume_experiment(stopped.id)?;
+        return Err(LogError::Task(format!(
+            "promoting {:?} failed: {e}",
+            stopped.candidate
+        )));
     }
-    log.stop_experiment(decision)
+    Ok(stopped)
 }
 
 /// The error for stopping or reading an experiment that is not there.
@@ -328,11 +368,12 @@ mod tests {
         }
     }
 
-    fn who(user: usize) -> Who {
+    fn who(user: usize) -> String {
         Who {
             key_id: "k".into(),
             user: Some(format!("user-{user}")),
         }
+        .unit("salt")
     }
 
     #[test]

@@ -73,19 +73,26 @@ pub struct Who {
 }
 
 impl Who {
-    /// The stored, hashed identity of the key.
-    pub fn key_hash(&self) -> String {
-        short_hash(&["key", &self.key_id])
+    /// The stored, hashed identity of the key (`salt`: the log's secret, see `AnswerLog::salt`).
+    pub fn key_hash(&self, salt: &str) -> String {
+        short_hash(&[salt, "key", &self.key_id])
     }
 
     /// The stored, hashed identity experiments assign by: the user (or session) within its key,
     /// or the key alone when the client names no user.
-    pub fn unit(&self) -> String {
-        short_hash(&["user", &self.key_id, self.user.as_deref().unwrap_or("")])
+    pub fn unit(&self, salt: &str) -> String {
+        short_hash(&[
+            salt,
+            "user",
+            &self.key_id,
+            self.user.as_deref().unwrap_or(""),
+        ])
     }
 }
 
 /// The first 16 hex digits of SHA-256 over `parts` (separated so that parts cannot run together).
+/// With a secret first part this is a keyed hash: key ids are not secret, so without one a reader
+/// of the log could hash every key id (and guessed user names) and match them.
 pub(crate) fn short_hash(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
@@ -123,7 +130,7 @@ pub enum Rating {
     Down,
 }
 
-/// What a user said about an answer. Sending feedback again replaces it.
+/// What a user said about an answer. Sending feedback again replaces the fields it carries.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Feedback {
@@ -208,6 +215,10 @@ pub struct Provenance {
 }
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS answers (
     id TEXT PRIMARY KEY,
     created_at INTEGER NOT NULL,
@@ -341,6 +352,25 @@ impl AnswerLog {
         Ok(self.connect(true)?.expect("created"))
     }
 
+    /// The log's secret salt for hashing keys and users, made once (random) with the file. It
+    /// never leaves the database (export and the API do not show it).
+    fn salt(&self, conn: &Connection) -> Result<String, LogError> {
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('salt', ?1)",
+            [uuid::Uuid::new_v4().simple().to_string()],
+        )
+        .map_err(|e| self.sql(e))?;
+        conn.query_row("SELECT value FROM meta WHERE key = 'salt'", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| self.sql(e))
+    }
+
+    /// `who`'s unit as stored and assigned by (see [`Who::unit`]).
+    pub(crate) fn unit_of(&self, conn: &Connection, who: &Who) -> Result<String, LogError> {
+        Ok(who.unit(&self.salt(conn)?))
+    }
+
     /// Log `answer` (one transaction: the answer and its sources), then delete answers past
     /// retention.
     pub fn record(&self, p: &Provenance, answer: &Answer) -> Result<(), LogError> {
@@ -348,6 +378,7 @@ impl AnswerLog {
             return Ok(());
         }
         let mut conn = self.write()?;
+        let salt = self.salt(&conn)?;
         let tx = conn.transaction().map_err(|e| self.sql(e))?;
         let (experiment, arm) = match p.assigned {
             Some((e, arm)) => (Some(e), Some(arm.as_str())),
@@ -362,8 +393,8 @@ impl AnswerLog {
                 p.id,
                 now_ms(),
                 p.question,
-                p.who.key_hash(),
-                p.who.unit(),
+                p.who.key_hash(&salt),
+                p.who.unit(&salt),
                 answer.adapter,
                 experiment,
                 arm,
@@ -398,12 +429,15 @@ impl AnswerLog {
 
     /// Store the background scorer's verdict on answer `id`.
     pub fn set_faithfulness(&self, id: &str, faithfulness: Option<f64>) -> Result<(), LogError> {
-        self.write()?
-            .execute(
-                "UPDATE answers SET faithfulness = ?2, scored = 1 WHERE id = ?1",
-                params![id, faithfulness],
-            )
-            .map_err(|e| self.sql(e))?;
+        // Never creates the file: the collection may have been deleted meanwhile.
+        let Some(conn) = self.connect(false)? else {
+            return Ok(());
+        };
+        conn.execute(
+            "UPDATE answers SET faithfulness = ?2, scored = 1 WHERE id = ?1",
+            params![id, faithfulness],
+        )
+        .map_err(|e| self.sql(e))?;
         Ok(())
     }
 
@@ -428,15 +462,23 @@ impl AnswerLog {
         fn text(t: &Option<String>) -> Option<&str> {
             t.as_deref().map(str::trim).filter(|t| !t.is_empty())
         }
+        let salt = self.salt(&conn)?;
+        // What this call leaves out keeps its earlier value (a thumb after a correction keeps it).
         conn.execute(
-            "INSERT OR REPLACE INTO feedback (answer_id, rating, correction, comment, key_hash, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO feedback (answer_id, rating, correction, comment, key_hash, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(answer_id) DO UPDATE SET
+                rating = COALESCE(excluded.rating, rating),
+                correction = COALESCE(excluded.correction, correction),
+                comment = COALESCE(excluded.comment, comment),
+                key_hash = excluded.key_hash,
+                created_at = excluded.created_at",
             params![
                 id,
                 rating,
                 text(&feedback.correction),
                 text(&feedback.comment),
-                who.key_hash(),
+                who.key_hash(&salt),
                 now_ms()
             ],
         )
@@ -524,29 +566,40 @@ impl AnswerLog {
         Ok(out)
     }
 
-    /// Write every logged answer as one JSON line each (oldest first); returns how many.
-    pub fn export(&self, out: &mut dyn std::io::Write) -> Result<usize, LogError> {
-        let Some(conn) = self.connect(false)? else {
+    /// Every logged answer as one JSON line each (oldest first), handed to `line` one at a time
+    /// (a consumer can stream them); returns how many. One read transaction: answers logged or
+    /// deleted meanwhile neither shift nor repeat rows.
+    pub fn export(
+        &self,
+        line: &mut dyn FnMut(String) -> Result<(), LogError>,
+    ) -> Result<usize, LogError> {
+        let Some(mut conn) = self.connect(false)? else {
             return Ok(0);
         };
-        let mut n = 0;
-        let mut offset = 0;
+        let tx = conn.transaction().map_err(|e| self.sql(e))?;
+        let (mut n, mut after) = (0, (i64::MIN, String::new()));
         loop {
             let page = self.select(
-                &conn,
-                "ORDER BY a.created_at, a.id LIMIT 500 OFFSET ?1",
-                [offset as i64],
+                &tx,
+                "WHERE (a.created_at, a.id) > (?1, ?2) ORDER BY a.created_at, a.id LIMIT 500",
+                params![after.0, after.1],
             )?;
             for a in &page {
-                let line = serde_json::to_string(a).expect("answers serialise");
-                writeln!(out, "{line}").map_err(|e| LogError::Invalid(format!("export: {e}")))?;
+                line(serde_json::to_string(a).expect("answers serialise"))?;
             }
             n += page.len();
-            offset += page.len();
-            if page.len() < 500 {
-                return Ok(n);
+            match page.last() {
+                Some(last) if page.len() == 500 => after = (last.created_at, last.id.clone()),
+                _ => return Ok(n),
             }
         }
+    }
+
+    /// Write [`Self::export`]'s lines to `out`.
+    pub fn export_to(&self, out: &mut dyn std::io::Write) -> Result<usize, LogError> {
+        self.export(&mut |l| {
+            writeln!(out, "{l}").map_err(|e| LogError::Invalid(format!("export: {e}")))
+        })
     }
 
     /// Delete every logged answer given from one of `doc_ids` (with its sources and feedback);
@@ -642,6 +695,29 @@ impl AnswerLog {
         }
         Ok(out)
     }
+}
+
+/// The collections that use adapter `name`: as their adapter, or in their running experiment
+/// (as candidate or control). The one check before an adapter is removed (CLI and API).
+pub fn users_of_adapter(
+    catalog: &crate::collection::Catalog,
+    config: &AnswersConfig,
+    name: &str,
+) -> Result<Vec<String>, LogError> {
+    let names = catalog
+        .list()
+        .map_err(|e| LogError::Task(format!("listing collections: {e}")))?;
+    let mut users = Vec::new();
+    for c in names {
+        if catalog.settings(&c).ok().and_then(|s| s.adapter).as_deref() == Some(name) {
+            users.push(c.clone());
+        }
+        let running = AnswerLog::new(&catalog.dir_of(&c), config).running_experiment()?;
+        if running.is_some_and(|e| e.candidate == name || e.control.as_deref() == Some(name)) {
+            users.push(format!("{c} (its running experiment)"));
+        }
+    }
+    Ok(users)
 }
 
 /// Which answers `triplets build --from-log` learns from.
@@ -759,19 +835,29 @@ mod tests {
         let fb = got.feedback.expect("feedback stored");
         assert_eq!(fb.rating, Some(Rating::Up));
         assert_eq!(fb.correction.as_deref(), Some("Better [1]."));
-        // Hashed, never the key or user as given.
+        // Hashed with the log's secret, never the key or user as given, nor their plain hash.
         assert_eq!(got.key.len(), 16);
         assert!(!got.user.contains("alice"));
+        assert_ne!(got.key, short_hash(&["key", "k1"]));
+        // A thumb later keeps the correction.
+        let down = Feedback {
+            rating: Some(Rating::Down),
+            ..Feedback::default()
+        };
+        reopened.feedback(&p1.id, &down, &p1.who).expect("thumb");
+        let fb = reopened.get(&p1.id).unwrap().feedback.unwrap();
+        assert_eq!(fb.rating, Some(Rating::Down));
+        assert_eq!(fb.correction.as_deref(), Some("Better [1]."));
         assert_eq!(
             reopened
-                .with_feedback(FeedbackFilter::Positive)
+                .with_feedback(FeedbackFilter::Corrected)
                 .expect("liked")
                 .len(),
             1
         );
 
         let mut out = Vec::new();
-        assert_eq!(reopened.export(&mut out).expect("export"), 2);
+        assert_eq!(reopened.export_to(&mut out).expect("export"), 2);
         let lines: Vec<LoggedAnswer> = String::from_utf8(out)
             .expect("utf-8")
             .lines()

@@ -81,6 +81,10 @@ pub struct ExperimentReport {
     pub blind: super::compare::BlindFigures,
 }
 
+/// Users each arm needs before an interval is drawn: a bootstrap over fewer clusters collapses
+/// (two users per arm can give a zero-width interval).
+pub const MIN_USERS: usize = 5;
+
 fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     let (sum, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
     (n > 0).then(|| sum / n as f64)
@@ -122,7 +126,9 @@ const COMPARED: &[(&str, Figure)] = &[
     }),
     ("citation_rate", |s| Some(f64::from(u8::from(s.cited)))),
     ("faithfulness", |s| s.faithfulness),
-    ("latency_ms", |s| Some(s.total_ms)),
+    // Means (the per-arm table shows medians): a difference of means is what the bootstrap
+    // resamples.
+    ("mean_latency_ms", |s| Some(s.total_ms)),
     ("completion_tokens", |s| Some(s.completion_tokens)),
 ];
 
@@ -158,7 +164,7 @@ fn difference(
     let (a, b) = (clusters(control, figure), clusters(candidate, figure));
     let count = |c: &[(f64, f64)]| c.iter().map(|x| x.1).sum::<f64>() as usize;
     let (control_n, candidate_n) = (count(&a), count(&b));
-    if control_n < min || candidate_n < min || a.len() < 2 || b.len() < 2 {
+    if control_n < min || candidate_n < min || a.len() < MIN_USERS || b.len() < MIN_USERS {
         return MetricDifference {
             control_n,
             candidate_n,
@@ -166,7 +172,7 @@ fn difference(
             ci95: None,
             significant: None,
             status: format!(
-                "not enough data yet: each arm needs {min} answers with this figure from at least 2 users"
+                "not enough data yet: each arm needs {min} answers with this figure from at least {MIN_USERS} users"
             ),
         };
     }

@@ -106,12 +106,7 @@ pub(super) fn run(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> R
             }
         }
         AdaptersCmd::Remove { name } => {
-            let mut used_by = Vec::new();
-            for c in catalog.list()? {
-                if catalog.settings(&c)?.adapter.as_deref() == Some(name.as_str()) {
-                    used_by.push(c);
-                }
-            }
+            let used_by = crate::answerlog::users_of_adapter(catalog, &settings.answers, &name)?;
             registry.remove(&name, &used_by)?;
             println!("removed adapter {name}");
         }

@@ -242,11 +242,11 @@ pub(super) fn answers(catalog: &Catalog, settings: &Settings, cmd: AnswersCmd) -
                         std::fs::File::create(path)
                             .with_context(|| format!("creating {}", path.display()))?,
                     );
-                    let n = log.export(&mut file)?;
+                    let n = log.export_to(&mut file)?;
                     file.flush()?;
                     n
                 }
-                None => log.export(&mut std::io::stdout().lock())?,
+                None => log.export_to(&mut std::io::stdout().lock())?,
             };
             if n == 0 && out.is_some() {
                 eprintln!("no answers logged for {collection}");

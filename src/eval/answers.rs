@@ -190,24 +190,58 @@ pub fn bootstrap_difference(
     seed: u64,
 ) -> Interval {
     let mut rng = XorShift(seed | 1);
-    let mut draw = |group: &[(f64, f64)]| {
-        let (mut sum, mut count) = (0.0, 0.0);
-        for _ in 0..group.len() {
-            let (s, c) = group[(rng.next() % group.len() as u64) as usize];
-            sum += s;
-            count += c;
-        }
-        if count > 0.0 { sum / count } else { 0.0 }
-    };
-    if a.is_empty() || b.is_empty() || resamples == 0 {
+    if a.is_empty() || b.is_empty() {
         return Interval {
             low: 0.0,
             high: 0.0,
         };
     }
-    let mut diffs: Vec<f64> = (0..resamples).map(|_| -draw(a) + draw(b)).collect();
-    diffs.sort_by(f64::total_cmp);
-    let at = |q: f64| diffs[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    percentile_interval(
+        (0..resamples)
+            .map(|_| -draw_ratio(a, &mut rng) + draw_ratio(b, &mut rng))
+            .collect(),
+    )
+}
+
+/// Percentile bootstrap 95% interval of `Σ sum / Σ count` over clusters `(sum, count)`, the
+/// clusters resampled whole.
+pub fn bootstrap_ratio(clusters: &[(f64, f64)], resamples: usize, seed: u64) -> Interval {
+    let mut rng = XorShift(seed | 1);
+    if clusters.is_empty() {
+        return Interval {
+            low: 0.0,
+            high: 0.0,
+        };
+    }
+    percentile_interval(
+        (0..resamples)
+            .map(|_| draw_ratio(clusters, &mut rng))
+            .collect(),
+    )
+}
+
+/// One bootstrap draw of a group of clusters: its ratio `Σ sum / Σ count`.
+fn draw_ratio(group: &[(f64, f64)], rng: &mut XorShift) -> f64 {
+    let (mut sum, mut count) = (0.0, 0.0);
+    for _ in 0..group.len() {
+        let (s, c) = group[(rng.next() % group.len() as u64) as usize];
+        sum += s;
+        count += c;
+    }
+    if count > 0.0 { sum / count } else { 0.0 }
+}
+
+/// The 2.5th and 97.5th percentiles of bootstrap statistics.
+fn percentile_interval(mut stats: Vec<f64>) -> Interval {
+    if stats.is_empty() {
+        return Interval {
+            low: 0.0,
+            high: 0.0,
+        };
+    }
+    stats.sort_by(f64::total_cmp);
+    let last = stats.len() - 1;
+    let at = |q: f64| stats[((q * last as f64).round() as usize).min(last)];
     Interval {
         low: at(0.025),
         high: at(0.975),

@@ -69,7 +69,7 @@ impl Ticket {
     /// not returned: the asker has the answer.
     pub(crate) async fn log(&self, state: &AppState, answer: &Answer) {
         let (log, p, a) = (self.log.clone(), self.provenance.clone(), answer.clone());
-        if !self.log.enabled() {
+        if !self.log.enabled() || from_deleted_document(state, &self.provenance.id, answer).await {
             return;
         }
         let started = std::time::Instant::now();
@@ -90,6 +90,18 @@ impl Ticket {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// Whether `answer` was given from a document deleted while it was being written: deleting a
+/// document deletes the answers logged from it, so one finishing after the delete is not logged.
+async fn from_deleted_document(state: &AppState, answer_id: &str, answer: &Answer) -> bool {
+    let Ok(name) = answerlog::collection_of(answer_id) else {
+        return false;
+    };
+    match state.collection(name).await {
+        Ok(c) => answer.sources.iter().any(|s| !c.has_document(&s.doc_id)),
+        Err(_) => true,
     }
 }
 
@@ -184,19 +196,27 @@ async fn list_answers(
 async fn export_answers(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
     state.collection(&name).await?;
     let log = state.answer_log(&name);
-    let body = blocking(move || {
-        let mut out = Vec::new();
-        log.export(&mut out)?;
-        Ok(out)
-    })
-    .await?;
+    // Streamed: a line at a time from the blocking pool, a few lines buffered (a long log never
+    // sits in memory whole). A client that leaves stops the export.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(16);
+    tokio::task::spawn_blocking(move || {
+        let sent = log.export(&mut |line| {
+            tx.blocking_send(Ok(web::Bytes::from(line + "\n")))
+                .map_err(|_| LogError::Invalid("export: the client left".into()))
+        });
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "answer log export ended early");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let mut rx = rx;
     Ok(HttpResponse::Ok()
         .content_type("application/x-ndjson")
         .insert_header((
             "Content-Disposition",
             format!("attachment; filename=\"{name}-answers.jsonl\""),
         ))
-        .body(body))
+        .streaming(futures::stream::poll_fn(move |cx| rx.poll_recv(cx))))
 }
 
 async fn experiment_status(
@@ -233,15 +253,18 @@ async fn start_experiment(
     let control = state.rag.resolve_adapter(&AdapterChoice::Collection, &c);
     let log = state.answer_log(&name);
     let body = body.into_inner();
+    // Loaded before the experiment starts: a candidate that cannot load starts nothing.
+    if state.registry.contains(&body.candidate) {
+        state
+            .generator
+            .preload(std::slice::from_ref(&body.candidate))
+            .await?;
+    }
     let state2 = state.clone();
     let experiment: Experiment = blocking(move || {
         answerlog::experiment::start(&log, &state2.registry, control, &body.candidate, body.share)
     })
     .await?;
-    state
-        .generator
-        .preload(std::slice::from_ref(&experiment.candidate))
-        .await?;
     Ok(HttpResponse::Created().json(experiment))
 }
 
@@ -303,6 +326,12 @@ async fn compare(
         return Err(ApiError::bad_request("`question` is empty"));
     }
     let log = state.answer_log(&name);
+    if !log.enabled() {
+        return Err(LogError::Conflict(
+            "the answer log is off (answers.enabled = false): no comparisons".into(),
+        )
+        .into());
+    }
     let experiment = {
         let log = log.clone();
         blocking(move || log.running_experiment()).await?

@@ -570,17 +570,13 @@ fn tempfile_dir() -> Result<PathBuf, ApiError> {
 }
 
 async fn delete_adapter(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let mut used_by = Vec::new();
-    for c in state.catalog.list()? {
-        if state.catalog.settings(&c)?.adapter.as_deref() == Some(name.as_str()) {
-            used_by.push(c.clone());
-        }
-        let log = state.answer_log(&c);
-        let running = crate::answerlog::blocking(move || log.running_experiment()).await?;
-        if running.is_some_and(|e| e.candidate == *name || e.control.as_deref() == Some(&name)) {
-            used_by.push(format!("{c} (its running experiment)"));
-        }
-    }
+    let used_by = {
+        let (state, name) = (state.clone(), name.clone());
+        crate::answerlog::blocking(move || {
+            crate::answerlog::users_of_adapter(&state.catalog, &state.settings.answers, &name)
+        })
+        .await?
+    };
     state.registry.remove(&name, &used_by)?;
     state.generator.evict(&name).await;
     Ok(HttpResponse::NoContent().finish())

@@ -4,7 +4,7 @@
 //! the answer as given) and each corrected answer gives (question, context, the correction).
 //! The context is the sources the answer was given from, in their order and numbering, when all
 //! of those chunks are still stored ("given then"); otherwise what serving retrieves for the
-//! question now. Emails, phone numbers and secrets (API keys, tokens) in questions and answers are
+//! question now, for answers that cite nothing (a citation would point at the wrong source). Emails, phone numbers and secrets (API keys, tokens) in questions and answers are
 //! masked by default, since users type them into questions. Pairs repeating an earlier (question,
 //! answer) are dropped; the report counts what was kept and why the rest was dropped.
 
@@ -233,6 +233,12 @@ pub async fn build(
                 (sources, answer, "given then")
             }
             None => {
+                // The answer's [n] named the sources given then; over other sources they would
+                // teach wrong citations.
+                if !crate::rag::parse_citations(&target, usize::MAX).is_empty() {
+                    report.drop("its sources are gone and it cites them");
+                    continue;
+                }
                 let sources = rag.sources(collection, &logged.question).await?;
                 (sources, target, "retrieved now")
             }

@@ -1,5 +1,5 @@
 //! A/B testing over real HTTP with the native engine and two registered adapters: a 50/50
-//! experiment, 200 questions from 20 simulated users whose feedback favours the candidate, sticky
+//! experiment, 200 questions from 40 simulated users whose feedback favours the candidate, sticky
 //! assignment, the report's interval, blind comparisons, promotion; feedback and the log's export, deletion with a
 //! document, and the log surviving a SIGKILL of the real `serve` binary.
 
@@ -94,10 +94,10 @@ async fn an_experiment_splits_users_reports_the_favoured_arm_and_promotes_it() {
         .await;
     assert_eq!(s, 409, "one experiment at a time");
 
-    // 20 users x 10 questions, 8 at a time; each user rates what they got.
+    // 40 users x 5 questions, 8 at a time; each user rates what they got.
     let mut arm_of_user: HashMap<usize, String> = HashMap::new();
     let mut adapter_of_arm: HashMap<String, String> = HashMap::new();
-    let requests: Vec<(usize, usize)> = (0..200).map(|i| (i % 20, i / 20)).collect();
+    let requests: Vec<(usize, usize)> = (0..200).map(|i| (i % 40, i / 40)).collect();
     for batch in requests.chunks(8) {
         let answers = futures::future::join_all(batch.iter().map(|&(user, i)| {
             let app = &app;
@@ -124,8 +124,8 @@ async fn an_experiment_splits_users_reports_the_favoured_arm_and_promotes_it() {
             assert!(previous.is_none_or(|p| p == arm), "user {user} changed arm");
             let known = adapter_of_arm.entry(arm.clone()).or_insert(adapter.clone());
             assert_eq!(*known, adapter, "arm {arm} answered with one adapter");
-            // Candidate users like 8 of their 10 answers, control users 2 of 10.
-            let up = if arm == "candidate" { i < 8 } else { i < 2 };
+            // Candidate users like 4 of their 5 answers, control users 1 of 5.
+            let up = if arm == "candidate" { i < 4 } else { i < 1 };
             let id = a["answer_id"].as_str().expect("answer id");
             let (s, f) = app
                 .send(
@@ -140,8 +140,8 @@ async fn an_experiment_splits_users_reports_the_favoured_arm_and_promotes_it() {
     assert_eq!(adapter_of_arm["candidate"], "arm-b");
     assert_eq!(adapter_of_arm["control"], "arm-a");
     let candidates = arm_of_user.values().filter(|a| *a == "candidate").count();
-    // Binomial(20, 0.5): 4 standard deviations (2.24 each) around 10.
-    assert!((2..=18).contains(&candidates), "{candidates} of 20 users");
+    // Binomial(40, 0.5): 4 standard deviations (3.16 each) around 20.
+    assert!((8..=32).contains(&candidates), "{candidates} of 40 users");
 
     // An explicit adapter bypasses the experiment.
     let (_, direct) = app

@@ -203,8 +203,10 @@ async function experiment(page, log) {
   await page.waitForSelector('[data-testid="experiment-arm"]', { timeout: 60_000 });
   await askAndCapture(page, QUESTION, 'click');
   const third = await waitForAnswer(page, 2);
+  const arm = await third.answer.getAttribute('data-arm');
+  if (!['control', 'candidate'].includes(arm)) fail(`the answer carries no experiment arm: ${arm}`);
   const meta = await third.answer.locator('[data-testid="answer-meta"]').innerText();
-  if (!/experiment \d+: (control|candidate)/.test(meta)) fail(`the answer does not name its experiment arm: ${meta}`);
+  if (/control|candidate/.test(meta)) fail(`the answer shows its arm to the user: ${meta}`);
   await page.click('#experiment-details > summary');
   await page.click('#experiment-details > summary');
   await page.waitForFunction(() => {
