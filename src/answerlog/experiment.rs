@@ -149,9 +149,14 @@ fn experiment_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Experiment> {
 impl AnswerLog {
     /// The running experiment, if any.
     pub fn running_experiment(&self) -> Result<Option<Experiment>, LogError> {
-        let Some(conn) = self.connect(false)? else {
-            return Ok(None);
-        };
+        match self.connect(false)? {
+            Some(conn) => self.running_on(&conn),
+            None => Ok(None),
+        }
+    }
+
+    /// The running experiment, read on `conn`.
+    fn running_on(&self, conn: &rusqlite::Connection) -> Result<Option<Experiment>, LogError> {
         conn.query_row(
             &format!("SELECT {COLUMNS} FROM experiments WHERE stopped_at IS NULL"),
             [],
@@ -269,31 +274,18 @@ impl AnswerLog {
     /// The adapter choice for a request that made `choice`: an experiment assigns requests that
     /// leave the adapter to the collection.
     pub fn assign(&self, choice: AdapterChoice, who: &Who) -> Result<Assignment, LogError> {
+        let unassigned = |choice| Assignment {
+            choice,
+            assigned: None,
+        };
         if choice != AdapterChoice::Collection || !self.enabled() {
-            return Ok(Assignment {
-                choice,
-                assigned: None,
-            });
+            return Ok(unassigned(choice));
         }
         let Some(conn) = self.connect(false)? else {
-            return Ok(Assignment {
-                choice,
-                assigned: None,
-            });
+            return Ok(unassigned(choice));
         };
-        let Some(experiment) = conn
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM experiments WHERE stopped_at IS NULL"),
-                [],
-                experiment_of,
-            )
-            .optional()
-            .map_err(|e| self.sql(e))?
-        else {
-            return Ok(Assignment {
-                choice,
-                assigned: None,
-            });
+        let Some(experiment) = self.running_on(&conn)? else {
+            return Ok(unassigned(choice));
         };
         let arm = experiment.arm_of(&self.unit_of(&conn, who)?);
         let choice = match experiment.adapter_of(arm) {

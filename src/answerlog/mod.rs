@@ -355,6 +355,17 @@ impl AnswerLog {
     /// The log's secret salt for hashing keys and users, made once (random) with the file. It
     /// never leaves the database (export and the API do not show it).
     fn salt(&self, conn: &Connection) -> Result<String, LogError> {
+        let read = || {
+            conn.query_row("SELECT value FROM meta WHERE key = 'salt'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.sql(e))
+        };
+        // Read first: the asking path (experiment assignment) then takes no write lock.
+        if let Some(salt) = read()? {
+            return Ok(salt);
+        }
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('salt', ?1)",
             [uuid::Uuid::new_v4().simple().to_string()],
