@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak bench-answerlog eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale
+.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak bench-answerlog bench-bad-inputs eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -118,6 +118,11 @@ bench-soak: models build
 		--out bench/soak/eval$(SOAK_SUFFIX).json
 
 ## What the answer log costs an ask (~9 min, nothing else running): wrk on loopback against
+## Hostile inputs (~3 min): each against a fresh `serve`: status, whether the next request is
+## answered, the server's peak RSS against its baseline. bench/bad-inputs.json.
+bench-bad-inputs: models build
+	python3 benches/bad_inputs.py --bin $(BIN) --models-dir data/models --out bench/bad-inputs.json
+
 ## `serve` with the log on and off in alternating rounds, on a collection of this repo's docs.
 ## Needs wrk (apt-get install wrk). bench/answerlog/load.json.
 ANSWERLOG_DIR ?= $(HOME)/.cache/domainrag/bench-answerlog

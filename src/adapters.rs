@@ -502,16 +502,19 @@ impl AdapterRegistry {
         let staging = self.hub.join(format!(".adding-{name}-{}", unique_suffix()));
         std::fs::create_dir(&staging).map_err(|e| io(&staging, e))?;
         let installed = stage(&staging, &config_bytes, &weights_path, &info).and_then(|()| {
+            crate::killpoint::reach("adapter.staged");
             if replace && repo.exists() {
                 let old = self
                     .hub
                     .join(format!(".replacing-{name}-{}", unique_suffix()));
                 std::fs::rename(&repo, &old).map_err(|e| io(&repo, e))?;
+                crate::killpoint::reach("adapter.replace.aside");
                 let moved = self.move_into_place(&staging, &repo, name);
                 if moved.is_err() {
                     // Put the old adapter back: a failed replace must not lose it.
                     let _ = std::fs::rename(&old, &repo);
                 } else {
+                    crate::killpoint::reach("adapter.replace.placed");
                     let _ = std::fs::remove_dir_all(&old);
                 }
                 moved

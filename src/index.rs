@@ -199,6 +199,12 @@ impl Bm25Index {
         self.reader.reload().map_err(|e| self.tantivy_err(e))
     }
 
+    /// Take the writer (and with it the index's lock) now; [`IndexError::Locked`] when another
+    /// process holds it.
+    pub fn open_writer(&self) -> Result<(), IndexError> {
+        self.with_writer(|_, _| Ok(()))
+    }
+
     /// Remove every chunk of these documents and commit.
     pub fn delete_documents(&self, doc_ids: &[String]) -> Result<(), IndexError> {
         self.replace_documents(doc_ids, &[])

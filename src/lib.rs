@@ -28,6 +28,7 @@ pub mod http;
 pub mod index;
 pub mod ingest;
 pub mod jobs;
+pub mod killpoint;
 pub mod llama;
 pub mod rag;
 pub mod retrieve;

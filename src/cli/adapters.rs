@@ -14,7 +14,14 @@ use crate::config::Settings;
 #[derive(Debug, Subcommand)]
 pub enum AdaptersCmd {
     /// Validate and copy a PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors).
-    Add { name: String, dir: PathBuf },
+    Add {
+        name: String,
+        dir: PathBuf,
+        /// Replace the adapter of that name if there is one (collections using it move to the new
+        /// weights; the old ones stay until the new ones are in place).
+        #[arg(long)]
+        replace: bool,
+    },
     /// List adapters: name, base model, rank, alpha, targets, size, created.
     List {
         #[arg(long)]
@@ -35,9 +42,13 @@ pub(super) fn run(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> R
     let registry = AdapterRegistry::new(&settings.paths.data_dir);
     registry.recover();
     match cmd {
-        AdaptersCmd::Add { name, dir } => {
+        AdaptersCmd::Add { name, dir, replace } => {
             let base = BaseModelInfo::from_dir(&settings.generate_base_dir())?;
-            let info = registry.add(&name, &dir, &base)?;
+            let info = if replace {
+                registry.replace(&name, &dir, &base)?
+            } else {
+                registry.add(&name, &dir, &base)?
+            };
             println!(
                 "added adapter {} (rank {}, alpha {}, targets {}) for {}",
                 info.name,

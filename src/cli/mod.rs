@@ -173,10 +173,12 @@ fn changes_served_state(command: &Command) -> Option<&'static str> {
 
 /// Run a parsed command.
 pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
+    let catalog = Catalog::new(&settings);
     if let Some(what) = changes_served_state(&cli.command) {
         crate::datadir::refuse_if_served(&settings.paths.data_dir, what)?;
+        // No server holds the data dir: finish collection deletes a killed process left.
+        catalog.sweep_deleted();
     }
-    let catalog = Catalog::new(&settings);
     match cli.command {
         Command::Collection(cmd) => collection::run(&catalog, &settings, cmd).await,
         Command::Ingest {

@@ -494,12 +494,21 @@ fn multipart_error(
         err,
         actix_multipart::MultipartError::Payload(actix_web::error::PayloadError::Overflow)
     );
-    let status = if too_large {
-        StatusCode::PAYLOAD_TOO_LARGE
-    } else {
-        StatusCode::BAD_REQUEST
-    };
-    ApiError::new(status, "invalid_input", format!("bad upload: {err}")).into()
+    if too_large {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_input",
+            "the upload is larger than this server accepts (server.max_upload_bytes): send fewer \
+             or smaller files per request",
+        )
+        .into();
+    }
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_input",
+        format!("bad upload: {err}"),
+    )
+    .into()
 }
 
 /// A running server.

@@ -2,7 +2,9 @@
 //!
 //! A document is replaced whole: its new chunks are made and embedded first, and only then are its
 //! old chunks deleted and the new ones written, so a file that fails to load, chunk or embed leaves
-//! what was stored before untouched. Chunk ids are content hashes, so re-ingesting the same file
+//! what was stored before untouched. The store steps of a batch (vectors, BM25, ledger) run inside
+//! the collection's pending write (`collection::pending`): a batch that fails or is killed half-way
+//! is rolled back at once or at the next open, so the three stores always agree. Chunk ids are content hashes, so re-ingesting the same file
 //! replaces its chunks instead of duplicating them, and unchanged documents are skipped.
 
 pub mod load;
@@ -20,6 +22,7 @@ use crate::collection::{Collection, CollectionError, DocumentEntry, now_secs};
 use crate::embed::{EmbedError, Embedder};
 use crate::error::ErrorKind;
 use crate::index::ChunkRecord;
+use crate::killpoint;
 use crate::vectors::VectorPoint;
 pub use load::{Document, Format, LoadError};
 
@@ -282,6 +285,7 @@ impl Ingestor {
             .optimize()
             .await
             .map_err(CollectionError::from)?;
+        killpoint::reach("ingest.optimized");
         Ok(self.collection.close().await?)
     }
 
@@ -291,6 +295,45 @@ impl Ingestor {
         docs: Vec<Document>,
         report: &mut IngestReport,
     ) -> Result<(), IngestError> {
+        let prepared = self.prepare(docs, report);
+        if prepared.is_empty() {
+            return Ok(());
+        }
+        // Embed title + text: the title often carries the topic a chunk's text leaves implicit.
+        let inputs: Vec<String> = prepared
+            .iter()
+            .flat_map(|p| p.chunks.iter().map(|c| format!("{}\n{}", c.title, c.text)))
+            .collect();
+        let vectors = self.embedder.embed(inputs).await?;
+        let mut vectors = vectors.into_iter();
+        let mut points = Vec::new();
+        for p in &prepared {
+            for c in &p.chunks {
+                let vector = vectors.next().expect("one embedding per chunk");
+                points.push(VectorPoint {
+                    chunk_id: c.chunk_id.clone(),
+                    doc_id: c.doc_id.clone(),
+                    vector,
+                });
+            }
+        }
+        let writing = prepared
+            .iter()
+            .map(|p| (p.doc.doc_id.clone(), Some(p.hash.clone())))
+            .collect();
+        self.collection.begin_write(writing)?;
+        killpoint::reach("ingest.pending");
+        if let Err(e) = self.store_batch(&prepared, points).await {
+            self.collection.abandon_write().await;
+            return Err(e);
+        }
+        report.documents += prepared.len();
+        report.chunks += prepared.iter().map(|p| p.chunks.len()).sum::<usize>();
+        Ok(())
+    }
+
+    /// Chunk the batch's new and changed documents (unchanged and empty ones are counted).
+    fn prepare(&self, docs: Vec<Document>, report: &mut IngestReport) -> Vec<Prepared> {
         let ledger = self.collection.ledger();
         let chunking = self.collection.settings().chunking;
         // Later duplicates of a doc id in the same batch win, as they would across batches.
@@ -328,48 +371,38 @@ impl Ingestor {
             }
             prepared.push(Prepared { doc, hash, chunks });
         }
-        if prepared.is_empty() {
-            return Ok(());
-        }
-        // Embed title + text: the title often carries the topic a chunk's text leaves implicit.
-        let inputs: Vec<String> = prepared
-            .iter()
-            .flat_map(|p| p.chunks.iter().map(|c| format!("{}\n{}", c.title, c.text)))
-            .collect();
-        let vectors = self.embedder.embed(inputs).await?;
-        let mut vectors = vectors.into_iter();
-        let mut points = Vec::new();
-        for p in &prepared {
-            for c in &p.chunks {
-                let vector = vectors.next().expect("one embedding per chunk");
-                points.push(VectorPoint {
-                    chunk_id: c.chunk_id.clone(),
-                    doc_id: c.doc_id.clone(),
-                    vector,
-                });
-            }
-        }
+        prepared
+    }
+
+    /// Replace the batch's documents in the vector store, then BM25, then the ledger (inside the
+    /// pending write the caller began).
+    async fn store_batch(
+        &self,
+        prepared: &[Prepared],
+        points: Vec<VectorPoint>,
+    ) -> Result<(), IngestError> {
         let doc_ids: Vec<String> = prepared.iter().map(|p| p.doc.doc_id.clone()).collect();
         let chunks: Vec<ChunkRecord> = prepared.iter().flat_map(|p| p.chunks.clone()).collect();
-        // Vectors first: a crash between the two leaves extra vectors that retrieval ignores
-        // (it joins dense hits against the index), never index entries without vectors.
         let vectors_store = &self.collection.vectors;
         vectors_store
             .delete_docs(doc_ids.clone())
             .await
             .map_err(CollectionError::from)?;
+        killpoint::reach("ingest.vectors_deleted");
         vectors_store
             .upsert(points)
             .await
             .map_err(CollectionError::from)?;
+        killpoint::reach("ingest.vectors_upserted");
         // qdrant-edge does not replay its WAL on load: flush before the ledger records the batch,
         // or a crash would leave documents marked as stored whose vectors are gone.
         vectors_store.flush().await.map_err(CollectionError::from)?;
+        killpoint::reach("ingest.vectors_flushed");
         let index = Arc::clone(&self.collection.index);
-        let ids = doc_ids.clone();
-        tokio::task::spawn_blocking(move || index.replace_documents(&ids, &chunks))
+        tokio::task::spawn_blocking(move || index.replace_documents(&doc_ids, &chunks))
             .await?
             .map_err(CollectionError::from)?;
+        killpoint::reach("ingest.bm25");
         let now = now_secs();
         let changes = prepared
             .iter()
@@ -386,28 +419,60 @@ impl Ingestor {
                 )
             })
             .collect();
-        self.collection.update_ledger(changes)?;
-        report.documents += prepared.len();
-        report.chunks += prepared.iter().map(|p| p.chunks.len()).sum::<usize>();
+        self.collection.finish_write(changes)?;
         Ok(())
     }
 
-    /// Remove documents from the collection.
+    /// Remove documents from the collection, and the originals of those that were uploaded into
+    /// it (`uploads/`).
     pub async fn delete_documents(&self, doc_ids: Vec<String>) -> Result<(), IngestError> {
         self.collection
-            .vectors
-            .delete_docs(doc_ids.clone())
+            .begin_write(doc_ids.iter().map(|id| (id.clone(), None)).collect())?;
+        killpoint::reach("delete.pending");
+        if let Err(e) = self.unstore(&doc_ids).await {
+            self.collection.abandon_write().await;
+            return Err(e);
+        }
+        remove_uploaded_originals(&self.collection.dir, &doc_ids);
+        self.finish().await?;
+        Ok(())
+    }
+
+    async fn unstore(&self, doc_ids: &[String]) -> Result<(), IngestError> {
+        let vectors_store = &self.collection.vectors;
+        vectors_store
+            .delete_docs(doc_ids.to_vec())
             .await
             .map_err(CollectionError::from)?;
+        vectors_store.flush().await.map_err(CollectionError::from)?;
+        killpoint::reach("delete.vectors");
         let index = Arc::clone(&self.collection.index);
-        let ids = doc_ids.clone();
+        let ids = doc_ids.to_vec();
         tokio::task::spawn_blocking(move || index.delete_documents(&ids))
             .await?
             .map_err(CollectionError::from)?;
+        killpoint::reach("delete.bm25");
         self.collection
-            .update_ledger(doc_ids.into_iter().map(|id| (id, None)).collect())?;
-        self.finish().await?;
+            .finish_write(doc_ids.iter().map(|id| (id.clone(), None)).collect())?;
         Ok(())
+    }
+}
+
+/// Delete the uploaded files (`<collection>/uploads/<name>`) that were these documents: a
+/// deleted document's text must not stay on disk. Files elsewhere (ingested from the CLI) are
+/// the user's own and are left alone.
+fn remove_uploaded_originals(collection_dir: &Path, doc_ids: &[String]) {
+    let Ok(uploads) = std::fs::canonicalize(collection_dir.join("uploads")) else {
+        return;
+    };
+    for doc_id in doc_ids {
+        let path = Path::new(doc_id);
+        if path.parent() == Some(uploads.as_path())
+            && let Err(e) = std::fs::remove_file(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a deleted document's upload");
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::app::spawn_app_tuned;
-use crate::helpers::models_dir;
+use crate::helpers::{models_dir, serve};
 
 /// Register a small synthetic LoRA adapter named `name` in `data_dir`'s registry.
 pub(crate) fn register(data_dir: &Path, name: &str, seed: usize) {
@@ -413,43 +413,10 @@ async fn an_experiment_splits_users_reports_the_favoured_arm_and_promotes_it() {
     assert_eq!(exported, "");
 }
 
-/// `domainrag serve` on `data` at a free loopback port, auth off (loopback only), short answers.
-async fn serve(data: &Path) -> (std::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_domainrag"))
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--models-dir")
-        .arg(models_dir())
-        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
-        .env("DOMAINRAG__SERVER__AUTH", "false")
-        .env("DOMAINRAG__GENERATE__MAX_TOKENS", "8")
-        .env_remove("DOMAINRAG_ENV")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("serve starts");
-    let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..600 {
-        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
-            && r.status().is_success()
-        {
-            return (child, base);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("serve did not become ready");
-}
-
 #[tokio::test]
 async fn acknowledged_feedback_survives_a_sigkill_of_the_server() {
     let (_dir, data) = crate::cli::docs_collection();
-    let (mut server, base) = serve(&data).await;
+    let (mut server, base) = serve(&data, &[]).await;
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for (i, q) in QUESTIONS.iter().take(3).enumerate() {
@@ -476,7 +443,7 @@ async fn acknowledged_feedback_survives_a_sigkill_of_the_server() {
     server.kill().expect("SIGKILL");
     server.wait().expect("reaped");
 
-    let (mut server, base) = serve(&data).await;
+    let (mut server, base) = serve(&data, &[]).await;
     let listed: Vec<Value> = client
         .get(format!("{base}/api/collections/docs/answers"))
         .send()

@@ -350,3 +350,57 @@ pub fn squad_json() -> String {
     })
     .to_string()
 }
+
+/// `domainrag serve` on `data` at a free loopback port, auth off (loopback only), short answers,
+/// with `env` added; returns the child and its base URL once `/readyz` says ready.
+pub async fn serve(data: &Path, env: &[(&str, &str)]) -> (std::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_domainrag"))
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--models-dir")
+        .arg(models_dir())
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .env("DOMAINRAG__SERVER__AUTH", "false")
+        .env("DOMAINRAG__GENERATE__MAX_TOKENS", "8")
+        .env_remove("DOMAINRAG_ENV")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..600 {
+        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
+            && r.status().is_success()
+        {
+            return (child, base);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("serve exited before it was ready: {status}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("serve did not become ready");
+}
+
+/// A tool of the test venv that `scripts/test-deps.sh` installs (`make test` runs it first).
+pub fn test_venv_bin(name: &str) -> PathBuf {
+    let bin = std::env::var_os("DOMAINRAG_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/domainrag")))
+        .expect("a cache dir")
+        .join("test-venv/bin")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} missing: run scripts/test-deps.sh (make test does)",
+        bin.display()
+    );
+    bin
+}

@@ -279,18 +279,7 @@ async fn every_route_group_over_http() {
 
 #[tokio::test]
 async fn the_real_openai_client_works() {
-    let python = std::env::var_os("DOMAINRAG_CACHE")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/domainrag"))
-        })
-        .expect("a cache dir")
-        .join("test-venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run scripts/test-deps.sh (make test does)",
-        python.display()
-    );
+    let python = crate::helpers::test_venv_bin("python");
     let app = spawn_app(4, 8).await;
     app.corpus("support").await;
     let script = crate::helpers::repo_root().join("tests/openai_client.py");

@@ -1,7 +1,8 @@
 //! Collections: named knowledge bases, each a directory under `<data_dir>/collections/<name>/` with
 //! its settings (`collection.json`: embedding model, chunking, fusion, adapter), its document ledger
 //! (`documents.json`: which documents are stored, their content hash and chunk count), its BM25
-//! index (`bm25/`) and, with the embedded backend, its vectors (`vectors/`).
+//! index (`bm25/`), with the embedded backend its vectors (`vectors/`), and while a write is
+//! changing documents across those stores, its record (`pending.json`, see [`pending`]).
 //!
 //! Owns creating, listing, opening, updating and deleting collections and the atomic writes of their
 //! JSON files. Searching and ingesting live in `retrieve` and `ingest`.
@@ -15,7 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Bm25Config, ChunkingConfig, FusionConfig, SearchSettings, Settings};
 use crate::error::ErrorKind;
 use crate::index::{Bm25Index, IndexError};
+use crate::killpoint;
 use crate::vectors::{self, VectorError, VectorStore};
+
+mod pending;
 
 const SETTINGS_FILE: &str = "collection.json";
 const LEDGER_FILE: &str = "documents.json";
@@ -62,6 +66,11 @@ pub enum CollectionError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "collection {name:?} has a write that failed and could not be rolled back; it is \
+         repaired when the collection is next opened (restart the server or rerun the command)"
+    )]
+    Unrepaired { name: String },
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error(transparent)]
@@ -89,6 +98,7 @@ impl CollectionError {
             CollectionError::NotFound { .. } => ErrorKind::NotFound,
             CollectionError::AlreadyExists { .. } => ErrorKind::Conflict,
             CollectionError::EmbeddingMismatch { .. } => ErrorKind::Conflict,
+            CollectionError::Unrepaired { .. } => ErrorKind::Unavailable,
             CollectionError::Index(e) => e.kind(),
             CollectionError::Vectors(e) => e.kind(),
             CollectionError::Io { .. }
@@ -230,8 +240,10 @@ impl Catalog {
         };
         for entry in entries {
             let entry = entry.map_err(Self::io_err("*", &self.root))?;
-            if entry.path().join(SETTINGS_FILE).is_file() {
-                names.push(entry.file_name().to_string_lossy().into_owned());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Not a collection: what a killed delete left (`.deleted-*`), anything else hidden.
+            if validate_name(&name).is_ok() && entry.path().join(SETTINGS_FILE).is_file() {
+                names.push(name);
             }
         }
         names.sort();
@@ -308,6 +320,7 @@ impl Catalog {
         let path = dir.join(SETTINGS_FILE);
         let bytes = serde_json::to_vec_pretty(&settings).expect("settings serialise to JSON");
         write_atomic(&path, &bytes).map_err(Self::io_err(&settings.name, &path))?;
+        killpoint::reach("collection.create.settings");
         let collection = self.open(&settings.name).await?;
         collection.close().await
     }
@@ -341,14 +354,17 @@ impl Catalog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger::new(),
             Err(e) => return Err(Self::io_err(name, &ledger_path)(e)),
         };
-        Ok(Arc::new(Collection {
+        let collection = Arc::new(Collection {
             name: settings.name.clone(),
             settings: std::sync::RwLock::new(settings),
             dir,
             index: Arc::new(index),
             vectors,
             ledger: Mutex::new(ledger),
-        }))
+        });
+        pending::repair(&collection).await?;
+        sweep_staged_uploads(&collection.dir);
+        Ok(collection)
     }
 
     /// Delete a collection and everything stored in it; a damaged one (see
@@ -374,7 +390,9 @@ impl Catalog {
     pub async fn delete_open(&self, collection: Arc<Collection>) -> Result<(), CollectionError> {
         let name = collection.name().to_string();
         collection.index.close_writer()?;
+        killpoint::reach("collection.delete.closed");
         let trash = self.retire(&name)?;
+        killpoint::reach("collection.delete.retired");
         // Embedded store: its files moved with the directory; a remote one is dropped on the server.
         if let Err(e) = collection.vectors.drop_store().await {
             tracing::error!(collection = %name, error = %e, "collection deleted, but its vector store could not be dropped");
@@ -429,6 +447,20 @@ impl Catalog {
                     tracing::warn!(path = %path.display(), error = %e, "cannot remove a deleted collection's leftovers");
                 }
             }
+        }
+    }
+}
+
+/// Remove upload staging files (`uploads/.<name>.<uuid>.part`) that a killed process left: the
+/// collection is opened before anything can upload into it, so none of them is in use.
+fn sweep_staged_uploads(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir.join("uploads")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".part") {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -501,8 +533,43 @@ impl Collection {
             .clone()
     }
 
+    /// Record that the stores are about to change `docs` (document id -> the content hash it will
+    /// have, `None` when it is being deleted), so that a kill before [`Collection::finish_write`]
+    /// is repaired at the next open (see [`pending`]). One write at a time per collection.
+    pub fn begin_write(
+        &self,
+        docs: BTreeMap<String, Option<String>>,
+    ) -> Result<(), CollectionError> {
+        if self.dir.join(pending::PENDING_FILE).exists() {
+            return Err(CollectionError::Unrepaired {
+                name: self.name.clone(),
+            });
+        }
+        pending::begin(self, &pending::PendingWrite { docs })
+    }
+
+    /// Roll back the write begun by [`Collection::begin_write`] after one of its steps failed,
+    /// so the stores agree again (see [`pending`]); when that fails too, the record stays and the
+    /// next open repairs it, and no other write starts meanwhile.
+    pub async fn abandon_write(self: &Arc<Self>) {
+        if let Err(e) = pending::repair(self).await {
+            tracing::error!(collection = %self.name, error = %e, "a failed write could not be rolled back");
+        }
+    }
+
+    /// Record the outcome of the write begun by [`Collection::begin_write`] in the ledger, and
+    /// forget the write.
+    pub fn finish_write(
+        &self,
+        changes: Vec<(String, Option<DocumentEntry>)>,
+    ) -> Result<(), CollectionError> {
+        self.update_ledger(changes)?;
+        killpoint::reach("write.ledger");
+        pending::end(self)
+    }
+
     /// Record documents as stored (or removed, with `None`) and persist the ledger.
-    pub fn update_ledger(
+    fn update_ledger(
         &self,
         changes: Vec<(String, Option<DocumentEntry>)>,
     ) -> Result<(), CollectionError> {
