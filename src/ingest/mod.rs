@@ -4,8 +4,9 @@
 //! old chunks deleted and the new ones written, so a file that fails to load, chunk or embed leaves
 //! what was stored before untouched. The store steps of a batch (vectors, BM25, ledger) run inside
 //! the collection's pending write (`collection::pending`): a batch that fails or is killed half-way
-//! is rolled back at once or at the next open, so the three stores always agree. Chunk ids are content hashes, so re-ingesting the same file
-//! replaces its chunks instead of duplicating them, and unchanged documents are skipped.
+//! is rolled back at once or at the next open, so the three stores always agree. Chunk ids are
+//! content hashes, so re-ingesting the same file replaces its chunks instead of duplicating them,
+//! and unchanged documents are skipped.
 
 pub mod load;
 pub mod pdf;
