@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak bench-answerlog bench-bad-inputs eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale
+.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak bench-answerlog bench-bad-inputs fuzz eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -120,6 +120,12 @@ bench-soak: models build
 ## What the answer log costs an ask (~9 min, nothing else running): wrk on loopback against
 ## Hostile inputs (~3 min): each against a fresh `serve`: status, whether the next request is
 ## answered, the server's peak RSS against its baseline. bench/bad-inputs.json.
+## Fuzz the loaders and the BM25 query builder (libFuzzer; scripts/fuzz.sh). FUZZ_SECONDS per target;
+## the report goes to bench/fuzz.json. CI runs it briefly (30 s per target).
+FUZZ_SECONDS ?= 600
+fuzz:
+	bash scripts/fuzz.sh --seconds $(FUZZ_SECONDS) --out bench/fuzz.json
+
 bench-bad-inputs: models build
 	python3 benches/bad_inputs.py --bin $(BIN) --models-dir data/models --out bench/bad-inputs.json
 

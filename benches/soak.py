@@ -51,6 +51,21 @@ def slope_per_answer(series):
     return sxy / sxx
 
 
+def slope_ci95_per_answer(series):
+    """Half-width of the 95% interval of that slope (ordinary least squares, normal residuals):
+    the RSS of a process that does not grow still moves by tens of MiB from answer to answer as
+    the allocator reuses and returns pages, and this says how far the slope is from zero by noise."""
+    n = len(series)
+    if n < 3:
+        return float("inf")
+    b = slope_per_answer(series)
+    mx = (n - 1) / 2.0
+    my = sum(series) / n
+    sxx = sum((x - mx) ** 2 for x in range(n))
+    residuals = sum((y - (my + b * (x - mx))) ** 2 for x, y in enumerate(series))
+    return 1.96 * (residuals / (n - 2) / sxx) ** 0.5
+
+
 def summarise(series, warmup):
     """The verdict numbers of an RSS series sampled after every answer."""
     if len(series) <= warmup + 1:
@@ -67,6 +82,7 @@ def summarise(series, warmup):
         "end_mib": round(series[-1], 1),
         "peak_mib": round(max(series), 1),
         "growth_mib_per_100_answers": round(100.0 * slope_per_answer(after), 3),
+        "growth_ci95_mib_per_100_answers": round(100.0 * slope_ci95_per_answer(after), 3),
         "rss_mib": [round(x, 1) for x in series],
     }
 
@@ -226,8 +242,9 @@ def table(r):
         "|---|" + "---|" * len(cols),
         f"| RSS MiB | {rss} |",
         "",
-        "peak %.0f MiB; growth after %d warm-up answers: %+.2f MiB per 100 answers"
-        % (r["peak_mib"], r["warmup_answers"], r["growth_mib_per_100_answers"]),
+        "peak %.0f MiB; growth after %d warm-up answers: %+.2f MiB per 100 answers (95%% CI +-%.2f)"
+        % (r["peak_mib"], r["warmup_answers"], r["growth_mib_per_100_answers"],
+           r["growth_ci95_mib_per_100_answers"]),
     ])
 
 
@@ -264,9 +281,9 @@ def main():
             json.dump(result, f, indent=1)
     print(table(result))
     for i, arm in enumerate(result.get("per_arm_in_run_order", [])):
-        print("arm %d (answers %d..%d): %+.2f MiB per 100 answers after %d warm-up, peak %.0f MiB"
+        print("arm %d (answers %d..%d): %+.2f MiB per 100 answers (95%% CI +-%.2f) after %d warm-up, peak %.0f MiB"
               % (i + 1, i * arm["answers"] + 1, (i + 1) * arm["answers"], arm["growth_mib_per_100_answers"],
-                 arm["warmup_answers"], arm["peak_mib"]))
+                 arm["growth_ci95_mib_per_100_answers"], arm["warmup_answers"], arm["peak_mib"]))
 
 
 if __name__ == "__main__":

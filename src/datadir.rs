@@ -98,6 +98,23 @@ pub fn refuse_if_served(data_dir: &Path, what: &str) -> Result<(), DataDirError>
     }
 }
 
+/// Run `f` holding the server's lock of `data_dir`, unless a server holds it (or there is no such
+/// dir yet); whether `f` ran. For work only the one process that owns the data dir may do.
+pub fn unless_served(data_dir: &Path, f: impl FnOnce()) -> Result<bool, DataDirError> {
+    if !data_dir.is_dir() {
+        return Ok(false);
+    }
+    let path = lock_path(data_dir)?;
+    match FileLock::try_exclusive(&path) {
+        Ok(Some(_held)) => {
+            f();
+            Ok(true)
+        }
+        Ok(None) => Ok(false),
+        Err(source) => Err(DataDirError::Io { path, source }),
+    }
+}
+
 fn lock_path(data_dir: &Path) -> Result<PathBuf, DataDirError> {
     std::fs::create_dir_all(data_dir).map_err(|source| DataDirError::Io {
         path: data_dir.to_path_buf(),

@@ -1,7 +1,9 @@
 //! domainrag: an on-prem RAG appliance. Collections of documents are chunked, embedded and indexed
 //! (tantivy BM25 + Qdrant vectors) and searched with hybrid retrieval.
 //!
-//! Module graph (one way): {`cli`, `http`} -> `adapt` -> `train` -> `eval` -> `rag` ->
+//! Module graph (one way): {`cli`, `http`} -> `app` (the operations both edges perform) ->
+//! {`collection`, `adapters`, `answerlog`, `generate`};
+//! {`cli`, `http`} -> `adapt` -> `train` -> `eval` -> `rag` ->
 //! {`retrieve`, `generate`}; `http` -> `jobs`;
 //! `cli` -> {`ingest`, `bench`} -> `collection` -> {`index`, `vectors`, `embed`, `chunk`};
 //! {`cli`, `http`, `train`} -> `answerlog` -> {`eval`, `rag`};
@@ -13,6 +15,7 @@ pub mod access;
 pub mod adapt;
 pub mod adapters;
 pub mod answerlog;
+pub mod app;
 pub mod bench;
 pub mod chunk;
 pub mod cli;

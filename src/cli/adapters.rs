@@ -1,15 +1,13 @@
 //! `domainrag adapters ...`: adding, listing, showing and removing LoRA adapters (PEFT format).
 //!
-//! Printing only: validation and storage belong to `crate::adapters`.
+//! Printing only: the operations are `crate::app`'s, validation and storage `crate::adapters`'.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
 
-use crate::adapters::{AdapterRegistry, BaseModelInfo};
-use crate::collection::Catalog;
-use crate::config::Settings;
+use crate::app::App;
 
 #[derive(Debug, Subcommand)]
 pub enum AdaptersCmd {
@@ -38,17 +36,11 @@ pub enum AdaptersCmd {
 }
 
 /// `domainrag adapters add|list|show|remove`.
-pub(super) fn run(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> Result<()> {
-    let registry = AdapterRegistry::new(&settings.paths.data_dir);
-    registry.recover();
+pub(super) async fn run(app: &App, cmd: AdaptersCmd) -> Result<()> {
+    let registry = &app.registry;
     match cmd {
         AdaptersCmd::Add { name, dir, replace } => {
-            let base = BaseModelInfo::from_dir(&settings.generate_base_dir())?;
-            let info = if replace {
-                registry.replace(&name, &dir, &base)?
-            } else {
-                registry.add(&name, &dir, &base)?
-            };
+            let info = app.add_adapter(&name, &dir, replace).await?;
             println!(
                 "added adapter {} (rank {}, alpha {}, targets {}) for {}",
                 info.name,
@@ -117,8 +109,7 @@ pub(super) fn run(catalog: &Catalog, settings: &Settings, cmd: AdaptersCmd) -> R
             }
         }
         AdaptersCmd::Remove { name } => {
-            let used_by = crate::answerlog::users_of_adapter(catalog, &settings.answers, &name)?;
-            registry.remove(&name, &used_by)?;
+            app.remove_adapter(&name).await?;
             println!("removed adapter {name}");
         }
     }

@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 
-use crate::adapters::AdapterRegistry;
+use crate::app::App;
 use crate::collection::{Catalog, CollectionSettings};
 use crate::config::{FusionMethod, Settings};
 use crate::embed::Embedder;
 use crate::eval::QuestionFormat;
-use crate::ingest::{Format, Ingestor, Progress};
+use crate::ingest::{Format, Progress};
 
 use super::Bar;
 
@@ -154,17 +154,12 @@ impl SettingsArgs {
 }
 
 /// `domainrag collection create|list|show|set|delete|tune`.
-pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: CollectionCmd) -> Result<()> {
+pub(super) async fn run(app: &App, cmd: CollectionCmd) -> Result<()> {
+    let catalog = &app.catalog;
     match cmd {
-        CollectionCmd::Tune(args) => tune(catalog, settings, args).await?,
+        CollectionCmd::Tune(args) => tune(catalog, &app.settings, args).await?,
         CollectionCmd::Create { name, settings } => {
-            crate::collection::validate_name(&name)?;
-            let mut s = catalog.default_settings(&name);
-            settings.apply(&mut s);
-            if let Some(adapter) = &s.adapter {
-                AdapterRegistry::new(catalog.data_dir()).get(adapter)?;
-            }
-            catalog.create(s).await?;
+            app.create_collection(&name, |s| settings.apply(s)).await?;
             println!("created collection {name}");
         }
         CollectionCmd::List { json } => {
@@ -212,22 +207,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: CollectionC
             }
         }
         CollectionCmd::Set { name, settings } => {
-            let mut s = catalog.settings(&name)?;
-            if settings.max_words.is_some() || settings.overlap_words.is_some() {
-                let col = catalog.open(&name).await?;
-                if col.stats().await?.documents > 0 {
-                    bail!(
-                        "collection {name} already holds documents; chunking applies at ingest, so \
-                         create a new collection to change it"
-                    );
-                }
-            }
-            settings.apply(&mut s);
-            if let Some(adapter) = &s.adapter {
-                // Only registered adapters can be assigned.
-                AdapterRegistry::new(catalog.data_dir()).get(adapter)?;
-            }
-            catalog.save_settings(&s)?;
+            let (_, s) = app.update_collection(&name, |s| settings.apply(s)).await?;
             println!(
                 "updated collection {name}: {}, adapter {}",
                 s.search(),
@@ -235,7 +215,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: CollectionC
             );
         }
         CollectionCmd::Delete { name } => {
-            catalog.delete(&name).await?;
+            app.delete_collection(&name).await?;
             println!("deleted collection {name}");
         }
     }
@@ -274,19 +254,19 @@ async fn tune(catalog: &Catalog, settings: &Settings, args: TuneArgs) -> Result<
 
 /// `domainrag ingest`: add files or directories to a collection.
 pub(super) async fn ingest(
-    catalog: &Catalog,
-    settings: &Settings,
+    app: &App,
     collection: String,
     format: Format,
     no_progress: bool,
     json: bool,
     paths: Vec<PathBuf>,
 ) -> Result<()> {
-    let embedder = Embedder::load_async(settings).await?;
-    let col = catalog.open(&collection).await?;
-    let ingestor = Ingestor::new(col, embedder, settings.ingest.batch_docs);
+    app.collection(&collection).await?;
+    let embedder = Embedder::load_async(&app.settings).await?;
     let bar = Bar::new(!no_progress);
-    let report = ingestor.ingest_paths(&paths, format, &bar).await?;
+    let report = app
+        .ingest(&collection, &paths, format, embedder, &bar)
+        .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -17,7 +17,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::collection::Catalog;
+use crate::app::App;
 use crate::config::{Settings, Sources};
 use crate::embed::Embedder;
 use crate::eval::{ContextMode, Question, QuestionFormat};
@@ -173,40 +173,31 @@ fn changes_served_state(command: &Command) -> Option<&'static str> {
 
 /// Run a parsed command.
 pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
-    let catalog = Catalog::new(&settings);
+    let app = App::new(settings, None);
+    let data_dir = &app.settings.paths.data_dir;
     if let Some(what) = changes_served_state(&cli.command) {
-        crate::datadir::refuse_if_served(&settings.paths.data_dir, what)?;
-        // No server holds the data dir: finish collection deletes a killed process left.
-        catalog.sweep_deleted();
+        crate::datadir::refuse_if_served(data_dir, what)?;
     }
+    // Finish what a killed process left half-done (a server did at its start, if one runs).
+    crate::datadir::unless_served(data_dir, || app.recover())?;
+    let (catalog, settings) = (&app.catalog, &app.settings);
     match cli.command {
-        Command::Collection(cmd) => collection::run(&catalog, &settings, cmd).await,
+        Command::Collection(cmd) => collection::run(&app, cmd).await,
         Command::Ingest {
             collection,
             format,
             no_progress,
             json,
             paths,
-        } => {
-            collection::ingest(
-                &catalog,
-                &settings,
-                collection,
-                format,
-                no_progress,
-                json,
-                paths,
-            )
-            .await
-        }
+        } => collection::ingest(&app, collection, format, no_progress, json, paths).await,
         Command::Search {
             collection,
             mode,
             k,
             json,
             query,
-        } => query::search(&catalog, &settings, collection, mode, k, json, query).await,
-        Command::Serve { bind } => query::serve(settings, bind).await,
+        } => query::search(catalog, settings, collection, mode, k, json, query).await,
+        Command::Serve { bind } => query::serve(settings.clone(), bind).await,
         Command::Ask {
             collection,
             adapter,
@@ -215,18 +206,18 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             question,
         } => {
             query::ask(
-                &catalog, &settings, collection, adapter, no_adapter, json, question,
+                catalog, settings, collection, adapter, no_adapter, json, question,
             )
             .await
         }
-        Command::Adapters(cmd) => adapters::run(&catalog, &settings, cmd),
-        Command::Keys(cmd) => keys::run(&settings, cmd),
-        Command::Eval(cmd) => eval::run(&catalog, &settings, cmd).await,
-        Command::Bench(cmd) => bench::run(&catalog, &settings, cmd).await,
-        Command::Triplets(cmd) => train::triplets(&catalog, &settings, cmd).await,
-        Command::Train(args) => train::train_command(&catalog, &settings, args).await,
-        Command::Experiment(cmd) => experiment::run(&catalog, &settings, cmd),
-        Command::Answers(cmd) => experiment::answers(&catalog, &settings, cmd),
+        Command::Adapters(cmd) => adapters::run(&app, cmd).await,
+        Command::Keys(cmd) => keys::run(settings, cmd),
+        Command::Eval(cmd) => eval::run(catalog, settings, cmd).await,
+        Command::Bench(cmd) => bench::run(catalog, settings, cmd).await,
+        Command::Triplets(cmd) => train::triplets(catalog, settings, cmd).await,
+        Command::Train(args) => train::train_command(catalog, settings, args).await,
+        Command::Experiment(cmd) => experiment::run(catalog, settings, cmd),
+        Command::Answers(cmd) => experiment::answers(catalog, settings, cmd),
     }
 }
 

@@ -20,6 +20,7 @@ use crate::killpoint;
 use crate::vectors::{self, VectorError, VectorStore};
 
 mod pending;
+mod write;
 
 const SETTINGS_FILE: &str = "collection.json";
 const LEDGER_FILE: &str = "documents.json";
@@ -71,6 +72,11 @@ pub enum CollectionError {
          repaired when the collection is next opened (restart the server or rerun the command)"
     )]
     Unrepaired { name: String },
+    #[error(
+        "collection {name:?} already holds documents; chunking applies at ingest, so create a new \
+         collection to change it"
+    )]
+    ChunkingFixed { name: String },
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error(transparent)]
@@ -97,7 +103,9 @@ impl CollectionError {
             }
             CollectionError::NotFound { .. } => ErrorKind::NotFound,
             CollectionError::AlreadyExists { .. } => ErrorKind::Conflict,
-            CollectionError::EmbeddingMismatch { .. } => ErrorKind::Conflict,
+            CollectionError::EmbeddingMismatch { .. } | CollectionError::ChunkingFixed { .. } => {
+                ErrorKind::Conflict
+            }
             CollectionError::Unrepaired { .. } => ErrorKind::Unavailable,
             CollectionError::Index(e) => e.kind(),
             CollectionError::Vectors(e) => e.kind(),
@@ -367,10 +375,20 @@ impl Catalog {
         Ok(collection)
     }
 
-    /// Delete a collection and everything stored in it; a damaged one (see
-    /// [`CollectionError::is_damage`]) is deleted without being opened.
+    /// Delete a collection and everything stored in it.
     pub async fn delete(&self, name: &str) -> Result<(), CollectionError> {
-        match self.open(name).await {
+        self.delete_opened(name, self.open(name).await).await
+    }
+
+    /// Delete a collection given the outcome of opening it: through its open handle, or, when it
+    /// is damaged (see [`CollectionError::is_damage`]), without one. Any other failure to open it
+    /// (not found, busy) is the answer.
+    pub async fn delete_opened(
+        &self,
+        name: &str,
+        opened: Result<Arc<Collection>, CollectionError>,
+    ) -> Result<(), CollectionError> {
+        match opened {
             Ok(collection) => self.delete_open(collection).await,
             Err(e) if e.is_damage() => {
                 tracing::warn!(collection = %name, error = %e, "deleting a damaged collection");
@@ -387,7 +405,7 @@ impl Catalog {
     /// leaves no collection at all (the `.deleted-*` directory is removed at the next start, see
     /// [`Catalog::sweep_deleted`]): never one with its vectors gone and its documents kept, and
     /// never old data under the name for a new collection to find.
-    pub async fn delete_open(&self, collection: Arc<Collection>) -> Result<(), CollectionError> {
+    async fn delete_open(&self, collection: Arc<Collection>) -> Result<(), CollectionError> {
         let name = collection.name().to_string();
         collection.index.close_writer()?;
         killpoint::reach("collection.delete.closed");
@@ -401,14 +419,9 @@ impl Catalog {
         std::fs::remove_dir_all(&trash).map_err(Self::io_err(&name, &trash))
     }
 
-    /// Whether opening `name` fails because its files are damaged ([`CollectionError::is_damage`]).
-    pub async fn open_damage(&self, name: &str) -> bool {
-        matches!(self.open(name).await, Err(e) if e.is_damage())
-    }
-
     /// Delete a collection that cannot be opened (damaged settings, ledger or index): its
     /// directory goes; a remote vector store of it, if any, is left for the operator.
-    pub fn delete_unopened(&self, name: &str) -> Result<(), CollectionError> {
+    fn delete_unopened(&self, name: &str) -> Result<(), CollectionError> {
         validate_name(name)?;
         if !self.dir_of(name).join(SETTINGS_FILE).exists() {
             return Err(CollectionError::NotFound {
@@ -498,8 +511,9 @@ impl Collection {
             .clone()
     }
 
-    /// Validate, persist and apply new settings (the name cannot change; chunking applies to
-    /// documents ingested from now on).
+    /// Validate, persist and apply new settings. The name cannot change, and chunking only while
+    /// the collection holds no documents (it applies at ingest: changing it later would leave the
+    /// stored chunks cut one way and new ones another).
     pub fn update_settings(
         &self,
         catalog: &Catalog,
@@ -512,9 +526,22 @@ impl Collection {
         let mut next = guard.clone();
         change(&mut next);
         next.name = self.name.clone();
+        if next.chunking != guard.chunking && self.document_count() > 0 {
+            return Err(CollectionError::ChunkingFixed {
+                name: self.name.clone(),
+            });
+        }
         catalog.save_settings(&next)?;
         *guard = next.clone();
         Ok(next)
+    }
+
+    /// How many documents are stored.
+    pub fn document_count(&self) -> usize {
+        self.ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// Whether document `doc_id` is stored.
@@ -531,41 +558,6 @@ impl Collection {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-    }
-
-    /// Record that the stores are about to change `docs` (document id -> the content hash it will
-    /// have, `None` when it is being deleted), so that a kill before [`Collection::finish_write`]
-    /// is repaired at the next open (see [`pending`]). One write at a time per collection.
-    pub fn begin_write(
-        &self,
-        docs: BTreeMap<String, Option<String>>,
-    ) -> Result<(), CollectionError> {
-        if self.dir.join(pending::PENDING_FILE).exists() {
-            return Err(CollectionError::Unrepaired {
-                name: self.name.clone(),
-            });
-        }
-        pending::begin(self, &pending::PendingWrite { docs })
-    }
-
-    /// Roll back the write begun by [`Collection::begin_write`] after one of its steps failed,
-    /// so the stores agree again (see [`pending`]); when that fails too, the record stays and the
-    /// next open repairs it, and no other write starts meanwhile.
-    pub async fn abandon_write(self: &Arc<Self>) {
-        if let Err(e) = pending::repair(self).await {
-            tracing::error!(collection = %self.name, error = %e, "a failed write could not be rolled back");
-        }
-    }
-
-    /// Record the outcome of the write begun by [`Collection::begin_write`] in the ledger, and
-    /// forget the write.
-    pub fn finish_write(
-        &self,
-        changes: Vec<(String, Option<DocumentEntry>)>,
-    ) -> Result<(), CollectionError> {
-        self.update_ledger(changes)?;
-        killpoint::reach("write.ledger");
-        pending::end(self)
     }
 
     /// Record documents as stored (or removed, with `None`) and persist the ledger.
@@ -591,11 +583,7 @@ impl Collection {
     pub async fn stats(&self) -> Result<CollectionStats, CollectionError> {
         let index = Arc::clone(&self.index);
         let chunks = tokio::task::spawn_blocking(move || index.num_chunks()).await??;
-        let documents = self
-            .ledger
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len();
+        let documents = self.document_count();
         Ok(CollectionStats {
             documents,
             chunks,

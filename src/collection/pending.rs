@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{Catalog, Collection, CollectionError, Ledger};
 use crate::index::IndexError;
-use crate::killpoint;
 
 pub(crate) const PENDING_FILE: &str = "pending.json";
 
@@ -94,13 +93,7 @@ pub(crate) async fn repair(collection: &Arc<Collection>) -> Result<Vec<String>, 
     }
     let undo = write.unfinished(&collection.ledger());
     if !undo.is_empty() {
-        collection.vectors.delete_docs(undo.clone()).await?;
-        collection.vectors.flush().await?;
-        killpoint::reach("repair.vectors");
-        let index = Arc::clone(&collection.index);
-        let ids = undo.clone();
-        tokio::task::spawn_blocking(move || index.delete_documents(&ids)).await??;
-        killpoint::reach("repair.bm25");
+        super::write::purge(collection, &undo, ["repair.vectors", "repair.bm25"]).await?;
         collection.update_ledger(undo.iter().map(|id| (id.clone(), None)).collect())?;
         tracing::warn!(
             collection = %collection.name(),

@@ -99,18 +99,13 @@ async fn from_deleted_document(state: &AppState, answer_id: &str, answer: &Answe
     let Ok(name) = answerlog::collection_of(answer_id) else {
         return false;
     };
-    match state.collection(name).await {
+    match state.app.collection(name).await {
         Ok(c) => answer.sources.iter().any(|s| !c.has_document(&s.doc_id)),
         Err(_) => true,
     }
 }
 
 impl AppState {
-    /// The answer log of collection `name`.
-    pub fn answer_log(&self, name: &str) -> AnswerLog {
-        AnswerLog::new(&self.catalog.dir_of(name), &self.settings.answers)
-    }
-
     /// Start answering `question` in `c` for `who`: an experiment may assign the adapter, then
     /// retrieval and generation start. The ticket logs the answer once it is complete.
     pub(crate) async fn begin_answer(
@@ -121,7 +116,7 @@ impl AppState {
         question: &str,
         choice: AdapterChoice,
     ) -> Result<(rag::AnswerStream, Ticket), ApiError> {
-        let log = self.answer_log(c.name());
+        let log = self.app.answer_log(c.name());
         let assignment = {
             let (log, who) = (log.clone(), who.clone());
             let started = std::time::Instant::now();
@@ -152,8 +147,8 @@ async fn feedback(
 ) -> Result<HttpResponse, ApiError> {
     let collection = answerlog::collection_of(&id)?;
     caller.0.require(Action::Read, Some(collection))?;
-    state.collection(collection).await?;
-    let log = state.answer_log(collection);
+    state.app.collection(collection).await?;
+    let log = state.app.answer_log(collection);
     let who = Who {
         key_id: caller.0.key_id.clone(),
         user: None,
@@ -186,16 +181,16 @@ async fn list_answers(
     name: web::Path<String>,
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
-    state.collection(&name).await?;
-    let log = state.answer_log(&name);
+    state.app.collection(&name).await?;
+    let log = state.app.answer_log(&name);
     let (limit, offset) = (page.limit.unwrap_or(50).min(500), page.offset.unwrap_or(0));
     let answers = blocking(move || log.list(limit, offset)).await?;
     Ok(HttpResponse::Ok().json(answers))
 }
 
 async fn export_answers(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    state.collection(&name).await?;
-    let log = state.answer_log(&name);
+    state.app.collection(&name).await?;
+    let log = state.app.answer_log(&name);
     // Streamed: a line at a time from the blocking pool, a few lines buffered (a long log never
     // sits in memory whole). A client that leaves stops the export.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(16);
@@ -223,9 +218,9 @@ async fn experiment_status(
     state: State,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    state.collection(&name).await?;
-    let log = state.answer_log(&name);
-    let min = state.settings.answers.min_per_arm;
+    state.app.collection(&name).await?;
+    let log = state.app.answer_log(&name);
+    let min = state.app.settings.answers.min_per_arm;
     let (running, all) = blocking(move || {
         let running = match log.running_experiment()? {
             Some(_) => Some(log.experiment_report(&name, None, min)?),
@@ -249,12 +244,12 @@ async fn start_experiment(
     name: web::Path<String>,
     body: web::Json<StartRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     let control = state.rag.resolve_adapter(&AdapterChoice::Collection, &c);
-    let log = state.answer_log(&name);
+    let log = state.app.answer_log(&name);
     let body = body.into_inner();
     // Loaded before the experiment starts: a candidate that cannot load starts nothing.
-    if state.registry.contains(&body.candidate) {
+    if state.app.registry.contains(&body.candidate) {
         state
             .generator
             .preload(std::slice::from_ref(&body.candidate))
@@ -262,7 +257,13 @@ async fn start_experiment(
     }
     let state2 = state.clone();
     let experiment: Experiment = blocking(move || {
-        answerlog::experiment::start(&log, &state2.registry, control, &body.candidate, body.share)
+        answerlog::experiment::start(
+            &log,
+            &state2.app.registry,
+            control,
+            &body.candidate,
+            body.share,
+        )
     })
     .await?;
     Ok(HttpResponse::Created().json(experiment))
@@ -279,14 +280,16 @@ async fn stop_experiment(
     name: web::Path<String>,
     body: web::Json<StopRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
-    let log = state.answer_log(&name);
+    let c = state.app.collection(&name).await?;
+    let log = state.app.answer_log(&name);
     let state2 = state.clone();
     let decision = body.decision;
     let experiment = blocking(move || {
         answerlog::experiment::stop(&log, decision, |candidate| {
-            c.update_settings(&state2.catalog, |s| s.adapter = Some(candidate.to_string()))
-                .map(|_| ())
+            c.update_settings(&state2.app.catalog, |s| {
+                s.adapter = Some(candidate.to_string())
+            })
+            .map(|_| ())
         })
     })
     .await?;
@@ -320,12 +323,12 @@ async fn compare(
     name: web::Path<String>,
     body: web::Json<CompareRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     let body = body.into_inner();
     if body.question.trim().is_empty() {
         return Err(ApiError::bad_request("`question` is empty"));
     }
-    let log = state.answer_log(&name);
+    let log = state.app.answer_log(&name);
     if !log.enabled() {
         return Err(LogError::Conflict(
             "the answer log is off (answers.enabled = false): no comparisons".into(),
@@ -409,8 +412,8 @@ async fn prefer(
     body: web::Json<PreferRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let (name, id) = path.into_inner();
-    state.collection(&name).await?;
-    let log = state.answer_log(&name);
+    state.app.collection(&name).await?;
+    let log = state.app.answer_log(&name);
     let preferred = body.preferred;
     blocking(move || log.prefer(&id, preferred)).await?;
     Ok(HttpResponse::NoContent().finish())
@@ -443,12 +446,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// `/metrics` lines of every running experiment: per arm answers, ratings, thumbs-up rate,
 /// faithfulness and median latency, labelled by collection, arm and adapter.
 pub(crate) async fn experiment_metrics(state: &AppState) -> String {
-    let Ok(names) = state.catalog.list() else {
+    let Ok(names) = state.app.catalog.list() else {
         return String::new();
     };
     let mut rows = Vec::new();
     for name in names {
-        let log = state.answer_log(&name);
+        let log = state.app.answer_log(&name);
         let figures = blocking(move || {
             let Some(e) = log.running_experiment()? else {
                 return Ok(None);

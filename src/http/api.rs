@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use actix_multipart::form::{MultipartForm, tempfile::TempFile, text::Text};
-use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +15,7 @@ use super::{ApiError, AppState, sse_event};
 use crate::answerlog::Who;
 use crate::collection::{CollectionSettings, CollectionStats};
 use crate::config::{Bm25Config, ChunkingConfig, FusionConfig};
-use crate::ingest::{Format, Ingestor, Progress};
+use crate::ingest::{Format, Progress};
 use crate::rag::{self, AdapterChoice};
 use crate::retrieve::{Mode, Retriever};
 
@@ -66,18 +65,14 @@ enum Listed {
 
 async fn list_collections(state: State, caller: Caller) -> Result<HttpResponse, ApiError> {
     let mut out = Vec::new();
-    for name in state.catalog.list()? {
+    for name in state.app.catalog.list()? {
         if !caller.0.can_see(&name) {
             continue;
         }
-        match state.collection(&name).await {
+        match state.app.collection(&name).await {
             Ok(c) => out.push(Listed::Open(Box::new(view(c.settings(), c.stats().await?)))),
             Err(e) => {
-                // The API error of an internal failure is opaque; the catalog's says what is wrong.
-                let error = match state.catalog.open(&name).await {
-                    Err(cause) => cause.to_string(),
-                    Ok(_) => e.message,
-                };
+                let error = e.to_string();
                 tracing::error!(collection = %name, %error, "collection cannot be opened");
                 out.push(Listed::Damaged {
                     name,
@@ -109,28 +104,28 @@ async fn create_collection(
     body: web::Json<CreateCollection>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    crate::collection::validate_name(&body.name)?;
-    let mut s = state.catalog.default_settings(&body.name);
-    if let Some(c) = body.chunking {
-        s.chunking = c;
-    }
-    if let Some(f) = body.fusion {
-        s.fusion = f;
-    }
-    if let Some(b) = body.bm25 {
-        s.bm25 = b;
-    }
-    if let Some(a) = &body.adapter {
-        state.registry.get(a)?;
-        s.adapter = Some(a.clone());
-    }
-    state.catalog.create(s).await?;
-    let c = state.collection(&body.name).await?;
+    let c = state
+        .app
+        .create_collection(&body.name, |s| {
+            if let Some(c) = body.chunking {
+                s.chunking = c;
+            }
+            if let Some(f) = body.fusion {
+                s.fusion = f;
+            }
+            if let Some(b) = body.bm25 {
+                s.bm25 = b;
+            }
+            if let Some(a) = body.adapter {
+                s.adapter = Some(a);
+            }
+        })
+        .await?;
     Ok(HttpResponse::Created().json(view(c.settings(), c.stats().await?)))
 }
 
 async fn get_collection(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     Ok(HttpResponse::Ok().json(view(c.settings(), c.stats().await?)))
 }
 
@@ -156,22 +151,21 @@ async fn update_collection(
     name: web::Path<String>,
     body: web::Json<UpdateCollection>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
     let body = body.into_inner();
-    if let Some(Some(a)) = &body.adapter {
-        state.registry.get(a)?;
-    }
-    let s = c.update_settings(&state.catalog, |s| {
-        if let Some(a) = body.adapter {
-            s.adapter = a;
-        }
-        if let Some(f) = body.fusion {
-            s.fusion = f;
-        }
-        if let Some(b) = body.bm25 {
-            s.bm25 = b;
-        }
-    })?;
+    let (c, s) = state
+        .app
+        .update_collection(&name, |s| {
+            if let Some(a) = body.adapter {
+                s.adapter = a;
+            }
+            if let Some(f) = body.fusion {
+                s.fusion = f;
+            }
+            if let Some(b) = body.bm25 {
+                s.bm25 = b;
+            }
+        })
+        .await?;
     Ok(HttpResponse::Ok().json(view(s, c.stats().await?)))
 }
 
@@ -179,17 +173,7 @@ async fn delete_collection(
     state: State,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let lock = state.write_lock(&name).await;
-    let _writing = lock.lock().await;
-    match state.collection(&name).await {
-        Ok(c) => {
-            state.take_collection(&name).await;
-            state.catalog.delete_open(c).await?;
-        }
-        // Damaged: deleted without opening it. Anything else (not found, busy) is the answer.
-        Err(_) if state.catalog.open_damage(&name).await => state.catalog.delete_unopened(&name)?,
-        Err(e) => return Err(e),
-    }
+    state.app.delete_collection(&name).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -208,7 +192,7 @@ async fn search(
     name: web::Path<String>,
     body: web::Json<SearchRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     let started = Instant::now();
     let hits = Retriever::new(Arc::clone(&state.embedder))
         .search(
@@ -254,7 +238,7 @@ async fn ask(
     name: web::Path<String>,
     body: web::Json<AskRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     let body = body.into_inner();
     if body.question.trim().is_empty() {
         return Err(ApiError::bad_request("`question` is empty"));
@@ -418,7 +402,7 @@ async fn upload_documents(
     query: web::Query<UploadQuery>,
     form: MultipartForm<Upload>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     let format = parse_format(query.format.as_deref())?;
     let form = form.into_inner();
     if form.files.is_empty() {
@@ -458,15 +442,11 @@ async fn upload_documents(
     job.set_total(paths.len() as u64);
     let (state2, job2) = (state.clone(), job.clone());
     tokio::spawn(async move {
-        let lock = state2.write_lock(c.name()).await;
-        let _writing = lock.lock().await;
-        let ingestor = Ingestor::new(
-            Arc::clone(&c),
-            Arc::clone(&state2.embedder),
-            state2.settings.ingest.batch_docs,
-        );
-        let result = ingestor
-            .ingest_paths(&paths, format, &IngestProgress(job2.clone()))
+        let embedder = Arc::clone(&state2.embedder);
+        let progress = IngestProgress(job2.clone());
+        let result = state2
+            .app
+            .ingest(c.name(), &paths, format, embedder, &progress)
             .await;
         match result {
             Ok(report) => job2.succeed(serde_json::json!({
@@ -485,7 +465,7 @@ async fn upload_documents(
 }
 
 async fn list_documents(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     let docs: Vec<_> = c
         .ledger()
         .into_iter()
@@ -504,27 +484,12 @@ async fn delete_document(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (name, doc_id) = path.into_inner();
-    let c = state.collection(&name).await?;
-    if !c.ledger().contains_key(&doc_id) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no document {doc_id:?} in collection {name:?}"),
-        ));
-    }
-    let lock = state.write_lock(&name).await;
-    let _writing = lock.lock().await;
-    Ingestor::new(c, Arc::clone(&state.embedder), 1)
-        .delete_documents(vec![doc_id.clone()])
-        .await?;
-    // What the answer log holds of the document goes with it: the answers given from it.
-    let log = state.answer_log(&name);
-    crate::answerlog::blocking(move || log.forget_documents(&[doc_id])).await?;
+    state.app.delete_document(&name, &doc_id).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
 async fn list_adapters(state: State, caller: Caller) -> Result<HttpResponse, ApiError> {
-    let mut list = state.registry.list()?;
+    let mut list = state.app.registry.list()?;
     if let Some(usable) = state.usable_adapters(&caller)? {
         list.retain(|a| usable.contains(&a.name));
     }
@@ -554,12 +519,9 @@ async fn add_adapter(
         std::fs::copy(f.file.path(), staging.join(&n))
             .map_err(|e| ApiError::from_kind(crate::error::ErrorKind::Internal, &e))?;
     }
-    let base = crate::adapters::BaseModelInfo::from_dir(&state.settings.generate_base_dir())?;
-    let result = state.registry.add(&form.name, &staging, &base);
+    let result = state.app.add_adapter(&form.name, &staging, false).await;
     let _ = std::fs::remove_dir_all(&staging);
-    let info = result?;
-    state.generator.adapter_registered(&info.name).await;
-    Ok(HttpResponse::Created().json(info))
+    Ok(HttpResponse::Created().json(result?))
 }
 
 fn tempfile_dir() -> Result<PathBuf, ApiError> {
@@ -570,15 +532,7 @@ fn tempfile_dir() -> Result<PathBuf, ApiError> {
 }
 
 async fn delete_adapter(state: State, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let used_by = {
-        let (state, name) = (state.clone(), name.clone());
-        crate::answerlog::blocking(move || {
-            crate::answerlog::users_of_adapter(&state.catalog, &state.settings.answers, &name)
-        })
-        .await?
-    };
-    state.registry.remove(&name, &used_by)?;
-    state.generator.evict(&name).await;
+    state.app.remove_adapter(&name).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 

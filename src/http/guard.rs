@@ -141,7 +141,7 @@ fn bearer(req: &ServiceRequest) -> Option<String> {
 }
 
 async fn authenticate(state: &AppState, req: &ServiceRequest) -> Result<Principal, ApiError> {
-    if !state.settings.server.auth {
+    if !state.app.settings.server.auth {
         return Ok(Principal::local());
     }
     let Some(token) = bearer(req) else {

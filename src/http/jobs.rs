@@ -202,7 +202,7 @@ async fn synth(
     name: web::Path<String>,
     body: web::Json<SynthRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     let body = body.into_inner();
     if body.n == 0 || body.n > MAX_SYNTH {
         return Err(ApiError::bad_request(format!(
@@ -318,7 +318,7 @@ impl TrainBody {
             keep_when_stopped: false,
             device: candle_core::Device::Cpu,
         };
-        crate::adapt::check(&state.registry, &request)?;
+        crate::adapt::check(&state.app.registry, &request)?;
         Ok(request)
     }
 }
@@ -347,7 +347,7 @@ async fn train(
     name: web::Path<String>,
     body: web::Json<TrainBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     let request = body.into_inner().request(&state)?;
     let job = state.jobs.create(JobKind::Train, c.name(), true);
     let (state2, job2) = (state.clone(), job.clone());
@@ -381,10 +381,10 @@ async fn train_on(
 ) -> Result<crate::adapt::TrainOutcome, AdaptError> {
     let bench = Workbench {
         rag: &state.rag,
-        catalog: &state.catalog,
-        registry: &state.registry,
-        base_dir: state.settings.generate_base_dir(),
-        training_dir: state.settings.paths.data_dir.join("training"),
+        catalog: &state.app.catalog,
+        registry: &state.app.registry,
+        base_dir: state.app.settings.generate_base_dir(),
+        training_dir: state.app.settings.paths.data_dir.join("training"),
     };
     let progress = Box::new(TrainProgress(job.clone()));
     crate::adapt::train_adapter(&bench, c, request, &|_| {}, progress, stop).await
@@ -406,7 +406,7 @@ async fn evaluate(
     name: web::Path<String>,
     body: web::Json<EvalBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let c = state.collection(&name).await?;
+    let c = state.app.collection(&name).await?;
     let body = body.into_inner();
     let questions =
         crate::eval::checked_questions(body.questions).map_err(ApiError::bad_request)?;
@@ -464,7 +464,7 @@ fn eval_arms(
             .collect()
     };
     for a in arms.iter().flatten() {
-        state.registry.get(a)?;
+        state.app.registry.get(a)?;
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = arms.iter().find(|a| !seen.insert(*a)) {

@@ -12,20 +12,19 @@ pub mod jobs;
 pub mod keys;
 pub mod openai;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError, web};
 use serde::Serialize;
-use tokio::sync::Mutex;
 
 use crate::access::AccessError;
 use crate::access::audit::AuditLog;
 use crate::access::keys::KeyStore;
-use crate::adapters::{AdapterError, AdapterRegistry};
-use crate::collection::{Catalog, Collection, CollectionError};
+use crate::adapters::AdapterError;
+use crate::app::{App, AppError};
+use crate::collection::CollectionError;
 use crate::config::Settings;
 use crate::embed::{EmbedError, Embedder};
 use crate::error::ErrorKind;
@@ -118,6 +117,7 @@ macro_rules! api_error_from {
     )*};
 }
 api_error_from!(
+    AppError,
     CollectionError,
     RetrieveError,
     IngestError,
@@ -245,18 +245,13 @@ fn engine_metrics(e: crate::generate::EngineStats) -> String {
     )
 }
 
-/// What every handler shares.
+/// What every handler shares: the application core and what only the server keeps.
 pub struct AppState {
-    pub settings: Settings,
-    pub catalog: Catalog,
-    pub registry: AdapterRegistry,
+    /// Collections, documents and adapters (the operations the CLI performs too).
+    pub app: App,
     pub embedder: Arc<Embedder>,
     pub generator: Arc<Generator>,
     pub rag: Rag,
-    /// One open handle per collection (the embedded vector store cannot be opened twice).
-    collections: Mutex<HashMap<String, Arc<Collection>>>,
-    /// One writer at a time per collection.
-    write_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     pub jobs: crate::jobs::Jobs,
     /// Synthesis, training and evaluation jobs take turns (one at a time).
     pub heavy_jobs: tokio::sync::Semaphore,
@@ -271,12 +266,11 @@ pub struct AppState {
 impl AppState {
     /// Load the embedder and the base model, preload the adapters collections use.
     pub async fn load(settings: Settings) -> anyhow::Result<Arc<AppState>> {
-        let catalog = Catalog::new(&settings);
-        catalog.sweep_deleted();
-        let registry = AdapterRegistry::new(&settings.paths.data_dir);
-        registry.recover();
         let embedder = Embedder::load_async(&settings).await?;
         let generator = Generator::load(&settings).await?;
+        let app = App::new(settings, Some(Arc::clone(&generator)));
+        app.recover();
+        let settings = &app.settings;
         let rag = Rag::new(
             Retriever::new(Arc::clone(&embedder)),
             Arc::clone(&generator),
@@ -293,9 +287,9 @@ impl AppState {
             );
         }
         let mut in_use = Vec::new();
-        for name in catalog.list()? {
+        for name in app.catalog.list()? {
             // A damaged collection is reported (listed as damaged, deletable), not fatal.
-            let settings = match catalog.settings(&name) {
+            let settings = match app.catalog.settings(&name) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(collection = %name, error = %e, "collection cannot be read");
@@ -316,13 +310,9 @@ impl AppState {
             settings.answers.score_faithfulness,
         );
         Ok(Arc::new(AppState {
-            catalog,
-            registry,
             embedder,
             generator,
             rag,
-            collections: Mutex::new(HashMap::new()),
-            write_locks: Mutex::new(HashMap::new()),
             jobs: crate::jobs::Jobs::new(
                 settings.paths.data_dir.join("jobs"),
                 settings.server.jobs_kept,
@@ -332,43 +322,15 @@ impl AppState {
             keys: Arc::new(KeyStore::new(&settings.paths.data_dir)),
             audit: AuditLog::new(&settings.paths.data_dir, settings.server.audit_max_bytes),
             scorer,
-            settings,
+            app,
         }))
-    }
-
-    /// The open handle of collection `name`.
-    pub async fn collection(&self, name: &str) -> Result<Arc<Collection>, ApiError> {
-        crate::collection::validate_name(name)?;
-        let mut open = self.collections.lock().await;
-        if let Some(c) = open.get(name) {
-            return Ok(Arc::clone(c));
-        }
-        let c = self.catalog.open(name).await?;
-        open.insert(name.to_string(), Arc::clone(&c));
-        Ok(c)
-    }
-
-    /// Forget a collection's handle (it is being deleted).
-    pub async fn take_collection(&self, name: &str) -> Option<Arc<Collection>> {
-        self.collections.lock().await.remove(name)
-    }
-
-    /// The write lock of collection `name`.
-    pub async fn write_lock(&self, name: &str) -> Arc<Mutex<()>> {
-        Arc::clone(
-            self.write_locks
-                .lock()
-                .await
-                .entry(name.to_string())
-                .or_default(),
-        )
     }
 
     /// The adapters `caller` may see and name (`None`: all).
     pub fn usable_adapters(&self, caller: &guard::Caller) -> Result<Option<Vec<String>>, ApiError> {
         Ok(crate::access::usable_adapters(
             &caller.0,
-            &self.catalog,
+            &self.app.catalog,
             self.rag.house_adapter(),
         )?)
     }
@@ -381,18 +343,9 @@ impl AppState {
     ) -> Result<(), ApiError> {
         if let crate::rag::AdapterChoice::Named(a) = choice {
             crate::access::require_adapter(&self.usable_adapters(caller)?, a)?;
-            self.registry.get(a)?;
+            self.app.registry.get(a)?;
         }
         Ok(())
-    }
-
-    /// Flush every open collection (shutdown).
-    pub async fn close_all(&self) {
-        for (name, c) in self.collections.lock().await.iter() {
-            if let Err(e) = c.close().await {
-                tracing::error!(collection = %name, error = %e, "closing collection failed");
-            }
-        }
     }
 }
 
@@ -408,7 +361,7 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    match state.catalog.list() {
+    match state.app.catalog.list() {
         Ok(names) => HttpResponse::Ok().json(serde_json::json!({
             "status": "ready",
             "collections": names.len(),
@@ -525,7 +478,7 @@ impl Server {
     /// Wait until the server stops (SIGTERM/SIGINT or [`Server::stop`]), then flush collections.
     pub async fn wait(self) -> std::io::Result<()> {
         let result = self.task.await.map_err(std::io::Error::other)?;
-        self.state.close_all().await;
+        self.state.app.close_all().await;
         result
     }
 
@@ -556,14 +509,14 @@ pub fn listen_addrs(settings: &Settings, bind: &str) -> anyhow::Result<Vec<std::
 /// Bind and start the server on `bind` (e.g. `127.0.0.1:8080`, or port 0 for tests).
 pub async fn start(state: Arc<AppState>, bind: &str) -> anyhow::Result<Server> {
     let data = web::Data::from(Arc::clone(&state));
-    let addrs = listen_addrs(&state.settings, bind)?;
-    let served = crate::datadir::hold_for_server(&state.settings.paths.data_dir)?;
+    let addrs = listen_addrs(&state.app.settings, bind)?;
+    let served = crate::datadir::hold_for_server(&state.app.settings.paths.data_dir)?;
     let gate = web::Data::new(guard::Gate::new(
-        &state.settings.server.allowed_hosts,
+        &state.app.settings.server.allowed_hosts,
         &addrs,
     ));
-    let json_limit = state.settings.server.max_json_bytes;
-    let upload_limit = state.settings.server.max_upload_bytes;
+    let json_limit = state.app.settings.server.max_json_bytes;
+    let upload_limit = state.app.settings.server.max_upload_bytes;
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(data.clone())
@@ -589,9 +542,9 @@ pub async fn start(state: Arc<AppState>, bind: &str) -> anyhow::Result<Server> {
                 ))
             }))
     })
-    .shutdown_timeout(state.settings.server.shutdown_timeout_secs)
+    .shutdown_timeout(state.app.settings.server.shutdown_timeout_secs)
     .client_request_timeout(std::time::Duration::from_secs(
-        state.settings.server.request_timeout_secs,
+        state.app.settings.server.request_timeout_secs,
     ))
     .bind(bind)?;
     let addr = server

@@ -23,11 +23,11 @@ type State = web::Data<AppState>;
 async fn models(state: State, caller: Caller) -> Result<HttpResponse, ApiError> {
     let created = now_secs();
     let mut data = Vec::new();
-    let mut adapters = state.registry.list()?;
+    let mut adapters = state.app.registry.list()?;
     if let Some(usable) = state.usable_adapters(&caller)? {
         adapters.retain(|a| usable.contains(&a.name));
     }
-    for name in state.catalog.list()? {
+    for name in state.app.catalog.list()? {
         if !caller.0.can_see(&name) {
             continue;
         }
@@ -87,7 +87,7 @@ async fn chat_completions(
     };
     caller.0.require(Action::Read, Some(collection))?;
     state.check_choice(&caller, &choice)?;
-    let c = state.collection(collection).await?;
+    let c = state.app.collection(collection).await?;
     let mut history = Vec::new();
     for m in &body.messages {
         let role = match m.role.as_str() {

@@ -423,58 +423,6 @@ impl Ingestor {
         self.collection.finish_write(changes)?;
         Ok(())
     }
-
-    /// Remove documents from the collection, and the originals of those that were uploaded into
-    /// it (`uploads/`).
-    pub async fn delete_documents(&self, doc_ids: Vec<String>) -> Result<(), IngestError> {
-        self.collection
-            .begin_write(doc_ids.iter().map(|id| (id.clone(), None)).collect())?;
-        killpoint::reach("delete.pending");
-        if let Err(e) = self.unstore(&doc_ids).await {
-            self.collection.abandon_write().await;
-            return Err(e);
-        }
-        remove_uploaded_originals(&self.collection.dir, &doc_ids);
-        self.finish().await?;
-        Ok(())
-    }
-
-    async fn unstore(&self, doc_ids: &[String]) -> Result<(), IngestError> {
-        let vectors_store = &self.collection.vectors;
-        vectors_store
-            .delete_docs(doc_ids.to_vec())
-            .await
-            .map_err(CollectionError::from)?;
-        vectors_store.flush().await.map_err(CollectionError::from)?;
-        killpoint::reach("delete.vectors");
-        let index = Arc::clone(&self.collection.index);
-        let ids = doc_ids.to_vec();
-        tokio::task::spawn_blocking(move || index.delete_documents(&ids))
-            .await?
-            .map_err(CollectionError::from)?;
-        killpoint::reach("delete.bm25");
-        self.collection
-            .finish_write(doc_ids.iter().map(|id| (id.clone(), None)).collect())?;
-        Ok(())
-    }
-}
-
-/// Delete the uploaded files (`<collection>/uploads/<name>`) that were these documents: a
-/// deleted document's text must not stay on disk. Files elsewhere (ingested from the CLI) are
-/// the user's own and are left alone.
-fn remove_uploaded_originals(collection_dir: &Path, doc_ids: &[String]) {
-    let Ok(uploads) = std::fs::canonicalize(collection_dir.join("uploads")) else {
-        return;
-    };
-    for doc_id in doc_ids {
-        let path = Path::new(doc_id);
-        if path.parent() == Some(uploads.as_path())
-            && let Err(e) = std::fs::remove_file(path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove a deleted document's upload");
-        }
-    }
 }
 
 /// Read and parse one file on the blocking pool. The outer error is an I/O failure of the task;

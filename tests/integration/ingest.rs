@@ -244,10 +244,6 @@ async fn documents_and_collections_can_be_deleted() {
         .ingest_paths(std::slice::from_ref(&inputs), Format::Auto, &NoProgress)
         .await
         .expect("ingest");
-    ingestor
-        .delete_documents(vec!["faq-password".into()])
-        .await
-        .expect("delete doc");
     // One open handle per collection: the embedded store is locked by the handle that has it.
     let err = t
         .catalog
@@ -257,6 +253,9 @@ async fn documents_and_collections_can_be_deleted() {
     assert!(err.to_string().contains("in use"), "{err}");
     drop(ingestor);
     let col = t.open().await;
+    col.delete_documents(vec!["faq-password".into()])
+        .await
+        .expect("delete doc");
     let stats = col.stats().await.expect("stats");
     assert_eq!(stats.documents, 5);
     assert_eq!(stats.vectors, stats.chunks);

@@ -14,6 +14,7 @@ mod helpers;
 mod http;
 mod ingest;
 mod jobs;
+mod operations;
 mod retrieval;
 mod schema;
 mod soak;
