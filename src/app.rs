@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
+use crate::access::{AccessError, Principal};
 use crate::adapters::{AdapterError, AdapterInfo, AdapterRegistry, BaseModelInfo};
 use crate::answerlog::{AnswerLog, LogError};
 use crate::collection::{Catalog, Collection, CollectionError, CollectionSettings};
@@ -21,6 +22,7 @@ use crate::embed::Embedder;
 use crate::error::ErrorKind;
 use crate::generate::Generator;
 use crate::ingest::{Format, IngestError, IngestReport, Ingestor, Progress};
+use crate::rag::AdapterChoice;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -32,6 +34,8 @@ pub enum AppError {
     AnswerLog(#[from] LogError),
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error("no document {doc_id:?} in collection {collection:?}")]
     NoDocument { collection: String, doc_id: String },
 }
@@ -43,6 +47,7 @@ impl AppError {
             AppError::Adapter(e) => e.kind(),
             AppError::AnswerLog(e) => e.kind(),
             AppError::Ingest(e) => e.kind(),
+            AppError::Access(e) => e.kind(),
             AppError::NoDocument { .. } => ErrorKind::NotFound,
         }
     }
@@ -131,10 +136,9 @@ impl App {
         change: impl FnOnce(&mut CollectionSettings),
     ) -> Result<(Arc<Collection>, CollectionSettings), AppError> {
         let c = self.collection(name).await?;
-        let mut next = c.settings();
-        change(&mut next);
-        self.check_adapter(&next)?;
-        let saved = c.update_settings(&self.catalog, |s| *s = next)?;
+        let saved = c.update_settings_checked(&self.catalog, change, |s| {
+            self.check_adapter(s).map_err(AppError::from)
+        })?;
         Ok((c, saved))
     }
 
@@ -229,6 +233,36 @@ impl App {
         self.registry.remove(name, &used_by)?;
         if let Some(generator) = &self.generator {
             generator.evict(name).await;
+        }
+        Ok(())
+    }
+
+    /// The registered adapters `who` may see: all for an admin; for a team's key, those its
+    /// collections use and `house` (the adapter answering for collections without their own).
+    pub fn adapters_for(
+        &self,
+        who: &Principal,
+        house: Option<String>,
+    ) -> Result<Vec<AdapterInfo>, AppError> {
+        let mut list = self.registry.list()?;
+        if let Some(usable) = crate::access::usable_adapters(who, &self.catalog, house)? {
+            list.retain(|a| usable.contains(&a.name));
+        }
+        Ok(list)
+    }
+
+    /// Refuse an adapter choice `who` may not make (an adapter it may not see is "not found"),
+    /// or one that is not registered, before any work starts.
+    pub fn check_choice(
+        &self,
+        who: &Principal,
+        choice: &AdapterChoice,
+        house: Option<String>,
+    ) -> Result<(), AppError> {
+        if let AdapterChoice::Named(a) = choice {
+            let usable = crate::access::usable_adapters(who, &self.catalog, house)?;
+            crate::access::require_adapter(&usable, a)?;
+            self.registry.get(a)?;
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! (tantivy BM25 + Qdrant vectors) and searched with hybrid retrieval.
 //!
 //! Module graph (one way): {`cli`, `http`} -> `app` (the operations both edges perform) ->
-//! {`collection`, `adapters`, `answerlog`, `generate`};
+//! {`access`, `collection`, `adapters`, `answerlog`, `ingest`, `generate`, `rag` (types)};
 //! {`cli`, `http`} -> `adapt` -> `train` -> `eval` -> `rag` ->
 //! {`retrieve`, `generate`}; `http` -> `jobs`;
 //! `cli` -> {`ingest`, `bench`} -> `collection` -> {`index`, `vectors`, `embed`, `chunk`};

@@ -204,12 +204,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
             no_adapter,
             json,
             question,
-        } => {
-            query::ask(
-                catalog, settings, collection, adapter, no_adapter, json, question,
-            )
-            .await
-        }
+        } => query::ask(&app, collection, adapter, no_adapter, json, question).await,
         Command::Adapters(cmd) => adapters::run(&app, cmd).await,
         Command::Keys(cmd) => keys::run(settings, cmd),
         Command::Eval(cmd) => eval::run(catalog, settings, cmd).await,

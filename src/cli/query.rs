@@ -7,6 +7,8 @@
 
 use anyhow::Result;
 
+use crate::access::Principal;
+use crate::app::App;
 use crate::collection::Catalog;
 use crate::config::Settings;
 use crate::embed::Embedder;
@@ -77,8 +79,7 @@ pub(super) async fn serve(settings: Settings, bind: Option<String>) -> Result<()
 
 /// `domainrag ask`: stream an answer to stdout, then list the sources it cited.
 pub(super) async fn ask(
-    catalog: &Catalog,
-    settings: &Settings,
+    app: &App,
     collection: String,
     adapter: Option<String>,
     no_adapter: bool,
@@ -90,8 +91,10 @@ pub(super) async fn ask(
         (None, true) => AdapterChoice::Base,
         (None, false) => AdapterChoice::Collection,
     };
-    let col = catalog.open(&collection).await?;
-    let (_, rag) = load_rag(settings).await?;
+    // The operator at the command line may name any registered adapter.
+    app.check_choice(&Principal::local(), &choice, None)?;
+    let col = app.collection(&collection).await?;
+    let (_, rag) = load_rag(&app.settings).await?;
     let stream = rag.answer_stream(&col, &question, &choice).await?;
     let answer = if json {
         rag::collect(stream, |_| {}).await?

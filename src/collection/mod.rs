@@ -519,6 +519,18 @@ impl Collection {
         catalog: &Catalog,
         change: impl FnOnce(&mut CollectionSettings),
     ) -> Result<CollectionSettings, CollectionError> {
+        self.update_settings_checked(catalog, change, |_| Ok(()))
+    }
+
+    /// [`Collection::update_settings`], refused when `check` refuses the changed settings; the
+    /// change, the check and the write happen under one lock, so concurrent changes never undo
+    /// each other.
+    pub fn update_settings_checked<E: From<CollectionError>>(
+        &self,
+        catalog: &Catalog,
+        change: impl FnOnce(&mut CollectionSettings),
+        check: impl FnOnce(&CollectionSettings) -> Result<(), E>,
+    ) -> Result<CollectionSettings, E> {
         let mut guard = self
             .settings
             .write()
@@ -529,8 +541,10 @@ impl Collection {
         if next.chunking != guard.chunking && self.document_count() > 0 {
             return Err(CollectionError::ChunkingFixed {
                 name: self.name.clone(),
-            });
+            }
+            .into());
         }
+        check(&next)?;
         catalog.save_settings(&next)?;
         *guard = next.clone();
         Ok(next)

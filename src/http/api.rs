@@ -110,15 +110,10 @@ async fn create_collection(
             if let Some(c) = body.chunking {
                 s.chunking = c;
             }
-            if let Some(f) = body.fusion {
-                s.fusion = f;
-            }
-            if let Some(b) = body.bm25 {
-                s.bm25 = b;
-            }
             if let Some(a) = body.adapter {
                 s.adapter = Some(a);
             }
+            set_search(s, body.fusion, body.bm25);
         })
         .await?;
     Ok(HttpResponse::Created().json(view(c.settings(), c.stats().await?)))
@@ -158,15 +153,20 @@ async fn update_collection(
             if let Some(a) = body.adapter {
                 s.adapter = a;
             }
-            if let Some(f) = body.fusion {
-                s.fusion = f;
-            }
-            if let Some(b) = body.bm25 {
-                s.bm25 = b;
-            }
+            set_search(s, body.fusion, body.bm25);
         })
         .await?;
     Ok(HttpResponse::Ok().json(view(s, c.stats().await?)))
+}
+
+/// The search settings a request names replace the collection's (absent: unchanged).
+fn set_search(s: &mut CollectionSettings, fusion: Option<FusionConfig>, bm25: Option<Bm25Config>) {
+    if let Some(f) = fusion {
+        s.fusion = f;
+    }
+    if let Some(b) = bm25 {
+        s.bm25 = b;
+    }
 }
 
 async fn delete_collection(
@@ -244,7 +244,9 @@ async fn ask(
         return Err(ApiError::bad_request("`question` is empty"));
     }
     let choice = adapter_choice(body.adapter);
-    state.check_choice(&caller, &choice)?;
+    state
+        .app
+        .check_choice(&caller.0, &choice, state.rag.house_adapter())?;
     let who = Who {
         key_id: caller.0.key_id.clone(),
         user: body.user,
@@ -489,10 +491,9 @@ async fn delete_document(
 }
 
 async fn list_adapters(state: State, caller: Caller) -> Result<HttpResponse, ApiError> {
-    let mut list = state.app.registry.list()?;
-    if let Some(usable) = state.usable_adapters(&caller)? {
-        list.retain(|a| usable.contains(&a.name));
-    }
+    let list = state
+        .app
+        .adapters_for(&caller.0, state.rag.house_adapter())?;
     Ok(HttpResponse::Ok().json(list))
 }
 

@@ -325,28 +325,6 @@ impl AppState {
             app,
         }))
     }
-
-    /// The adapters `caller` may see and name (`None`: all).
-    pub fn usable_adapters(&self, caller: &guard::Caller) -> Result<Option<Vec<String>>, ApiError> {
-        Ok(crate::access::usable_adapters(
-            &caller.0,
-            &self.app.catalog,
-            self.rag.house_adapter(),
-        )?)
-    }
-
-    /// Refuse an adapter choice the caller may not make, or one that is not registered.
-    pub fn check_choice(
-        &self,
-        caller: &guard::Caller,
-        choice: &crate::rag::AdapterChoice,
-    ) -> Result<(), ApiError> {
-        if let crate::rag::AdapterChoice::Named(a) = choice {
-            crate::access::require_adapter(&self.usable_adapters(caller)?, a)?;
-            self.app.registry.get(a)?;
-        }
-        Ok(())
-    }
 }
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");

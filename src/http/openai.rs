@@ -23,10 +23,9 @@ type State = web::Data<AppState>;
 async fn models(state: State, caller: Caller) -> Result<HttpResponse, ApiError> {
     let created = now_secs();
     let mut data = Vec::new();
-    let mut adapters = state.app.registry.list()?;
-    if let Some(usable) = state.usable_adapters(&caller)? {
-        adapters.retain(|a| usable.contains(&a.name));
-    }
+    let adapters = state
+        .app
+        .adapters_for(&caller.0, state.rag.house_adapter())?;
     for name in state.app.catalog.list()? {
         if !caller.0.can_see(&name) {
             continue;
@@ -86,7 +85,9 @@ async fn chat_completions(
         Some((c, a)) => (c, AdapterChoice::Named(a.to_string())),
     };
     caller.0.require(Action::Read, Some(collection))?;
-    state.check_choice(&caller, &choice)?;
+    state
+        .app
+        .check_choice(&caller.0, &choice, state.rag.house_adapter())?;
     let c = state.app.collection(collection).await?;
     let mut history = Vec::new();
     for m in &body.messages {
