@@ -225,10 +225,20 @@ def run_eval(args):
     # Each arm answers every question in turn, and its first answer may build its model: the
     # same rule per arm, each with its own warm-up (arms in run order).
     n = report["questions"]
-    result["per_arm_in_run_order"] = [
-        {k: v for k, v in summarise(series[i : i + n], args.warmup).items() if k != "rss_mib"}
-        for i in range(0, len(series), n)
-    ]
+    # Reports since 2026-12-03 also split resident memory into anonymous pages (heap, weights:
+    # where a leak shows) and file-backed ones (mapped index and model files: bounded by their size).
+    anon = report["memory"].get("rss_anon_mib_after_answer") or []
+    result["per_arm_in_run_order"] = []
+    for i in range(0, len(series), n):
+        arm = {k: v for k, v in summarise(series[i : i + n], args.warmup).items() if k != "rss_mib"}
+        if anon:
+            a = summarise(anon[i : i + n], args.warmup)
+            arm["anon"] = {k: a[k] for k in ("peak_mib", "growth_mib_per_100_answers",
+                                             "growth_ci95_mib_per_100_answers")}
+        result["per_arm_in_run_order"].append(arm)
+    if anon:
+        result["rss_anon_mib"] = [round(x, 1) for x in anon]
+        result["rss_file_mib"] = [round(x, 1) for x in report["memory"]["rss_file_mib_after_answer"]]
     return result
 
 
@@ -241,6 +251,10 @@ def table(r):
         f"| answers | {head} |",
         "|---|" + "---|" * len(cols),
         f"| RSS MiB | {rss} |",
+    ] + [
+        f"| {name} MiB | " + " | ".join("%.0f" % r[key][i] for i in cols) + " |"
+        for name, key in (("anonymous", "rss_anon_mib"), ("file-backed", "rss_file_mib")) if key in r
+    ] + [
         "",
         "peak %.0f MiB; growth after %d warm-up answers: %+.2f MiB per 100 answers (95%% CI +-%.2f)"
         % (r["peak_mib"], r["warmup_answers"], r["growth_mib_per_100_answers"],
@@ -284,6 +298,10 @@ def main():
         print("arm %d (answers %d..%d): %+.2f MiB per 100 answers (95%% CI +-%.2f) after %d warm-up, peak %.0f MiB"
               % (i + 1, i * arm["answers"] + 1, (i + 1) * arm["answers"], arm["growth_mib_per_100_answers"],
                  arm["growth_ci95_mib_per_100_answers"], arm["warmup_answers"], arm["peak_mib"]))
+        if "anon" in arm:
+            print("  anonymous pages: %+.2f MiB per 100 answers (95%% CI +-%.2f), peak %.0f MiB"
+                  % (arm["anon"]["growth_mib_per_100_answers"], arm["anon"]["growth_ci95_mib_per_100_answers"],
+                     arm["anon"]["peak_mib"]))
 
 
 if __name__ == "__main__":

@@ -178,8 +178,11 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<()> {
     if let Some(what) = changes_served_state(&cli.command) {
         crate::datadir::refuse_if_served(data_dir, what)?;
     }
-    // Finish what a killed process left half-done (a server did at its start, if one runs).
-    crate::datadir::unless_served(data_dir, || app.recover())?;
+    // Finish what a killed process left half-done (a server did at its start, if one runs;
+    // `serve` does it itself, in `AppState::load`, once it holds the data dir).
+    if !matches!(cli.command, Command::Serve { .. }) {
+        crate::datadir::unless_served(data_dir, || app.recover())?;
+    }
     let (catalog, settings) = (&app.catalog, &app.settings);
     match cli.command {
         Command::Collection(cmd) => collection::run(&app, cmd).await,

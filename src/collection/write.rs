@@ -62,7 +62,15 @@ impl Collection {
             return Err(e);
         }
         remove_uploaded_originals(&self.dir, &doc_ids);
+        self.settle("delete.optimized").await
+    }
+
+    /// End of a write run (an ingest, a delete): the vector store builds its index over what was
+    /// written (HNSW once a segment is large enough; searches go on meanwhile), `kill_point` is
+    /// reached, then the collection is flushed and its index writer released.
+    pub async fn settle(&self, kill_point: &str) -> Result<(), CollectionError> {
         self.vectors.optimize().await?;
+        killpoint::reach(kill_point);
         self.close().await
     }
 }

@@ -339,11 +339,28 @@ pub struct AnswerReport {
     pub memory: MemorySeries,
 }
 
-/// Resident memory of the evaluating process, read after every answer (all arms, in run order).
+/// Resident memory of the evaluating process, read after every answer (all arms, in run order),
+/// once the heap the answer freed has been handed back. Split as Linux does: anonymous pages
+/// (heap, model weights and caches: where a leak shows) and file-backed pages (the mapped index
+/// and model files, which grow as new queries touch new pages, up to the files' size).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MemorySeries {
     pub rss_mib_after_answer: Vec<f64>,
+    pub rss_anon_mib_after_answer: Vec<f64>,
+    pub rss_file_mib_after_answer: Vec<f64>,
     pub peak_rss_mib: f64,
+}
+
+impl MemorySeries {
+    fn sample(&mut self) {
+        use crate::telemetry::proc_status_mib;
+        crate::telemetry::release_freed_heap();
+        self.rss_mib_after_answer.push(proc_status_mib("VmRSS"));
+        self.rss_anon_mib_after_answer
+            .push(proc_status_mib("RssAnon"));
+        self.rss_file_mib_after_answer
+            .push(proc_status_mib("RssFile"));
+    }
 }
 
 /// How an answer stands against the sources it was given, without a reference answer: what
@@ -512,9 +529,7 @@ pub async fn evaluate(
                 }
             };
             scores.push(score(embedder, q, &answer).await?);
-            memory
-                .rss_mib_after_answer
-                .push(crate::telemetry::proc_status_mib("VmRSS"));
+            memory.sample();
             progress(1);
         }
         per_question.insert(arm.clone().unwrap_or_else(|| "none".into()), scores);

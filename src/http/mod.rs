@@ -261,11 +261,16 @@ pub struct AppState {
     pub audit: AuditLog,
     /// Scores logged answers' faithfulness in the background.
     pub scorer: crate::answerlog::scorer::Scorer,
+    /// Tells CLI commands (and a second server) that this data dir is served: taken before the
+    /// recovery at load, released when the server stops ([`Server::wait`]).
+    served: std::sync::Mutex<Option<crate::datadir::FileLock>>,
 }
 
 impl AppState {
-    /// Load the embedder and the base model, preload the adapters collections use.
+    /// Claim the data dir (refused while another server holds it), finish what a killed process
+    /// left half-done, load the embedder and the base model, preload the adapters collections use.
     pub async fn load(settings: Settings) -> anyhow::Result<Arc<AppState>> {
+        let served = crate::datadir::hold_for_server(&settings.paths.data_dir)?;
         let embedder = Embedder::load_async(&settings).await?;
         let generator = Generator::load(&settings).await?;
         let app = App::new(settings, Some(Arc::clone(&generator)));
@@ -323,6 +328,7 @@ impl AppState {
             audit: AuditLog::new(&settings.paths.data_dir, settings.server.audit_max_bytes),
             scorer,
             app,
+            served: std::sync::Mutex::new(Some(served)),
         }))
     }
 }
@@ -444,8 +450,6 @@ fn multipart_error(
 
 /// A running server.
 pub struct Server {
-    /// Tells CLI commands that this data dir is served (released when the server is dropped).
-    _served: crate::datadir::FileLock,
     pub addr: std::net::SocketAddr,
     pub handle: actix_web::dev::ServerHandle,
     pub state: Arc<AppState>,
@@ -453,10 +457,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Wait until the server stops (SIGTERM/SIGINT or [`Server::stop`]), then flush collections.
+    /// Wait until the server stops (SIGTERM/SIGINT or [`Server::stop`]), then flush collections
+    /// and release the data dir.
     pub async fn wait(self) -> std::io::Result<()> {
         let result = self.task.await.map_err(std::io::Error::other)?;
         self.state.app.close_all().await;
+        if let Ok(mut served) = self.state.served.lock() {
+            served.take();
+        }
         result
     }
 
@@ -488,7 +496,6 @@ pub fn listen_addrs(settings: &Settings, bind: &str) -> anyhow::Result<Vec<std::
 pub async fn start(state: Arc<AppState>, bind: &str) -> anyhow::Result<Server> {
     let data = web::Data::from(Arc::clone(&state));
     let addrs = listen_addrs(&state.app.settings, bind)?;
-    let served = crate::datadir::hold_for_server(&state.app.settings.paths.data_dir)?;
     let gate = web::Data::new(guard::Gate::new(
         &state.app.settings.server.allowed_hosts,
         &addrs,
@@ -535,7 +542,6 @@ pub async fn start(state: Arc<AppState>, bind: &str) -> anyhow::Result<Server> {
     let task = tokio::spawn(server);
     tracing::info!(%addr, "listening");
     Ok(Server {
-        _served: served,
         addr,
         handle,
         state,

@@ -259,7 +259,7 @@ impl Ingestor {
             self.write_batch(std::mem::take(&mut pending), &mut report)
                 .await?;
         }
-        self.finish().await?;
+        self.collection.settle("ingest.optimized").await?;
         progress.finish();
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
@@ -272,22 +272,9 @@ impl Ingestor {
         for batch in docs.chunks(self.batch_docs) {
             self.write_batch(batch.to_vec(), &mut report).await?;
         }
-        self.finish().await?;
+        self.collection.settle("ingest.optimized").await?;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
-    }
-
-    /// End of a write run: the vector store builds its index over what was written (HNSW once a
-    /// segment is large enough; searches go on meanwhile), then the collection is flushed and its
-    /// index writer released.
-    async fn finish(&self) -> Result<(), IngestError> {
-        self.collection
-            .vectors
-            .optimize()
-            .await
-            .map_err(CollectionError::from)?;
-        killpoint::reach("ingest.optimized");
-        Ok(self.collection.close().await?)
     }
 
     /// Chunk, embed and write one batch of documents.

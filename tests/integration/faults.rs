@@ -377,6 +377,7 @@ async fn a_server_killed_mid_delete_or_mid_ingest_loses_and_resurrects_nothing()
         "delete.vectors",
         "delete.bm25",
         "write.ledger",
+        "delete.optimized",
     ] {
         for nth in 1..=2 {
             let spec = format!("{point}:{nth}");

@@ -479,7 +479,8 @@ async fn the_web_ui_works_in_headless_chromium() {
 }
 
 /// A collection whose files are damaged is listed as such, does not take the others down, and
-/// can be deleted through the API; what an interrupted delete left is gone after a restart.
+/// can be deleted through the API; what an interrupted delete left is gone after a restart; a
+/// second server on the served data dir is refused and changes nothing.
 #[tokio::test]
 async fn a_damaged_collection_is_listed_and_deletable_and_leftovers_are_swept() {
     use reqwest::Method;
@@ -504,6 +505,19 @@ async fn a_damaged_collection_is_listed_and_deletable_and_leftovers_are_swept() 
         !collections.join(".deleted-old-0123").exists(),
         "leftovers are swept at start"
     );
+    // A second server on a served data dir is refused before it touches anything: what looks
+    // half-done to it may be the running server's work in progress.
+    std::fs::create_dir_all(collections.join(".deleted-live-4567")).expect("in progress");
+    let Err(err) = domainrag::http::AppState::load(crate::helpers::settings(temp.path())).await
+    else {
+        panic!("a second server on a served data dir")
+    };
+    assert!(err.to_string().contains("already runs"), "{err}");
+    assert!(
+        collections.join(".deleted-live-4567").exists(),
+        "left alone"
+    );
+    std::fs::remove_dir(collections.join(".deleted-live-4567")).expect("tidy");
     let (status, list) = app.get("/api/collections").await;
     assert_eq!(status, 200, "{list}");
     let list = list.as_array().expect("array").clone();
