@@ -216,6 +216,11 @@ def run_server(args):
     return result
 
 
+# Series of an `eval answers` report besides RSS: (name here, key in the report's `memory`).
+EXTRA_SERIES = [("anon", "rss_anon_mib_after_answer"), ("file", "rss_file_mib_after_answer"),
+                ("heap", "heap_in_use_mib_after_answer")]
+
+
 def run_eval(args):
     with open(args.report) as f:
         report = json.load(f)
@@ -226,19 +231,22 @@ def run_eval(args):
     # same rule per arm, each with its own warm-up (arms in run order).
     n = report["questions"]
     # Reports since 2026-12-03 also split resident memory into anonymous pages (heap, weights:
-    # where a leak shows) and file-backed ones (mapped index and model files: bounded by their size).
-    anon = report["memory"].get("rss_anon_mib_after_answer") or []
+    # where a leak shows) and file-backed ones (mapped index and model files: bounded by their size);
+    # since 2026-12-04 they add the heap in use (glibc mallinfo2: live allocations only), which
+    # tells live objects kept from allocator growth.
+    extra = {name: report["memory"].get(key) or [] for name, key in EXTRA_SERIES}
     result["per_arm_in_run_order"] = []
     for i in range(0, len(series), n):
         arm = {k: v for k, v in summarise(series[i : i + n], args.warmup).items() if k != "rss_mib"}
-        if anon:
-            a = summarise(anon[i : i + n], args.warmup)
-            arm["anon"] = {k: a[k] for k in ("peak_mib", "growth_mib_per_100_answers",
-                                             "growth_ci95_mib_per_100_answers")}
+        for name, values in extra.items():
+            if values:
+                a = summarise(values[i : i + n], args.warmup)
+                arm[name] = {k: a[k] for k in ("peak_mib", "growth_mib_per_100_answers",
+                                               "growth_ci95_mib_per_100_answers")}
         result["per_arm_in_run_order"].append(arm)
-    if anon:
-        result["rss_anon_mib"] = [round(x, 1) for x in anon]
-        result["rss_file_mib"] = [round(x, 1) for x in report["memory"]["rss_file_mib_after_answer"]]
+    for name, values in extra.items():
+        if values:
+            result[name + "_mib"] = [round(x, 1) for x in values]
     return result
 
 
@@ -253,7 +261,8 @@ def table(r):
         f"| RSS MiB | {rss} |",
     ] + [
         f"| {name} MiB | " + " | ".join("%.0f" % r[key][i] for i in cols) + " |"
-        for name, key in (("anonymous", "rss_anon_mib"), ("file-backed", "rss_file_mib")) if key in r
+        for name, key in (("anonymous", "anon_mib"), ("file-backed", "file_mib"), ("heap in use", "heap_mib"))
+        if key in r
     ] + [
         "",
         "peak %.0f MiB; growth after %d warm-up answers: %+.2f MiB per 100 answers (95%% CI +-%.2f)"
@@ -298,10 +307,11 @@ def main():
         print("arm %d (answers %d..%d): %+.2f MiB per 100 answers (95%% CI +-%.2f) after %d warm-up, peak %.0f MiB"
               % (i + 1, i * arm["answers"] + 1, (i + 1) * arm["answers"], arm["growth_mib_per_100_answers"],
                  arm["growth_ci95_mib_per_100_answers"], arm["warmup_answers"], arm["peak_mib"]))
-        if "anon" in arm:
-            print("  anonymous pages: %+.2f MiB per 100 answers (95%% CI +-%.2f), peak %.0f MiB"
-                  % (arm["anon"]["growth_mib_per_100_answers"], arm["anon"]["growth_ci95_mib_per_100_answers"],
-                     arm["anon"]["peak_mib"]))
+        for name, label in (("anon", "anonymous pages"), ("heap", "heap in use")):
+            if name in arm:
+                print("  %s: %+.2f MiB per 100 answers (95%% CI +-%.2f), peak %.0f MiB"
+                      % (label, arm[name]["growth_mib_per_100_answers"],
+                         arm[name]["growth_ci95_mib_per_100_answers"], arm[name]["peak_mib"]))
 
 
 if __name__ == "__main__":

@@ -360,7 +360,8 @@
       : `collection default (${collAdapter ? collAdapter : 'base model'})`;
     el.adapter.replaceChildren(h('option', { value: 'default', text: defaultText }));
     for (const a of state.adapters) {
-      const details = [a.rank !== undefined ? `r${a.rank}` : '', fmtBytes(a.size_bytes)].filter(Boolean).join(', ');
+      const method = a.kind === 'ia3' ? '(IA)³' : (a.rank !== undefined ? `r${a.rank}` : '');
+      const details = [method, fmtBytes(a.size_bytes)].filter(Boolean).join(', ');
       el.adapter.append(h('option', { value: `a:${a.name}`, text: details ? `${a.name} (${details})` : a.name }));
     }
     el.adapter.append(h('option', { value: 'none', text: 'none (base model)' }));

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{AnswerLog, Arm, LogError, Who, now_ms};
 use std::collections::BTreeMap;
 
-use crate::eval::answers::{Interval, bootstrap_ratio};
+use crate::eval::stats::{Interval, bootstrap_ratio};
 
 /// The user's pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use rusqlite::params;
 use serde::Serialize;
 
 use super::{AnswerLog, Arm, Experiment, LogError};
-use crate::eval::answers::{Interval, bootstrap_difference, median};
+use crate::eval::stats::{Interval, bootstrap_difference, median};
 
 /// One answer of an experiment, as the figures need it.
 #[derive(Debug, Clone, PartialEq)]

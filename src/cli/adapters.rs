@@ -20,7 +20,7 @@ pub enum AdaptersCmd {
         #[arg(long)]
         replace: bool,
     },
-    /// List adapters: name, base model, rank, alpha, targets, size, created.
+    /// List adapters: name, base model, method (LoRA rank and alpha, (IA)³), targets, size, created.
     List {
         #[arg(long)]
         json: bool,
@@ -42,10 +42,9 @@ pub(super) async fn run(app: &App, cmd: AdaptersCmd) -> Result<()> {
         AdaptersCmd::Add { name, dir, replace } => {
             let info = app.add_adapter(&name, &dir, replace).await?;
             println!(
-                "added adapter {} (rank {}, alpha {}, targets {}) for {}",
+                "added adapter {} ({}, targets {}) for {}",
                 info.name,
-                info.rank,
-                info.alpha,
+                info.method(),
                 info.target_modules.join(","),
                 info.base_model
             );
@@ -58,16 +57,15 @@ pub(super) async fn run(app: &App, cmd: AdaptersCmd) -> Result<()> {
                 println!("no adapters (add one with `domainrag adapters add NAME DIR`)");
             } else {
                 println!(
-                    "{:<20} {:<28} {:>4} {:>6} {:<40} {:>10} created",
-                    "name", "base", "rank", "alpha", "targets", "bytes"
+                    "{:<20} {:<28} {:<20} {:<40} {:>10} created",
+                    "name", "base", "method", "targets", "bytes"
                 );
                 for a in list {
                     println!(
-                        "{:<20} {:<28} {:>4} {:>6} {:<40} {:>10} {}",
+                        "{:<20} {:<28} {:<20} {:<40} {:>10} {}",
                         a.name,
                         a.base_model,
-                        a.rank,
-                        a.alpha,
+                        a.method(),
                         a.target_modules.join(","),
                         a.size_bytes,
                         a.created_at
@@ -83,11 +81,10 @@ pub(super) async fn run(app: &App, cmd: AdaptersCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!(
-                    "{}: base {}, rank {}, alpha {}, targets {}, {} bytes",
+                    "{}: base {}, {}, targets {}, {} bytes",
                     info.name,
                     info.base_model,
-                    info.rank,
-                    info.alpha,
+                    info.method(),
                     info.target_modules.join(","),
                     info.size_bytes
                 );

@@ -248,12 +248,11 @@ impl Engine {
 
     /// Load an adapter's matrices (replacing a resident one of the same name).
     pub fn load_adapter(&self, info: &AdapterInfo, dir: &Path) -> Result<(), EngineError> {
-        let adapter =
-            ResidentAdapter::load_lora(info, dir, &self.weights.config, &self.weights.device)
-                .map_err(|e| EngineError::Load {
-                    what: format!("adapter {}", info.name),
-                    message: e.to_string(),
-                })?;
+        let adapter = ResidentAdapter::load(info, dir, &self.weights.config, &self.weights.device)
+            .map_err(|e| EngineError::Load {
+                what: format!("adapter {}", info.name),
+                message: e.to_string(),
+            })?;
         self.write_adapters()
             .insert(info.name.clone(), Arc::new(adapter));
         Ok(())

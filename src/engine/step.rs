@@ -119,6 +119,17 @@ pub(super) struct StepHooks<'a> {
 }
 
 impl StepHooks<'_> {
+    /// Each group's (IA)³ vector picked by `pick`, with its rows (groups without one left out).
+    fn scales<'s>(
+        &'s self,
+        pick: impl Fn(&'s ResidentAdapter) -> Option<&'s Tensor>,
+    ) -> Vec<(Range<usize>, &'s Tensor)> {
+        self.groups
+            .iter()
+            .filter_map(|(rows, a)| pick(a).map(|l| (rows.clone(), l)))
+            .collect()
+    }
+
     /// Each group's LoRA update through the CPU kernel.
     fn lora_on_cpu(
         &self,
@@ -161,6 +172,18 @@ impl StepHooks<'_> {
 }
 
 impl Hooks for StepHooks<'_> {
+    fn input(&mut self, layer: usize, m: usize, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let scales: Vec<(Range<usize>, &Tensor)> = self
+            .groups
+            .iter()
+            .filter_map(|(rows, a)| a.input_scale(layer, m).map(|l| (rows.clone(), l)))
+            .collect();
+        if scales.is_empty() {
+            return Ok(None);
+        }
+        scale_rows(x, &scales).map(Some)
+    }
+
     fn linear(
         &mut self,
         layer: usize,
@@ -168,6 +191,12 @@ impl Hooks for StepHooks<'_> {
         x: &Tensor,
         y: Tensor,
     ) -> candle_core::Result<Tensor> {
+        let scales = self.scales(|a| a.output_scale(layer, m));
+        let y = if scales.is_empty() {
+            y
+        } else {
+            scale_rows(&y, &scales)?
+        };
         let pairs: Vec<(Range<usize>, &LoraPair)> = self
             .groups
             .iter()
@@ -259,6 +288,25 @@ impl Hooks for StepHooks<'_> {
         }
         Tensor::from_vec(out, (rows, nh * hd), q.device())
     }
+}
+
+/// `t` `(rows, features)` with each group's rows multiplied channel-wise by its vector
+/// `(features,)`; the other rows as they are. Groups are in row order and do not overlap.
+fn scale_rows(t: &Tensor, groups: &[(Range<usize>, &Tensor)]) -> candle_core::Result<Tensor> {
+    let rows = t.dim(0)?;
+    let mut parts = Vec::with_capacity(2 * groups.len() + 1);
+    let mut at = 0;
+    for (range, l) in groups {
+        if range.start > at {
+            parts.push(t.narrow(0, at, range.start - at)?);
+        }
+        parts.push(t.narrow(0, range.start, range.len())?.broadcast_mul(l)?);
+        at = range.end;
+    }
+    if at < rows {
+        parts.push(t.narrow(0, at, rows - at)?);
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// Attention of `n` new queries `(heads, n, head_dim)` at positions `past..past + n` over keys and

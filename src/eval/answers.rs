@@ -5,22 +5,25 @@
 //! hallucination and abstention rates, retrieval of the given contexts, cost, and bootstrap 95%
 //! intervals (per arm and paired against the base).
 //!
-//! The per-answer text metrics live in `eval::answer_metrics`; this file runs the arms, scores
-//! with embeddings (`embed`), summarises, and renders the report. The report also records the
-//! process's resident memory after every answer, so a long run shows whether memory stays flat
+//! The per-answer text metrics live in `eval::answer_metrics`, the bootstrap in `eval::stats`;
+//! this file runs the arms, scores with embeddings (`embed`), keeps the scored answers in a
+//! scratch file until the run ends, summarises, and renders the report. The report also records
+//! the process's memory after every answer, so a long run shows whether memory stays flat
 //! (`benches/soak.py eval` reads it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufWriter, Seek, Write};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use unicode_segmentation::UnicodeSegmentation;
 
 use super::answer_metrics::{
     COVERAGE_THRESHOLD, LOOP_SPAN_WORDS, SIMILARITY_THRESHOLD, claims, exact_match, f1,
     is_abstention, repeats_span, strip_citations, token_coverage,
 };
-use super::{Question, score_question};
+use super::stats::{Interval, bootstrap_ci, mean, mean_of_some, median};
+use super::{EvalError, Question, score_question};
 use crate::collection::Collection;
 use crate::embed::Embedder;
 use crate::rag::{AdapterChoice, Rag, RagError};
@@ -31,7 +34,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// One claim's verdict, kept for the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClaimEvidence {
     pub claim: String,
     pub supported: bool,
@@ -43,7 +46,7 @@ pub struct ClaimEvidence {
 }
 
 /// Everything measured for one question in one arm.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QuestionScore {
     pub id: String,
     pub query: String,
@@ -76,13 +79,6 @@ pub struct QuestionScore {
     pub claims: Vec<ClaimEvidence>,
 }
 
-/// A mean with its bootstrap 95% interval.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct Interval {
-    pub low: f64,
-    pub high: f64,
-}
-
 /// An arm's summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct ArmSummary {
@@ -111,141 +107,6 @@ pub struct ArmSummary {
     pub ci95: BTreeMap<String, Interval>,
     /// Paired difference (this arm - base) with its interval, for arms other than the base.
     pub vs_base: BTreeMap<String, (f64, Interval)>,
-}
-
-/// Deterministic xorshift for the bootstrap (reproducible reports, no RNG dependency).
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
-fn mean(xs: &[f64]) -> f64 {
-    if xs.is_empty() {
-        0.0
-    } else {
-        xs.iter().sum::<f64>() / xs.len() as f64
-    }
-}
-
-/// The mean of the values that are there; None when none is.
-fn mean_of_some(xs: impl Iterator<Item = Option<f64>>) -> Option<f64> {
-    let present: Vec<f64> = xs.flatten().collect();
-    (!present.is_empty()).then(|| mean(&present))
-}
-
-/// The median (0 for none).
-pub fn median(mut xs: Vec<f64>) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
-    }
-    xs.sort_by(f64::total_cmp);
-    let mid = xs.len() / 2;
-    if xs.len().is_multiple_of(2) {
-        (xs[mid - 1] + xs[mid]) / 2.0
-    } else {
-        xs[mid]
-    }
-}
-
-/// Percentile bootstrap 95% interval of the mean of `xs` (`resamples` resamples, fixed seed).
-pub fn bootstrap_ci(xs: &[f64], resamples: usize, seed: u64) -> Interval {
-    if xs.is_empty() {
-        return Interval {
-            low: 0.0,
-            high: 0.0,
-        };
-    }
-    let mut rng = XorShift(seed | 1);
-    let mut means: Vec<f64> = (0..resamples)
-        .map(|_| {
-            let sum: f64 = (0..xs.len())
-                .map(|_| xs[(rng.next() % xs.len() as u64) as usize])
-                .sum();
-            sum / xs.len() as f64
-        })
-        .collect();
-    means.sort_by(f64::total_cmp);
-    let at = |q: f64| means[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
-    Interval {
-        low: at(0.025),
-        high: at(0.975),
-    }
-}
-
-/// Percentile bootstrap 95% interval of `ratio(b) - ratio(a)` for two independent groups of
-/// clusters, each cluster a `(sum, count)` and a group's ratio `Σ sum / Σ count`. Clusters (users,
-/// whose answers are not independent of each other) are resampled whole, within each group.
-pub fn bootstrap_difference(
-    a: &[(f64, f64)],
-    b: &[(f64, f64)],
-    resamples: usize,
-    seed: u64,
-) -> Interval {
-    let mut rng = XorShift(seed | 1);
-    if a.is_empty() || b.is_empty() {
-        return Interval {
-            low: 0.0,
-            high: 0.0,
-        };
-    }
-    percentile_interval(
-        (0..resamples)
-            .map(|_| -draw_ratio(a, &mut rng) + draw_ratio(b, &mut rng))
-            .collect(),
-    )
-}
-
-/// Percentile bootstrap 95% interval of `Σ sum / Σ count` over clusters `(sum, count)`, the
-/// clusters resampled whole.
-pub fn bootstrap_ratio(clusters: &[(f64, f64)], resamples: usize, seed: u64) -> Interval {
-    let mut rng = XorShift(seed | 1);
-    if clusters.is_empty() {
-        return Interval {
-            low: 0.0,
-            high: 0.0,
-        };
-    }
-    percentile_interval(
-        (0..resamples)
-            .map(|_| draw_ratio(clusters, &mut rng))
-            .collect(),
-    )
-}
-
-/// One bootstrap draw of a group of clusters: its ratio `Σ sum / Σ count`.
-fn draw_ratio(group: &[(f64, f64)], rng: &mut XorShift) -> f64 {
-    let (mut sum, mut count) = (0.0, 0.0);
-    for _ in 0..group.len() {
-        let (s, c) = group[(rng.next() % group.len() as u64) as usize];
-        sum += s;
-        count += c;
-    }
-    if count > 0.0 { sum / count } else { 0.0 }
-}
-
-/// The 2.5th and 97.5th percentiles of bootstrap statistics.
-fn percentile_interval(mut stats: Vec<f64>) -> Interval {
-    if stats.is_empty() {
-        return Interval {
-            low: 0.0,
-            high: 0.0,
-        };
-    }
-    stats.sort_by(f64::total_cmp);
-    let last = stats.len() - 1;
-    let at = |q: f64| stats[((q * last as f64).round() as usize).min(last)];
-    Interval {
-        low: at(0.025),
-        high: at(0.975),
-    }
 }
 
 /// A per-question figure; None where the question does not have it.
@@ -339,27 +200,102 @@ pub struct AnswerReport {
     pub memory: MemorySeries,
 }
 
-/// Resident memory of the evaluating process, read after every answer (all arms, in run order),
-/// once the heap the answer freed has been handed back. Split as Linux does: anonymous pages
-/// (heap, model weights and caches: where a leak shows) and file-backed pages (the mapped index
-/// and model files, which grow as new queries touch new pages, up to the files' size).
+/// Memory of the evaluating process, read after every answer (all arms, in run order), once the
+/// heap the answer freed has been handed back. Resident pages split as Linux does: anonymous
+/// (heap, model weights and caches: where a leak shows) and file-backed (the mapped index and
+/// model files, which grow as new queries touch new pages, up to the files' size); and the heap
+/// in use (glibc's `mallinfo2`: bytes of live allocations), which moves only when live objects
+/// are kept, whatever the allocator holds free or how scattered the live ones are.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MemorySeries {
     pub rss_mib_after_answer: Vec<f64>,
     pub rss_anon_mib_after_answer: Vec<f64>,
     pub rss_file_mib_after_answer: Vec<f64>,
+    pub heap_in_use_mib_after_answer: Vec<f64>,
     pub peak_rss_mib: f64,
 }
 
 impl MemorySeries {
+    /// Room for `answers` samples, reserved before the first answer (no series grows mid-run).
+    fn with_capacity(answers: usize) -> MemorySeries {
+        MemorySeries {
+            rss_mib_after_answer: Vec::with_capacity(answers),
+            rss_anon_mib_after_answer: Vec::with_capacity(answers),
+            rss_file_mib_after_answer: Vec::with_capacity(answers),
+            heap_in_use_mib_after_answer: Vec::with_capacity(answers),
+            peak_rss_mib: 0.0,
+        }
+    }
+
     fn sample(&mut self) {
-        use crate::telemetry::proc_status_mib;
-        crate::telemetry::release_freed_heap();
-        self.rss_mib_after_answer.push(proc_status_mib("VmRSS"));
-        self.rss_anon_mib_after_answer
-            .push(proc_status_mib("RssAnon"));
-        self.rss_file_mib_after_answer
-            .push(proc_status_mib("RssFile"));
+        use crate::telemetry::{ProcMemory, heap_in_use_mib, release_freed_heap};
+        release_freed_heap();
+        let now = ProcMemory::read();
+        self.rss_mib_after_answer.push(now.rss_mib);
+        self.rss_anon_mib_after_answer.push(now.anon_mib);
+        self.rss_file_mib_after_answer.push(now.file_mib);
+        self.heap_in_use_mib_after_answer.push(heap_in_use_mib());
+    }
+}
+
+/// A run's scored answers, kept in an unnamed temporary file (deleted by the OS when closed)
+/// until the run ends, one JSON line each.
+///
+/// Why not a `Vec`: each scored answer holds a few dozen small strings (its sources, claims, gold
+/// answers), allocated while the next answer's generation and scoring allocate and free tens of
+/// MiB around them. Kept in the heap, they land among those freed buffers and keep their pages
+/// resident, so a long run's memory crept up by more than what it kept (issue 13: +15..21 MiB per
+/// 100 answers after warm-up on the 300 x 2 soak, for some 10 KiB of text per answer). Spilled,
+/// the run keeps nothing per answer in the heap; the report is read back once, at the end.
+struct Spill {
+    file: BufWriter<std::fs::File>,
+    /// Each arm's name and how many answers it wrote, in run order.
+    arms: Vec<(String, usize)>,
+}
+
+impl Spill {
+    fn new() -> Result<Spill, EvalError> {
+        let file = tempfile::tempfile().map_err(EvalError::Scratch)?;
+        Ok(Spill {
+            file: BufWriter::new(file),
+            arms: Vec::new(),
+        })
+    }
+
+    fn begin_arm(&mut self, name: String) {
+        self.arms.push((name, 0));
+    }
+
+    fn push(&mut self, score: &QuestionScore) -> Result<(), EvalError> {
+        serde_json::to_writer(&mut self.file, score).map_err(|e| EvalError::Scratch(e.into()))?;
+        self.file.write_all(b"\n").map_err(EvalError::Scratch)?;
+        if let Some((_, n)) = self.arms.last_mut() {
+            *n += 1;
+        }
+        Ok(())
+    }
+
+    /// Every arm's scores, by arm name.
+    fn read_back(self) -> Result<BTreeMap<String, Vec<QuestionScore>>, EvalError> {
+        let mut file = self
+            .file
+            .into_inner()
+            .map_err(|e| EvalError::Scratch(e.into_error()))?;
+        file.rewind().map_err(EvalError::Scratch)?;
+        let mut lines = std::io::BufReader::new(file).lines();
+        let mut out = BTreeMap::new();
+        for (name, n) in self.arms {
+            let mut scores = Vec::with_capacity(n);
+            for _ in 0..n {
+                let line = lines
+                    .next()
+                    .unwrap_or_else(|| Err(std::io::ErrorKind::UnexpectedEof.into()))
+                    .map_err(EvalError::Scratch)?;
+                scores.push(serde_json::from_str(&line).map_err(|e| EvalError::Scratch(e.into()))?);
+            }
+            out.insert(name, scores);
+        }
+        Ok(out)
     }
 }
 
@@ -505,15 +441,15 @@ pub async fn evaluate(
     arms: &[Option<String>],
     gold: Option<&HashMap<String, (String, String)>>,
     progress: &(dyn Fn(usize) + Send + Sync),
-) -> Result<AnswerReport, RagError> {
-    let mut per_question = BTreeMap::new();
-    let mut memory = MemorySeries::default();
+) -> Result<AnswerReport, EvalError> {
+    let mut spill = Spill::new()?;
+    let mut memory = MemorySeries::with_capacity(questions.len() * arms.len());
     for arm in arms {
         let choice = match arm {
             None => AdapterChoice::Base,
             Some(a) => AdapterChoice::Named(a.clone()),
         };
-        let mut scores = Vec::with_capacity(questions.len());
+        spill.begin_arm(arm.clone().unwrap_or_else(|| "none".into()));
         for q in questions {
             let answer = match gold {
                 None => rag.answer(collection, &q.query, &choice).await?,
@@ -528,12 +464,15 @@ pub async fn evaluate(
                         .await?
                 }
             };
-            scores.push(score(embedder, q, &answer).await?);
+            let scored = score(embedder, q, &answer).await?;
+            drop(answer);
+            spill.push(&scored)?;
+            drop(scored);
             memory.sample();
             progress(1);
         }
-        per_question.insert(arm.clone().unwrap_or_else(|| "none".into()), scores);
     }
+    let per_question = spill.read_back()?;
     let base = per_question.get("none").cloned();
     let arms = per_question
         .iter()
@@ -683,14 +622,63 @@ pub fn html(report: &AnswerReport) -> String {
 mod tests {
     use super::*;
 
+    fn scored(id: &str, f1: f64) -> QuestionScore {
+        QuestionScore {
+            id: id.into(),
+            query: format!("what is {id}?"),
+            answer: "It is a thing. [1]".into(),
+            gold_answers: vec!["a thing".into()],
+            sources: vec![(1, "Title".into(), "A thing is a thing.".into())],
+            em: 0.0,
+            f1,
+            faithfulness: Some(1.0),
+            answer_relevance: 0.5,
+            hallucinated: false,
+            abstained: false,
+            abstention_justified: false,
+            recall_at_k: None,
+            mrr_10: None,
+            ndcg_10: None,
+            seconds: 1.5,
+            first_token_ms: 20.0,
+            prompt_tokens: 100,
+            completion_tokens: 8,
+            words: 5,
+            loops: false,
+            cut_off: false,
+            claims: vec![ClaimEvidence {
+                claim: "It is a thing.".into(),
+                supported: true,
+                coverage: 1.0,
+                source: Some(1),
+                similarity: 0.9,
+            }],
+        }
+    }
+
     #[test]
-    fn bootstrap_interval_brackets_the_mean_and_is_reproducible() {
-        let xs: Vec<f64> = (0..200).map(|i| f64::from(i % 2)).collect();
-        let ci = bootstrap_ci(&xs, 1000, 7);
-        assert!(ci.low < 0.5 && ci.high > 0.5, "{ci:?}");
-        assert!(ci.high - ci.low < 0.2);
-        assert_eq!(ci, bootstrap_ci(&xs, 1000, 7));
-        let constant = bootstrap_ci(&[1.0; 10], 100, 3);
-        assert_eq!((constant.low, constant.high), (1.0, 1.0));
+    fn spilled_scores_come_back_per_arm_in_order_and_whole() {
+        let mut spill = Spill::new().expect("temp file");
+        spill.begin_arm("none".into());
+        for (id, f1) in [("q1", 0.25), ("q2", 0.5)] {
+            spill.push(&scored(id, f1)).expect("write");
+        }
+        spill.begin_arm("legal".into());
+        spill.push(&scored("q1", 1.0)).expect("write");
+        spill.begin_arm("empty".into());
+        let back = spill.read_back().expect("read back");
+        let ids = |arm: &str| -> Vec<(String, f64)> {
+            back[arm].iter().map(|q| (q.id.clone(), q.f1)).collect()
+        };
+        assert_eq!(ids("none"), [("q1".into(), 0.25), ("q2".into(), 0.5)]);
+        assert_eq!(ids("legal"), [("q1".into(), 1.0)]);
+        assert!(back["empty"].is_empty());
+        let q = &back["legal"][0];
+        assert_eq!(
+            q.sources,
+            [(1, "Title".into(), "A thing is a thing.".into())]
+        );
+        assert_eq!(q.claims[0].source, Some(1));
+        assert_eq!(q.faithfulness, Some(1.0));
     }
 }

@@ -20,6 +20,7 @@ use crate::retrieve::{Mode, RetrieveError, search_with_vector};
 
 pub mod answer_metrics;
 pub mod answers;
+pub mod stats;
 
 /// A question and the ids of the documents that answer it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -60,6 +61,11 @@ pub enum EvalError {
     NoGoldDocuments,
     #[error(transparent)]
     Retrieve(#[from] RetrieveError),
+    #[error(transparent)]
+    Rag(#[from] crate::rag::RagError),
+    /// The scratch file that holds a run's scored answers until it ends (see `answers::Spill`).
+    #[error("cannot keep the scored answers in a temporary file: {0}")]
+    Scratch(#[source] std::io::Error),
 }
 
 /// Load questions from `path`.

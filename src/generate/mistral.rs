@@ -86,7 +86,14 @@ impl MistralPool {
         }
         self.pool_misses.fetch_add(1, Ordering::Relaxed);
         // Checked (and its files verified present) before the expensive build.
-        self.registry.get(name)?;
+        let info = self.registry.get(name)?;
+        if info.kind != crate::adapters::AdapterKind::Lora {
+            return Err(GenerateError::UnsupportedKind {
+                name: name.to_string(),
+                kind: info.kind.label(),
+                engine: "mistralrs",
+            });
+        }
         let started = Instant::now();
         let model = Arc::new(
             load::model(
@@ -124,7 +131,14 @@ impl MistralPool {
     /// Build the models of these adapters now (at start, for the collections' adapters).
     pub(super) async fn preload(&self, adapters: &[String]) -> Result<(), GenerateError> {
         for name in adapters.iter().take(self.config.max_resident_adapters) {
-            self.model_for(Some(name)).await?;
+            match self.model_for(Some(name)).await {
+                Ok(_) => {}
+                // Its requests are refused with the reason; the rest of the server serves.
+                Err(e @ GenerateError::UnsupportedKind { .. }) => {
+                    tracing::warn!(adapter = %name, error = %e, "adapter not preloaded");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

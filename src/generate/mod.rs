@@ -47,6 +47,16 @@ pub enum GenerateError {
     Busy(usize),
     #[error("{0}")]
     TooLong(String),
+    /// An adapter of a kind this engine cannot apply.
+    #[error(
+        "adapter {name} is a {kind} adapter, which generate.engine = \"{engine}\" cannot serve; \
+         the native engine serves every kind (generate.engine = \"native\")"
+    )]
+    UnsupportedKind {
+        name: String,
+        kind: &'static str,
+        engine: &'static str,
+    },
 }
 
 impl GenerateError {
@@ -58,7 +68,9 @@ impl GenerateError {
             GenerateError::Adapter(e) => e.kind(),
             GenerateError::Generation(_) => ErrorKind::Internal,
             GenerateError::Busy(_) => ErrorKind::Unavailable,
-            GenerateError::TooLong(_) => ErrorKind::InvalidInput,
+            GenerateError::TooLong(_) | GenerateError::UnsupportedKind { .. } => {
+                ErrorKind::InvalidInput
+            }
         }
     }
 }
@@ -105,6 +117,8 @@ pub struct Generator {
 /// Counters of the generator, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct GeneratorStats {
+    /// Generations holding a slot now (a cancelled one until its engine task has let go).
+    pub running: usize,
     pub queued: usize,
     /// mistral.rs's merged-model pool: lookups served by a resident model / that built one.
     pub pool_hits: u64,
@@ -291,6 +305,10 @@ impl Generator {
             Backend::Native(native) => (0, 0, Some(native.engine().stats())),
         };
         GeneratorStats {
+            running: self
+                .config
+                .max_concurrent
+                .saturating_sub(self.permits.available_permits()),
             queued: self.waiting.load(Ordering::Relaxed),
             pool_hits,
             pool_misses,

@@ -307,25 +307,15 @@ pub(crate) async fn while_client_listens<T, E>(
     }
 }
 
-/// Drain an answer stream, keeping the in-flight gauge and the answer metrics.
+/// Drain an answer stream, keeping the answer metrics (the in-flight gauge is the generator's
+/// slots held: see `GeneratorStats::running`).
 pub(crate) async fn tracked_answer(
     state: &AppState,
     stream: rag::AnswerStream,
     on_token: impl FnMut(&str),
 ) -> Result<rag::Answer, rag::RagError> {
-    /// Counts an answer in flight until it ends, however it ends (done, failed, or dropped when
-    /// the client left).
-    struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
-    impl Drop for InFlight<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
     let m = &state.metrics;
-    m.in_flight_answers.fetch_add(1, Ordering::Relaxed);
-    let in_flight = InFlight(&m.in_flight_answers);
     let answer = rag::collect(stream, on_token).await;
-    drop(in_flight);
     if let Ok(answer) = &answer {
         m.answers.fetch_add(1, Ordering::Relaxed);
         m.answer_micros

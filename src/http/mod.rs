@@ -165,7 +165,6 @@ pub struct Metrics {
     pub retrieve_micros: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub rejected_busy: AtomicU64,
-    pub in_flight_answers: AtomicU64,
     /// Answers given but not logged (the answer log could not be written).
     pub answer_log_errors: AtomicU64,
     /// Time spent in the answer log on the asking path (experiment assignment before generation,
@@ -212,7 +211,7 @@ impl Metrics {
             g(&self.retrieve_micros) as f64 / 1e6,
             g(&self.completion_tokens),
             g(&self.rejected_busy),
-            g(&self.in_flight_answers),
+            generator.running,
             resident_adapters,
             jobs_running,
             generator.queued,

@@ -1,9 +1,9 @@
 //! The Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or separate
 //! LM head) over the frozen f32 weights of a converted HF directory, written once for training
 //! and serving. [`Weights::forward`] runs the layers over a set of rows (token ids, each at its
-//! own position) and leaves two things to its caller through [`Hooks`]: what an adapter adds to
-//! each linear layer's output (the trainer's LoRA `Var`s with dropout; the engine's resident
-//! adapters, a different one per group of rows), and attention (the trainer's causal attention
+//! own position) and leaves two things to its caller through [`Hooks`]: what an adapter does to
+//! each linear layer's input and output (the trainer's LoRA `Var`s with dropout; the engine's
+//! resident adapters, a different one per group of rows), and attention (the trainer's causal attention
 //! over one sequence; the engine's attention of each sequence over its KV cache).
 //!
 //! `ops` holds the fused CPU ops, `simd` the vector dot products under them, `quant` the 8- and
@@ -142,6 +142,18 @@ pub struct Weights {
 
 /// What the caller of [`Weights::forward`] decides.
 pub trait Hooks {
+    /// What linear module `m` of `layer` reads, given its input rows `x`: `None` (the default)
+    /// reads `x` as it is; an adapter may change it first ((IA)³ scales a feed-forward module's
+    /// input channels).
+    fn input(
+        &mut self,
+        _layer: usize,
+        _m: usize,
+        _x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// The output of linear module `m` of `layer` for the rows `x`, given the base's `y = x·Wᵀ`:
     /// `y` itself, or `y` plus an adapter's update.
     fn linear(
@@ -225,6 +237,8 @@ impl Weights {
         let eps = c.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {
             let lin = |hooks: &mut dyn Hooks, m: usize, x: &Tensor| {
+                let changed = hooks.input(l, m, x)?;
+                let x = changed.as_ref().unwrap_or(x);
                 let y = layer.linears[m].forward(x)?;
                 hooks.linear(l, m, x, y)
             };

@@ -15,7 +15,7 @@ use domainrag::rag::build_messages_from_context;
 use crate::helpers::{exclusive_generation, generator, greedy, models_dir, native_generator, user};
 
 /// Register a deterministic synthetic LoRA adapter on all seven modules.
-fn register_adapter(g: &Generator, tag: &str, seed: usize) -> String {
+pub(crate) fn register_adapter(g: &Generator, tag: &str, seed: usize) -> String {
     let base = BaseModelInfo::from_dir(&models_dir().join("SmolLM2-135M-Instruct-hf")).unwrap();
     let src = tempfile::tempdir().expect("tempdir");
     let layers: Vec<usize> = (0..base.num_hidden_layers).collect();
@@ -28,6 +28,28 @@ fn register_adapter(g: &Generator, tag: &str, seed: usize) -> String {
         .add(&name, src.path(), &base)
         .expect("adapter is valid");
     name
+}
+
+/// Run `jobs` (adapter, question) one at a time, then all at once, and check each answers the
+/// same in the batch as alone (greedy, 24 tokens); returns the answers.
+pub(crate) async fn batched_like_alone(
+    g: &Arc<Generator>,
+    jobs: &[(Option<String>, &str)],
+) -> Vec<String> {
+    let mut alone = Vec::new();
+    for (adapter, q) in jobs {
+        let c = g.complete(adapter.as_deref(), user(q), greedy(24)).await;
+        alone.push(c.expect("alone").text);
+    }
+    let together = futures::future::join_all(jobs.iter().map(|(adapter, q)| {
+        let g = Arc::clone(g);
+        async move { g.complete(adapter.as_deref(), user(q), greedy(24)).await }
+    }))
+    .await;
+    for ((job, alone), together) in jobs.iter().zip(&alone).zip(together) {
+        assert_eq!(&together.expect("batched").text, alone, "{job:?}");
+    }
+    alone
 }
 
 fn prompts() -> Vec<Vec<ChatMessage>> {
@@ -95,19 +117,7 @@ async fn requests_for_different_adapters_batched_together_answer_as_alone() {
         (Some(a.clone()), "What is two plus two?"),
         (None, "What is two plus two?"),
     ];
-    let mut alone = Vec::new();
-    for (adapter, q) in &jobs {
-        let c = g.complete(adapter.as_deref(), user(q), greedy(24)).await;
-        alone.push(c.expect("alone").text);
-    }
-    let together = futures::future::join_all(jobs.iter().map(|(adapter, q)| {
-        let g = Arc::clone(&g);
-        async move { g.complete(adapter.as_deref(), user(q), greedy(24)).await }
-    }))
-    .await;
-    for ((job, alone), together) in jobs.iter().zip(&alone).zip(together) {
-        assert_eq!(&together.expect("batched").text, alone, "{job:?}");
-    }
+    let alone = batched_like_alone(&g, &jobs).await;
     assert_ne!(alone[0], alone[1], "adapter a has no effect");
     assert_ne!(alone[1], alone[2], "adapters a and b answer alike");
     let stats = g.stats().engine.expect("native figures");

@@ -15,6 +15,7 @@ mod http;
 mod ingest;
 mod jobs;
 mod operations;
+mod peft_kinds;
 mod retrieval;
 mod schema;
 mod soak;

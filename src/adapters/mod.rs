@@ -19,10 +19,12 @@
 //! models or touch collections: which collections use an adapter is the caller's to say
 //! (`used_by`), and loading belongs to `generate`. Calls are blocking file I/O; async callers go
 //! through `spawn_blocking`.
+//!
+//! What a valid PEFT adapter is (its config, tensor names, safetensors header and layout) is
+//! `peft`'s; `fixture` writes adapters for tests and benchmarks.
 
-use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,6 +33,13 @@ use sha2::{Digest, Sha256};
 
 use crate::collection::{now_secs, validate_name};
 use crate::error::ErrorKind;
+
+mod fixture;
+mod peft;
+
+pub use fixture::{write_test_adapter, write_test_ia3_adapter};
+pub use peft::LORA_MODULES;
+use peft::{check_weights, parse_peft_config, read_safetensors_header};
 
 /// The PEFT files of an adapter, under the names mistral.rs asks the hub cache for.
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -41,25 +50,6 @@ const INFO_FILE: &str = "domainrag-adapter.json";
 const HUB_OWNER: &str = "domainrag";
 /// The single revision of every adapter repo; `refs/main` names it.
 const REVISION: &str = "local";
-/// How PEFT names the LoRA weights of a llama decoder layer.
-const TENSOR_PREFIX: &str = "base_model.model.model.layers.";
-/// The safetensors format caps its JSON header at 100 MB; larger is a broken or hostile file.
-const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
-
-/// The llama linear modules a LoRA may target, by the block that holds them.
-const ATTENTION_MODULES: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
-const MLP_MODULES: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
-/// Every llama linear module a LoRA adapter can target, in a layer's forward order.
-pub const LORA_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// Errors of the adapter registry.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -253,18 +243,47 @@ impl BaseModelInfo {
     }
 }
 
+/// The parameter-efficient method of an adapter (PEFT's `peft_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// Low-rank updates of linear layers (`LORA`): `y += (alpha / r)·x·Aᵀ·Bᵀ`.
+    #[default]
+    Lora,
+    /// (IA)³ (`IA3`): learned per-channel scales of linear layers' outputs (or, for
+    /// `feedforward_modules`, inputs).
+    Ia3,
+}
+
+impl AdapterKind {
+    /// How the kind is written for people.
+    pub fn label(self) -> &'static str {
+        match self {
+            AdapterKind::Lora => "LoRA",
+            AdapterKind::Ia3 => "(IA)³",
+        }
+    }
+}
+
 /// A registered adapter, persisted as `domainrag-adapter.json` in its snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterInfo {
     pub name: String,
+    /// Records written before adapters had kinds are LoRA.
+    #[serde(default)]
+    pub kind: AdapterKind,
     /// [`BaseModelInfo::id`] of the model it was checked against.
     pub base_model: String,
     /// [`BaseModelInfo::sha256`] of that model's `config.json`.
     pub base_sha256: String,
-    /// LoRA rank (`r`) and `lora_alpha`; mistral.rs scales the update by `alpha / rank`.
+    /// LoRA rank (`r`) and `lora_alpha`; mistral.rs scales the update by `alpha / rank`. 0 for
+    /// other kinds.
     pub rank: usize,
     pub alpha: f64,
     pub target_modules: Vec<String>,
+    /// (IA)³: the targets whose input is scaled rather than their output.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub feedforward_modules: Vec<String>,
     /// Size of `adapter_model.safetensors`.
     pub size_bytes: u64,
     /// Seconds since the Unix epoch.
@@ -275,6 +294,14 @@ pub struct AdapterInfo {
 }
 
 impl AdapterInfo {
+    /// The method and its size for people: `LoRA r16 alpha 32`, `(IA)³`.
+    pub fn method(&self) -> String {
+        match self.kind {
+            AdapterKind::Lora => format!("LoRA r{} alpha {}", self.rank, self.alpha),
+            AdapterKind::Ia3 => AdapterKind::Ia3.label().to_string(),
+        }
+    }
+
     /// Whether the adapter was checked against exactly this base model config.
     pub fn fits(&self, base: &BaseModelInfo) -> bool {
         self.base_sha256 == base.sha256
@@ -479,23 +506,25 @@ impl AdapterRegistry {
             }
             Err(e) => return Err(io(&config_path, e)),
         };
-        let lora = parse_peft_config(&config_bytes).map_err(|p| invalid(name, CONFIG_FILE, p))?;
+        let config = parse_peft_config(&config_bytes).map_err(|p| invalid(name, CONFIG_FILE, p))?;
 
         let weights_path = src.join(WEIGHTS_FILE);
         let header = read_safetensors_header(name, src, &weights_path)?;
-        check_weights(&header.json, header.data_len, &lora, base)
+        check_weights(&header.json, header.data_len, &config, base)
             .map_err(|p| invalid(name, WEIGHTS_FILE, p))?;
 
         let info = AdapterInfo {
             name: name.to_string(),
+            kind: config.kind,
             base_model: base.id.clone(),
             base_sha256: base.sha256.clone(),
-            rank: lora.rank,
-            alpha: lora.alpha,
-            target_modules: lora.target_modules,
+            rank: config.rank,
+            alpha: config.alpha,
+            target_modules: config.target_modules,
+            feedforward_modules: config.feedforward_modules,
             size_bytes: header.file_len,
             created_at: now_secs(),
-            base_model_name_or_path: lora.base_model_name_or_path,
+            base_model_name_or_path: config.base_model_name_or_path,
         };
 
         std::fs::create_dir_all(&self.hub).map_err(|e| io(&self.hub, e))?;
@@ -649,492 +678,12 @@ fn unique_suffix() -> String {
     format!("{}-{nanos}-{n}", std::process::id())
 }
 
-/// What `add` needs from `adapter_config.json`.
-#[derive(Debug, Clone, PartialEq)]
-struct PeftLora {
-    rank: usize,
-    alpha: f64,
-    /// Without duplicates, in the config's order.
-    target_modules: Vec<String>,
-    base_model_name_or_path: Option<String>,
-}
-
-/// The block (`self_attn` or `mlp`) holding a llama linear module; `None` for any other name.
-fn module_block(module: &str) -> Option<(&'static str, &'static str)> {
-    if let Some(m) = ATTENTION_MODULES.iter().find(|m| **m == module) {
-        return Some((*m, "self_attn"));
-    }
-    MLP_MODULES
-        .iter()
-        .find(|m| **m == module)
-        .map(|m| (*m, "mlp"))
-}
-
-/// Check a PEFT `adapter_config.json`; the error is the problem, for [`AdapterError::Invalid`].
-fn parse_peft_config(bytes: &[u8]) -> Result<PeftLora, String> {
-    use serde_json::Value;
-
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
-    let Some(fields) = value.as_object() else {
-        return Err("not a JSON object".to_string());
-    };
-    match fields.get("peft_type") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(t)) if t == "LORA" => {}
-        Some(other) => {
-            return Err(format!(
-                "peft_type is {other}; only \"LORA\" adapters are supported"
-            ));
-        }
-    }
-    // mistral.rs 0.8.1 scales every LoRA by lora_alpha / r; these variants would load and then
-    // compute something else than what was trained.
-    for flag in ["use_rslora", "use_dora"] {
-        if fields.get(flag).and_then(Value::as_bool) == Some(true) {
-            return Err(format!(
-                "`{flag}` is true; mistral.rs supports plain LoRA only (scale lora_alpha / r)"
-            ));
-        }
-    }
-    let rank = match fields.get("r") {
-        None => return Err("`r` (the LoRA rank) is missing".to_string()),
-        Some(v) => v
-            .as_u64()
-            .filter(|&r| r > 0)
-            .and_then(|r| usize::try_from(r).ok())
-            .ok_or_else(|| format!("`r` must be a positive integer, got {v}"))?,
-    };
-    let alpha = match fields.get("lora_alpha") {
-        None => return Err("`lora_alpha` is missing".to_string()),
-        Some(v) => v
-            .as_f64()
-            .filter(|a| a.is_finite() && *a > 0.0)
-            .ok_or_else(|| format!("`lora_alpha` must be a number > 0, got {v}"))?,
-    };
-    let Some(listed) = fields
-        .get("target_modules")
-        .and_then(Value::as_array)
-        .filter(|l| !l.is_empty())
-    else {
-        return Err("`target_modules` must be a non-empty list of module names".to_string());
-    };
-    let mut target_modules: Vec<String> = Vec::new();
-    for item in listed {
-        let Some(module) = item.as_str() else {
-            return Err(format!(
-                "`target_modules` entries must be strings, got {item}"
-            ));
-        };
-        if module_block(module).is_none() {
-            return Err(format!(
-                "target module {module:?} is not supported; use llama linear modules: {}, {}",
-                ATTENTION_MODULES.join(", "),
-                MLP_MODULES.join(", ")
-            ));
-        }
-        if !target_modules.iter().any(|t| t == module) {
-            target_modules.push(module.to_string());
-        }
-    }
-    let base_model_name_or_path = fields
-        .get("base_model_name_or_path")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok(PeftLora {
-        rank,
-        alpha,
-        target_modules,
-        base_model_name_or_path,
-    })
-}
-
-/// The JSON header of a safetensors file and the sizes to check its offsets against.
-#[derive(Debug)]
-struct SafetensorsHeader {
-    file_len: u64,
-    /// Bytes after the header: where `data_offsets` point into.
-    data_len: u64,
-    json: Vec<u8>,
-}
-
-/// Read the header only: adapters can be large, and the tensor data is never interpreted here.
-fn read_safetensors_header(
-    name: &str,
-    src: &Path,
-    path: &Path,
-) -> Result<SafetensorsHeader, AdapterError> {
-    let refuse = |problem: String| invalid(name, WEIGHTS_FILE, problem);
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(refuse(format!("missing from {}", src.display())));
-        }
-        Err(e) => return Err(io(path, e)),
-    };
-    let meta = file.metadata().map_err(|e| io(path, e))?;
-    if !meta.is_file() {
-        return Err(refuse("is not a regular file".to_string()));
-    }
-    let file_len = meta.len();
-    if file_len < 8 {
-        return Err(refuse(format!(
-            "{file_len} bytes is too short for a safetensors file"
-        )));
-    }
-    let mut len_bytes = [0u8; 8];
-    file.read_exact(&mut len_bytes).map_err(|e| io(path, e))?;
-    let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > file_len - 8 || header_len > MAX_HEADER_BYTES {
-        return Err(refuse(format!(
-            "header length {header_len} does not fit the {file_len}-byte file; not a \
-             safetensors file?"
-        )));
-    }
-    let mut json = vec![0u8; usize::try_from(header_len).expect("bounded by MAX_HEADER_BYTES")];
-    file.read_exact(&mut json).map_err(|e| io(path, e))?;
-    Ok(SafetensorsHeader {
-        file_len,
-        data_len: file_len - 8 - header_len,
-        json,
-    })
-}
-
-/// The tensors must tile the data exactly, in offset order, as the safetensors loader requires:
-/// tensors that share bytes are accepted by nothing that reads the file later (they were once
-/// registered, and then every answer with the adapter failed and the server would not restart).
-fn check_layout(mut spans: Vec<(u64, u64, String)>, data_len: u64) -> Result<(), String> {
-    spans.sort();
-    let mut at = 0;
-    for (begin, end, name) in &spans {
-        if *begin < at {
-            return Err(format!(
-                "{name}: data_offsets [{begin}, {end}] overlap the tensor before it (which ends \
-                 at {at}); each tensor needs bytes of its own"
-            ));
-        }
-        if *begin > at {
-            return Err(format!(
-                "{name}: data_offsets start at {begin}, leaving bytes {at}..{begin} unused"
-            ));
-        }
-        at = *end;
-    }
-    if at != data_len {
-        return Err(format!(
-            "the tensors end at byte {at} of {data_len} bytes of data: the file has trailing bytes"
-        ));
-    }
-    Ok(())
-}
-
-/// One tensor's entry in a safetensors header.
-#[derive(Debug, Deserialize)]
-struct TensorEntry {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: [u64; 2],
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LoraPart {
-    A,
-    B,
-}
-
-impl LoraPart {
-    fn suffix(self) -> &'static str {
-        match self {
-            LoraPart::A => "lora_A.weight",
-            LoraPart::B => "lora_B.weight",
-        }
-    }
-}
-
-/// PEFT's name for one LoRA weight of a llama layer.
-fn tensor_name(layer: usize, module: &str, part: LoraPart) -> String {
-    let block = if MLP_MODULES.contains(&module) {
-        "mlp"
-    } else {
-        "self_attn"
-    };
-    format!("{TENSOR_PREFIX}{layer}.{block}.{module}.{}", part.suffix())
-}
-
-/// `(layer, module, part)` of a PEFT LoRA weight name; `None` for anything else.
-fn parse_tensor_name(name: &str) -> Option<(usize, &'static str, LoraPart)> {
-    let rest = name.strip_prefix(TENSOR_PREFIX)?;
-    let (layer, rest) = rest.split_once('.')?;
-    // Only the canonical spelling: mistral.rs looks weights up as `layers.3`, never `layers.03`.
-    let canonical = !layer.is_empty()
-        && layer.bytes().all(|b| b.is_ascii_digit())
-        && (layer == "0" || !layer.starts_with('0'));
-    if !canonical {
-        return None;
-    }
-    let layer: usize = layer.parse().ok()?;
-    let (block, rest) = rest.split_once('.')?;
-    let (module, rest) = rest.split_once('.')?;
-    let (module, expected_block) = module_block(module)?;
-    if block != expected_block {
-        return None;
-    }
-    let part = match rest {
-        "lora_A.weight" => LoraPart::A,
-        "lora_B.weight" => LoraPart::B,
-        _ => return None,
-    };
-    Some((layer, module, part))
-}
-
-/// Check every tensor of the adapter against the config and the base model's shapes.
-///
-/// mistral.rs 0.8.1 applies `target_modules` to every decoder layer and fails to load when one
-/// lacks its weights (PEFT's `layers_to_transform` is ignored), so every targeted module of every
-/// layer needs its `lora_A` and `lora_B`.
-fn check_weights(
-    header: &[u8],
-    data_len: u64,
-    lora: &PeftLora,
-    base: &BaseModelInfo,
-) -> Result<(), String> {
-    let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)
-        .map_err(|e| format!("header is not a safetensors JSON header: {e}"))?;
-    // (layer, module) -> (has lora_A, has lora_B)
-    let mut found: BTreeMap<(usize, &'static str), (bool, bool)> = BTreeMap::new();
-    let mut spans: Vec<(u64, u64, String)> = Vec::new();
-    for (name, value) in entries {
-        if name == "__metadata__" {
-            continue;
-        }
-        let Some((layer, module, part)) = parse_tensor_name(&name) else {
-            return Err(format!(
-                "unexpected tensor {name}: only LoRA weights named \
-                 {TENSOR_PREFIX}<layer>.<self_attn|mlp>.<module>.<lora_A|lora_B>.weight are \
-                 supported"
-            ));
-        };
-        if layer >= base.num_hidden_layers {
-            return Err(format!(
-                "{name}: layer {layer} is out of range; {} has {} layers (0-{})",
-                base.id,
-                base.num_hidden_layers,
-                base.num_hidden_layers.saturating_sub(1)
-            ));
-        }
-        if !lora.target_modules.iter().any(|t| t == module) {
-            return Err(format!(
-                "{name}: {module} is not in target_modules {:?} of {CONFIG_FILE}",
-                lora.target_modules
-            ));
-        }
-        let tensor: TensorEntry =
-            serde_json::from_value(value).map_err(|e| format!("{name}: bad header entry: {e}"))?;
-        let element_bytes: u64 = match tensor.dtype.as_str() {
-            "F32" => 4,
-            "F16" | "BF16" => 2,
-            other => {
-                return Err(format!("{name} has dtype {other}; use F32, F16 or BF16"));
-            }
-        };
-        let (in_features, out_features) = base
-            .module_dims(module)
-            .expect("parse_tensor_name returns llama modules only");
-        let expected = match part {
-            LoraPart::A => vec![lora.rank, in_features],
-            LoraPart::B => vec![out_features, lora.rank],
-        };
-        if tensor.shape != expected {
-            return Err(format!(
-                "{name} has shape {:?}, expected {expected:?} for {module} of {}",
-                tensor.shape, base.id
-            ));
-        }
-        let [begin, end] = tensor.data_offsets;
-        if begin > end || end > data_len {
-            return Err(format!(
-                "{name}: data_offsets [{begin}, {end}] lie outside the {data_len} bytes of \
-                 tensor data"
-            ));
-        }
-        let needed = expected
-            .iter()
-            .try_fold(element_bytes, |acc, &d| acc.checked_mul(d as u64));
-        if needed != Some(end - begin) {
-            return Err(format!(
-                "{name}: data_offsets [{begin}, {end}] hold {} bytes, but {} {expected:?} needs \
-                 {}",
-                end - begin,
-                tensor.dtype,
-                needed.map_or_else(|| "more than fits".to_string(), |n| n.to_string())
-            ));
-        }
-        spans.push((begin, end, name.clone()));
-        let halves = found.entry((layer, module)).or_default();
-        match part {
-            LoraPart::A => halves.0 = true,
-            LoraPart::B => halves.1 = true,
-        }
-    }
-    for (&(layer, module), &(has_a, has_b)) in &found {
-        if !has_a {
-            return Err(format!(
-                "{} has no matching {}",
-                tensor_name(layer, module, LoraPart::B),
-                tensor_name(layer, module, LoraPart::A)
-            ));
-        }
-        if !has_b {
-            return Err(format!(
-                "{} has no matching {}",
-                tensor_name(layer, module, LoraPart::A),
-                tensor_name(layer, module, LoraPart::B)
-            ));
-        }
-    }
-    if found.is_empty() {
-        return Err("holds no LoRA weights".to_string());
-    }
-    check_layout(spans, data_len)?;
-    for layer in 0..base.num_hidden_layers {
-        for module in &lora.target_modules {
-            if !found
-                .keys()
-                .any(|&(l, m)| l == layer && m == module.as_str())
-            {
-                return Err(format!(
-                    "no LoRA weights for {module} of layer {layer}; mistral.rs applies \
-                     target_modules to all {} layers of {}, so each needs lora_A and lora_B",
-                    base.num_hidden_layers, base.id
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Test and fixture helper, not used by the service: writes a PEFT LoRA adapter for `base` into
-/// `dir` (created if needed), as `adapter_config.json` and `adapter_model.safetensors` with F32
-/// `lora_A` (`[rank, in]`) and `lora_B` (`[out, rank]`) weights for each of `targets` in each of
-/// `layers`. Element `i` of every tensor is `value(i)`, so the adapter is deterministic.
-///
-/// [`AdapterRegistry::add`] only accepts adapters that cover every layer of the base model (as
-/// mistral.rs needs), so pass `0..num_hidden_layers` unless a test wants a refusal. Targets must be
-/// llama linear modules.
-pub fn write_test_adapter(
-    dir: &Path,
-    base: &BaseModelInfo,
-    rank: usize,
-    alpha: f64,
-    targets: &[&str],
-    layers: &[usize],
-    value: impl Fn(usize) -> f32,
-) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    write_peft_config(dir, base, rank, alpha, targets)?;
-    let tensors = lora_tensors(base, rank, targets, layers)?;
-    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &value)
-}
-
-/// Names and shapes of the LoRA weights for `targets` in `layers`.
-fn lora_tensors(
-    base: &BaseModelInfo,
-    rank: usize,
-    targets: &[&str],
-    layers: &[usize],
-) -> std::io::Result<Vec<(String, Vec<usize>)>> {
-    let mut tensors = Vec::new();
-    for &layer in layers {
-        for &module in targets {
-            let Some((in_features, out_features)) = base.module_dims(module) else {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("{module:?} is not a llama linear module"),
-                ));
-            };
-            tensors.push((
-                tensor_name(layer, module, LoraPart::A),
-                vec![rank, in_features],
-            ));
-            tensors.push((
-                tensor_name(layer, module, LoraPart::B),
-                vec![out_features, rank],
-            ));
-        }
-    }
-    Ok(tensors)
-}
-
-/// An `adapter_config.json` as PEFT writes it for a causal LM.
-fn write_peft_config(
-    dir: &Path,
-    base: &BaseModelInfo,
-    rank: usize,
-    alpha: f64,
-    targets: &[&str],
-) -> std::io::Result<()> {
-    let config = serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base.id,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "use_rslora": false,
-        "use_dora": false,
-        "target_modules": targets,
-    });
-    let bytes = serde_json::to_vec_pretty(&config).expect("JSON values serialise");
-    std::fs::write(dir.join(CONFIG_FILE), bytes)
-}
-
-/// A safetensors file of F32 tensors, element `i` of each being `value(i)`.
-fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Vec<usize>)],
-    value: &dyn Fn(usize) -> f32,
-) -> std::io::Result<()> {
-    let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".to_string(),
-        serde_json::json!({ "format": "pt" }),
-    );
-    let mut data = Vec::new();
-    for (name, shape) in tensors {
-        let begin = data.len();
-        let elements: usize = shape.iter().product();
-        for i in 0..elements {
-            data.extend_from_slice(&value(i).to_le_bytes());
-        }
-        header.insert(
-            name.clone(),
-            serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [begin, data.len()] }),
-        );
-    }
-    write_safetensors_raw(path, &serde_json::Value::Object(header), &data)
-}
-
-/// Header length, JSON header (space-padded to 8 bytes, as the safetensors writer does, so the
-/// data stays aligned), data.
-fn write_safetensors_raw(
-    path: &Path,
-    header: &serde_json::Value,
-    data: &[u8],
-) -> std::io::Result<()> {
-    let mut json = serde_json::to_vec(header).expect("JSON values serialise");
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
-    let mut bytes = Vec::with_capacity(8 + json.len() + data.len());
-    bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&json);
-    bytes.extend_from_slice(data);
-    std::fs::write(path, bytes)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::fixture::{
+        lora_tensors, write_peft_config, write_safetensors, write_safetensors_raw,
+    };
+    use super::peft::{TensorPart, parse_peft_config, parse_tensor_name, tensor_name};
     use super::*;
 
     const ALL_MODULES: [&str; 7] = LORA_MODULES;
@@ -1339,7 +888,7 @@ mod tests {
     fn refuses_wrong_shape() {
         let f = fixture();
         let mut tensors = lora_tensors(&f.base, 4, &TARGETS, &LAYERS).unwrap();
-        let bad = tensor_name(1, "q_proj", LoraPart::A);
+        let bad = tensor_name(1, "q_proj", TensorPart::A);
         for (name, shape) in &mut tensors {
             if *name == bad {
                 *shape = vec![4, 100];
@@ -1358,7 +907,7 @@ mod tests {
     fn refuses_shape_that_ignores_head_dim() {
         let f = fixture();
         let mut tensors = lora_tensors(&f.base, 4, &TARGETS, &LAYERS).unwrap();
-        let bad = tensor_name(0, "v_proj", LoraPart::B);
+        let bad = tensor_name(0, "v_proj", TensorPart::B);
         for (name, shape) in &mut tensors {
             if *name == bad {
                 // kv_heads * (hidden / heads) instead of kv_heads * head_dim.
@@ -1372,7 +921,7 @@ mod tests {
     #[test]
     fn refuses_missing_lora_b() {
         let f = fixture();
-        let missing = tensor_name(1, "v_proj", LoraPart::B);
+        let missing = tensor_name(1, "v_proj", TensorPart::B);
         let tensors: Vec<_> = lora_tensors(&f.base, 4, &TARGETS, &LAYERS)
             .unwrap()
             .into_iter()
@@ -1432,6 +981,108 @@ mod tests {
         );
     }
 
+    /// An (IA)³ fixture on the tiny base: k/v output-scaled, down_proj input-scaled.
+    fn ia3_fixture() -> Fixture {
+        let f = fixture();
+        std::fs::remove_dir_all(&f.src).unwrap();
+        write_test_ia3_adapter(
+            &f.src,
+            &f.base,
+            &["k_proj", "v_proj", "down_proj"],
+            &["down_proj"],
+            &LAYERS,
+            |i| 1.0 + i as f32,
+        )
+        .unwrap();
+        f
+    }
+
+    #[test]
+    fn an_ia3_adapter_is_registered_with_its_kind_and_feedforward_modules() {
+        let f = ia3_fixture();
+        let info = f.registry.add("legal-ia3", &f.src, &f.base).unwrap();
+        assert_eq!(info.kind, AdapterKind::Ia3);
+        assert_eq!(info.target_modules, ["k_proj", "v_proj", "down_proj"]);
+        assert_eq!(info.feedforward_modules, ["down_proj"]);
+        assert_eq!((info.rank, info.alpha), (0, 0.0));
+        assert_eq!(f.registry.get("legal-ia3").unwrap(), info);
+        // A record written before adapters had kinds reads as LoRA.
+        let mut old = serde_json::to_value(&info).unwrap();
+        old.as_object_mut().unwrap().remove("kind");
+        let old: AdapterInfo = serde_json::from_value(old).unwrap();
+        assert_eq!(old.kind, AdapterKind::Lora);
+    }
+
+    #[test]
+    fn ia3_vectors_must_match_what_they_scale() {
+        let f = ia3_fixture();
+        // down_proj is input-scaled: a column over its outputs is the wrong vector.
+        let mut tensors = Vec::new();
+        for &layer in &LAYERS {
+            tensors.push((tensor_name(layer, "k_proj", TensorPart::Ia3), vec![12, 1]));
+            tensors.push((tensor_name(layer, "v_proj", TensorPart::Ia3), vec![12, 1]));
+            tensors.push((
+                tensor_name(layer, "down_proj", TensorPart::Ia3),
+                vec![16, 1],
+            ));
+        }
+        rewrite_weights(&f, &tensors);
+        assert_invalid(&refused(&f), WEIGHTS_FILE, "expected [1, 24] for down_proj");
+        // LoRA weights in an (IA)³ adapter.
+        let mut tensors = lora_tensors(&f.base, 4, &["k_proj"], &LAYERS).unwrap();
+        tensors.truncate(1);
+        rewrite_weights(&f, &tensors);
+        assert_invalid(&refused(&f), WEIGHTS_FILE, "only (IA)³ weights named");
+        // A layer without its vectors.
+        let one_layer: Vec<_> = ["k_proj", "v_proj"]
+            .iter()
+            .map(|m| (tensor_name(0, m, TensorPart::Ia3), vec![12, 1]))
+            .chain([(tensor_name(0, "down_proj", TensorPart::Ia3), vec![1, 24])])
+            .collect();
+        rewrite_weights(&f, &one_layer);
+        assert_invalid(
+            &refused(&f),
+            WEIGHTS_FILE,
+            "no (IA)³ weights for k_proj of layer 1",
+        );
+    }
+
+    #[test]
+    fn ia3_config_rules() {
+        let parse = |json: &str| parse_peft_config(json.as_bytes());
+        let ok = parse(
+            r#"{"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"],
+                "feedforward_modules": ["down_proj"]}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.kind, AdapterKind::Ia3);
+        assert_eq!(ok.feedforward_modules, ["down_proj"]);
+        let none = parse(r#"{"peft_type": "IA3", "target_modules": ["k_proj"]}"#).unwrap();
+        assert!(none.feedforward_modules.is_empty());
+        for (json, needle) in [
+            (
+                r#"{"peft_type": "IA3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}"#,
+                "not in target_modules",
+            ),
+            (
+                r#"{"peft_type": "IA3", "target_modules": ["k_proj"], "fan_in_fan_out": true}"#,
+                "fan_in_fan_out",
+            ),
+            (
+                r#"{"peft_type": "IA3", "target_modules": ["k_proj"], "feedforward_modules": "down_proj"}"#,
+                "must be a list",
+            ),
+            (r#"{"peft_type": "IA3"}"#, "target_modules"),
+            (
+                r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8}"#,
+                "\"LORA\" and \"IA3\" adapters are supported",
+            ),
+        ] {
+            let err = parse(json).expect_err(json);
+            assert!(err.contains(needle), "{json}: {err}");
+        }
+    }
+
     #[test]
     fn refuses_missing_files() {
         let f = fixture();
@@ -1463,7 +1114,7 @@ mod tests {
 
         // Offsets past the end of the data.
         let f = fixture();
-        let name = tensor_name(0, "q_proj", LoraPart::A);
+        let name = tensor_name(0, "q_proj", TensorPart::A);
         let header = serde_json::json!({
             name.clone(): { "dtype": "F32", "shape": [4, 16], "data_offsets": [0, 256] }
         });
@@ -1605,8 +1256,8 @@ mod tests {
         for (json, needle) in [
             ("[1]", "not a JSON object"),
             (
-                r#"{"peft_type": "IA3", "r": 8, "lora_alpha": 8, "target_modules": ["q_proj"]}"#,
-                "IA3",
+                r#"{"peft_type": "PROMPT_TUNING", "r": 8, "lora_alpha": 8, "target_modules": ["q_proj"]}"#,
+                "PROMPT_TUNING",
             ),
             (r#"{"lora_alpha": 8, "target_modules": ["q_proj"]}"#, "`r`"),
             (
@@ -1649,14 +1300,14 @@ mod tests {
 
     #[test]
     fn tensor_names() {
-        let name = tensor_name(12, "gate_proj", LoraPart::B);
+        let name = tensor_name(12, "gate_proj", TensorPart::B);
         assert_eq!(
             name,
             "base_model.model.model.layers.12.mlp.gate_proj.lora_B.weight"
         );
         assert_eq!(
             parse_tensor_name(&name),
-            Some((12, "gate_proj", LoraPart::B))
+            Some((12, "gate_proj", TensorPart::B))
         );
         for bad in [
             "base_model.model.model.layers.03.self_attn.q_proj.lora_A.weight",
@@ -1681,7 +1332,7 @@ mod tests {
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         assert!(header_len.is_multiple_of(8));
         let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-        let entry = &header[tensor_name(0, "q_proj", LoraPart::B)];
+        let entry = &header[tensor_name(0, "q_proj", TensorPart::B)];
         assert_eq!(entry["shape"], serde_json::json!([24, 2]));
         let begin = entry["data_offsets"][0].as_u64().unwrap() as usize + 8 + header_len;
         let values: Vec<f32> = bytes[begin..begin + 12]
