@@ -20,7 +20,7 @@ use crate::config::Settings;
 use crate::eval::{self, ContextMode, QuestionFormat};
 use crate::ingest::Progress;
 use crate::train::synth::SynthReport;
-use crate::train::{TrainOptions, Triplet};
+use crate::train::{Method, TrainOptions, Triplet};
 
 use super::{Bar, gold_paragraphs, load_rag, progress_bar, sample_questions};
 
@@ -134,16 +134,21 @@ pub struct TrainArgs {
     /// Make it the collection's adapter once trained.
     #[arg(long)]
     pub assign: bool,
+    /// lora (low-rank updates) or ia3 ((IA)³: per-channel scales; far fewer parameters, wants a
+    /// larger --lr, e.g. 3e-3).
+    #[arg(long, default_value = "lora")]
+    pub method: Method,
+    /// LoRA rank and alpha (the update is scaled by alpha / rank).
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
     #[arg(long, default_value_t = 32.0)]
     pub alpha: f64,
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    )]
-    pub targets: Vec<String>,
+    /// Linear modules to adapt (default: all seven for LoRA; k_proj,v_proj,down_proj for ia3).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// ia3: the targets scaled on their input (default: down_proj when targeted).
+    #[arg(long, value_delimiter = ',')]
+    pub feedforward: Option<Vec<String>>,
     #[arg(long, default_value_t = 0.05)]
     pub dropout: f32,
     #[arg(long, default_value_t = 2e-4)]
@@ -377,10 +382,17 @@ pub(super) async fn train_command(
 
 /// The request `train` makes of `adapt` from its flags.
 fn train_request(a: &TrainArgs) -> Result<TrainRequest> {
+    let d = TrainOptions::for_method(a.method);
+    let targets = a.targets.clone().unwrap_or(d.targets);
     let options = TrainOptions {
+        method: a.method,
         rank: a.rank,
         alpha: a.alpha,
-        targets: a.targets.clone(),
+        feedforward: a
+            .feedforward
+            .clone()
+            .unwrap_or_else(|| a.method.default_feedforward(&targets)),
+        targets,
         dropout: a.dropout,
         lr: a.lr,
         epochs: a.epochs,
@@ -432,10 +444,9 @@ fn print_outcome(collection: &str, out: &TrainOutcome) -> Result<()> {
     }
     let (info, r) = (&out.adapter, &out.record);
     println!(
-        "trained adapter {} (rank {}, alpha {}, {}): {} steps, best validation loss {}, {:.0} tokens/s, {:.0} s, peak RSS {:.0} MiB{}",
+        "trained adapter {} ({}, {}): {} steps, best validation loss {}, {:.0} tokens/s, {:.0} s, peak RSS {:.0} MiB{}",
         info.name,
-        info.rank,
-        info.alpha,
+        info.method(),
         info.target_modules.join(","),
         r.steps,
         r.best_val_loss

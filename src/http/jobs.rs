@@ -16,7 +16,7 @@ use crate::adapt::{AdaptError, TrainRequest, TripletSource, Workbench};
 use crate::collection::Collection;
 use crate::eval::Question;
 use crate::jobs::{Job, JobError, JobKind, JobView};
-use crate::train::{TrainOptions, Triplet};
+use crate::train::{Method, TrainOptions, Triplet};
 
 type State = web::Data<AppState>;
 
@@ -264,6 +264,9 @@ struct TrainBody {
     replace: bool,
     #[serde(default)]
     assign: bool,
+    /// lora (the default) or ia3, with that method's default targets.
+    #[serde(default)]
+    method: Method,
     #[serde(default)]
     epochs: Option<usize>,
     #[serde(default)]
@@ -284,7 +287,7 @@ struct TrainBody {
 
 impl TrainBody {
     fn request(self, state: &AppState) -> Result<TrainRequest, ApiError> {
-        let d = TrainOptions::default();
+        let d = TrainOptions::for_method(self.method);
         let options = TrainOptions {
             epochs: self.epochs.unwrap_or(d.epochs),
             lr: self.lr.unwrap_or(d.lr),

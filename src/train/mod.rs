@@ -1,5 +1,6 @@
-//! LoRA training inside domainrag: (query, context, answer) triplets in, a PEFT adapter that
-//! mistral.rs loads out, registered with its training record.
+//! Adapter training inside domainrag: (query, context, answer) triplets in, a PEFT adapter (LoRA,
+//! which both engines serve, or (IA)³, which the native engine serves) out, registered with its
+//! training record.
 //!
 //! Each triplet becomes the exact token sequence serving will see: the chat messages
 //! `rag::build_messages_from_context` makes, through the base model's own chat template and
@@ -9,13 +10,20 @@
 //! global-norm clipping, a fixed seed. The best checkpoint by validation loss is kept; Ctrl-C stops
 //! after the current step and keeps it.
 //!
-//! `model` owns the candle forward pass; `triplets` builds training data from question/answer
-//! pairs with the retriever, `synth` from a collection's own documents.
+//! `model` owns the candle forward pass; `options` the hyper-parameters and their rules;
+//! `output` the PEFT files of each method and registration;
+//! `triplets` builds training data from question/answer pairs with the retriever, `synth` from a
+//! collection's own documents.
 
 pub mod from_log;
 pub mod model;
+mod options;
+mod output;
 pub mod synth;
 pub mod triplets;
+
+pub use options::{Method, TrainOptions};
+pub use output::{register, write_peft};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,12 +33,12 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::{AdapterError, AdapterInfo, AdapterRegistry, BaseModelInfo};
+use crate::adapters::{AdapterError, BaseModelInfo};
 use crate::error::ErrorKind;
 use crate::generate::{GenerateError, Generator};
 use crate::rag::build_messages_from_context;
 use crate::rng::Rng;
-use model::{LINEAR_MODULES, LlamaLora, LoraSpec};
+use model::{Ia3Spec, LlamaLora, LoraSpec};
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]
@@ -140,103 +148,6 @@ pub fn write_triplets(path: &Path, triplets: &[Triplet]) -> Result<(), TrainErro
         text.push('\n');
     }
     std::fs::write(path, text).map_err(|e| io(path, e))
-}
-
-/// Hyper-parameters (see the README's training section for what each does).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TrainOptions {
-    pub rank: usize,
-    pub alpha: f64,
-    pub targets: Vec<String>,
-    pub dropout: f32,
-    pub lr: f64,
-    pub epochs: usize,
-    /// Sequences per optimiser step (gradients are accumulated over them).
-    pub batch: usize,
-    /// Longest training sequence in tokens; longer examples are dropped (and reported).
-    pub max_len: usize,
-    pub val_split: f64,
-    pub seed: u64,
-    /// Linear warm-up steps, then cosine decay to 0.
-    pub warmup_steps: usize,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    /// Sequences of a batch trained at once on their own threads (1 = one after another).
-    pub workers: usize,
-}
-
-impl Default for TrainOptions {
-    fn default() -> Self {
-        TrainOptions {
-            rank: 16,
-            alpha: 32.0,
-            targets: LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
-            dropout: 0.05,
-            lr: 2e-4,
-            epochs: 2,
-            batch: 8,
-            max_len: 2048,
-            val_split: 0.1,
-            seed: 7,
-            warmup_steps: 20,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        }
-    }
-}
-
-impl TrainOptions {
-    pub fn validate(&self) -> Result<(), TrainError> {
-        let bad = |option, problem: &str| {
-            Err(TrainError::Option {
-                option,
-                problem: problem.to_string(),
-            })
-        };
-        if self.rank == 0 || self.rank > 1024 {
-            return bad("--rank", "must be between 1 and 1024");
-        }
-        if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return bad("--alpha", "must be > 0");
-        }
-        if self.targets.is_empty() {
-            return bad("--targets", "name at least one module");
-        }
-        for t in &self.targets {
-            if !LINEAR_MODULES.contains(&t.as_str()) {
-                return bad(
-                    "--targets",
-                    &format!("{t:?} is not one of {}", LINEAR_MODULES.join(", ")),
-                );
-            }
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return bad("--dropout", "must be in [0, 1)");
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr < 1.0) {
-            return bad("--lr", "must be in (0, 1)");
-        }
-        if self.epochs == 0 {
-            return bad("--epochs", "must be > 0");
-        }
-        if self.batch == 0 {
-            return bad("--batch", "must be > 0");
-        }
-        if self.workers == 0 || self.workers > 256 {
-            return bad("--workers", "must be between 1 and 256");
-        }
-        if self.max_len < 16 {
-            return bad("--max-len", "must be at least 16");
-        }
-        if !(0.0..0.9).contains(&self.val_split) {
-            return bad("--val-split", "must be in [0, 0.9)");
-        }
-        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
-            return bad("--max-grad-norm", "must be > 0");
-        }
-        Ok(())
-    }
 }
 
 /// A tokenised example: the whole sequence and the positions whose next token is an answer token.
@@ -400,53 +311,6 @@ fn eval_loss(model: &LlamaLora, examples: &[Example]) -> candle_core::Result<f32
     Ok(sum / examples.len().max(1) as f32)
 }
 
-/// Write `model`'s LoRA weights as a PEFT adapter directory.
-pub fn write_peft(
-    dir: &Path,
-    model: &LlamaLora,
-    base: &BaseModelInfo,
-    record: Option<&TrainRecord>,
-) -> Result<(), TrainError> {
-    let spec = model.spec().ok_or_else(|| TrainError::Option {
-        option: "--targets",
-        problem: "the model has no LoRA pairs".into(),
-    })?;
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let config = serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base.id,
-        "r": spec.rank,
-        "lora_alpha": spec.alpha,
-        "lora_dropout": spec.dropout,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "target_modules": spec.targets,
-    });
-    let path = dir.join("adapter_config.json");
-    std::fs::write(
-        &path,
-        serde_json::to_vec_pretty(&config).expect("json serialises"),
-    )
-    .map_err(|e| io(&path, e))?;
-    let tensors: std::collections::HashMap<String, Tensor> = model
-        .peft_tensors()
-        .into_iter()
-        .map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k, t)))
-        .collect::<candle_core::Result<_>>()?;
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
-    if let Some(record) = record {
-        let path = dir.join("training.json");
-        std::fs::write(
-            &path,
-            serde_json::to_vec_pretty(record).expect("json serialises"),
-        )
-        .map_err(|e| io(&path, e))?;
-    }
-    Ok(())
-}
-
 /// Everything `train` needs.
 pub struct TrainJob<'a> {
     pub base_dir: PathBuf,
@@ -481,13 +345,24 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(&triplets_bytes))
     };
-    let spec = LoraSpec {
-        rank: o.rank,
-        alpha: o.alpha,
-        targets: o.targets.clone(),
-        dropout: o.dropout,
+    let model = match o.method {
+        Method::Lora => {
+            let spec = LoraSpec {
+                rank: o.rank,
+                alpha: o.alpha,
+                targets: o.targets.clone(),
+                dropout: o.dropout,
+            };
+            LlamaLora::load(&job.base_dir, &job.device, Some(spec), o.seed)?
+        }
+        Method::Ia3 => {
+            let spec = Ia3Spec {
+                targets: o.targets.clone(),
+                feedforward: o.feedforward.clone(),
+            };
+            LlamaLora::load_ia3(&job.base_dir, &job.device, spec)?
+        }
     };
-    let model = LlamaLora::load(&job.base_dir, &job.device, Some(spec), o.seed)?;
 
     // Split: a seeded shuffle, the first `val_split` for validation.
     let mut rng = Rng::new(o.seed ^ 0x5EED);
@@ -761,23 +636,6 @@ fn keep_freed_memory() {
 /// One worker's share of a batch: summed gradients per variable and the per-sequence losses.
 type WorkerOutput = (Vec<Option<Tensor>>, Vec<f32>);
 
-/// Register a trained adapter under `name` (replacing an existing one when `replace`).
-pub fn register(
-    registry: &AdapterRegistry,
-    name: &str,
-    trained: &Trained,
-    base: &BaseModelInfo,
-    replace: bool,
-) -> Result<AdapterInfo, TrainError> {
-    let info = if replace {
-        registry.replace(name, &trained.dir, base)?
-    } else {
-        registry.add(name, &trained.dir, base)?
-    };
-    registry.set_training_record(name, &trained.dir.join("training.json"))?;
-    Ok(info)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -795,26 +653,6 @@ mod tests {
             assert!(lr <= prev);
             prev = lr;
         }
-    }
-
-    #[test]
-    fn options_are_checked() {
-        assert!(TrainOptions::default().validate().is_ok());
-        let bad = TrainOptions {
-            targets: vec!["qkv".into()],
-            ..TrainOptions::default()
-        };
-        assert!(
-            bad.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("--targets")
-        );
-        let bad = TrainOptions {
-            lr: 0.0,
-            ..TrainOptions::default()
-        };
-        assert!(bad.validate().unwrap_err().to_string().contains("--lr"));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The trainer's model: the shared Llama decoder ([`crate::llama`]) over the frozen f32 weights of
-//! the converted HF directory, with LoRA A/B pairs on chosen linear modules.
+//! the converted HF directory, with an adapter to train on chosen linear modules: LoRA A/B pairs,
+//! or (IA)³ vectors scaling a module's output (or, for feed-forward modules, its input).
 //!
-//! Only the LoRA matrices are `Var`s; the base and its fused CPU ops are [`crate::llama`]'s, whose
-//! hooks this model fills with its LoRA pairs (dropout while training) and causal attention over
-//! the one sequence.
+//! Only the adapter's tensors are `Var`s; the base and its fused CPU ops are [`crate::llama`]'s,
+//! whose hooks this model fills with its adapter (LoRA dropout while training) and causal
+//! attention over the one sequence.
 //!
 //! Knows nothing of prompts, tokenizers or files beyond the model directory.
 
@@ -36,6 +37,23 @@ pub struct Lora {
     pub scale: f64,
 }
 
+/// (IA)³ to train: the modules scaled, and those of them scaled on their input (feed-forward
+/// modules; the others on their output).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ia3Spec {
+    pub targets: Vec<String>,
+    pub feedforward: Vec<String>,
+}
+
+/// One (IA)³ vector: `y = (x ⊙ l)·Wᵀ` when `input`, else `y = (x·Wᵀ) ⊙ l`; initialised to ones
+/// (the base model's output, as peft does).
+#[derive(Debug)]
+pub struct Ia3 {
+    /// `(features,)`.
+    pub l: Var,
+    pub input: bool,
+}
+
 /// The model (see the module doc).
 #[derive(Debug)]
 pub struct LlamaLora {
@@ -44,6 +62,9 @@ pub struct LlamaLora {
     /// Per layer, per [`LINEAR_MODULES`] entry.
     loras: Vec<Vec<Option<Lora>>>,
     spec: Option<LoraSpec>,
+    /// Per layer, per [`LINEAR_MODULES`] entry (empty for a LoRA model).
+    ia3s: Vec<Vec<Option<Ia3>>>,
+    ia3_spec: Option<Ia3Spec>,
 }
 
 impl LlamaLora {
@@ -99,6 +120,50 @@ impl LlamaLora {
             weights,
             loras,
             spec,
+            ia3s: Vec::new(),
+            ia3_spec: None,
+        })
+    }
+
+    /// Load the base with (IA)³ vectors per `spec`, all ones.
+    pub fn load_ia3(dir: &Path, device: &Device, spec: Ia3Spec) -> candle_core::Result<LlamaLora> {
+        for t in &spec.targets {
+            if !LINEAR_MODULES.contains(&t.as_str()) {
+                candle_core::bail!(
+                    "unknown (IA)³ target {t:?}; expected some of {}",
+                    LINEAR_MODULES.join(", ")
+                );
+            }
+        }
+        if let Some(f) = spec.feedforward.iter().find(|f| !spec.targets.contains(f)) {
+            candle_core::bail!("feed-forward module {f:?} is not among the (IA)³ targets");
+        }
+        let weights = Weights::load(dir, device)?;
+        let mut ia3s = Vec::with_capacity(weights.layers.len());
+        for _ in &weights.layers {
+            let mut row = Vec::with_capacity(LINEAR_MODULES.len());
+            for (m, module) in LINEAR_MODULES.iter().enumerate() {
+                if !spec.targets.iter().any(|t| t == module) {
+                    row.push(None);
+                    continue;
+                }
+                let input = spec.feedforward.iter().any(|f| f == module);
+                let (in_f, out_f) = weights.config.linear_dims(m);
+                let n = if input { in_f } else { out_f };
+                row.push(Some(Ia3 {
+                    l: Var::ones(n, DType::F32, device)?,
+                    input,
+                }));
+            }
+            ia3s.push(row);
+        }
+        Ok(LlamaLora {
+            config: weights.config.clone(),
+            loras: weights.layers.iter().map(|_| Vec::new()).collect(),
+            weights,
+            spec: None,
+            ia3s,
+            ia3_spec: Some(spec),
         })
     }
 
@@ -138,6 +203,23 @@ impl LlamaLora {
         self.spec.as_ref()
     }
 
+    pub fn ia3_spec(&self) -> Option<&Ia3Spec> {
+        self.ia3_spec.as_ref()
+    }
+
+    /// The (IA)³ vectors by PEFT module path, in a fixed order.
+    pub fn ia3s(&self) -> Vec<(String, &Ia3)> {
+        let mut out = Vec::new();
+        for (i, row) in self.ia3s.iter().enumerate() {
+            for (m, ia3) in row.iter().enumerate() {
+                if let Some(ia3) = ia3 {
+                    out.push((llama::module_path(i, m), ia3));
+                }
+            }
+        }
+        out
+    }
+
     /// The LoRA pairs by PEFT module path (`model.layers.{i}.self_attn.q_proj`), in a fixed order.
     pub fn loras(&self) -> Vec<(String, &Lora)> {
         let mut out = Vec::new();
@@ -151,11 +233,15 @@ impl LlamaLora {
         out
     }
 
-    /// The trainable variables (A then B of each pair, in [`LlamaLora::loras`] order).
+    /// The trainable variables (A then B of each pair, in [`LlamaLora::loras`] order, then the
+    /// (IA)³ vectors in [`LlamaLora::ia3s`] order).
     pub fn vars(&self) -> Vec<Var> {
-        self.loras()
+        let loras = self
+            .loras()
             .into_iter()
-            .flat_map(|(_, l)| [l.a.clone(), l.b.clone()])
+            .flat_map(|(_, l)| [l.a.clone(), l.b.clone()]);
+        loras
+            .chain(self.ia3s().into_iter().map(|(_, v)| v.l.clone()))
             .collect()
     }
 
@@ -171,6 +257,7 @@ impl LlamaLora {
         let p = self.spec.as_ref().map_or(0.0, |s| s.dropout);
         let mut hooks = TrainHooks {
             loras: &self.loras,
+            ia3s: &self.ia3s,
             p,
             rng: dropout,
         };
@@ -230,10 +317,21 @@ impl LlamaLora {
         Ok((out, logits_out))
     }
 
-    /// The LoRA weights as PEFT names them
-    /// (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`).
-    pub fn peft_tensors(&self) -> BTreeMap<String, Tensor> {
+    /// The adapter's weights as PEFT names and shapes them
+    /// (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`; `...ia3_l`, `[out, 1]`
+    /// or `[1, in]` for a feed-forward module).
+    pub fn peft_tensors(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
+        for (path, ia3) in self.ia3s() {
+            let l = ia3.l.as_detached_tensor();
+            let n = l.elem_count();
+            let shaped = if ia3.input {
+                l.reshape((1, n))?
+            } else {
+                l.reshape((n, 1))?
+            };
+            out.insert(format!("base_model.model.{path}.ia3_l"), shaped);
+        }
         for (path, lora) in self.loras() {
             out.insert(
                 format!("base_model.model.{path}.lora_A.weight"),
@@ -244,19 +342,34 @@ impl LlamaLora {
                 lora.b.as_detached_tensor(),
             );
         }
-        out
+        Ok(out)
     }
 }
 
-/// The trainer's side of the forward pass: its LoRA pairs, causal attention over the sequence.
+/// The trainer's side of the forward pass: its LoRA pairs or (IA)³ vectors, causal attention over
+/// the sequence.
 struct TrainHooks<'a> {
     loras: &'a [Vec<Option<Lora>>],
+    ia3s: &'a [Vec<Option<Ia3>>],
     /// LoRA dropout while training.
     p: f32,
     rng: Option<&'a mut Rng>,
 }
 
+impl TrainHooks<'_> {
+    fn ia3(&self, layer: usize, m: usize) -> Option<&Ia3> {
+        self.ia3s.get(layer)?.get(m)?.as_ref()
+    }
+}
+
 impl Hooks for TrainHooks<'_> {
+    fn input(&mut self, layer: usize, m: usize, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        match self.ia3(layer, m) {
+            Some(ia3) if ia3.input => x.broadcast_mul(ia3.l.as_tensor()).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     fn linear(
         &mut self,
         layer: usize,
@@ -264,7 +377,15 @@ impl Hooks for TrainHooks<'_> {
         x: &Tensor,
         y: Tensor,
     ) -> candle_core::Result<Tensor> {
-        let Some(lora) = &self.loras[layer][m] else {
+        if let Some(ia3) = self.ia3(layer, m).filter(|v| !v.input) {
+            return y.broadcast_mul(ia3.l.as_tensor());
+        }
+        let Some(lora) = self
+            .loras
+            .get(layer)
+            .and_then(|r| r.get(m))
+            .and_then(Option::as_ref)
+        else {
             return Ok(y);
         };
         let x = match self.rng.as_deref_mut() {

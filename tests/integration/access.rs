@@ -95,7 +95,9 @@ async fn keys_and_roles_guard_every_route() {
     let app = spawn_app(2, 8).await;
     app.corpus("teama").await;
     app.corpus("teamb").await;
-    let anonymous = reqwest::Client::new();
+    let anonymous = crate::helpers::http_client()
+        .build()
+        .expect("client builds");
 
     // No key: 401 everywhere but health, readiness and the static UI shell.
     for (method, path, body) in team_routes("teama").into_iter().chain([

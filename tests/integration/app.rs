@@ -82,7 +82,7 @@ pub(crate) fn client_with_key(key: &str) -> reqwest::Client {
         reqwest::header::AUTHORIZATION,
         format!("Bearer {key}").parse().expect("valid header"),
     );
-    reqwest::Client::builder()
+    crate::helpers::http_client()
         .default_headers(headers)
         .build()
         .expect("client builds")

@@ -417,7 +417,9 @@ async fn an_experiment_splits_users_reports_the_favoured_arm_and_promotes_it() {
 async fn acknowledged_feedback_survives_a_sigkill_of_the_server() {
     let (_dir, data) = crate::cli::docs_collection();
     let (mut server, base) = serve(&data, &[]).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client()
+        .build()
+        .expect("client builds");
     let mut ids = Vec::new();
     for (i, q) in QUESTIONS.iter().take(3).enumerate() {
         let a: Value = client

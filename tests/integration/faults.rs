@@ -367,7 +367,9 @@ async fn a_server_killed_mid_delete_or_mid_ingest_loses_and_resurrects_nothing()
     let corpus = dir.path().join("corpus.jsonl");
     ok(&run(&data, None, &["collection", "create", "f"]));
     let clean = clean_runs(&data, "f", &corpus);
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client()
+        .build()
+        .expect("client builds");
     let batch = [("DOMAINRAG__INGEST__BATCH_DOCS", BATCH_DOCS)];
     let victims = ["doc-0", "doc-1"];
     // Each step of the first and of the second delete: a delete that began is finished by the

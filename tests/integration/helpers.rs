@@ -11,6 +11,15 @@ use domainrag::generate::Generator;
 use domainrag::ingest::Ingestor;
 use tokio::sync::OnceCell;
 
+/// An HTTP client for the test server that drops idle pooled connections after a second. actix
+/// closes a keep-alive connection after 5 idle seconds; a pooled client that sends its next
+/// request just as that happens gets `IncompleteMessage` (HTTP/1.1's keep-alive race, seen here
+/// under load between two batches of answers). Dropping them well before the server does avoids
+/// the race without giving up reuse within a burst.
+pub fn http_client() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().pool_idle_timeout(std::time::Duration::from_secs(1))
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

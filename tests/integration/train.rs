@@ -1,4 +1,4 @@
-//! The LoRA trainer against the real converted SmolLM2-135M-Instruct: its forward pass matches the
+//! The trainer (LoRA and (IA)³) against the real converted SmolLM2-135M-Instruct: its forward pass matches the
 //! reference (and mistral.rs's tokenisation), gradients reach only the LoRA matrices, a short run
 //! overfits a tiny fixture, and mistral.rs serving the trained adapter generates what the
 //! trainer's own forward pass generates.
@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::Device;
-use domainrag::adapters::BaseModelInfo;
+use domainrag::adapters::{AdapterKind, BaseModelInfo};
 use domainrag::generate::{ChatMessage, Role, Sampling};
 use domainrag::rag::build_messages_from_context;
-use domainrag::train::model::{LlamaLora, LoraSpec};
+use domainrag::train::model::{Ia3Spec, LlamaLora, LoraSpec};
 use domainrag::train::{
-    Progress, TrainJob, TrainOptions, Triplet, encode, register, train as run_training,
+    Method, Progress, TrainJob, TrainOptions, Triplet, encode, register, train as run_training,
 };
 
-use crate::helpers::{exclusive_generation, generator, models_dir, native_generator};
+use crate::helpers::{exclusive_generation, generator, greedy, models_dir, native_generator};
 
 fn base_dir() -> std::path::PathBuf {
     models_dir().join("SmolLM2-135M-Instruct-hf")
@@ -121,6 +121,17 @@ fn fixture() -> Vec<Triplet> {
     .collect()
 }
 
+/// `triplets` as a JSONL file in `dir` (what a training record names and hashes).
+fn write_triplets_file(dir: &std::path::Path, triplets: &[Triplet]) -> std::path::PathBuf {
+    let path = dir.join("t.jsonl");
+    let lines: String = triplets
+        .iter()
+        .map(|t| serde_json::to_string(t).unwrap() + "\n")
+        .collect();
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
 /// Before any step: gradients exist for every LoRA matrix B (A's are zero while B is zero) and
 /// for no frozen weight.
 #[tokio::test]
@@ -171,15 +182,7 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
     let (examples, report) = encode(&g, &triplets, 512).await.expect("encode");
     assert_eq!(report.kept, 4);
     let dir = tempfile::tempdir().expect("tempdir");
-    let triplets_path = dir.path().join("t.jsonl");
-    std::fs::write(
-        &triplets_path,
-        triplets
-            .iter()
-            .map(|t| serde_json::to_string(t).unwrap() + "\n")
-            .collect::<String>(),
-    )
-    .unwrap();
+    let triplets_path = write_triplets_file(dir.path(), &triplets);
     let spec = LoraSpec {
         rank: 8,
         alpha: 16.0,
@@ -190,9 +193,11 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
     };
     // Two sequences per step on two worker threads, with dropout: the parallel path.
     let options = TrainOptions {
+        method: Method::Lora,
         rank: spec.rank,
         alpha: spec.alpha,
         targets: spec.targets.clone(),
+        feedforward: Vec::new(),
         dropout: spec.dropout,
         lr: 2e-3,
         epochs: 50,
@@ -278,4 +283,155 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
             .expect("the native engine serves the adapter");
         assert_eq!(native.text, served.text, "{:?}", t.query);
     }
+}
+
+/// (IA)³ gradients against central finite differences of the loss, at the element of largest
+/// gradient of an output-scaled vector (layer 0's v_proj) and of an input-scaled one (the last
+/// layer's down_proj); no frozen weight gets a gradient.
+#[tokio::test]
+async fn ia3_gradients_match_finite_differences() {
+    let g = generator().await;
+    let (examples, _) = encode(&g, &fixture(), 512).await.expect("encode");
+    let spec = Ia3Spec {
+        targets: vec!["v_proj".into(), "down_proj".into()],
+        feedforward: vec!["down_proj".into()],
+    };
+    let model = LlamaLora::load_ia3(&base_dir(), &Device::Cpu, spec).expect("model");
+    let ex = &examples[0];
+    let loss = |m: &LlamaLora| -> f32 {
+        m.loss(&ex.ids, &ex.positions, None)
+            .and_then(|l| l.to_scalar::<f32>())
+            .expect("loss")
+    };
+    let grads = model
+        .loss(&ex.ids, &ex.positions, None)
+        .expect("loss")
+        .backward()
+        .expect("backward");
+    for w in model.frozen_tensors() {
+        assert!(grads.get(w).is_none(), "a frozen weight got a gradient");
+    }
+    let ia3s = model.ia3s();
+    assert_eq!(ia3s.len(), 2 * model.config.num_hidden_layers);
+    let last = model.config.num_hidden_layers - 1;
+    let picked = [
+        "model.layers.0.self_attn.v_proj".to_string(),
+        format!("model.layers.{last}.mlp.down_proj"),
+    ];
+    for (path, ia3) in ia3s.iter().filter(|(p, _)| picked.contains(p)) {
+        let grad = grads
+            .get(ia3.l.as_tensor())
+            .expect("the vector has a gradient")
+            .to_vec1::<f32>()
+            .unwrap();
+        let (i, &analytic) = grad
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .expect("a non-empty vector");
+        assert!(analytic.abs() > 1e-3, "{path}: gradient {analytic}");
+        let at = |delta: f32| -> f32 {
+            let mut l = vec![1.0f32; grad.len()];
+            l[i] += delta;
+            ia3.l
+                .set(&candle_core::Tensor::from_vec(l, grad.len(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss(&model)
+        };
+        let eps = 1e-2;
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+        at(0.0);
+        assert!(
+            (numeric - analytic).abs() <= 0.05 * analytic.abs(),
+            "{path}[{i}]: autograd {analytic}, finite differences {numeric}"
+        );
+    }
+}
+
+/// `train --method ia3` in a few steps: the loss falls, the adapter is written in PEFT's (IA)³
+/// format, registers, and the native engine serves it with the trainer's own greedy tokens.
+#[tokio::test]
+async fn a_trained_ia3_adapter_is_served_as_the_trainer_computes_it() {
+    let g = generator().await;
+    let triplets = fixture();
+    let (examples, report) = encode(&g, &triplets, 512).await.expect("encode");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let triplets_path = write_triplets_file(dir.path(), &triplets);
+    let targets = Method::Ia3.default_targets();
+    let options = TrainOptions {
+        method: Method::Ia3,
+        feedforward: Method::Ia3.default_feedforward(&targets),
+        targets,
+        lr: 3e-2,
+        epochs: 6,
+        batch: 1,
+        max_len: 512,
+        val_split: 0.0,
+        seed: 3,
+        warmup_steps: 2,
+        workers: 1,
+        ..TrainOptions::default()
+    };
+    let mut quiet = Quiet;
+    let trained = run_training(TrainJob {
+        base_dir: base_dir(),
+        triplets_path,
+        examples,
+        encode: report,
+        options,
+        work_dir: dir.path().join("work"),
+        device: Device::Cpu,
+        stop: Arc::new(AtomicBool::new(false)),
+        progress: &mut quiet,
+    })
+    .expect("training runs");
+    let curve = &trained.record.curve;
+    assert_eq!(trained.record.steps, 24);
+    let mean = |points: &[domainrag::train::LossPoint]| {
+        points.iter().map(|p| p.train_loss).sum::<f32>() / points.len() as f32
+    };
+    let (first, last) = (mean(&curve[..4]), mean(&curve[curve.len() - 4..]));
+    assert!(last < first, "loss went from {first} to {last}");
+
+    let base = BaseModelInfo::from_dir(&base_dir()).unwrap();
+    let name = format!("zorblat-ia3-{}", std::process::id());
+    let info = register(g.registry(), &name, &trained, &base, false).expect("register");
+    assert_eq!(info.kind, AdapterKind::Ia3);
+    assert_eq!(info.feedforward_modules, ["down_proj"]);
+    let spec = Ia3Spec {
+        targets: info.target_modules.clone(),
+        feedforward: info.feedforward_modules.clone(),
+    };
+    let trainer = LlamaLora::load_ia3(&base_dir(), &Device::Cpu, spec).expect("model");
+    let written =
+        candle_core::safetensors::load(trained.dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .expect("the adapter's tensors");
+    for (path, ia3) in trainer.ia3s() {
+        let t = &written[&format!("base_model.model.{path}.ia3_l")];
+        ia3.l.set(&t.flatten_all().unwrap()).unwrap();
+    }
+    let native = native_generator().await;
+    let end = g.end_of_turn_token().await.unwrap();
+    let mut changed = 0;
+    for t in &triplets {
+        let messages = build_messages_from_context(&t.query, &t.context);
+        let prompt = g.tokenize_chat(messages.clone()).await.unwrap();
+        let (trainer_ids, _) = trainer.greedy(&prompt, 12, &[end]).unwrap();
+        let served = native
+            .complete(Some(&name), messages.clone(), greedy(12))
+            .await
+            .expect("the native engine serves the (IA)³ adapter");
+        let mut served_ids = g.tokenize_text(&served.text).await.unwrap();
+        if trainer_ids.last() == Some(&end) {
+            served_ids.push(end);
+        }
+        assert_eq!(
+            served_ids, trainer_ids,
+            "{:?}: served {:?}",
+            t.query, served.text
+        );
+        let base_answer = native.complete(None, messages, greedy(12)).await.unwrap();
+        changed += usize::from(base_answer.text != served.text);
+    }
+    assert!(changed > 0, "the trained vectors changed no answer");
 }
