@@ -212,6 +212,9 @@ pub struct GenerateConfig {
     pub step_tokens: usize,
     /// Native engine: seed of sampling when the temperature is above 0 (0 = from the clock).
     pub seed: u64,
+    /// Heap blocks of at least this many KiB get a mapping of their own, returned to the kernel
+    /// when freed (0 = glibc's dynamic threshold); see [`crate::heap::pin_mmap_threshold`].
+    pub heap_mmap_threshold_kib: usize,
 }
 
 /// The in-situ quantisation types `generate.isq` accepts (GGML block formats that mistral.rs
@@ -460,6 +463,12 @@ impl Settings {
                 "generate.prefix_cache_sequences",
                 "must be 0 on a CPU build: mistral.rs bounds its prefix cache only on a GPU, \
                  on CPU it would keep every answer's KV cache until the server runs out of memory",
+            );
+        }
+        if self.generate.heap_mmap_threshold_kib > crate::heap::MAX_MMAP_THRESHOLD_KIB {
+            return invalid(
+                "generate.heap_mmap_threshold_kib",
+                "must be between 0 (glibc's dynamic threshold) and 32768 (32 MiB, glibc's largest)",
             );
         }
         if self.generate.max_concurrent == 0 {

@@ -214,7 +214,7 @@ impl Embedder {
         }
         // A batch's activations are freed by now; hand the pages back (see `telemetry`).
         if texts.len() > 1 {
-            crate::telemetry::release_freed_heap();
+            crate::heap::release_freed_heap();
         }
         let mut out = vec![Vec::new(); texts.len()];
         for (vector, &i) in embedded.into_iter().zip(&order) {

@@ -27,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod heap;
 pub mod http;
 pub mod index;
 pub mod ingest;

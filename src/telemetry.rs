@@ -1,7 +1,7 @@
 //! Logging setup: `tracing` to stderr, filtered by `RUST_LOG` or else the `log.level` setting.
 //! Stdout is left to command output (tables, JSON), so `--json` output can be piped. Also the
-//! process's own memory: its figures, for benchmarks and training records, and handing freed heap
-//! back to the kernel after each answer.
+//! process's own memory figures from `/proc`, for benchmarks and training records (the heap's own
+//! figures and policy are `heap`'s).
 
 use tracing_subscriber::EnvFilter;
 
@@ -59,50 +59,6 @@ impl ProcMemory {
     }
 }
 
-/// Bytes of live heap allocations (glibc's `mallinfo2`: in-use bytes of the arenas plus mmapped
-/// blocks), in MiB; 0 elsewhere. Unlike RSS it does not move with what the allocator keeps free
-/// or with how scattered the live allocations are: a series of it tells a leak of live objects
-/// from allocator growth.
-pub fn heap_in_use_mib() -> f64 {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallinfo2 only reads the allocator's statistics; it is thread-safe.
-        let info = unsafe { libc::mallinfo2() };
-        (info.uordblks + info.hblkhd) as f64 / (1024.0 * 1024.0)
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        0.0
-    }
-}
-
-/// Dropped at the end of each generation: hands the heap pages freed by that answer (its KV cache,
-/// its activations) back to the kernel with glibc's `malloc_trim(0)`.
-///
-/// Why: an answer allocates and frees some tens of MiB (a ~1,500-token KV cache is ~68 MiB on
-/// the demo model) from whichever allocator arena its threads use. glibc keeps freed memory
-/// in the arena, and the arenas' high-water marks rose step by step over a 600-answer
-/// `eval answers` run (+6..16 MiB per 100 answers after warm-up with nothing alive leaking;
-/// `bench/soak/eval-report.json`). Trimming after every answer makes resident memory follow
-/// what is alive. It costs a walk over the arenas and page faults when the next answer
-/// reuses the pages: milliseconds against seconds of generation.
-pub struct ReleaseFreedHeapOnDrop;
-
-impl Drop for ReleaseFreedHeapOnDrop {
-    fn drop(&mut self) {
-        release_freed_heap();
-    }
-}
-
-/// Return free heap pages of every allocator arena to the kernel (glibc); a no-op elsewhere.
-pub fn release_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases memory the allocator holds as free; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,16 +75,5 @@ mod tests {
         );
         let now = ProcMemory::read();
         assert!(now.rss_mib > 0.0 && now.anon_mib > 0.0 && now.anon_mib <= now.rss_mib);
-    }
-
-    #[test]
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    fn heap_in_use_counts_a_live_allocation() {
-        let before = heap_in_use_mib();
-        // black_box: the optimiser may otherwise drop an allocation nobody reads.
-        let kept = std::hint::black_box(vec![1u8; 64 << 20]);
-        let during = heap_in_use_mib();
-        drop(std::hint::black_box(kept));
-        assert!(during - before >= 63.0, "{before} -> {during}");
     }
 }

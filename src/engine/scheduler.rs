@@ -167,7 +167,7 @@ impl Scheduler {
             ended.into_iter().for_each(Sequence::end);
             if finished + cancelled > 0 {
                 // Hand the finished sequences' caches back to the kernel (see telemetry).
-                crate::telemetry::release_freed_heap();
+                crate::heap::release_freed_heap();
             }
         }
         for mut s in std::mem::take(&mut self.running) {

@@ -228,13 +228,14 @@ impl MemorySeries {
     }
 
     fn sample(&mut self) {
-        use crate::telemetry::{ProcMemory, heap_in_use_mib, release_freed_heap};
-        release_freed_heap();
+        use crate::telemetry::ProcMemory;
+        crate::heap::release_freed_heap();
         let now = ProcMemory::read();
         self.rss_mib_after_answer.push(now.rss_mib);
         self.rss_anon_mib_after_answer.push(now.anon_mib);
         self.rss_file_mib_after_answer.push(now.file_mib);
-        self.heap_in_use_mib_after_answer.push(heap_in_use_mib());
+        self.heap_in_use_mib_after_answer
+            .push(crate::heap::in_use_mib());
     }
 }
 

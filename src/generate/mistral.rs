@@ -247,7 +247,7 @@ impl MistralPool {
         tokio::spawn(async move {
             let _permit = permit;
             // Runs when this task ends, however it ends (done, error, caller gone).
-            let _release = crate::telemetry::ReleaseFreedHeapOnDrop;
+            let _release = crate::heap::ReleaseFreedOnDrop;
             let mut stream = match model.stream_chat_request(request).await {
                 Ok(s) => s,
                 Err(e) => {
