@@ -1,10 +1,10 @@
-//! Adapters written for tests and benchmarks (not used by the service): PEFT LoRA and (IA)³
-//! files with deterministic values, for any base model's shapes.
+//! Adapters written for tests and benchmarks (not used by the service): PEFT LoRA, (IA)³,
+//! prompt- and prefix-tuning files with deterministic values, for any base model's shapes.
 
 use std::path::Path;
 
 use super::peft::{TensorPart, tensor_name};
-use super::{BaseModelInfo, CONFIG_FILE, WEIGHTS_FILE};
+use super::{AdapterKind, BaseModelInfo, CONFIG_FILE, WEIGHTS_FILE, prompt};
 
 /// Test and fixture helper, not used by the service: writes a PEFT LoRA adapter for `base` into
 /// `dir` (created if needed), as `adapter_config.json` and `adapter_model.safetensors` with F32
@@ -72,6 +72,47 @@ pub fn write_test_ia3_adapter(
         }
     }
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &value)
+}
+
+/// Like [`write_test_adapter`], a PEFT prompt- or prefix-tuning adapter (`kind`) of `tokens`
+/// virtual tokens: its `prompt_embeddings` table, element `i` being `value(i)`.
+pub fn write_test_prompt_adapter(
+    dir: &Path,
+    base: &BaseModelInfo,
+    kind: AdapterKind,
+    tokens: usize,
+    value: impl Fn(usize) -> f32,
+) -> std::io::Result<()> {
+    let peft_type = match kind {
+        AdapterKind::Prompt => "PROMPT_TUNING",
+        AdapterKind::Prefix => "PREFIX_TUNING",
+        other => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} does not learn virtual tokens", other.label()),
+            ));
+        }
+    };
+    std::fs::create_dir_all(dir)?;
+    let config = serde_json::json!({
+        "peft_type": peft_type,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.id,
+        "num_virtual_tokens": tokens,
+        "num_transformer_submodules": 1,
+        "num_layers": base.num_hidden_layers,
+        "inference_mode": true,
+    });
+    std::fs::write(
+        dir.join(CONFIG_FILE),
+        serde_json::to_vec_pretty(&config).map_err(std::io::Error::other)?,
+    )?;
+    let shape = vec![tokens, prompt::row_width(kind, base)];
+    write_safetensors(
+        &dir.join(WEIGHTS_FILE),
+        &[(prompt::TABLE.to_string(), shape)],
+        &value,
+    )
 }
 
 /// Names and shapes of the LoRA weights for `targets` in `layers`.
@@ -170,4 +211,20 @@ pub(super) fn write_safetensors_raw(
     bytes.extend_from_slice(&json);
     bytes.extend_from_slice(data);
     std::fs::write(path, bytes)
+}
+
+/// A tiny base model's shapes for unit tests; head_dim differs from hidden / heads on purpose,
+/// so the shapes exercise it.
+#[cfg(test)]
+pub(super) fn tiny_base() -> BaseModelInfo {
+    BaseModelInfo {
+        id: "tiny-llama".to_string(),
+        sha256: "ab".repeat(32),
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 6,
+    }
 }

@@ -1,5 +1,5 @@
-//! The LoRA adapter registry: fine-tuned adapters for the base model, kept in the data dir so
-//! collections can answer with one.
+//! The adapter registry: fine-tuned adapters for the base model (LoRA, (IA)³, prompt and prefix
+//! tuning, all in PEFT's format), kept in the data dir so collections can answer with one.
 //!
 //! mistral.rs 0.8.1 resolves a LoRA adapter id only through the Hugging Face hub cache (a local
 //! directory path is not accepted), so the registry lays every adapter out as a hub-cache repo that
@@ -21,7 +21,8 @@
 //! through `spawn_blocking`.
 //!
 //! What a valid PEFT adapter is (its config, tensor names, safetensors header and layout) is
-//! `peft`'s; `fixture` writes adapters for tests and benchmarks.
+//! `peft`'s, and `prompt`'s for the kinds that learn virtual tokens (prompt and prefix tuning);
+//! `fixture` writes adapters for tests and benchmarks.
 
 use std::fs::File;
 use std::io::Write;
@@ -36,8 +37,9 @@ use crate::error::ErrorKind;
 
 mod fixture;
 mod peft;
+mod prompt;
 
-pub use fixture::{write_test_adapter, write_test_ia3_adapter};
+pub use fixture::{write_test_adapter, write_test_ia3_adapter, write_test_prompt_adapter};
 pub use peft::LORA_MODULES;
 use peft::{check_weights, parse_peft_config, read_safetensors_header};
 
@@ -253,6 +255,12 @@ pub enum AdapterKind {
     /// (IA)³ (`IA3`): learned per-channel scales of linear layers' outputs (or, for
     /// `feedforward_modules`, inputs).
     Ia3,
+    /// Prompt tuning (`PROMPT_TUNING`): learned input embeddings of virtual tokens read before
+    /// the prompt.
+    Prompt,
+    /// Prefix tuning (`PREFIX_TUNING`): a learned key and value per virtual token in every
+    /// layer, attended to before the prompt.
+    Prefix,
 }
 
 impl AdapterKind {
@@ -261,7 +269,15 @@ impl AdapterKind {
         match self {
             AdapterKind::Lora => "LoRA",
             AdapterKind::Ia3 => "(IA)³",
+            AdapterKind::Prompt => "prompt tuning",
+            AdapterKind::Prefix => "prefix tuning",
         }
+    }
+
+    /// Whether the adapter is virtual tokens before the prompt (prompt or prefix tuning) rather
+    /// than a change of linear layers.
+    pub fn learns_virtual_tokens(self) -> bool {
+        matches!(self, AdapterKind::Prompt | AdapterKind::Prefix)
     }
 }
 
@@ -284,6 +300,10 @@ pub struct AdapterInfo {
     /// (IA)³: the targets whose input is scaled rather than their output.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub feedforward_modules: Vec<String>,
+    /// Prompt and prefix tuning: the virtual tokens every request with this adapter reads first
+    /// (they take room in the KV cache); 0 for other kinds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub virtual_tokens: usize,
     /// Size of `adapter_model.safetensors`.
     pub size_bytes: u64,
     /// Seconds since the Unix epoch.
@@ -299,6 +319,13 @@ impl AdapterInfo {
         match self.kind {
             AdapterKind::Lora => format!("LoRA r{} alpha {}", self.rank, self.alpha),
             AdapterKind::Ia3 => AdapterKind::Ia3.label().to_string(),
+            AdapterKind::Prompt | AdapterKind::Prefix => {
+                format!(
+                    "{}, {} virtual tokens",
+                    self.kind.label(),
+                    self.virtual_tokens
+                )
+            }
         }
     }
 
@@ -306,6 +333,10 @@ impl AdapterInfo {
     pub fn fits(&self, base: &BaseModelInfo) -> bool {
         self.base_sha256 == base.sha256
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The adapters of one data dir.
@@ -522,6 +553,7 @@ impl AdapterRegistry {
             alpha: config.alpha,
             target_modules: config.target_modules,
             feedforward_modules: config.feedforward_modules,
+            virtual_tokens: config.virtual_tokens,
             size_bytes: header.file_len,
             created_at: now_secs(),
             base_model_name_or_path: config.base_model_name_or_path,
@@ -681,7 +713,7 @@ fn unique_suffix() -> String {
 #[cfg(test)]
 mod tests {
     use super::fixture::{
-        lora_tensors, write_peft_config, write_safetensors, write_safetensors_raw,
+        lora_tensors, tiny_base, write_peft_config, write_safetensors, write_safetensors_raw,
     };
     use super::peft::{TensorPart, parse_peft_config, parse_tensor_name, tensor_name};
     use super::*;
@@ -689,20 +721,6 @@ mod tests {
     const ALL_MODULES: [&str; 7] = LORA_MODULES;
     const TARGETS: [&str; 2] = ["q_proj", "v_proj"];
     const LAYERS: [usize; 2] = [0, 1];
-
-    /// head_dim differs from hidden / heads on purpose, so the shapes exercise it.
-    fn tiny_base() -> BaseModelInfo {
-        BaseModelInfo {
-            id: "tiny-llama".to_string(),
-            sha256: "ab".repeat(32),
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 6,
-        }
-    }
 
     struct Fixture {
         _tmp: tempfile::TempDir,
@@ -1074,8 +1092,8 @@ mod tests {
             ),
             (r#"{"peft_type": "IA3"}"#, "target_modules"),
             (
-                r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8}"#,
-                "\"LORA\" and \"IA3\" adapters are supported",
+                r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 8}"#,
+                "\"LORA\", \"IA3\", \"PROMPT_TUNING\" and \"PREFIX_TUNING\" adapters",
             ),
         ] {
             let err = parse(json).expect_err(json);
@@ -1256,8 +1274,8 @@ mod tests {
         for (json, needle) in [
             ("[1]", "not a JSON object"),
             (
-                r#"{"peft_type": "PROMPT_TUNING", "r": 8, "lora_alpha": 8, "target_modules": ["q_proj"]}"#,
-                "PROMPT_TUNING",
+                r#"{"peft_type": "MULTITASK_PROMPT_TUNING", "r": 8, "lora_alpha": 8, "target_modules": ["q_proj"]}"#,
+                "MULTITASK_PROMPT_TUNING",
             ),
             (r#"{"lora_alpha": 8, "target_modules": ["q_proj"]}"#, "`r`"),
             (

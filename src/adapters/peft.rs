@@ -1,8 +1,9 @@
-//! What a valid PEFT LoRA adapter is, checked before anything is installed: its
+//! What a valid PEFT adapter is, checked before anything is installed: its
 //! `adapter_config.json` (kind, rank, alpha, target modules), the names and shapes of the tensors
 //! in `adapter_model.safetensors` against the base model's, and the file's header and layout
 //! (read without reading the tensor data). Errors are the problem in words; the registry wraps
-//! them with the adapter's name and file.
+//! them with the adapter's name and file. The kinds that learn virtual tokens have their own
+//! fields and tensor, checked by [`super::prompt`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,7 +12,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{AdapterError, AdapterKind, BaseModelInfo, CONFIG_FILE, WEIGHTS_FILE, invalid, io};
+use super::{
+    AdapterError, AdapterKind, BaseModelInfo, CONFIG_FILE, WEIGHTS_FILE, invalid, io, prompt,
+};
 
 /// How PEFT names the LoRA weights of a llama decoder layer.
 pub(super) const TENSOR_PREFIX: &str = "base_model.model.model.layers.";
@@ -36,13 +39,15 @@ pub const LORA_MODULES: [&str; 7] = [
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct PeftConfig {
     pub(super) kind: AdapterKind,
-    /// LoRA's rank and `lora_alpha`; 0 for (IA)³.
+    /// LoRA's rank and `lora_alpha`; 0 for other kinds.
     pub(super) rank: usize,
     pub(super) alpha: f64,
-    /// Without duplicates, in the config's order.
+    /// Without duplicates, in the config's order; empty for prompt and prefix tuning.
     pub(super) target_modules: Vec<String>,
     /// (IA)³: the targets whose input is scaled (the rest have their output scaled).
     pub(super) feedforward_modules: Vec<String>,
+    /// Prompt and prefix tuning's `num_virtual_tokens`; 0 for other kinds.
+    pub(super) virtual_tokens: usize,
     pub(super) base_model_name_or_path: Option<String>,
 }
 
@@ -69,32 +74,42 @@ pub(super) fn parse_peft_config(bytes: &[u8]) -> Result<PeftConfig, String> {
         None | Some(Value::Null) => AdapterKind::Lora,
         Some(Value::String(t)) if t == "LORA" => AdapterKind::Lora,
         Some(Value::String(t)) if t == "IA3" => AdapterKind::Ia3,
+        Some(Value::String(t)) if t == "PROMPT_TUNING" => AdapterKind::Prompt,
+        Some(Value::String(t)) if t == "PREFIX_TUNING" => AdapterKind::Prefix,
         Some(other) => {
             return Err(format!(
-                "peft_type is {other}; \"LORA\" and \"IA3\" adapters are supported"
+                "peft_type is {other}; \"LORA\", \"IA3\", \"PROMPT_TUNING\" and \
+                 \"PREFIX_TUNING\" adapters are supported"
             ));
         }
-    };
-    let target_modules = target_modules(fields)?;
-    let (rank, alpha, feedforward_modules) = match kind {
-        AdapterKind::Lora => {
-            let (rank, alpha) = lora_scale(fields)?;
-            (rank, alpha, Vec::new())
-        }
-        AdapterKind::Ia3 => (0, 0.0, ia3_feedforward(fields, &target_modules)?),
     };
     let base_model_name_or_path = fields
         .get("base_model_name_or_path")
         .and_then(Value::as_str)
         .map(str::to_string);
-    Ok(PeftConfig {
+    let mut config = PeftConfig {
         kind,
-        rank,
-        alpha,
-        target_modules,
-        feedforward_modules,
+        rank: 0,
+        alpha: 0.0,
+        target_modules: Vec::new(),
+        feedforward_modules: Vec::new(),
+        virtual_tokens: 0,
         base_model_name_or_path,
-    })
+    };
+    match kind {
+        AdapterKind::Lora => {
+            config.target_modules = target_modules(fields)?;
+            (config.rank, config.alpha) = lora_scale(fields)?;
+        }
+        AdapterKind::Ia3 => {
+            config.target_modules = target_modules(fields)?;
+            config.feedforward_modules = ia3_feedforward(fields, &config.target_modules)?;
+        }
+        AdapterKind::Prompt | AdapterKind::Prefix => {
+            config.virtual_tokens = prompt::virtual_tokens(fields)?;
+        }
+    }
+    Ok(config)
 }
 
 /// A LoRA config's rank and alpha.
@@ -254,7 +269,10 @@ pub(super) fn read_safetensors_header(
 /// The tensors must tile the data exactly, in offset order, as the safetensors loader requires:
 /// tensors that share bytes are accepted by nothing that reads the file later (they were once
 /// registered, and then every answer with the adapter failed and the server would not restart).
-fn check_layout(mut spans: Vec<(u64, u64, String)>, data_len: u64) -> Result<(), String> {
+pub(super) fn check_layout(
+    mut spans: Vec<(u64, u64, String)>,
+    data_len: u64,
+) -> Result<(), String> {
     spans.sort();
     let mut at = 0;
     for (begin, end, name) in &spans {
@@ -281,10 +299,47 @@ fn check_layout(mut spans: Vec<(u64, u64, String)>, data_len: u64) -> Result<(),
 
 /// One tensor's entry in a safetensors header.
 #[derive(Debug, Deserialize)]
-struct TensorEntry {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: [u64; 2],
+pub(super) struct TensorEntry {
+    pub(super) dtype: String,
+    pub(super) shape: Vec<usize>,
+    pub(super) data_offsets: [u64; 2],
+}
+
+/// A tensor's dtype (F32, F16 or BF16) and its `data_offsets`: inside the data and exactly the
+/// bytes its shape needs. Returns the offsets.
+pub(super) fn check_extent(
+    name: &str,
+    tensor: &TensorEntry,
+    data_len: u64,
+) -> Result<[u64; 2], String> {
+    let element_bytes: u64 = match tensor.dtype.as_str() {
+        "F32" => 4,
+        "F16" | "BF16" => 2,
+        other => {
+            return Err(format!("{name} has dtype {other}; use F32, F16 or BF16"));
+        }
+    };
+    let [begin, end] = tensor.data_offsets;
+    if begin > end || end > data_len {
+        return Err(format!(
+            "{name}: data_offsets [{begin}, {end}] lie outside the {data_len} bytes of \
+             tensor data"
+        ));
+    }
+    let needed = tensor
+        .shape
+        .iter()
+        .try_fold(element_bytes, |acc, &d| acc.checked_mul(d as u64));
+    if needed != Some(end - begin) {
+        return Err(format!(
+            "{name}: data_offsets [{begin}, {end}] hold {} bytes, but {} {:?} needs {}",
+            end - begin,
+            tensor.dtype,
+            tensor.shape,
+            needed.map_or_else(|| "more than fits".to_string(), |n| n.to_string())
+        ));
+    }
+    Ok([begin, end])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,6 +400,8 @@ pub(super) fn parse_tensor_name(name: &str) -> Option<(usize, &'static str, Tens
 
 /// Check every tensor of the adapter against the config and the base model's shapes.
 ///
+/// Prompt and prefix tuning hold one table of virtual tokens ([`prompt::check_weights`]).
+///
 /// mistral.rs 0.8.1 applies `target_modules` to every decoder layer and fails to load when one
 /// lacks its weights (PEFT's `layers_to_transform` is ignored), and the native engine loads
 /// them the same way, so every targeted module of every layer needs its weights: `lora_A` and
@@ -357,6 +414,9 @@ pub(super) fn check_weights(
 ) -> Result<(), String> {
     let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)
         .map_err(|e| format!("header is not a safetensors JSON header: {e}"))?;
+    if config.kind.learns_virtual_tokens() {
+        return prompt::check_weights(entries, data_len, config, base);
+    }
     let mut found: BTreeMap<(usize, &'static str), Vec<TensorPart>> = BTreeMap::new();
     let mut spans: Vec<(u64, u64, String)> = Vec::new();
     for (name, value) in entries {
@@ -457,13 +517,6 @@ fn check_tensor(
     }
     let tensor: TensorEntry =
         serde_json::from_value(value).map_err(|e| format!("{name}: bad header entry: {e}"))?;
-    let element_bytes: u64 = match tensor.dtype.as_str() {
-        "F32" => 4,
-        "F16" | "BF16" => 2,
-        other => {
-            return Err(format!("{name} has dtype {other}; use F32, F16 or BF16"));
-        }
-    };
     let (in_features, out_features) = base
         .module_dims(module)
         .expect("parse_tensor_name returns llama modules only");
@@ -482,24 +535,7 @@ fn check_tensor(
             tensor.shape, base.id
         ));
     }
-    let [begin, end] = tensor.data_offsets;
-    if begin > end || end > data_len {
-        return Err(format!(
-            "{name}: data_offsets [{begin}, {end}] lie outside the {data_len} bytes of \
-             tensor data"
-        ));
-    }
-    let needed = expected
-        .iter()
-        .try_fold(element_bytes, |acc, &d| acc.checked_mul(d as u64));
-    if needed != Some(end - begin) {
-        return Err(format!(
-            "{name}: data_offsets [{begin}, {end}] hold {} bytes, but {} {expected:?} needs {}",
-            end - begin,
-            tensor.dtype,
-            needed.map_or_else(|| "more than fits".to_string(), |n| n.to_string())
-        ));
-    }
+    let [begin, end] = check_extent(name, &tensor, data_len)?;
     Ok(CheckedTensor {
         layer,
         module,
@@ -509,11 +545,12 @@ fn check_tensor(
 }
 
 impl AdapterKind {
-    /// The tensors each targeted module has.
+    /// The tensors each targeted module has (none: prompt and prefix tuning target no module).
     fn parts(self) -> &'static [TensorPart] {
         match self {
             AdapterKind::Lora => &[TensorPart::A, TensorPart::B],
             AdapterKind::Ia3 => &[TensorPart::Ia3],
+            AdapterKind::Prompt | AdapterKind::Prefix => &[],
         }
     }
 }

@@ -1,20 +1,23 @@
 //! Adapters resident in the engine beside the one base: each registered adapter's own small
 //! matrices, loaded once, never merged into the base, shared by every request that names it.
 //!
-//! [`AdapterWeights`] is the kind of adapter: LoRA (a low-rank update added to a linear layer's
-//! output) or (IA)³ (per-channel scales of a linear layer's output, or of its input for
-//! feed-forward modules). Kinds that add virtual tokens (prompt tuning) or per-layer key/value
-//! prefixes (prefix tuning) fit beside them: the engine asks an adapter for what it does to each
+//! [`AdapterWeights`] is what an adapter does: LoRA (a low-rank update added to a linear layer's
+//! output), (IA)³ (per-channel scales of a linear layer's output, or of its input for
+//! feed-forward modules), or a [`KvPrefix`]: keys and values of virtual tokens that a sequence
+//! attends to before its prompt. Prefix tuning learns those keys and values directly; prompt
+//! tuning learns the virtual tokens' input embeddings, whose keys and values are the base's and
+//! so are computed once, when the adapter is loaded (virtual tokens at positions 0..n, the
+//! prompt after them, as peft places them). The engine asks an adapter for what it does to each
 //! linear layer ([`ResidentAdapter::lora`], [`ResidentAdapter::input_scale`],
-//! [`ResidentAdapter::output_scale`]) and would ask the same way for prefix rows before a
-//! sequence's first step.
+//! [`ResidentAdapter::output_scale`]) and for its prefix ([`ResidentAdapter::kv_prefix`]) when a
+//! sequence starts.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapters::{AdapterInfo, AdapterKind};
-use crate::llama::{LINEAR_MODULES, LlamaConfig, module_path};
+use crate::llama::{Hooks, LINEAR_MODULES, LlamaConfig, Weights, module_path};
 
 /// One LoRA pair of a linear module, ready to apply: `y += (x·Aᵀ)·(scale·B)ᵀ`. Both row-major
 /// and contiguous: the decode kernel takes `A`'s rows as dot-product operands and `(scale·B)ᵀ`'s
@@ -37,6 +40,15 @@ pub struct Ia3Scale {
     pub input: bool,
 }
 
+/// Keys and values of `tokens` virtual tokens in every layer, `(kv_heads, tokens, head_dim)`
+/// each, keys as attention reads them (any rotary embedding already applied).
+#[derive(Debug)]
+pub struct KvPrefix {
+    pub tokens: usize,
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+}
+
 /// What an adapter changes.
 #[derive(Debug)]
 pub enum AdapterWeights {
@@ -45,6 +57,8 @@ pub enum AdapterWeights {
     Lora(Vec<Vec<Option<LoraPair>>>),
     /// Per layer, per linear module: the scale, or none.
     Ia3(Vec<Vec<Option<Ia3Scale>>>),
+    /// Prompt or prefix tuning.
+    Prefix(KvPrefix),
 }
 
 /// A loaded adapter.
@@ -61,8 +75,21 @@ impl ResidentAdapter {
     pub fn lora(&self, layer: usize, m: usize) -> Option<&LoraPair> {
         match &self.weights {
             AdapterWeights::Lora(layers) => layers.get(layer)?.get(m)?.as_ref(),
-            AdapterWeights::Ia3(_) => None,
+            _ => None,
         }
+    }
+
+    /// The keys and values a sequence with this adapter starts from, if it has any.
+    pub fn kv_prefix(&self) -> Option<&KvPrefix> {
+        match &self.weights {
+            AdapterWeights::Prefix(prefix) => Some(prefix),
+            _ => None,
+        }
+    }
+
+    /// Virtual tokens a sequence with this adapter holds in its KV cache before its prompt.
+    pub fn virtual_tokens(&self) -> usize {
+        self.kv_prefix().map_or(0, |p| p.tokens)
     }
 
     /// The (IA)³ scale of module `m`'s input channels, if the adapter has one.
@@ -78,22 +105,59 @@ impl ResidentAdapter {
     fn ia3(&self, layer: usize, m: usize) -> Option<&Ia3Scale> {
         match &self.weights {
             AdapterWeights::Ia3(layers) => layers.get(layer)?.get(m)?.as_ref(),
-            AdapterWeights::Lora(_) => None,
+            _ => None,
         }
     }
 
     /// Load a registered PEFT adapter (checked at registration: names, shapes, layout) from its
-    /// directory, as f32 on `device`.
+    /// directory, as f32 on the base's device (prompt tuning's keys and values computed by the
+    /// base).
     pub fn load(
         info: &AdapterInfo,
         dir: &Path,
-        config: &LlamaConfig,
-        device: &Device,
+        base: &Weights,
     ) -> candle_core::Result<ResidentAdapter> {
+        let (config, device) = (&base.config, &base.device);
         match info.kind {
             AdapterKind::Lora => Self::load_lora(info, dir, config, device),
             AdapterKind::Ia3 => Self::load_ia3(info, dir, config, device),
+            AdapterKind::Prompt | AdapterKind::Prefix => Self::load_prefix(info, dir, base),
         }
+    }
+
+    /// A prompt- or prefix-tuning adapter: its table of virtual tokens, as keys and values.
+    fn load_prefix(
+        info: &AdapterInfo,
+        dir: &Path,
+        base: &Weights,
+    ) -> candle_core::Result<ResidentAdapter> {
+        let mut tensors =
+            candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &base.device)?;
+        let table = tensors
+            .remove("prompt_embeddings")
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("adapter {}: no prompt_embeddings", info.name))
+            })?
+            .to_dtype(DType::F32)?;
+        let bytes = 4 * table.elem_count();
+        let prefix = if info.kind == AdapterKind::Prompt {
+            encode_virtual_tokens(base, table)?
+        } else {
+            split_prefix_table(&base.config, &table)?
+        };
+        if prefix.tokens != info.virtual_tokens {
+            candle_core::bail!(
+                "adapter {}: {} virtual tokens in its table, {} in its config",
+                info.name,
+                prefix.tokens,
+                info.virtual_tokens
+            );
+        }
+        Ok(ResidentAdapter {
+            name: info.name.clone(),
+            weights: AdapterWeights::Prefix(prefix),
+            bytes,
+        })
     }
 
     /// An (IA)³ adapter: one vector per targeted module of every layer.
@@ -167,6 +231,77 @@ impl ResidentAdapter {
     }
 }
 
+/// Prefix tuning's table `(tokens, layers * 2 * kv_heads * head_dim)` (per layer a key, then a
+/// value) as per-layer keys and values.
+fn split_prefix_table(config: &LlamaConfig, table: &Tensor) -> candle_core::Result<KvPrefix> {
+    let (tokens, width) = table.dims2()?;
+    let (kv_heads, head_dim) = (config.kv_heads(), config.head_dim());
+    let kv = kv_heads * head_dim;
+    if width != config.num_hidden_layers * 2 * kv {
+        candle_core::bail!(
+            "a prefix table {width} wide does not fit {} layers of {kv_heads} key/value heads \
+             of {head_dim}",
+            config.num_hidden_layers
+        );
+    }
+    let part = |i: usize| -> candle_core::Result<Tensor> {
+        table
+            .narrow(1, i * kv, kv)?
+            .reshape((tokens, kv_heads, head_dim))?
+            .transpose(0, 1)?
+            .contiguous()
+    };
+    let layers = 0..config.num_hidden_layers;
+    Ok(KvPrefix {
+        tokens,
+        k: layers
+            .clone()
+            .map(|l| part(2 * l))
+            .collect::<Result<_, _>>()?,
+        v: layers.map(|l| part(2 * l + 1)).collect::<Result<_, _>>()?,
+    })
+}
+
+/// Prompt tuning's virtual-token embeddings `(tokens, hidden)` run through the base at positions
+/// `0..tokens` (causal among themselves, as they come first): the keys and values every layer
+/// computes for them.
+fn encode_virtual_tokens(base: &Weights, embeddings: Tensor) -> candle_core::Result<KvPrefix> {
+    let tokens = embeddings.dim(0)?;
+    let positions: Vec<u32> = (0..tokens as u32).collect();
+    let mut keep = KeepKeysAndValues::default();
+    base.forward_embedded(embeddings, &positions, &mut keep)?;
+    Ok(KvPrefix {
+        tokens,
+        k: keep.k,
+        v: keep.v,
+    })
+}
+
+/// The base alone over one sequence, keeping each layer's keys and values.
+#[derive(Default)]
+struct KeepKeysAndValues {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl Hooks for KeepKeysAndValues {
+    fn linear(&mut self, _: usize, _: usize, _: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        Ok(y)
+    }
+
+    fn attend(
+        &mut self,
+        _layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.k.push(k.contiguous()?);
+        self.v.push(v.contiguous()?);
+        crate::llama::causal_self_attention(q, k, v)
+    }
+}
+
 /// What a tensor lookup of [`per_target`] is: by PEFT name, removed from the file's tensors, f32.
 type Take<'a> = dyn FnMut(String) -> candle_core::Result<Tensor> + 'a;
 
@@ -202,4 +337,78 @@ fn per_target<T>(
         layers.push(row);
     }
     Ok(layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(layers: usize, kv_heads: usize, head_dim: usize) -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": layers,
+            "num_attention_heads": 4, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+            "rms_norm_eps": 1e-5, "vocab_size": 10
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_prefix_table_splits_as_peft_views_it() {
+        // peft: (tokens, layers * 2 * kv_heads * head_dim) viewed as
+        // (tokens, layers * 2, kv_heads, head_dim), then [2l] is layer l's key, [2l + 1] its value.
+        let (tokens, layers, kv_heads, head_dim) = (2, 2, 2, 3);
+        let width = layers * 2 * kv_heads * head_dim;
+        let values: Vec<f32> = (0..tokens * width).map(|i| i as f32).collect();
+        let table = Tensor::from_vec(values, (tokens, width), &Device::Cpu).unwrap();
+        let prefix = split_prefix_table(&config(layers, kv_heads, head_dim), &table).unwrap();
+        assert_eq!((prefix.tokens, prefix.k.len(), prefix.v.len()), (2, 2, 2));
+        for l in 0..layers {
+            for (part, t) in [(2 * l, &prefix.k[l]), (2 * l + 1, &prefix.v[l])] {
+                assert_eq!(t.dims(), [kv_heads, tokens, head_dim]);
+                let got = t.to_vec3::<f32>().unwrap();
+                for (h, rows) in got.iter().enumerate() {
+                    for (tok, row) in rows.iter().enumerate() {
+                        for (d, x) in row.iter().enumerate() {
+                            let at = tok * width + (part * kv_heads + h) * head_dim + d;
+                            assert_eq!(*x, at as f32, "layer {l} part {part} head {h}");
+                        }
+                    }
+                }
+            }
+        }
+        let wrong = split_prefix_table(&config(3, kv_heads, head_dim), &table);
+        assert!(
+            wrong
+                .unwrap_err()
+                .to_string()
+                .contains("does not fit 3 layers")
+        );
+    }
+
+    #[test]
+    fn virtual_tokens_take_kv_room_in_every_request_with_the_adapter() {
+        let adapter = ResidentAdapter {
+            name: "p".into(),
+            weights: AdapterWeights::Prefix(KvPrefix {
+                tokens: 8,
+                k: Vec::new(),
+                v: Vec::new(),
+            }),
+            bytes: 0,
+        };
+        let mut request = super::super::GenRequest {
+            prompt: vec![1; 10],
+            adapter: None,
+            sampling: super::super::SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                no_repeat_ngram: 0,
+            },
+            max_tokens: 5,
+            seed: 0,
+        };
+        assert_eq!(request.kv_tokens(), 15);
+        request.adapter = Some(std::sync::Arc::new(adapter));
+        assert_eq!((request.virtual_tokens(), request.kv_tokens()), (8, 23));
+    }
 }

@@ -99,12 +99,15 @@ pub enum EngineError {
     #[error("cannot load {what}: {message}")]
     Load { what: String, message: String },
     #[error(
-        "the prompt ({prompt} tokens) and max_tokens ({max_tokens}) do not fit: {limit} tokens \
-         at most ({why})"
+        "the prompt ({prompt} tokens) and max_tokens ({max_tokens}) do not fit{}: {limit} tokens \
+         at most ({why})",
+        if *virtual_tokens > 0 { format!(" after the adapter's {virtual_tokens} virtual tokens") } else { String::new() }
     )]
     TooLong {
         prompt: usize,
         max_tokens: usize,
+        /// The adapter's (prompt and prefix tuning), read before the prompt.
+        virtual_tokens: usize,
         limit: usize,
         why: &'static str,
     },
@@ -124,9 +127,15 @@ pub struct GenRequest {
 }
 
 impl GenRequest {
-    /// KV cache tokens it needs at most: its prompt and its token limit.
+    /// KV cache tokens it needs at most: its adapter's virtual tokens (prompt and prefix
+    /// tuning), its prompt and its token limit.
     pub fn kv_tokens(&self) -> usize {
-        self.prompt.len() + self.max_tokens
+        self.virtual_tokens() + self.prompt.len() + self.max_tokens
+    }
+
+    /// Its adapter's virtual tokens (prompt and prefix tuning; 0 for other kinds).
+    pub fn virtual_tokens(&self) -> usize {
+        self.adapter.as_ref().map_or(0, |a| a.virtual_tokens())
     }
 }
 
@@ -248,8 +257,8 @@ impl Engine {
 
     /// Load an adapter's matrices (replacing a resident one of the same name).
     pub fn load_adapter(&self, info: &AdapterInfo, dir: &Path) -> Result<(), EngineError> {
-        let adapter = ResidentAdapter::load(info, dir, &self.weights.config, &self.weights.device)
-            .map_err(|e| EngineError::Load {
+        let adapter =
+            ResidentAdapter::load(info, dir, &self.weights).map_err(|e| EngineError::Load {
                 what: format!("adapter {}", info.name),
                 message: e.to_string(),
             })?;
@@ -310,6 +319,7 @@ impl Engine {
                 return Err(EngineError::TooLong {
                     prompt: request.prompt.len(),
                     max_tokens: request.max_tokens,
+                    virtual_tokens: request.virtual_tokens(),
                     limit,
                     why,
                 });

@@ -43,16 +43,18 @@ impl Sequence {
         self.request.kv_tokens()
     }
 
-    /// The rows this sequence feeds the next step (`limit` rows at most for a prompt).
+    /// The rows this sequence feeds the next step (`limit` rows at most for a prompt), and the
+    /// position of the first: the next free place of its cache (its adapter's virtual tokens,
+    /// if any, hold the first places).
     fn next_rows(&self, limit: usize) -> (Vec<u32>, usize) {
         let prompt = &self.request.prompt;
-        if self.read < prompt.len() {
+        let rows = if self.read < prompt.len() {
             let n = (prompt.len() - self.read).min(limit);
-            (prompt[self.read..self.read + n].to_vec(), self.read)
+            prompt[self.read..self.read + n].to_vec()
         } else {
-            let last = *self.generated.last().unwrap_or(&0);
-            (vec![last], self.cache.len())
-        }
+            vec![*self.generated.last().unwrap_or(&0)]
+        };
+        (rows, self.cache.len())
     }
 
     fn done(&self) -> bool {
@@ -222,9 +224,11 @@ impl Scheduler {
         if events.is_closed() {
             return;
         }
+        let prefix = request.adapter.as_ref().and_then(|a| a.kv_prefix());
         match KvCache::new(
             &self.weights.config,
             request.kv_tokens(),
+            prefix,
             &self.weights.device,
         ) {
             Ok(cache) => {

@@ -7,14 +7,15 @@
 //! them).
 //!
 //! [`KvCache`] owns a sequence's keys and values: one `(kv_heads, capacity, head_dim)` buffer per
-//! layer, sized once for the prompt and the answer's token limit, written in place.
+//! layer, sized once for its adapter's virtual tokens (which it starts with), the prompt and the
+//! answer's token limit, written in place.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
-use super::adapter::{LoraPair, ResidentAdapter};
+use super::adapter::{KvPrefix, LoraPair, ResidentAdapter};
 use super::kernels::{self, DecodeRow, LoraRows};
 use crate::llama::{Hooks, LlamaConfig};
 
@@ -41,10 +42,12 @@ pub(super) struct KvCache {
 }
 
 impl KvCache {
-    /// Room for `capacity` tokens in every layer.
+    /// Room for `capacity` tokens in every layer, starting with `prefix`'s (which count
+    /// against the capacity).
     pub(super) fn new(
         config: &LlamaConfig,
         capacity: usize,
+        prefix: Option<&KvPrefix>,
         device: &Device,
     ) -> candle_core::Result<Self> {
         let shape = (config.kv_heads(), capacity, config.head_dim());
@@ -54,12 +57,19 @@ impl KvCache {
             k.push(Tensor::zeros(shape, DType::F32, device)?);
             v.push(Tensor::zeros(shape, DType::F32, device)?);
         }
-        Ok(KvCache {
+        let mut cache = KvCache {
             k,
             v,
             len: 0,
             capacity,
-        })
+        };
+        if let Some(prefix) = prefix {
+            for layer in 0..config.num_hidden_layers {
+                cache.write(layer, &prefix.k[layer], &prefix.v[layer])?;
+            }
+            cache.advance(prefix.tokens);
+        }
+        Ok(cache)
     }
 
     /// Tokens cached.

@@ -228,11 +228,23 @@ impl Weights {
         positions: &[u32],
         hooks: &mut dyn Hooks,
     ) -> candle_core::Result<Tensor> {
-        let rows = ids.len();
+        let ids_t = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        let embedded = self.embed.index_select(&ids_t, 0)?;
+        self.forward_embedded(embedded, positions, hooks)
+    }
+
+    /// Like [`Weights::forward`], from input embeddings `(rows, hidden)` instead of token ids
+    /// (prompt tuning's virtual tokens have embeddings of their own).
+    pub fn forward_embedded(
+        &self,
+        embedded: Tensor,
+        positions: &[u32],
+        hooks: &mut dyn Hooks,
+    ) -> candle_core::Result<Tensor> {
+        let rows = embedded.dim(0)?;
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let ids_t = Tensor::from_slice(ids, rows, &self.device)?;
-        let mut h = self.embed.index_select(&ids_t, 0)?;
+        let mut h = embedded;
         let (cos, sin) = ops::rope_tables(positions, hd, c.rope_theta, &self.device)?;
         let eps = c.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {

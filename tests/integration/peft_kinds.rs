@@ -1,8 +1,8 @@
-//! Adapters of kinds other than LoRA, made by the peft library: a PEFT (IA)³ adapter
-//! (`tests/fixtures/peft/ia3`, written with the greedy tokens peft gives with it by
-//! `benches/peft_reference.py`) is registered and served by the native engine with the same
-//! greedy answers as peft's, in batches mixed with LoRA and base requests, and refused with the
-//! reason by mistral.rs, which serves LoRA only.
+//! Adapters of kinds other than LoRA, made by the peft library: PEFT (IA)³, prompt-tuning and
+//! prefix-tuning adapters (`tests/fixtures/peft/{ia3,prompt,prefix}`, written with the greedy
+//! tokens peft gives with them by `benches/peft_reference.py`) are registered and served by the
+//! native engine with the same greedy answers as peft's, in batches mixed with each other, LoRA
+//! and base requests, and refused with the reason by mistral.rs, which serves LoRA only.
 
 use domainrag::adapters::{AdapterKind, BaseModelInfo};
 use domainrag::error::ErrorKind;
@@ -74,13 +74,15 @@ fn register_peft(g: &Generator, kind: &str) -> String {
     name
 }
 
-#[tokio::test]
-async fn a_peft_ia3_adapter_gives_the_peft_librarys_greedy_tokens() {
+/// The native engine answers the reference's prompts with and without the PEFT-made adapter of
+/// `kind` as the peft library did.
+async fn gives_the_peft_librarys_greedy_tokens(kind: &str, want_kind: AdapterKind) {
     let _alone = exclusive_generation().await;
     let g = native_generator().await;
-    let name = register_peft(&g, "ia3");
-    assert_eq!(g.registry().get(&name).unwrap().kind, AdapterKind::Ia3);
-    let reference = reference("ia3");
+    let name = register_peft(&g, kind);
+    assert_eq!(g.registry().get(&name).unwrap().kind, want_kind);
+    let reference = reference(kind);
+    let mut changed = 0;
     for case in &reference.cases {
         let messages = chat(&case.messages);
         let prompt = g.tokenize_chat(messages.clone()).await.unwrap();
@@ -98,31 +100,79 @@ async fn a_peft_ia3_adapter_gives_the_peft_librarys_greedy_tokens() {
             assert_eq!(
                 got.text.trim(),
                 want.text.trim(),
-                "adapter {adapter:?}, prompt {:?}",
+                "{kind} adapter {adapter:?}, prompt {:?}",
                 case.messages.last().map(|m| &m.content)
             );
         }
-        assert_ne!(
-            case.base.text, case.adapter.text,
-            "the reference adapter changes nothing"
-        );
+        changed += usize::from(case.base.text != case.adapter.text);
     }
+    assert!(
+        changed >= 2,
+        "the reference {kind} adapter changes too little"
+    );
 }
 
 #[tokio::test]
-async fn ia3_lora_and_base_requests_batched_together_answer_as_alone() {
+async fn a_peft_ia3_adapter_gives_the_peft_librarys_greedy_tokens() {
+    gives_the_peft_librarys_greedy_tokens("ia3", AdapterKind::Ia3).await;
+}
+
+#[tokio::test]
+async fn a_peft_prompt_tuning_adapter_gives_the_peft_librarys_greedy_tokens() {
+    gives_the_peft_librarys_greedy_tokens("prompt", AdapterKind::Prompt).await;
+}
+
+#[tokio::test]
+async fn a_peft_prefix_tuning_adapter_gives_the_peft_librarys_greedy_tokens() {
+    gives_the_peft_librarys_greedy_tokens("prefix", AdapterKind::Prefix).await;
+}
+
+#[tokio::test]
+async fn every_kind_and_base_requests_batched_together_answer_as_alone() {
     let g = native_generator().await;
     let ia3 = register_peft(&g, "ia3");
-    let lora = register_adapter(&g, "mix-ia3-lora", 5);
+    let prompt = register_peft(&g, "prompt");
+    let prefix = register_peft(&g, "prefix");
+    let lora = register_adapter(&g, "mix-kinds-lora", 5);
+    let q = "Write a short poem about the sea.";
     let jobs: Vec<(Option<String>, &str)> = vec![
-        (Some(ia3.clone()), "Name three colours."),
-        (None, "Name three colours."),
-        (Some(lora.clone()), "Name three colours."),
+        (None, q),
+        (Some(ia3.clone()), q),
+        (Some(prompt.clone()), q),
+        (Some(prefix.clone()), q),
+        (Some(lora.clone()), q),
+        (Some(prefix.clone()), "What is two plus two?"),
+        (Some(prompt.clone()), "What is two plus two?"),
         (Some(ia3.clone()), "What is two plus two?"),
         (Some(lora.clone()), "What is two plus two?"),
     ];
     let alone = batched_like_alone(&g, &jobs).await;
-    assert_ne!(alone[0], alone[1], "the (IA)³ adapter has no effect");
+    for (i, kind) in [(1, "(IA)³"), (2, "prompt-tuning"), (3, "prefix-tuning")] {
+        assert_ne!(alone[i], alone[0], "the {kind} adapter has no effect");
+    }
+}
+
+#[tokio::test]
+async fn virtual_tokens_count_against_the_context() {
+    let g = native_generator().await;
+    let prefix = register_peft(&g, "prefix");
+    let virtual_tokens = g.registry().get(&prefix).unwrap().virtual_tokens;
+    assert_eq!(virtual_tokens, 8);
+    let messages = user("Hi");
+    let prompt = g.tokenize_chat(messages.clone()).await.unwrap().len();
+    // SmolLM2's context is 8192 tokens: a request that fills it exactly fits without the
+    // adapter and is refused with it, naming the virtual tokens.
+    let max_tokens = 8192 - prompt;
+    let err = g
+        .complete(Some(&prefix), messages.clone(), greedy(max_tokens))
+        .await
+        .expect_err("the virtual tokens do not fit");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("8 virtual tokens"), "{err}");
+    let fits = g
+        .complete(Some(&prefix), messages, greedy(max_tokens - virtual_tokens))
+        .await;
+    assert!(fits.is_ok(), "{fits:?}");
 }
 
 #[tokio::test]
