@@ -20,8 +20,8 @@ use crate::error::ErrorKind;
 use crate::rag::{Rag, RagError};
 use crate::train::synth::SynthReport;
 use crate::train::{
-    Progress, TrainError, TrainJob, TrainOptions, TrainRecord, Triplet, encode, read_triplets,
-    register, train, write_triplets,
+    Progress, TrainError, TrainJob, TrainOptions, TrainRecord, Triplet, encode, init_ids,
+    read_triplets, register, train, write_triplets,
 };
 
 /// Where training data comes from.
@@ -151,6 +151,7 @@ pub async fn train_adapter(
     .await?;
     let options = request.options.clone();
     let (examples, encoded) = encode(bench.rag.generator(), &triplets, options.max_len).await?;
+    let init_ids = init_ids(bench.rag.generator(), &options).await?;
     let too_long = encoded.too_long;
     let (base_dir, path, device) = (
         bench.base_dir.clone(),
@@ -164,6 +165,7 @@ pub async fn train_adapter(
             examples,
             encode: encoded,
             options,
+            init_ids,
             work_dir,
             device,
             stop,

@@ -360,7 +360,9 @@
       : `collection default (${collAdapter ? collAdapter : 'base model'})`;
     el.adapter.replaceChildren(h('option', { value: 'default', text: defaultText }));
     for (const a of state.adapters) {
-      const method = a.kind === 'ia3' ? '(IA)³' : (a.rank !== undefined ? `r${a.rank}` : '');
+      const method = a.kind === 'ia3' ? '(IA)³'
+        : (a.kind === 'prompt' || a.kind === 'prefix') ? `${a.kind} tuning, ${a.virtual_tokens} tokens`
+          : (a.rank !== undefined ? `r${a.rank}` : '');
       const details = [method, fmtBytes(a.size_bytes)].filter(Boolean).join(', ');
       el.adapter.append(h('option', { value: `a:${a.name}`, text: details ? `${a.name} (${details})` : a.name }));
     }

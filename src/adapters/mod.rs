@@ -42,6 +42,7 @@ mod prompt;
 pub use fixture::{write_test_adapter, write_test_ia3_adapter, write_test_prompt_adapter};
 pub use peft::LORA_MODULES;
 use peft::{check_weights, parse_peft_config, read_safetensors_header};
+pub use prompt::MAX_VIRTUAL_TOKENS;
 
 /// The PEFT files of an adapter, under the names mistral.rs asks the hub cache for.
 const CONFIG_FILE: &str = "adapter_config.json";

@@ -18,7 +18,7 @@ use super::{AdapterKind, BaseModelInfo};
 pub(super) const TABLE: &str = "prompt_embeddings";
 /// More virtual tokens than this is a broken config (peft's examples use 8-100): each takes
 /// room in every request's KV cache.
-pub(super) const MAX_VIRTUAL_TOKENS: usize = 1024;
+pub const MAX_VIRTUAL_TOKENS: usize = 1024;
 
 /// `num_virtual_tokens` of a prompt- or prefix-tuning config, after checking the fields that
 /// would change what the table means.

@@ -134,10 +134,19 @@ pub struct TrainArgs {
     /// Make it the collection's adapter once trained.
     #[arg(long)]
     pub assign: bool,
-    /// lora (low-rank updates) or ia3 ((IA)³: per-channel scales; far fewer parameters, wants a
-    /// larger --lr, e.g. 3e-3).
+    /// lora (low-rank updates), ia3 ((IA)³: per-channel scales; far fewer parameters, wants a
+    /// larger --lr, e.g. 3e-3), prompt (prompt tuning: learned input embeddings of
+    /// --virtual-tokens before the prompt) or prefix (prefix tuning: a learned key and value per
+    /// virtual token in every layer).
     #[arg(long, default_value = "lora")]
     pub method: Method,
+    /// prompt/prefix: how many virtual tokens (each takes room in every request's KV cache).
+    #[arg(long, default_value_t = 20)]
+    pub virtual_tokens: usize,
+    /// prompt/prefix: the text the virtual tokens start from (prompt: its token embeddings;
+    /// prefix: the keys and values the base computes over it).
+    #[arg(long, default_value = crate::train::DEFAULT_INIT_TEXT)]
+    pub init_text: String,
     /// LoRA rank and alpha (the update is scaled by alpha / rank).
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
@@ -393,6 +402,8 @@ fn train_request(a: &TrainArgs) -> Result<TrainRequest> {
             .clone()
             .unwrap_or_else(|| a.method.default_feedforward(&targets)),
         targets,
+        virtual_tokens: a.virtual_tokens,
+        init_text: a.init_text.clone(),
         dropout: a.dropout,
         lr: a.lr,
         epochs: a.epochs,

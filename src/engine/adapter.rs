@@ -3,7 +3,7 @@
 //!
 //! [`AdapterWeights`] is what an adapter does: LoRA (a low-rank update added to a linear layer's
 //! output), (IA)³ (per-channel scales of a linear layer's output, or of its input for
-//! feed-forward modules), or a [`KvPrefix`]: keys and values of virtual tokens that a sequence
+//! feed-forward modules), or a [`VirtualKv`] prefix: keys and values of virtual tokens that a sequence
 //! attends to before its prompt. Prefix tuning learns those keys and values directly; prompt
 //! tuning learns the virtual tokens' input embeddings, whose keys and values are the base's and
 //! so are computed once, when the adapter is loaded (virtual tokens at positions 0..n, the
@@ -17,7 +17,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapters::{AdapterInfo, AdapterKind};
-use crate::llama::{Hooks, LINEAR_MODULES, LlamaConfig, Weights, module_path};
+use crate::llama::{LINEAR_MODULES, LlamaConfig, VirtualKv, Weights, module_path};
 
 /// One LoRA pair of a linear module, ready to apply: `y += (x·Aᵀ)·(scale·B)ᵀ`. Both row-major
 /// and contiguous: the decode kernel takes `A`'s rows as dot-product operands and `(scale·B)ᵀ`'s
@@ -40,15 +40,6 @@ pub struct Ia3Scale {
     pub input: bool,
 }
 
-/// Keys and values of `tokens` virtual tokens in every layer, `(kv_heads, tokens, head_dim)`
-/// each, keys as attention reads them (any rotary embedding already applied).
-#[derive(Debug)]
-pub struct KvPrefix {
-    pub tokens: usize,
-    pub k: Vec<Tensor>,
-    pub v: Vec<Tensor>,
-}
-
 /// What an adapter changes.
 #[derive(Debug)]
 pub enum AdapterWeights {
@@ -58,7 +49,7 @@ pub enum AdapterWeights {
     /// Per layer, per linear module: the scale, or none.
     Ia3(Vec<Vec<Option<Ia3Scale>>>),
     /// Prompt or prefix tuning.
-    Prefix(KvPrefix),
+    Prefix(VirtualKv),
 }
 
 /// A loaded adapter.
@@ -80,7 +71,7 @@ impl ResidentAdapter {
     }
 
     /// The keys and values a sequence with this adapter starts from, if it has any.
-    pub fn kv_prefix(&self) -> Option<&KvPrefix> {
+    pub fn kv_prefix(&self) -> Option<&VirtualKv> {
         match &self.weights {
             AdapterWeights::Prefix(prefix) => Some(prefix),
             _ => None,
@@ -141,9 +132,9 @@ impl ResidentAdapter {
             .to_dtype(DType::F32)?;
         let bytes = 4 * table.elem_count();
         let prefix = if info.kind == AdapterKind::Prompt {
-            encode_virtual_tokens(base, table)?
+            base.virtual_kv(table)?
         } else {
-            split_prefix_table(&base.config, &table)?
+            VirtualKv::from_table(&base.config, &table)?
         };
         if prefix.tokens != info.virtual_tokens {
             candle_core::bail!(
@@ -231,77 +222,6 @@ impl ResidentAdapter {
     }
 }
 
-/// Prefix tuning's table `(tokens, layers * 2 * kv_heads * head_dim)` (per layer a key, then a
-/// value) as per-layer keys and values.
-fn split_prefix_table(config: &LlamaConfig, table: &Tensor) -> candle_core::Result<KvPrefix> {
-    let (tokens, width) = table.dims2()?;
-    let (kv_heads, head_dim) = (config.kv_heads(), config.head_dim());
-    let kv = kv_heads * head_dim;
-    if width != config.num_hidden_layers * 2 * kv {
-        candle_core::bail!(
-            "a prefix table {width} wide does not fit {} layers of {kv_heads} key/value heads \
-             of {head_dim}",
-            config.num_hidden_layers
-        );
-    }
-    let part = |i: usize| -> candle_core::Result<Tensor> {
-        table
-            .narrow(1, i * kv, kv)?
-            .reshape((tokens, kv_heads, head_dim))?
-            .transpose(0, 1)?
-            .contiguous()
-    };
-    let layers = 0..config.num_hidden_layers;
-    Ok(KvPrefix {
-        tokens,
-        k: layers
-            .clone()
-            .map(|l| part(2 * l))
-            .collect::<Result<_, _>>()?,
-        v: layers.map(|l| part(2 * l + 1)).collect::<Result<_, _>>()?,
-    })
-}
-
-/// Prompt tuning's virtual-token embeddings `(tokens, hidden)` run through the base at positions
-/// `0..tokens` (causal among themselves, as they come first): the keys and values every layer
-/// computes for them.
-fn encode_virtual_tokens(base: &Weights, embeddings: Tensor) -> candle_core::Result<KvPrefix> {
-    let tokens = embeddings.dim(0)?;
-    let positions: Vec<u32> = (0..tokens as u32).collect();
-    let mut keep = KeepKeysAndValues::default();
-    base.forward_embedded(embeddings, &positions, &mut keep)?;
-    Ok(KvPrefix {
-        tokens,
-        k: keep.k,
-        v: keep.v,
-    })
-}
-
-/// The base alone over one sequence, keeping each layer's keys and values.
-#[derive(Default)]
-struct KeepKeysAndValues {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-}
-
-impl Hooks for KeepKeysAndValues {
-    fn linear(&mut self, _: usize, _: usize, _: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
-        Ok(y)
-    }
-
-    fn attend(
-        &mut self,
-        _layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        self.k.push(k.contiguous()?);
-        self.v.push(v.contiguous()?);
-        crate::llama::causal_self_attention(q, k, v)
-    }
-}
-
 /// What a tensor lookup of [`per_target`] is: by PEFT name, removed from the file's tensors, f32.
 type Take<'a> = dyn FnMut(String) -> candle_core::Result<Tensor> + 'a;
 
@@ -353,14 +273,15 @@ mod tests {
     }
 
     #[test]
-    fn a_prefix_table_splits_as_peft_views_it() {
+    fn a_prefix_table_splits_as_peft_views_it_and_joins_back() {
         // peft: (tokens, layers * 2 * kv_heads * head_dim) viewed as
         // (tokens, layers * 2, kv_heads, head_dim), then [2l] is layer l's key, [2l + 1] its value.
         let (tokens, layers, kv_heads, head_dim) = (2, 2, 2, 3);
         let width = layers * 2 * kv_heads * head_dim;
         let values: Vec<f32> = (0..tokens * width).map(|i| i as f32).collect();
         let table = Tensor::from_vec(values, (tokens, width), &Device::Cpu).unwrap();
-        let prefix = split_prefix_table(&config(layers, kv_heads, head_dim), &table).unwrap();
+        let cfg = config(layers, kv_heads, head_dim);
+        let prefix = VirtualKv::from_table(&cfg, &table).unwrap();
         assert_eq!((prefix.tokens, prefix.k.len(), prefix.v.len()), (2, 2, 2));
         for l in 0..layers {
             for (part, t) in [(2 * l, &prefix.k[l]), (2 * l + 1, &prefix.v[l])] {
@@ -376,7 +297,13 @@ mod tests {
                 }
             }
         }
-        let wrong = split_prefix_table(&config(3, kv_heads, head_dim), &table);
+        let back = prefix.to_table().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(
+            back,
+            table.to_vec2::<f32>().unwrap(),
+            "to_table undoes from_table"
+        );
+        let wrong = VirtualKv::from_table(&config(3, kv_heads, head_dim), &table);
         assert!(
             wrong
                 .unwrap_err()
@@ -389,7 +316,7 @@ mod tests {
     fn virtual_tokens_take_kv_room_in_every_request_with_the_adapter() {
         let adapter = ResidentAdapter {
             name: "p".into(),
-            weights: AdapterWeights::Prefix(KvPrefix {
+            weights: AdapterWeights::Prefix(VirtualKv {
                 tokens: 8,
                 k: Vec::new(),
                 v: Vec::new(),

@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
-use super::adapter::{KvPrefix, LoraPair, ResidentAdapter};
+use super::adapter::{LoraPair, ResidentAdapter};
 use super::kernels::{self, DecodeRow, LoraRows};
-use crate::llama::{Hooks, LlamaConfig};
+use crate::llama::{Hooks, LlamaConfig, VirtualKv};
 
 /// Groups of at most this many rows (decode rows) take the CPU decode kernels (`kernels`), as
 /// the base's linear layers take their few-rows kernel; larger ones (prompt chunks) go through
@@ -47,7 +47,7 @@ impl KvCache {
     pub(super) fn new(
         config: &LlamaConfig,
         capacity: usize,
-        prefix: Option<&KvPrefix>,
+        prefix: Option<&VirtualKv>,
         device: &Device,
     ) -> candle_core::Result<Self> {
         let shape = (config.kv_heads(), capacity, config.head_dim());

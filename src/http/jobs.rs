@@ -264,9 +264,14 @@ struct TrainBody {
     replace: bool,
     #[serde(default)]
     assign: bool,
-    /// lora (the default) or ia3, with that method's default targets.
+    /// lora (the default), ia3, prompt or prefix, with that method's default targets.
     #[serde(default)]
     method: Method,
+    /// prompt and prefix: how many virtual tokens and the text they start from.
+    #[serde(default)]
+    virtual_tokens: Option<usize>,
+    #[serde(default)]
+    init_text: Option<String>,
     #[serde(default)]
     epochs: Option<usize>,
     #[serde(default)]
@@ -297,6 +302,8 @@ impl TrainBody {
             max_len: self.max_len.unwrap_or(d.max_len),
             val_split: self.val_split.unwrap_or(d.val_split),
             seed: self.seed.unwrap_or(d.seed),
+            virtual_tokens: self.virtual_tokens.unwrap_or(d.virtual_tokens),
+            init_text: self.init_text.unwrap_or_else(|| d.init_text.clone()),
             ..d
         };
         let source = match (self.synthetic, self.triplets_job) {

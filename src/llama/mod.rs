@@ -228,9 +228,7 @@ impl Weights {
         positions: &[u32],
         hooks: &mut dyn Hooks,
     ) -> candle_core::Result<Tensor> {
-        let ids_t = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        let embedded = self.embed.index_select(&ids_t, 0)?;
-        self.forward_embedded(embedded, positions, hooks)
+        self.forward_embedded(self.embed(ids)?, positions, hooks)
     }
 
     /// Like [`Weights::forward`], from input embeddings `(rows, hidden)` instead of token ids
@@ -307,6 +305,109 @@ impl Weights {
             }
         }
         Ok(())
+    }
+}
+
+/// Per-layer keys and values of virtual tokens (prompt and prefix tuning): `k[l]`, `v[l]` are
+/// `(kv_heads, tokens, head_dim)`, keys as attention reads them.
+#[derive(Debug, Clone)]
+pub struct VirtualKv {
+    pub tokens: usize,
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+}
+
+impl VirtualKv {
+    /// From one table `(tokens, layers * 2 * kv_heads * head_dim)`, row `t` holding per layer
+    /// its key, then its value (the layout peft saves prefix tuning in). Differentiable: the
+    /// trainer's table is a variable.
+    pub fn from_table(config: &LlamaConfig, table: &Tensor) -> candle_core::Result<VirtualKv> {
+        let (tokens, width) = table.dims2()?;
+        let (kv_heads, head_dim) = (config.kv_heads(), config.head_dim());
+        let kv = kv_heads * head_dim;
+        if width != config.num_hidden_layers * 2 * kv {
+            candle_core::bail!(
+                "a prefix table {width} wide does not fit {} layers of {kv_heads} key/value \
+                 heads of {head_dim}",
+                config.num_hidden_layers
+            );
+        }
+        let part = |i: usize| -> candle_core::Result<Tensor> {
+            table
+                .narrow(1, i * kv, kv)?
+                .reshape((tokens, kv_heads, head_dim))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let layers = 0..config.num_hidden_layers;
+        Ok(VirtualKv {
+            tokens,
+            k: layers
+                .clone()
+                .map(|l| part(2 * l))
+                .collect::<Result<_, _>>()?,
+            v: layers.map(|l| part(2 * l + 1)).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The one table [`VirtualKv::from_table`] reads.
+    pub fn to_table(&self) -> candle_core::Result<Tensor> {
+        let row = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.transpose(0, 1)?.contiguous()?.reshape((self.tokens, ()))
+        };
+        let mut parts = Vec::with_capacity(2 * self.k.len());
+        for (k, v) in self.k.iter().zip(&self.v) {
+            parts.push(row(k)?);
+            parts.push(row(v)?);
+        }
+        Tensor::cat(&parts, 1)
+    }
+}
+
+impl Weights {
+    /// The keys and values every layer computes for `embedded` `(tokens, hidden)` at positions
+    /// `0..tokens`, the base alone (what virtual tokens read before a prompt leave in a cache).
+    pub fn virtual_kv(&self, embedded: Tensor) -> candle_core::Result<VirtualKv> {
+        let tokens = embedded.dim(0)?;
+        let positions: Vec<u32> = (0..tokens as u32).collect();
+        let mut keep = KeepKeysAndValues::default();
+        self.forward_embedded(embedded, &positions, &mut keep)?;
+        Ok(VirtualKv {
+            tokens,
+            k: keep.k,
+            v: keep.v,
+        })
+    }
+
+    /// Input embeddings `(ids, hidden)` of token ids.
+    pub fn embed(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let ids_t = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        self.embed.index_select(&ids_t, 0)
+    }
+}
+
+/// The base alone over one sequence, keeping each layer's keys and values.
+#[derive(Default)]
+struct KeepKeysAndValues {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl Hooks for KeepKeysAndValues {
+    fn linear(&mut self, _: usize, _: usize, _: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        Ok(y)
+    }
+
+    fn attend(
+        &mut self,
+        _layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.k.push(k.contiguous()?);
+        self.v.push(v.contiguous()?);
+        causal_self_attention(q, k, v)
     }
 }
 

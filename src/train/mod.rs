@@ -1,6 +1,6 @@
 //! Adapter training inside domainrag: (query, context, answer) triplets in, a PEFT adapter (LoRA,
-//! which both engines serve, or (IA)³, which the native engine serves) out, registered with its
-//! training record.
+//! which both engines serve, or (IA)³, prompt or prefix tuning, which the native engine serves)
+//! out, registered with its training record.
 //!
 //! Each triplet becomes the exact token sequence serving will see: the chat messages
 //! `rag::build_messages_from_context` makes, through the base model's own chat template and
@@ -22,7 +22,7 @@ mod output;
 pub mod synth;
 pub mod triplets;
 
-pub use options::{Method, TrainOptions};
+pub use options::{DEFAULT_INIT_TEXT, Method, TrainOptions};
 pub use output::{register, write_peft};
 
 use std::path::{Path, PathBuf};
@@ -33,12 +33,12 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::{AdapterError, BaseModelInfo};
+use crate::adapters::{AdapterError, AdapterKind, BaseModelInfo};
 use crate::error::ErrorKind;
 use crate::generate::{GenerateError, Generator};
 use crate::rag::build_messages_from_context;
 use crate::rng::Rng;
-use model::{Ia3Spec, LlamaLora, LoraSpec};
+use model::{Ia3Spec, LlamaLora, LoraSpec, VirtualSpec};
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +193,18 @@ pub async fn encode(
     Ok((out, report))
 }
 
+/// The token ids prompt and prefix tuning start from (the init text as plain text, through the
+/// serving tokenizer); none for the other methods.
+pub async fn init_ids(
+    generator: &Generator,
+    options: &TrainOptions,
+) -> Result<Vec<u32>, TrainError> {
+    if !options.method.learns_virtual_tokens() {
+        return Ok(Vec::new());
+    }
+    Ok(generator.tokenize_text(&options.init_text).await?)
+}
+
 /// AdamW (decoupled weight decay) over the LoRA variables.
 struct AdamW {
     vars: Vec<Var>,
@@ -318,6 +330,8 @@ pub struct TrainJob<'a> {
     pub examples: Vec<Example>,
     pub encode: EncodeReport,
     pub options: TrainOptions,
+    /// Prompt and prefix tuning: the token ids of `options.init_text` ([`init_ids`]).
+    pub init_ids: Vec<u32>,
     /// Where checkpoints go (`best/`, `last/`).
     pub work_dir: PathBuf,
     pub device: Device,
@@ -361,6 +375,19 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
                 feedforward: o.feedforward.clone(),
             };
             LlamaLora::load_ia3(&job.base_dir, &job.device, spec)?
+        }
+        Method::Prompt | Method::Prefix => {
+            let spec = VirtualSpec {
+                kind: if o.method == Method::Prompt {
+                    AdapterKind::Prompt
+                } else {
+                    AdapterKind::Prefix
+                },
+                tokens: o.virtual_tokens,
+                init_text: o.init_text.clone(),
+                init_ids: job.init_ids.clone(),
+            };
+            LlamaLora::load_virtual(&job.base_dir, &job.device, spec)?
         }
     };
 

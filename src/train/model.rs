@@ -1,6 +1,9 @@
 //! The trainer's model: the shared Llama decoder ([`crate::llama`]) over the frozen f32 weights of
-//! the converted HF directory, with an adapter to train on chosen linear modules: LoRA A/B pairs,
-//! or (IA)³ vectors scaling a module's output (or, for feed-forward modules, its input).
+//! the converted HF directory, with an adapter to train: on chosen linear modules, LoRA A/B pairs
+//! or (IA)³ vectors scaling a module's output (or, for feed-forward modules, its input); or
+//! virtual tokens before the sequence, as prompt tuning's input embeddings (read at positions
+//! 0..n, the sequence after them) or prefix tuning's keys and values in every layer (the sequence
+//! at positions n.., as peft places both).
 //!
 //! Only the adapter's tensors are `Var`s; the base and its fused CPU ops are [`crate::llama`]'s,
 //! whose hooks this model fills with its adapter (LoRA dropout while training) and causal
@@ -13,8 +16,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::adapters::AdapterKind;
 pub use crate::llama::LINEAR_MODULES;
-use crate::llama::{self, Hooks, LlamaConfig, Weights};
+use crate::llama::{self, Hooks, LlamaConfig, VirtualKv, Weights};
 use crate::rng::Rng;
 
 /// What to train.
@@ -54,6 +58,26 @@ pub struct Ia3 {
     pub input: bool,
 }
 
+/// Prompt or prefix tuning to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualSpec {
+    /// [`AdapterKind::Prompt`] or [`AdapterKind::Prefix`].
+    pub kind: AdapterKind,
+    pub tokens: usize,
+    /// The text the virtual tokens start from, and its token ids (repeated to fill `tokens`, as
+    /// peft's text initialisation does).
+    pub init_text: String,
+    pub init_ids: Vec<u32>,
+}
+
+/// Virtual tokens being trained: prompt tuning's embeddings `(tokens, hidden)`, or prefix
+/// tuning's table `(tokens, layers * 2 * kv_heads * head_dim)` ([`VirtualKv::from_table`]).
+#[derive(Debug)]
+pub struct VirtualTokens {
+    pub spec: VirtualSpec,
+    pub table: Var,
+}
+
 /// The model (see the module doc).
 #[derive(Debug)]
 pub struct LlamaLora {
@@ -65,6 +89,7 @@ pub struct LlamaLora {
     /// Per layer, per [`LINEAR_MODULES`] entry (empty for a LoRA model).
     ia3s: Vec<Vec<Option<Ia3>>>,
     ia3_spec: Option<Ia3Spec>,
+    virtual_tokens: Option<VirtualTokens>,
 }
 
 impl LlamaLora {
@@ -122,6 +147,7 @@ impl LlamaLora {
             spec,
             ia3s: Vec::new(),
             ia3_spec: None,
+            virtual_tokens: None,
         })
     }
 
@@ -164,6 +190,45 @@ impl LlamaLora {
             spec: None,
             ia3s,
             ia3_spec: Some(spec),
+            virtual_tokens: None,
+        })
+    }
+
+    /// Load the base with virtual tokens per `spec`: prompt tuning's start as the init text's
+    /// token embeddings, prefix tuning's as the keys and values the base computes over it.
+    pub fn load_virtual(
+        dir: &Path,
+        device: &Device,
+        spec: VirtualSpec,
+    ) -> candle_core::Result<LlamaLora> {
+        if spec.tokens == 0 || spec.init_ids.is_empty() {
+            candle_core::bail!("virtual tokens need a count > 0 and an init text with tokens");
+        }
+        let weights = Weights::load(dir, device)?;
+        let ids: Vec<u32> = spec
+            .init_ids
+            .iter()
+            .cycle()
+            .take(spec.tokens)
+            .copied()
+            .collect();
+        let embedded = weights.embed(&ids)?;
+        let table = match spec.kind {
+            AdapterKind::Prompt => embedded,
+            AdapterKind::Prefix => weights.virtual_kv(embedded)?.to_table()?,
+            other => candle_core::bail!("{} does not learn virtual tokens", other.label()),
+        };
+        Ok(LlamaLora {
+            config: weights.config.clone(),
+            loras: weights.layers.iter().map(|_| Vec::new()).collect(),
+            weights,
+            spec: None,
+            ia3s: Vec::new(),
+            ia3_spec: None,
+            virtual_tokens: Some(VirtualTokens {
+                spec,
+                table: Var::from_tensor(&table.detach())?,
+            }),
         })
     }
 
@@ -207,6 +272,10 @@ impl LlamaLora {
         self.ia3_spec.as_ref()
     }
 
+    pub fn virtual_tokens(&self) -> Option<&VirtualTokens> {
+        self.virtual_tokens.as_ref()
+    }
+
     /// The (IA)³ vectors by PEFT module path, in a fixed order.
     pub fn ia3s(&self) -> Vec<(String, &Ia3)> {
         let mut out = Vec::new();
@@ -234,7 +303,7 @@ impl LlamaLora {
     }
 
     /// The trainable variables (A then B of each pair, in [`LlamaLora::loras`] order, then the
-    /// (IA)³ vectors in [`LlamaLora::ia3s`] order).
+    /// (IA)³ vectors in [`LlamaLora::ia3s`] order, then the virtual tokens' table).
     pub fn vars(&self) -> Vec<Var> {
         let loras = self
             .loras()
@@ -242,6 +311,7 @@ impl LlamaLora {
             .flat_map(|(_, l)| [l.a.clone(), l.b.clone()]);
         loras
             .chain(self.ia3s().into_iter().map(|(_, v)| v.l.clone()))
+            .chain(self.virtual_tokens.iter().map(|v| v.table.clone()))
             .collect()
     }
 
@@ -253,15 +323,29 @@ impl LlamaLora {
     /// Final hidden states `(T, hidden)` of one sequence. `dropout` (training only) draws the
     /// LoRA dropout masks from `rng`.
     pub fn hidden(&self, ids: &[u32], dropout: Option<&mut Rng>) -> candle_core::Result<Tensor> {
-        let positions: Vec<u32> = (0..ids.len() as u32).collect();
         let p = self.spec.as_ref().map_or(0.0, |s| s.dropout);
         let mut hooks = TrainHooks {
             loras: &self.loras,
             ia3s: &self.ia3s,
             p,
             rng: dropout,
+            prefix: None,
         };
-        self.weights.forward(ids, &positions, &mut hooks)
+        let Some(virt) = &self.virtual_tokens else {
+            let positions: Vec<u32> = (0..ids.len() as u32).collect();
+            return self.weights.forward(ids, &positions, &mut hooks);
+        };
+        let n = virt.spec.tokens;
+        let positions: Vec<u32> = (0..(n + ids.len()) as u32).collect();
+        if virt.spec.kind == AdapterKind::Prefix {
+            let prefix = VirtualKv::from_table(&self.config, virt.table.as_tensor())?;
+            hooks.prefix = Some(&prefix);
+            return self.weights.forward(ids, &positions[n..], &mut hooks);
+        }
+        let embedded = Tensor::cat(&[virt.table.as_tensor(), &self.weights.embed(ids)?], 0)?;
+        self.weights
+            .forward_embedded(embedded, &positions, &mut hooks)?
+            .narrow(0, n, ids.len())
     }
 
     /// Logits `(P, vocab)` at `positions` of the hidden states `(T, hidden)`.
@@ -319,9 +403,15 @@ impl LlamaLora {
 
     /// The adapter's weights as PEFT names and shapes them
     /// (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`; `...ia3_l`, `[out, 1]`
-    /// or `[1, in]` for a feed-forward module).
+    /// or `[1, in]` for a feed-forward module; `prompt_embeddings` for virtual tokens).
     pub fn peft_tensors(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
+        if let Some(virt) = &self.virtual_tokens {
+            out.insert(
+                "prompt_embeddings".to_string(),
+                virt.table.as_detached_tensor(),
+            );
+        }
         for (path, ia3) in self.ia3s() {
             let l = ia3.l.as_detached_tensor();
             let n = l.elem_count();
@@ -347,13 +437,14 @@ impl LlamaLora {
 }
 
 /// The trainer's side of the forward pass: its LoRA pairs or (IA)³ vectors, causal attention over
-/// the sequence.
+/// the sequence (after prefix tuning's keys and values, when it has them).
 struct TrainHooks<'a> {
     loras: &'a [Vec<Option<Lora>>],
     ia3s: &'a [Vec<Option<Ia3>>],
     /// LoRA dropout while training.
     p: f32,
     rng: Option<&'a mut Rng>,
+    prefix: Option<&'a VirtualKv>,
 }
 
 impl TrainHooks<'_> {
@@ -399,11 +490,23 @@ impl Hooks for TrainHooks<'_> {
 
     fn attend(
         &mut self,
-        _layer: usize,
+        layer: usize,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        llama::causal_self_attention(q, k, v)
+        let Some(prefix) = self.prefix else {
+            return llama::causal_self_attention(q, k, v);
+        };
+        // The sequence's queries after as many zero queries as the prefix has keys: causal
+        // attention over prefix + sequence then lets every query see the whole prefix; the
+        // prefix's own rows are dropped.
+        let (heads, t, head_dim) = q.dims3()?;
+        let n = prefix.tokens;
+        let k = Tensor::cat(&[&prefix.k[layer], k], 1)?;
+        let v = Tensor::cat(&[&prefix.v[layer], v], 1)?;
+        let pad = Tensor::zeros((heads, n, head_dim), q.dtype(), q.device())?;
+        let q = Tensor::cat(&[&pad, q], 1)?;
+        llama::causal_self_attention(&q, &k, &v)?.narrow(0, n, t)
     }
 }

@@ -1,4 +1,5 @@
-//! What `train` is asked to fit and how: the method (LoRA or (IA)³) with its default targets, and
+//! What `train` is asked to fit and how: the method (LoRA, (IA)³, prompt or prefix tuning) with
+//! its default targets or virtual tokens, and
 //! the hyper-parameters with the rules they must meet (checked before anything loads; errors name
 //! the command-line option).
 
@@ -16,6 +17,12 @@ pub enum Method {
     Lora,
     /// (IA)³: per-channel scales of the targets' outputs, or inputs for `--feedforward` modules.
     Ia3,
+    /// Prompt tuning: `--virtual-tokens` input embeddings read before the prompt, initialised
+    /// from the embeddings of `--init-text`.
+    Prompt,
+    /// Prefix tuning: a key and a value per virtual token in every layer, initialised from the
+    /// keys and values the base computes over `--init-text`.
+    Prefix,
 }
 
 impl std::str::FromStr for Method {
@@ -25,18 +32,30 @@ impl std::str::FromStr for Method {
         match s {
             "lora" => Ok(Method::Lora),
             "ia3" => Ok(Method::Ia3),
-            other => Err(format!("unknown method {other:?}: use lora or ia3")),
+            "prompt" => Ok(Method::Prompt),
+            "prefix" => Ok(Method::Prefix),
+            other => Err(format!(
+                "unknown method {other:?}: use lora, ia3, prompt or prefix"
+            )),
         }
     }
 }
 
 impl Method {
+    /// Whether the method learns virtual tokens (prompt and prefix tuning) rather than changes
+    /// of linear modules.
+    pub fn learns_virtual_tokens(self) -> bool {
+        matches!(self, Method::Prompt | Method::Prefix)
+    }
+
     /// The modules a method targets unless told: every linear module for LoRA; keys, values and
-    /// the MLP's down projection for (IA)³ (peft's default for llama).
+    /// the MLP's down projection for (IA)³ (peft's default for llama); none for prompt and
+    /// prefix tuning.
     pub fn default_targets(self) -> Vec<String> {
         let modules: &[&str] = match self {
             Method::Lora => LINEAR_MODULES,
             Method::Ia3 => &["k_proj", "v_proj", "down_proj"],
+            Method::Prompt | Method::Prefix => &[],
         };
         modules.iter().map(|m| m.to_string()).collect()
     }
@@ -45,7 +64,7 @@ impl Method {
     /// down projection, as in peft; none for LoRA.
     pub fn default_feedforward(self, targets: &[String]) -> Vec<String> {
         match self {
-            Method::Lora => Vec::new(),
+            Method::Lora | Method::Prompt | Method::Prefix => Vec::new(),
             Method::Ia3 => targets
                 .iter()
                 .filter(|t| *t == "down_proj")
@@ -54,6 +73,10 @@ impl Method {
         }
     }
 }
+
+/// What prompt and prefix tuning start from unless told: the task in words.
+pub const DEFAULT_INIT_TEXT: &str = "Answer the question in one or two sentences using only the numbered sources, and cite \
+     them like [1].";
 
 /// Hyper-parameters (see the README's training section for what each does).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -64,6 +87,9 @@ pub struct TrainOptions {
     pub targets: Vec<String>,
     /// (IA)³: the targets scaled on their input.
     pub feedforward: Vec<String>,
+    /// Prompt and prefix tuning: how many virtual tokens, and the text they start from.
+    pub virtual_tokens: usize,
+    pub init_text: String,
     pub dropout: f32,
     pub lr: f64,
     pub epochs: usize,
@@ -89,6 +115,8 @@ impl Default for TrainOptions {
             alpha: 32.0,
             targets: Method::Lora.default_targets(),
             feedforward: Vec::new(),
+            virtual_tokens: 20,
+            init_text: DEFAULT_INIT_TEXT.to_string(),
             dropout: 0.05,
             lr: 2e-4,
             epochs: 2,
@@ -117,17 +145,16 @@ impl TrainOptions {
     }
 
     pub fn validate(&self) -> Result<(), TrainError> {
-        let bad = |option, problem: &str| {
-            Err(TrainError::Option {
-                option,
-                problem: problem.to_string(),
-            })
-        };
         if self.rank == 0 || self.rank > 1024 {
             return bad("--rank", "must be between 1 and 1024");
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return bad("--alpha", "must be > 0");
+        }
+        if self.method.learns_virtual_tokens() {
+            return self
+                .validate_virtual_tokens()
+                .and_then(|()| self.validate_schedule());
         }
         if self.targets.is_empty() {
             return bad("--targets", "name at least one module");
@@ -152,6 +179,26 @@ impl TrainOptions {
         if !(0.0..1.0).contains(&self.dropout) {
             return bad("--dropout", "must be in [0, 1)");
         }
+        self.validate_schedule()
+    }
+
+    /// Prompt and prefix tuning's own options; the other methods' are refused.
+    fn validate_virtual_tokens(&self) -> Result<(), TrainError> {
+        let max = crate::adapters::MAX_VIRTUAL_TOKENS;
+        if !(1..=max).contains(&self.virtual_tokens) {
+            return bad("--virtual-tokens", &format!("must be between 1 and {max}"));
+        }
+        if self.init_text.trim().is_empty() {
+            return bad("--init-text", "must not be empty");
+        }
+        if !self.targets.is_empty() || !self.feedforward.is_empty() {
+            return bad("--targets", "applies to --method lora and ia3 only");
+        }
+        Ok(())
+    }
+
+    /// The optimiser's and the data's options, the same for every method.
+    fn validate_schedule(&self) -> Result<(), TrainError> {
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr < 1.0) {
             return bad("--lr", "must be in (0, 1)");
         }
@@ -175,6 +222,13 @@ impl TrainOptions {
         }
         Ok(())
     }
+}
+
+fn bad(option: &'static str, problem: &str) -> Result<(), TrainError> {
+    Err(TrainError::Option {
+        option,
+        problem: problem.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -210,10 +264,10 @@ mod tests {
         assert!(Method::Ia3.default_feedforward(&attention_only).is_empty());
         assert_eq!("ia3".parse::<Method>(), Ok(Method::Ia3));
         assert!(
-            "prefix"
+            "p-tuning"
                 .parse::<Method>()
                 .unwrap_err()
-                .contains("lora or ia3")
+                .contains("lora, ia3, prompt or prefix")
         );
         let ia3 = TrainOptions {
             method: Method::Ia3,
@@ -242,5 +296,48 @@ mod tests {
             bad.validate().unwrap_err().to_string().contains("ia3 only"),
             "a LoRA run refuses --feedforward"
         );
+    }
+
+    #[test]
+    fn prompt_and_prefix_tuning_take_virtual_tokens_and_no_targets() {
+        for method in [Method::Prompt, Method::Prefix] {
+            let ok = TrainOptions::for_method(method);
+            assert!(ok.targets.is_empty() && ok.feedforward.is_empty());
+            assert!(ok.validate().is_ok(), "{method:?}");
+            for (bad, option) in [
+                (
+                    TrainOptions {
+                        virtual_tokens: 0,
+                        ..ok.clone()
+                    },
+                    "--virtual-tokens",
+                ),
+                (
+                    TrainOptions {
+                        init_text: " ".into(),
+                        ..ok.clone()
+                    },
+                    "--init-text",
+                ),
+                (
+                    TrainOptions {
+                        targets: vec!["q_proj".into()],
+                        ..ok.clone()
+                    },
+                    "--targets",
+                ),
+                (
+                    TrainOptions {
+                        lr: 2.0,
+                        ..ok.clone()
+                    },
+                    "--lr",
+                ),
+            ] {
+                let err = bad.validate().unwrap_err().to_string();
+                assert!(err.contains(option), "{method:?}: {err}");
+            }
+        }
+        assert_eq!("prefix".parse::<Method>(), Ok(Method::Prefix));
     }
 }

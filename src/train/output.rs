@@ -6,12 +6,12 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::model::LlamaLora;
+use super::model::{LlamaLora, VirtualSpec};
 use super::{TrainError, TrainRecord, Trained, io};
-use crate::adapters::{AdapterInfo, AdapterRegistry, BaseModelInfo};
+use crate::adapters::{AdapterInfo, AdapterKind, AdapterRegistry, BaseModelInfo};
 
-/// Write `model`'s adapter (LoRA or (IA)³) as a PEFT adapter directory, with `record` as
-/// `training.json`.
+/// Write `model`'s adapter (LoRA, (IA)³, prompt or prefix tuning) as a PEFT adapter directory,
+/// with `record` as `training.json`.
 pub fn write_peft(
     dir: &Path,
     model: &LlamaLora,
@@ -71,10 +71,52 @@ fn peft_config(model: &LlamaLora, base: &BaseModelInfo) -> Result<serde_json::Va
             "inference_mode": true,
         }));
     }
+    if let Some(virt) = model.virtual_tokens() {
+        return Ok(virtual_tokens_config(&virt.spec, &model.config, base));
+    }
     Err(TrainError::Option {
         option: "--targets",
         problem: "the model has no adapter to write".into(),
     })
+}
+
+/// peft's config of prompt tuning (text initialisation) or prefix tuning (no reparameterisation
+/// MLP; sized by the key/value heads, as peft does for grouped-query attention).
+fn virtual_tokens_config(
+    spec: &VirtualSpec,
+    config: &crate::llama::LlamaConfig,
+    base: &BaseModelInfo,
+) -> serde_json::Value {
+    let mut out = serde_json::json!({
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.id,
+        "num_virtual_tokens": spec.tokens,
+        "num_transformer_submodules": 1,
+        "num_layers": config.num_hidden_layers,
+        "inference_mode": true,
+    });
+    let fields = out.as_object_mut().expect("an object");
+    let extra = if spec.kind == AdapterKind::Prefix {
+        let kv = config.kv_heads() * config.head_dim();
+        serde_json::json!({
+            "peft_type": "PREFIX_TUNING",
+            "token_dim": kv,
+            "num_attention_heads": config.kv_heads(),
+            "encoder_hidden_size": kv,
+            "prefix_projection": false,
+        })
+    } else {
+        serde_json::json!({
+            "peft_type": "PROMPT_TUNING",
+            "token_dim": config.hidden_size,
+            "num_attention_heads": config.num_attention_heads,
+            "prompt_tuning_init": "TEXT",
+            "prompt_tuning_init_text": spec.init_text,
+            "tokenizer_name_or_path": base.id,
+        })
+    };
+    fields.extend(extra.as_object().expect("an object").clone());
+    out
 }
 
 /// Register a trained adapter under `name` (replacing an existing one when `replace`).

@@ -20,5 +20,6 @@ mod retrieval;
 mod schema;
 mod soak;
 mod train;
+mod train_virtual;
 mod tune;
 mod vector_store;

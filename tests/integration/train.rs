@@ -17,7 +17,7 @@ use domainrag::train::{
 
 use crate::helpers::{exclusive_generation, generator, greedy, models_dir, native_generator};
 
-fn base_dir() -> std::path::PathBuf {
+pub(crate) fn base_dir() -> std::path::PathBuf {
     models_dir().join("SmolLM2-135M-Instruct-hf")
 }
 
@@ -79,7 +79,7 @@ async fn trainer_forward_matches_the_reference() {
     }
 }
 
-struct Quiet;
+pub(crate) struct Quiet;
 
 impl Progress for Quiet {
     fn start(&mut self, _: usize) {}
@@ -88,7 +88,7 @@ impl Progress for Quiet {
     fn finish(&mut self) {}
 }
 
-fn fixture() -> Vec<Triplet> {
+pub(crate) fn fixture() -> Vec<Triplet> {
     [
         (
             "What colour is the zorblat?",
@@ -122,7 +122,10 @@ fn fixture() -> Vec<Triplet> {
 }
 
 /// `triplets` as a JSONL file in `dir` (what a training record names and hashes).
-fn write_triplets_file(dir: &std::path::Path, triplets: &[Triplet]) -> std::path::PathBuf {
+pub(crate) fn write_triplets_file(
+    dir: &std::path::Path,
+    triplets: &[Triplet],
+) -> std::path::PathBuf {
     let path = dir.join("t.jsonl");
     let lines: String = triplets
         .iter()
@@ -209,6 +212,7 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
         weight_decay: 0.0,
         max_grad_norm: 1.0,
         workers: 2,
+        ..TrainOptions::default()
     };
     let mut quiet = Quiet;
     let trained = run_training(TrainJob {
@@ -217,6 +221,7 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
         examples: examples.clone(),
         encode: report,
         options,
+        init_ids: Vec::new(),
         work_dir: dir.path().join("work"),
         device: Device::Cpu,
         stop: Arc::new(AtomicBool::new(false)),
@@ -379,6 +384,7 @@ async fn a_trained_ia3_adapter_is_served_as_the_trainer_computes_it() {
         examples,
         encode: report,
         options,
+        init_ids: Vec::new(),
         work_dir: dir.path().join("work"),
         device: Device::Cpu,
         stop: Arc::new(AtomicBool::new(false)),

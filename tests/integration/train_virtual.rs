@@ -1,0 +1,201 @@
+//! Prompt and prefix tuning in the trainer: gradients of the virtual tokens' table against finite
+//! differences, and a short run whose adapter is written in peft's format, registers, and is
+//! served by the native engine with the trainer's own greedy tokens.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{Device, Tensor};
+use domainrag::adapters::{AdapterKind, BaseModelInfo};
+use domainrag::generate::Generator;
+use domainrag::rag::build_messages_from_context;
+use domainrag::train::model::{LlamaLora, VirtualSpec};
+use domainrag::train::{
+    Method, TrainJob, TrainOptions, encode, init_ids, register, train as run_training,
+};
+
+use crate::helpers::{generator, greedy, native_generator};
+use crate::train::{Quiet, base_dir, fixture, write_triplets_file};
+
+const KINDS: [(AdapterKind, Method); 2] = [
+    (AdapterKind::Prompt, Method::Prompt),
+    (AdapterKind::Prefix, Method::Prefix),
+];
+
+async fn spec(g: &Generator, kind: AdapterKind, tokens: usize) -> VirtualSpec {
+    let init_text = "Answer briefly from the sources.".to_string();
+    VirtualSpec {
+        kind,
+        tokens,
+        init_ids: g.tokenize_text(&init_text).await.unwrap(),
+        init_text,
+    }
+}
+
+/// The loss's gradient at the table element of largest gradient against central finite
+/// differences; no frozen weight gets a gradient.
+#[tokio::test]
+async fn virtual_token_gradients_match_finite_differences() {
+    let g = generator().await;
+    let (examples, _) = encode(&g, &fixture(), 512).await.expect("encode");
+    let ex = &examples[0];
+    for (kind, _) in KINDS {
+        let model = LlamaLora::load_virtual(&base_dir(), &Device::Cpu, spec(&g, kind, 4).await)
+            .expect("model");
+        let loss = |m: &LlamaLora| -> f32 {
+            m.loss(&ex.ids, &ex.positions, None)
+                .and_then(|l| l.to_scalar::<f32>())
+                .expect("loss")
+        };
+        let table = model
+            .virtual_tokens()
+            .expect("virtual tokens")
+            .table
+            .clone();
+        let grads = model
+            .loss(&ex.ids, &ex.positions, None)
+            .expect("loss")
+            .backward()
+            .expect("backward");
+        for w in model.frozen_tensors() {
+            assert!(grads.get(w).is_none(), "a frozen weight got a gradient");
+        }
+        let grad = grads
+            .get(table.as_tensor())
+            .expect("the table has a gradient")
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        let (i, &analytic) = grad
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .expect("a non-empty table");
+        assert!(analytic.abs() > 1e-4, "{kind:?}: gradient {analytic}");
+        let original = table
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let shape = table.as_tensor().shape().clone();
+        let at = |delta: f32| -> f32 {
+            let mut t = original.clone();
+            t[i] += delta;
+            table
+                .set(&Tensor::from_vec(t, shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss(&model)
+        };
+        let eps = 1e-2;
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+        at(0.0);
+        assert!(
+            (numeric - analytic).abs() <= 0.05 * analytic.abs() + 1e-3,
+            "{kind:?}[{i}]: autograd {analytic}, finite differences {numeric}"
+        );
+    }
+}
+
+/// `train --method prompt|prefix` in a few steps: the loss falls, the adapter is written in
+/// peft's format, registers with its virtual tokens, and the native engine serves it with the
+/// greedy tokens of the trainer's forward pass.
+#[tokio::test]
+async fn trained_virtual_tokens_are_served_as_the_trainer_computes_them() {
+    let g = generator().await;
+    let native = native_generator().await;
+    let triplets = fixture();
+    let end = g.end_of_turn_token().await.unwrap();
+    let base = BaseModelInfo::from_dir(&base_dir()).unwrap();
+    for (kind, method) in KINDS {
+        let (examples, report) = encode(&g, &triplets, 512).await.expect("encode");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = TrainOptions {
+            virtual_tokens: 8,
+            lr: 1e-2,
+            epochs: 6,
+            batch: 1,
+            max_len: 512,
+            val_split: 0.0,
+            seed: 3,
+            warmup_steps: 2,
+            workers: 1,
+            ..TrainOptions::for_method(method)
+        };
+        let trained = run_training(TrainJob {
+            base_dir: base_dir(),
+            triplets_path: write_triplets_file(dir.path(), &triplets),
+            examples,
+            encode: report,
+            init_ids: init_ids(&g, &options).await.unwrap(),
+            options: options.clone(),
+            work_dir: dir.path().join("work"),
+            device: Device::Cpu,
+            stop: Arc::new(AtomicBool::new(false)),
+            progress: &mut Quiet,
+        })
+        .expect("training runs");
+        let curve = &trained.record.curve;
+        let mean = |points: &[domainrag::train::LossPoint]| {
+            points.iter().map(|p| p.train_loss).sum::<f32>() / points.len() as f32
+        };
+        let (first, last) = (mean(&curve[..4]), mean(&curve[curve.len() - 4..]));
+        assert!(last < first, "{kind:?}: loss went from {first} to {last}");
+        assert_eq!(
+            trained.record.trainable_params,
+            8 * table_width(kind, &base)
+        );
+
+        let name = format!(
+            "zorblat-{}-{}",
+            kind.label().replace(' ', "-"),
+            std::process::id()
+        );
+        let info = register(g.registry(), &name, &trained, &base, false).expect("register");
+        assert_eq!((info.kind, info.virtual_tokens), (kind, 8));
+        let mut trainer_spec = spec(&g, kind, 8).await;
+        trainer_spec.init_ids = init_ids(&g, &options).await.unwrap();
+        let trainer = LlamaLora::load_virtual(&base_dir(), &Device::Cpu, trainer_spec).unwrap();
+        let written = candle_core::safetensors::load(
+            trained.dir.join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("the adapter's tensors");
+        let table = &trainer.virtual_tokens().unwrap().table;
+        table.set(&written["prompt_embeddings"]).unwrap();
+        let mut changed = 0;
+        for t in &triplets {
+            let messages = build_messages_from_context(&t.query, &t.context);
+            let prompt = g.tokenize_chat(messages.clone()).await.unwrap();
+            let (trainer_ids, _) = trainer.greedy(&prompt, 12, &[end]).unwrap();
+            let served = native
+                .complete(Some(&name), messages.clone(), greedy(12))
+                .await
+                .expect("the native engine serves the adapter");
+            let mut served_ids = g.tokenize_text(&served.text).await.unwrap();
+            if trainer_ids.last() == Some(&end) {
+                served_ids.push(end);
+            }
+            assert_eq!(
+                served_ids, trainer_ids,
+                "{kind:?} {:?}: served {:?}",
+                t.query, served.text
+            );
+            let base_answer = native.complete(None, messages, greedy(12)).await.unwrap();
+            changed += usize::from(base_answer.text != served.text);
+        }
+        assert!(
+            changed > 0,
+            "{kind:?}: the trained tokens changed no answer"
+        );
+    }
+}
+
+fn table_width(kind: AdapterKind, base: &BaseModelInfo) -> usize {
+    match kind {
+        AdapterKind::Prefix => {
+            base.num_hidden_layers * 2 * base.num_key_value_heads * base.head_dim
+        }
+        _ => base.hidden_size,
+    }
+}
