@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::Device;
 use domainrag::adapters::{AdapterKind, BaseModelInfo};
-use domainrag::generate::{ChatMessage, Role, Sampling};
+use domainrag::generate::{ChatMessage, Generator, Role, Sampling};
 use domainrag::rag::build_messages_from_context;
 use domainrag::train::model::{Ia3Spec, LlamaLora, LoraSpec};
 use domainrag::train::{
@@ -417,27 +417,41 @@ async fn a_trained_ia3_adapter_is_served_as_the_trainer_computes_it() {
         ia3.l.set(&t.flatten_all().unwrap()).unwrap();
     }
     let native = native_generator().await;
+    let changed = served_like_the_trainer(&g, &native, &trainer, &name, &triplets).await;
+    assert!(changed > 0, "the trained vectors changed no answer");
+}
+
+/// Each triplet's prompt answered greedily (12 tokens) by the native engine with adapter `name`
+/// and by `trainer`'s own forward pass: the same tokens. Returns how many answers differ from
+/// the base's.
+pub(crate) async fn served_like_the_trainer(
+    g: &Generator,
+    native: &Generator,
+    trainer: &LlamaLora,
+    name: &str,
+    triplets: &[Triplet],
+) -> usize {
     let end = g.end_of_turn_token().await.unwrap();
     let mut changed = 0;
-    for t in &triplets {
+    for t in triplets {
         let messages = build_messages_from_context(&t.query, &t.context);
         let prompt = g.tokenize_chat(messages.clone()).await.unwrap();
         let (trainer_ids, _) = trainer.greedy(&prompt, 12, &[end]).unwrap();
         let served = native
-            .complete(Some(&name), messages.clone(), greedy(12))
+            .complete(Some(name), messages.clone(), greedy(12))
             .await
-            .expect("the native engine serves the (IA)³ adapter");
+            .expect("the native engine serves the adapter");
         let mut served_ids = g.tokenize_text(&served.text).await.unwrap();
         if trainer_ids.last() == Some(&end) {
             served_ids.push(end);
         }
         assert_eq!(
             served_ids, trainer_ids,
-            "{:?}: served {:?}",
+            "{name} {:?}: served {:?}",
             t.query, served.text
         );
         let base_answer = native.complete(None, messages, greedy(12)).await.unwrap();
         changed += usize::from(base_answer.text != served.text);
     }
-    assert!(changed > 0, "the trained vectors changed no answer");
+    changed
 }

@@ -8,14 +8,13 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{Device, Tensor};
 use domainrag::adapters::{AdapterKind, BaseModelInfo};
 use domainrag::generate::Generator;
-use domainrag::rag::build_messages_from_context;
 use domainrag::train::model::{LlamaLora, VirtualSpec};
 use domainrag::train::{
     Method, TrainJob, TrainOptions, encode, init_ids, register, train as run_training,
 };
 
-use crate::helpers::{generator, greedy, native_generator};
-use crate::train::{Quiet, base_dir, fixture, write_triplets_file};
+use crate::helpers::{generator, native_generator};
+use crate::train::{Quiet, base_dir, fixture, served_like_the_trainer, write_triplets_file};
 
 const KINDS: [(AdapterKind, Method); 2] = [
     (AdapterKind::Prompt, Method::Prompt),
@@ -105,7 +104,6 @@ async fn trained_virtual_tokens_are_served_as_the_trainer_computes_them() {
     let g = generator().await;
     let native = native_generator().await;
     let triplets = fixture();
-    let end = g.end_of_turn_token().await.unwrap();
     let base = BaseModelInfo::from_dir(&base_dir()).unwrap();
     for (kind, method) in KINDS {
         let (examples, report) = encode(&g, &triplets, 512).await.expect("encode");
@@ -163,27 +161,7 @@ async fn trained_virtual_tokens_are_served_as_the_trainer_computes_them() {
         .expect("the adapter's tensors");
         let table = &trainer.virtual_tokens().unwrap().table;
         table.set(&written["prompt_embeddings"]).unwrap();
-        let mut changed = 0;
-        for t in &triplets {
-            let messages = build_messages_from_context(&t.query, &t.context);
-            let prompt = g.tokenize_chat(messages.clone()).await.unwrap();
-            let (trainer_ids, _) = trainer.greedy(&prompt, 12, &[end]).unwrap();
-            let served = native
-                .complete(Some(&name), messages.clone(), greedy(12))
-                .await
-                .expect("the native engine serves the adapter");
-            let mut served_ids = g.tokenize_text(&served.text).await.unwrap();
-            if trainer_ids.last() == Some(&end) {
-                served_ids.push(end);
-            }
-            assert_eq!(
-                served_ids, trainer_ids,
-                "{kind:?} {:?}: served {:?}",
-                t.query, served.text
-            );
-            let base_answer = native.complete(None, messages, greedy(12)).await.unwrap();
-            changed += usize::from(base_answer.text != served.text);
-        }
+        let changed = served_like_the_trainer(&g, &native, &trainer, &name, &triplets).await;
         assert!(
             changed > 0,
             "{kind:?}: the trained tokens changed no answer"
