@@ -330,6 +330,16 @@ impl AdapterInfo {
         }
     }
 
+    /// Its target modules for people: `q_proj,v_proj`, or `-` for the kinds that target none
+    /// (prompt and prefix tuning).
+    pub fn targets(&self) -> String {
+        if self.target_modules.is_empty() {
+            "-".to_string()
+        } else {
+            self.target_modules.join(",")
+        }
+    }
+
     /// Whether the adapter was checked against exactly this base model config.
     pub fn fits(&self, base: &BaseModelInfo) -> bool {
         self.base_sha256 == base.sha256

@@ -146,6 +146,7 @@ mod tests {
             let info = registry.add("p", &src, &tiny_base()).unwrap();
             assert_eq!((info.kind, info.virtual_tokens), (kind, 3));
             assert!(info.target_modules.is_empty());
+            assert_eq!(info.targets(), "-");
             assert_eq!(info.method(), format!("{}, 3 virtual tokens", kind.label()));
             assert_eq!(registry.get("p").unwrap(), info);
         }

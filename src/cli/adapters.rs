@@ -45,7 +45,7 @@ pub(super) async fn run(app: &App, cmd: AdaptersCmd) -> Result<()> {
                 "added adapter {} ({}, targets {}) for {}",
                 info.name,
                 info.method(),
-                info.target_modules.join(","),
+                info.targets(),
                 info.base_model
             );
         }
@@ -66,7 +66,7 @@ pub(super) async fn run(app: &App, cmd: AdaptersCmd) -> Result<()> {
                         a.name,
                         a.base_model,
                         a.method(),
-                        a.target_modules.join(","),
+                        a.targets(),
                         a.size_bytes,
                         a.created_at
                     );
@@ -85,7 +85,7 @@ pub(super) async fn run(app: &App, cmd: AdaptersCmd) -> Result<()> {
                     info.name,
                     info.base_model,
                     info.method(),
-                    info.target_modules.join(","),
+                    info.targets(),
                     info.size_bytes
                 );
                 match training {

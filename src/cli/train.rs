@@ -455,10 +455,10 @@ fn print_outcome(collection: &str, out: &TrainOutcome) -> Result<()> {
     }
     let (info, r) = (&out.adapter, &out.record);
     println!(
-        "trained adapter {} ({}, {}): {} steps, best validation loss {}, {:.0} tokens/s, {:.0} s, peak RSS {:.0} MiB{}",
+        "trained adapter {} ({}, targets {}): {} steps, best validation loss {}, {:.0} tokens/s, {:.0} s, peak RSS {:.0} MiB{}",
         info.name,
         info.method(),
-        info.target_modules.join(","),
+        info.targets(),
         r.steps,
         r.best_val_loss
             .map_or_else(|| "-".to_string(), |v| format!("{v:.4}")),
