@@ -12,7 +12,8 @@ use domainrag::generate::{ChatMessage, Generator, Role, Sampling};
 use domainrag::rag::build_messages_from_context;
 use domainrag::train::model::{Ia3Spec, LlamaLora, LoraSpec};
 use domainrag::train::{
-    Method, Progress, TrainJob, TrainOptions, Triplet, encode, register, train as run_training,
+    Example, Method, Progress, TrainJob, TrainOptions, Triplet, encode, register,
+    train as run_training,
 };
 
 use crate::helpers::{exclusive_generation, generator, greedy, models_dir, native_generator};
@@ -303,19 +304,7 @@ async fn ia3_gradients_match_finite_differences() {
     };
     let model = LlamaLora::load_ia3(&base_dir(), &Device::Cpu, spec).expect("model");
     let ex = &examples[0];
-    let loss = |m: &LlamaLora| -> f32 {
-        m.loss(&ex.ids, &ex.positions, None)
-            .and_then(|l| l.to_scalar::<f32>())
-            .expect("loss")
-    };
-    let grads = model
-        .loss(&ex.ids, &ex.positions, None)
-        .expect("loss")
-        .backward()
-        .expect("backward");
-    for w in model.frozen_tensors() {
-        assert!(grads.get(w).is_none(), "a frozen weight got a gradient");
-    }
+    let grads = adapter_gradients(&model, ex);
     let ia3s = model.ia3s();
     assert_eq!(ia3s.len(), 2 * model.config.num_hidden_layers);
     let last = model.config.num_hidden_layers - 1;
@@ -326,31 +315,74 @@ async fn ia3_gradients_match_finite_differences() {
     for (path, ia3) in ia3s.iter().filter(|(p, _)| picked.contains(p)) {
         let grad = grads
             .get(ia3.l.as_tensor())
-            .expect("the vector has a gradient")
-            .to_vec1::<f32>()
-            .unwrap();
-        let (i, &analytic) = grad
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-            .expect("a non-empty vector");
-        assert!(analytic.abs() > 1e-3, "{path}: gradient {analytic}");
-        let at = |delta: f32| -> f32 {
-            let mut l = vec![1.0f32; grad.len()];
-            l[i] += delta;
-            ia3.l
-                .set(&candle_core::Tensor::from_vec(l, grad.len(), &Device::Cpu).unwrap())
-                .unwrap();
-            loss(&model)
-        };
-        let eps = 1e-2;
-        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-        at(0.0);
-        assert!(
-            (numeric - analytic).abs() <= 0.05 * analytic.abs(),
-            "{path}[{i}]: autograd {analytic}, finite differences {numeric}"
-        );
+            .expect("the vector has a gradient");
+        matches_finite_differences(&ia3.l, grad, || loss_of(&model, ex), 1e-3, 0.0, path);
     }
+}
+
+/// The loss on `ex`, no dropout.
+pub(crate) fn loss_of(model: &LlamaLora, ex: &Example) -> f32 {
+    model
+        .loss(&ex.ids, &ex.positions, None)
+        .and_then(|l| l.to_scalar::<f32>())
+        .expect("loss")
+}
+
+/// The loss's gradients on `ex`, checked to reach no frozen weight.
+pub(crate) fn adapter_gradients(
+    model: &LlamaLora,
+    ex: &Example,
+) -> candle_core::backprop::GradStore {
+    let grads = model
+        .loss(&ex.ids, &ex.positions, None)
+        .expect("loss")
+        .backward()
+        .expect("backward");
+    for w in model.frozen_tensors() {
+        assert!(grads.get(w).is_none(), "a frozen weight got a gradient");
+    }
+    grads
+}
+
+/// The loss's gradient `grad` of `var` at its element of largest gradient (which must exceed
+/// `min_grad`) against central finite differences (step 1e-2; within 5% plus `slack`); `var` is
+/// left as it was.
+pub(crate) fn matches_finite_differences(
+    var: &candle_core::Var,
+    grad: &candle_core::Tensor,
+    loss: impl Fn() -> f32,
+    min_grad: f32,
+    slack: f32,
+    label: &str,
+) {
+    let grad = grad.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (i, &analytic) = grad
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+        .expect("a non-empty variable");
+    assert!(analytic.abs() > min_grad, "{label}: gradient {analytic}");
+    let original = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let shape = var.as_tensor().shape().clone();
+    let at = |delta: f32| -> f32 {
+        let mut values = original.clone();
+        values[i] += delta;
+        var.set(&candle_core::Tensor::from_vec(values, shape.clone(), &Device::Cpu).unwrap())
+            .unwrap();
+        loss()
+    };
+    let eps = 1e-2;
+    let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+    at(0.0);
+    assert!(
+        (numeric - analytic).abs() <= 0.05 * analytic.abs() + slack,
+        "{label}[{i}]: autograd {analytic}, finite differences {numeric}"
+    );
 }
 
 /// `train --method ia3` in a few steps: the loss falls, the adapter is written in PEFT's (IA)³

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use domainrag::adapters::{AdapterKind, BaseModelInfo};
 use domainrag::generate::Generator;
 use domainrag::train::model::{LlamaLora, VirtualSpec};
@@ -14,7 +14,10 @@ use domainrag::train::{
 };
 
 use crate::helpers::{generator, native_generator};
-use crate::train::{Quiet, base_dir, fixture, served_like_the_trainer, write_triplets_file};
+use crate::train::{
+    Quiet, adapter_gradients, base_dir, fixture, loss_of, matches_finite_differences,
+    served_like_the_trainer, write_triplets_file,
+};
 
 const KINDS: [(AdapterKind, Method); 2] = [
     (AdapterKind::Prompt, Method::Prompt),
@@ -41,58 +44,17 @@ async fn virtual_token_gradients_match_finite_differences() {
     for (kind, _) in KINDS {
         let model = LlamaLora::load_virtual(&base_dir(), &Device::Cpu, spec(&g, kind, 4).await)
             .expect("model");
-        let loss = |m: &LlamaLora| -> f32 {
-            m.loss(&ex.ids, &ex.positions, None)
-                .and_then(|l| l.to_scalar::<f32>())
-                .expect("loss")
-        };
         let table = model
             .virtual_tokens()
             .expect("virtual tokens")
             .table
             .clone();
-        let grads = model
-            .loss(&ex.ids, &ex.positions, None)
-            .expect("loss")
-            .backward()
-            .expect("backward");
-        for w in model.frozen_tensors() {
-            assert!(grads.get(w).is_none(), "a frozen weight got a gradient");
-        }
+        let grads = adapter_gradients(&model, ex);
         let grad = grads
             .get(table.as_tensor())
-            .expect("the table has a gradient")
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .unwrap();
-        let (i, &analytic) = grad
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-            .expect("a non-empty table");
-        assert!(analytic.abs() > 1e-4, "{kind:?}: gradient {analytic}");
-        let original = table
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let shape = table.as_tensor().shape().clone();
-        let at = |delta: f32| -> f32 {
-            let mut t = original.clone();
-            t[i] += delta;
-            table
-                .set(&Tensor::from_vec(t, shape.clone(), &Device::Cpu).unwrap())
-                .unwrap();
-            loss(&model)
-        };
-        let eps = 1e-2;
-        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-        at(0.0);
-        assert!(
-            (numeric - analytic).abs() <= 0.05 * analytic.abs() + 1e-3,
-            "{kind:?}[{i}]: autograd {analytic}, finite differences {numeric}"
-        );
+            .expect("the table has a gradient");
+        let label = format!("{kind:?}");
+        matches_finite_differences(&table, grad, || loss_of(&model, ex), 1e-4, 1e-3, &label);
     }
 }
 
