@@ -147,6 +147,10 @@ pub struct TrainArgs {
     /// prefix: the keys and values the base computes over it).
     #[arg(long, default_value = crate::train::DEFAULT_INIT_TEXT)]
     pub init_text: String,
+    /// prefix: train the keys and values through peft's reparameterisation MLP of this hidden
+    /// width (it starts at random; 0 = train them directly from --init-text's).
+    #[arg(long, default_value_t = 0)]
+    pub prefix_projection: usize,
     /// LoRA rank and alpha (the update is scaled by alpha / rank).
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
@@ -404,6 +408,7 @@ fn train_request(a: &TrainArgs) -> Result<TrainRequest> {
         targets,
         virtual_tokens: a.virtual_tokens,
         init_text: a.init_text.clone(),
+        prefix_projection: a.prefix_projection,
         dropout: a.dropout,
         lr: a.lr,
         epochs: a.epochs,

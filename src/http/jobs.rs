@@ -272,6 +272,9 @@ struct TrainBody {
     virtual_tokens: Option<usize>,
     #[serde(default)]
     init_text: Option<String>,
+    /// prefix: the reparameterisation MLP's hidden width (0 = none).
+    #[serde(default)]
+    prefix_projection: Option<usize>,
     #[serde(default)]
     epochs: Option<usize>,
     #[serde(default)]
@@ -304,6 +307,7 @@ impl TrainBody {
             seed: self.seed.unwrap_or(d.seed),
             virtual_tokens: self.virtual_tokens.unwrap_or(d.virtual_tokens),
             init_text: self.init_text.unwrap_or_else(|| d.init_text.clone()),
+            prefix_projection: self.prefix_projection.unwrap_or(d.prefix_projection),
             ..d
         };
         let source = match (self.synthetic, self.triplets_job) {

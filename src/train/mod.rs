@@ -386,6 +386,8 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
                 tokens: o.virtual_tokens,
                 init_text: o.init_text.clone(),
                 init_ids: job.init_ids.clone(),
+                projection: o.prefix_projection,
+                seed: o.seed,
             };
             LlamaLora::load_virtual(&job.base_dir, &job.device, spec)?
         }

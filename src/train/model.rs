@@ -68,14 +68,83 @@ pub struct VirtualSpec {
     /// peft's text initialisation does).
     pub init_text: String,
     pub init_ids: Vec<u32>,
+    /// Prefix tuning only: train the table through peft's reparameterisation MLP of this hidden
+    /// width (0 = train the table itself). The MLP starts as peft's does, at random (from
+    /// `seed`), and the init text is then not used.
+    pub projection: usize,
+    pub seed: u64,
 }
 
 /// Virtual tokens being trained: prompt tuning's embeddings `(tokens, hidden)`, or prefix
-/// tuning's table `(tokens, layers * 2 * kv_heads * head_dim)` ([`VirtualKv::from_table`]).
+/// tuning's table `(tokens, layers * 2 * kv_heads * head_dim)` ([`VirtualKv::from_table`]) or,
+/// with a projection, the MLP's input `(tokens, kv_heads * head_dim)`.
 #[derive(Debug)]
 pub struct VirtualTokens {
     pub spec: VirtualSpec,
     pub table: Var,
+    pub projection: Option<PrefixMlp>,
+}
+
+impl VirtualTokens {
+    /// The table the adapter is: `table`, or the MLP's output over it.
+    pub fn effective_table(&self) -> candle_core::Result<Tensor> {
+        match &self.projection {
+            Some(mlp) => mlp.forward(self.table.as_tensor()),
+            None => Ok(self.table.as_tensor().clone()),
+        }
+    }
+}
+
+/// peft's prefix reparameterisation: `Linear(kv, width) -> tanh -> Linear(width, table width)`.
+#[derive(Debug)]
+pub struct PrefixMlp {
+    pub w1: Var,
+    pub b1: Var,
+    pub w2: Var,
+    pub b2: Var,
+}
+
+impl PrefixMlp {
+    /// torch's `nn.Linear` start: weights and biases uniform in `±1/sqrt(in)`.
+    fn new(
+        input: usize,
+        width: usize,
+        output: usize,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> candle_core::Result<PrefixMlp> {
+        let mut uniform = |shape: &[usize], fan_in: usize| -> candle_core::Result<Var> {
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n)
+                .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
+                .collect();
+            Var::from_vec(values, shape, device)
+        };
+        Ok(PrefixMlp {
+            w1: uniform(&[width, input], input)?,
+            b1: uniform(&[width], input)?,
+            w2: uniform(&[output, width], width)?,
+            b2: uniform(&[output], width)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.w1.t()?)?
+            .broadcast_add(&self.b1)?
+            .tanh()?
+            .matmul(&self.w2.t()?)?
+            .broadcast_add(&self.b2)
+    }
+
+    fn vars(&self) -> [Var; 4] {
+        [
+            self.w1.clone(),
+            self.b1.clone(),
+            self.w2.clone(),
+            self.b2.clone(),
+        ]
+    }
 }
 
 /// The model (see the module doc).
@@ -213,8 +282,27 @@ impl LlamaLora {
             .copied()
             .collect();
         let embedded = weights.embed(&ids)?;
+        let mut projection = None;
         let table = match spec.kind {
             AdapterKind::Prompt => embedded,
+            AdapterKind::Prefix if spec.projection > 0 => {
+                let c = &weights.config;
+                let kv = c.kv_heads() * c.head_dim();
+                let mut rng = Rng::new(spec.seed);
+                // nn.Embedding's start, N(0, 1), drawn as uniform with the same variance.
+                let values: Vec<f32> = (0..spec.tokens * kv)
+                    .map(|_| (rng.uniform() * 2.0 - 1.0) * 3f32.sqrt())
+                    .collect();
+                let width = c.num_hidden_layers * 2 * kv;
+                projection = Some(PrefixMlp::new(
+                    kv,
+                    spec.projection,
+                    width,
+                    &mut rng,
+                    device,
+                )?);
+                Tensor::from_vec(values, (spec.tokens, kv), device)?
+            }
             AdapterKind::Prefix => weights.virtual_kv(embedded)?.to_table()?,
             other => candle_core::bail!("{} does not learn virtual tokens", other.label()),
         };
@@ -228,6 +316,7 @@ impl LlamaLora {
             virtual_tokens: Some(VirtualTokens {
                 spec,
                 table: Var::from_tensor(&table.detach())?,
+                projection,
             }),
         })
     }
@@ -311,7 +400,10 @@ impl LlamaLora {
             .flat_map(|(_, l)| [l.a.clone(), l.b.clone()]);
         loras
             .chain(self.ia3s().into_iter().map(|(_, v)| v.l.clone()))
-            .chain(self.virtual_tokens.iter().map(|v| v.table.clone()))
+            .chain(self.virtual_tokens.iter().flat_map(|v| {
+                let mlp = v.projection.iter().flat_map(PrefixMlp::vars);
+                std::iter::once(v.table.clone()).chain(mlp)
+            }))
             .collect()
     }
 
@@ -338,7 +430,7 @@ impl LlamaLora {
         let n = virt.spec.tokens;
         let positions: Vec<u32> = (0..(n + ids.len()) as u32).collect();
         if virt.spec.kind == AdapterKind::Prefix {
-            let prefix = VirtualKv::from_table(&self.config, virt.table.as_tensor())?;
+            let prefix = VirtualKv::from_table(&self.config, &virt.effective_table()?)?;
             hooks.prefix = Some(&prefix);
             return self.weights.forward(ids, &positions[n..], &mut hooks);
         }
@@ -407,9 +499,10 @@ impl LlamaLora {
     pub fn peft_tensors(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         if let Some(virt) = &self.virtual_tokens {
+            // With a projection peft saves the MLP's output, the table serving reads.
             out.insert(
                 "prompt_embeddings".to_string(),
-                virt.table.as_detached_tensor(),
+                virt.effective_table()?.detach(),
             );
         }
         for (path, ia3) in self.ia3s() {

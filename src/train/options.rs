@@ -90,6 +90,8 @@ pub struct TrainOptions {
     /// Prompt and prefix tuning: how many virtual tokens, and the text they start from.
     pub virtual_tokens: usize,
     pub init_text: String,
+    /// Prefix tuning: train through peft's reparameterisation MLP of this hidden width (0 = no).
+    pub prefix_projection: usize,
     pub dropout: f32,
     pub lr: f64,
     pub epochs: usize,
@@ -117,6 +119,7 @@ impl Default for TrainOptions {
             feedforward: Vec::new(),
             virtual_tokens: 20,
             init_text: DEFAULT_INIT_TEXT.to_string(),
+            prefix_projection: 0,
             dropout: 0.05,
             lr: 2e-4,
             epochs: 2,
@@ -190,6 +193,12 @@ impl TrainOptions {
         }
         if self.init_text.trim().is_empty() {
             return bad("--init-text", "must not be empty");
+        }
+        if self.prefix_projection > 0 && self.method != Method::Prefix {
+            return bad("--prefix-projection", "applies to --method prefix only");
+        }
+        if self.prefix_projection > 4096 {
+            return bad("--prefix-projection", "must be at most 4096");
         }
         if !self.targets.is_empty() || !self.feedforward.is_empty() {
             return bad("--targets", "applies to --method lora and ia3 only");
@@ -333,11 +342,29 @@ mod tests {
                     },
                     "--lr",
                 ),
+                (
+                    TrainOptions {
+                        prefix_projection: 5000,
+                        ..ok.clone()
+                    },
+                    "--prefix-projection",
+                ),
             ] {
                 let err = bad.validate().unwrap_err().to_string();
                 assert!(err.contains(option), "{method:?}: {err}");
             }
         }
         assert_eq!("prefix".parse::<Method>(), Ok(Method::Prefix));
+        let mlp = TrainOptions {
+            prefix_projection: 256,
+            ..TrainOptions::for_method(Method::Prefix)
+        };
+        assert!(mlp.validate().is_ok());
+        let prompt_mlp = TrainOptions {
+            method: Method::Prompt,
+            ..mlp
+        };
+        let err = prompt_mlp.validate().unwrap_err().to_string();
+        assert!(err.contains("prefix only"), "{err}");
     }
 }

@@ -80,8 +80,9 @@ fn peft_config(model: &LlamaLora, base: &BaseModelInfo) -> Result<serde_json::Va
     })
 }
 
-/// peft's config of prompt tuning (text initialisation) or prefix tuning (no reparameterisation
-/// MLP; sized by the key/value heads, as peft does for grouped-query attention).
+/// peft's config of prompt tuning (text initialisation) or prefix tuning (trained through the
+/// reparameterisation MLP or not; sized by the key/value heads, as peft does for grouped-query
+/// attention).
 fn virtual_tokens_config(
     spec: &VirtualSpec,
     config: &crate::llama::LlamaConfig,
@@ -102,8 +103,8 @@ fn virtual_tokens_config(
             "peft_type": "PREFIX_TUNING",
             "token_dim": kv,
             "num_attention_heads": config.kv_heads(),
-            "encoder_hidden_size": kv,
-            "prefix_projection": false,
+            "encoder_hidden_size": if spec.projection > 0 { spec.projection } else { kv },
+            "prefix_projection": spec.projection > 0,
         })
     } else {
         serde_json::json!({

@@ -19,18 +19,22 @@ use crate::train::{
     served_like_the_trainer, write_triplets_file,
 };
 
-const KINDS: [(AdapterKind, Method); 2] = [
-    (AdapterKind::Prompt, Method::Prompt),
-    (AdapterKind::Prefix, Method::Prefix),
+/// Each kind, and its method with the reparameterisation MLP's width (0 = none).
+const KINDS: [(AdapterKind, Method, usize); 3] = [
+    (AdapterKind::Prompt, Method::Prompt, 0),
+    (AdapterKind::Prefix, Method::Prefix, 0),
+    (AdapterKind::Prefix, Method::Prefix, 32),
 ];
 
-async fn spec(g: &Generator, kind: AdapterKind, tokens: usize) -> VirtualSpec {
+async fn spec(g: &Generator, kind: AdapterKind, tokens: usize, projection: usize) -> VirtualSpec {
     let init_text = "Answer briefly from the sources.".to_string();
     VirtualSpec {
         kind,
         tokens,
         init_ids: g.tokenize_text(&init_text).await.unwrap(),
         init_text,
+        projection,
+        seed: 5,
     }
 }
 
@@ -41,9 +45,9 @@ async fn virtual_token_gradients_match_finite_differences() {
     let g = generator().await;
     let (examples, _) = encode(&g, &fixture(), 512).await.expect("encode");
     let ex = &examples[0];
-    for (kind, _) in KINDS {
-        let model = LlamaLora::load_virtual(&base_dir(), &Device::Cpu, spec(&g, kind, 4).await)
-            .expect("model");
+    for (kind, _, projection) in KINDS {
+        let spec = spec(&g, kind, 4, projection).await;
+        let model = LlamaLora::load_virtual(&base_dir(), &Device::Cpu, spec).expect("model");
         let table = model
             .virtual_tokens()
             .expect("virtual tokens")
@@ -53,8 +57,15 @@ async fn virtual_token_gradients_match_finite_differences() {
         let grad = grads
             .get(table.as_tensor())
             .expect("the table has a gradient");
-        let label = format!("{kind:?}");
+        let label = format!("{kind:?} projection {projection}");
         matches_finite_differences(&table, grad, || loss_of(&model, ex), 1e-4, 1e-3, &label);
+        if let Some(mlp) = &model.virtual_tokens().unwrap().projection {
+            let grad = grads
+                .get(mlp.w2.as_tensor())
+                .expect("the MLP has a gradient");
+            let label = format!("{label} w2");
+            matches_finite_differences(&mlp.w2, grad, || loss_of(&model, ex), 1e-4, 1e-3, &label);
+        }
     }
 }
 
@@ -67,12 +78,13 @@ async fn trained_virtual_tokens_are_served_as_the_trainer_computes_them() {
     let native = native_generator().await;
     let triplets = fixture();
     let base = BaseModelInfo::from_dir(&base_dir()).unwrap();
-    for (kind, method) in KINDS {
+    for (kind, method, projection) in KINDS {
         let (examples, report) = encode(&g, &triplets, 512).await.expect("encode");
         let dir = tempfile::tempdir().expect("tempdir");
         let options = TrainOptions {
             virtual_tokens: 8,
-            lr: 1e-2,
+            prefix_projection: projection,
+            lr: if projection > 0 { 3e-3 } else { 1e-2 },
             epochs: 6,
             batch: 1,
             max_len: 512,
@@ -100,20 +112,28 @@ async fn trained_virtual_tokens_are_served_as_the_trainer_computes_them() {
             points.iter().map(|p| p.train_loss).sum::<f32>() / points.len() as f32
         };
         let (first, last) = (mean(&curve[..4]), mean(&curve[curve.len() - 4..]));
-        assert!(last < first, "{kind:?}: loss went from {first} to {last}");
-        assert_eq!(
-            trained.record.trainable_params,
-            8 * table_width(kind, &base)
+        assert!(
+            last < first,
+            "{kind:?} projection {projection}: loss went from {first} to {last}"
         );
+        let width = table_width(kind, &base);
+        let kv = base.num_key_value_heads * base.head_dim;
+        let params = if projection > 0 {
+            8 * kv + (kv + 1) * projection + (projection + 1) * width
+        } else {
+            8 * width
+        };
+        assert_eq!(trained.record.trainable_params, params);
 
         let name = format!(
-            "zorblat-{}-{}",
+            "zorblat-{}-{projection}-{}",
             kind.label().replace(' ', "-"),
             std::process::id()
         );
         let info = register(g.registry(), &name, &trained, &base, false).expect("register");
         assert_eq!((info.kind, info.virtual_tokens), (kind, 8));
-        let mut trainer_spec = spec(&g, kind, 8).await;
+        // The trainer's forward pass over the written table (an MLP's output, with one).
+        let mut trainer_spec = spec(&g, kind, 8, 0).await;
         trainer_spec.init_ids = init_ids(&g, &options).await.unwrap();
         let trainer = LlamaLora::load_virtual(&base_dir(), &Device::Cpu, trainer_spec).unwrap();
         let written = candle_core::safetensors::load(
@@ -126,7 +146,7 @@ async fn trained_virtual_tokens_are_served_as_the_trainer_computes_them() {
         let changed = served_like_the_trainer(&g, &native, &trainer, &name, &triplets).await;
         assert!(
             changed > 0,
-            "{kind:?}: the trained tokens changed no answer"
+            "{kind:?} projection {projection}: the trained tokens changed no answer"
         );
     }
 }
