@@ -130,12 +130,18 @@ impl ResidentAdapter {
                 candle_core::Error::Msg(format!("adapter {}: no prompt_embeddings", info.name))
             })?
             .to_dtype(DType::F32)?;
-        let bytes = 4 * table.elem_count();
         let prefix = if info.kind == AdapterKind::Prompt {
             base.virtual_kv(table)?
         } else {
             VirtualKv::from_table(&base.config, &table)?
         };
+        // What stays resident: the keys and values (for prompt tuning, not its embeddings).
+        let bytes = 4 * prefix
+            .k
+            .iter()
+            .chain(&prefix.v)
+            .map(Tensor::elem_count)
+            .sum::<usize>();
         if prefix.tokens != info.virtual_tokens {
             candle_core::bail!(
                 "adapter {}: {} virtual tokens in its table, {} in its config",

@@ -281,10 +281,9 @@ impl LlamaLora {
             .take(spec.tokens)
             .copied()
             .collect();
-        let embedded = weights.embed(&ids)?;
         let mut projection = None;
         let table = match spec.kind {
-            AdapterKind::Prompt => embedded,
+            AdapterKind::Prompt => weights.embed(&ids)?,
             AdapterKind::Prefix if spec.projection > 0 => {
                 let c = &weights.config;
                 let kv = c.kv_heads() * c.head_dim();
@@ -303,7 +302,7 @@ impl LlamaLora {
                 )?);
                 Tensor::from_vec(values, (spec.tokens, kv), device)?
             }
-            AdapterKind::Prefix => weights.virtual_kv(embedded)?.to_table()?,
+            AdapterKind::Prefix => weights.virtual_kv(weights.embed(&ids)?)?.to_table()?,
             other => candle_core::bail!("{} does not learn virtual tokens", other.label()),
         };
         Ok(LlamaLora {
