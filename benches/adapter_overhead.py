@@ -21,7 +21,6 @@ Standard library only; the server helpers are benches/soak.py's.
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 
 import soak
@@ -81,13 +80,7 @@ def main():
                 runs[arm].append(ask(url, q, arm))
             print(f"adapter_overhead: {i + 1}/{args.n} questions", file=sys.stderr)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        subprocess.run([args.bin, "--data-dir", args.data_dir, "keys", "revoke", soak.KEY["id"]],
-                       stdout=subprocess.DEVNULL, check=False)
+        soak.stop_server(args, proc)
     result = {"collection": args.collection, "questions": args.n, "max_tokens": args.max_tokens,
               "arms": {arm or "none": summarise(runs[arm], runs[None]) for arm in arms}}
     print("| arm | median TTFT ms | TTFT / base (median) | decode ms/token | answers >= 2 tokens |")

@@ -159,6 +159,17 @@ def start_server(args, port):
     raise SystemExit(f"soak: the server was not ready within {args.start_timeout} s")
 
 
+def stop_server(args, proc):
+    """Stop the server that start_server started and revoke its key."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    subprocess.run([args.bin, "--data-dir", args.data_dir, "keys", "revoke", KEY["id"]],
+                   stdout=subprocess.DEVNULL, check=False)
+
+
 def run_server(args):
     distinct = load_questions(args.questions, -(-args.answers // args.repeat))
     questions = [q for q in distinct for _ in range(args.repeat)][: args.answers]
@@ -183,13 +194,7 @@ def run_server(args):
             if args.progress and (i + 1) % args.progress == 0:
                 print(f"soak: {i + 1} answers, rss {series[-1]:.0f} MiB", file=sys.stderr)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        subprocess.run([args.bin, "--data-dir", args.data_dir, "keys", "revoke", KEY["id"]],
-                       stdout=subprocess.DEVNULL, check=False)
+        stop_server(args, proc)
     result = summarise(series, args.warmup)
     result.update(
         mode="server",
