@@ -12,8 +12,8 @@ use domainrag::generate::{ChatMessage, Generator, Role, Sampling};
 use domainrag::rag::build_messages_from_context;
 use domainrag::train::model::{Ia3Spec, LlamaLora, LoraSpec};
 use domainrag::train::{
-    Example, Method, Progress, TrainJob, TrainOptions, Triplet, encode, register,
-    train as run_training,
+    EncodeReport, Example, Method, Progress, TrainJob, TrainOptions, Trained, Triplet, encode,
+    register, train as run_training,
 };
 
 use crate::helpers::{exclusive_generation, generator, greedy, models_dir, native_generator};
@@ -186,7 +186,6 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
     let (examples, report) = encode(&g, &triplets, 512).await.expect("encode");
     assert_eq!(report.kept, 4);
     let dir = tempfile::tempdir().expect("tempdir");
-    let triplets_path = write_triplets_file(dir.path(), &triplets);
     let spec = LoraSpec {
         rank: 8,
         alpha: 16.0,
@@ -215,28 +214,15 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
         workers: 2,
         ..TrainOptions::default()
     };
-    let mut quiet = Quiet;
-    let trained = run_training(TrainJob {
-        base_dir: base_dir(),
-        triplets_path,
-        examples: examples.clone(),
-        encode: report,
+    let trained = train_quietly(
+        dir.path(),
+        &triplets,
+        (examples.clone(), report),
         options,
-        init_ids: Vec::new(),
-        work_dir: dir.path().join("work"),
-        device: Device::Cpu,
-        stop: Arc::new(AtomicBool::new(false)),
-        progress: &mut quiet,
-    })
-    .expect("training runs");
-    let curve = &trained.record.curve;
+        Vec::new(),
+    );
     assert_eq!(trained.record.steps, 100);
-    let first: f32 = curve[..2].iter().map(|p| p.train_loss).sum::<f32>() / 2.0;
-    let last: f32 = curve[curve.len() - 2..]
-        .iter()
-        .map(|p| p.train_loss)
-        .sum::<f32>()
-        / 2.0;
+    let (first, last) = first_and_last_loss(&trained, 2);
     assert!(last < first * 0.1, "loss fell from {first} to only {last}");
 
     let base = BaseModelInfo::from_dir(&base_dir()).unwrap();
@@ -321,6 +307,38 @@ async fn ia3_gradients_match_finite_differences() {
 }
 
 /// The loss on `ex`, no dropout.
+/// Train quietly on the CPU in `dir`: `examples` are `triplets` encoded (`report`).
+pub(crate) fn train_quietly(
+    dir: &std::path::Path,
+    triplets: &[Triplet],
+    (examples, report): (Vec<Example>, EncodeReport),
+    options: TrainOptions,
+    init_ids: Vec<u32>,
+) -> Trained {
+    run_training(TrainJob {
+        base_dir: base_dir(),
+        triplets_path: write_triplets_file(dir, triplets),
+        examples,
+        encode: report,
+        options,
+        init_ids,
+        work_dir: dir.join("work"),
+        device: Device::Cpu,
+        stop: Arc::new(AtomicBool::new(false)),
+        progress: &mut Quiet,
+    })
+    .expect("training runs")
+}
+
+/// Mean training loss of the first and of the last `n` steps.
+pub(crate) fn first_and_last_loss(trained: &Trained, n: usize) -> (f32, f32) {
+    let curve = &trained.record.curve;
+    let mean = |points: &[domainrag::train::LossPoint]| {
+        points.iter().map(|p| p.train_loss).sum::<f32>() / points.len() as f32
+    };
+    (mean(&curve[..n]), mean(&curve[curve.len() - n..]))
+}
+
 pub(crate) fn loss_of(model: &LlamaLora, ex: &Example) -> f32 {
     model
         .loss(&ex.ids, &ex.positions, None)
@@ -393,7 +411,6 @@ async fn a_trained_ia3_adapter_is_served_as_the_trainer_computes_it() {
     let triplets = fixture();
     let (examples, report) = encode(&g, &triplets, 512).await.expect("encode");
     let dir = tempfile::tempdir().expect("tempdir");
-    let triplets_path = write_triplets_file(dir.path(), &triplets);
     let targets = Method::Ia3.default_targets();
     let options = TrainOptions {
         method: Method::Ia3,
@@ -409,26 +426,15 @@ async fn a_trained_ia3_adapter_is_served_as_the_trainer_computes_it() {
         workers: 1,
         ..TrainOptions::default()
     };
-    let mut quiet = Quiet;
-    let trained = run_training(TrainJob {
-        base_dir: base_dir(),
-        triplets_path,
-        examples,
-        encode: report,
+    let trained = train_quietly(
+        dir.path(),
+        &triplets,
+        (examples, report),
         options,
-        init_ids: Vec::new(),
-        work_dir: dir.path().join("work"),
-        device: Device::Cpu,
-        stop: Arc::new(AtomicBool::new(false)),
-        progress: &mut quiet,
-    })
-    .expect("training runs");
-    let curve = &trained.record.curve;
+        Vec::new(),
+    );
     assert_eq!(trained.record.steps, 24);
-    let mean = |points: &[domainrag::train::LossPoint]| {
-        points.iter().map(|p| p.train_loss).sum::<f32>() / points.len() as f32
-    };
-    let (first, last) = (mean(&curve[..4]), mean(&curve[curve.len() - 4..]));
+    let (first, last) = first_and_last_loss(&trained, 4);
     assert!(last < first, "loss went from {first} to {last}");
 
     let base = BaseModelInfo::from_dir(&base_dir()).unwrap();

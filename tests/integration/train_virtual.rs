@@ -2,21 +2,16 @@
 //! differences, and a short run whose adapter is written in peft's format, registers, and is
 //! served by the native engine with the trainer's own greedy tokens.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-
 use candle_core::Device;
 use domainrag::adapters::{AdapterKind, BaseModelInfo};
 use domainrag::generate::Generator;
 use domainrag::train::model::{LlamaLora, VirtualSpec};
-use domainrag::train::{
-    Method, TrainJob, TrainOptions, encode, init_ids, register, train as run_training,
-};
+use domainrag::train::{Method, TrainOptions, encode, init_ids, register};
 
 use crate::helpers::{generator, native_generator};
 use crate::train::{
-    Quiet, adapter_gradients, base_dir, fixture, loss_of, matches_finite_differences,
-    served_like_the_trainer, write_triplets_file,
+    adapter_gradients, base_dir, first_and_last_loss, fixture, loss_of, matches_finite_differences,
+    served_like_the_trainer, train_quietly,
 };
 
 /// Each kind, and its method with the reparameterisation MLP's width (0 = none).
@@ -94,24 +89,15 @@ async fn trained_virtual_tokens_are_served_as_the_trainer_computes_them() {
             workers: 1,
             ..TrainOptions::for_method(method)
         };
-        let trained = run_training(TrainJob {
-            base_dir: base_dir(),
-            triplets_path: write_triplets_file(dir.path(), &triplets),
-            examples,
-            encode: report,
-            init_ids: init_ids(&g, &options).await.unwrap(),
-            options: options.clone(),
-            work_dir: dir.path().join("work"),
-            device: Device::Cpu,
-            stop: Arc::new(AtomicBool::new(false)),
-            progress: &mut Quiet,
-        })
-        .expect("training runs");
-        let curve = &trained.record.curve;
-        let mean = |points: &[domainrag::train::LossPoint]| {
-            points.iter().map(|p| p.train_loss).sum::<f32>() / points.len() as f32
-        };
-        let (first, last) = (mean(&curve[..4]), mean(&curve[curve.len() - 4..]));
+        let ids = init_ids(&g, &options).await.unwrap();
+        let trained = train_quietly(
+            dir.path(),
+            &triplets,
+            (examples, report),
+            options.clone(),
+            ids,
+        );
+        let (first, last) = first_and_last_loss(&trained, 4);
         assert!(
             last < first,
             "{kind:?} projection {projection}: loss went from {first} to {last}"
