@@ -41,7 +41,7 @@ mod prompt;
 
 pub use fixture::{write_test_adapter, write_test_ia3_adapter, write_test_prompt_adapter};
 pub use peft::LORA_MODULES;
-use peft::{check_weights, parse_peft_config, read_safetensors_header};
+use peft::{check_finite, check_weights, parse_peft_config, read_safetensors_header};
 pub use prompt::MAX_VIRTUAL_TOKENS;
 
 /// The PEFT files of an adapter, under the names mistral.rs asks the hub cache for.
@@ -469,7 +469,7 @@ impl AdapterRegistry {
             .map_err(|source| AdapterError::Corrupt { path, source })
     }
 
-    /// Check the PEFT LoRA adapter in `src` against `base` and install it as `name`.
+    /// Check the PEFT adapter in `src` against `base` and install it as `name`.
     ///
     /// Everything is checked before anything is written, so a refused adapter leaves the registry
     /// as it was. The files are then staged in a hidden directory next to the destination and
@@ -554,6 +554,7 @@ impl AdapterRegistry {
         let header = read_safetensors_header(name, src, &weights_path)?;
         check_weights(&header.json, header.data_len, &config, base)
             .map_err(|p| invalid(name, WEIGHTS_FILE, p))?;
+        check_finite(name, &weights_path, &header)?;
 
         let info = AdapterInfo {
             name: name.to_string(),
@@ -1127,6 +1128,42 @@ mod tests {
         let err = f.registry.add("legal", &not_a_dir, &f.base).unwrap_err();
         assert!(matches!(err, AdapterError::Invalid { .. }), "{err:?}");
         assert!(f.registry.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn refuses_a_nan_or_infinite_weight_and_keeps_the_adapter_it_would_replace() {
+        for (bad, label) in [(f32::NAN, "NaN"), (f32::NEG_INFINITY, "-inf")] {
+            let f = fixture();
+            let tensors = lora_tensors(&f.base, 4, &TARGETS, &LAYERS).unwrap();
+            let (last, _) = tensors.last().unwrap().clone();
+            // Finite everywhere but one element of the last tensor in the file.
+            let elements: Vec<usize> = tensors.iter().map(|(_, s)| s.iter().product()).collect();
+            let before: usize = elements[..elements.len() - 1].iter().sum();
+            let counter = std::cell::Cell::new(0usize);
+            write_safetensors(&f.src.join(WEIGHTS_FILE), &tensors, &|_| {
+                let at = counter.get();
+                counter.set(at + 1);
+                if at == before + 3 { bad } else { 0.5 }
+            })
+            .unwrap();
+            let err = refused(&f);
+            assert_invalid(
+                &err,
+                WEIGHTS_FILE,
+                &format!("{last} holds a NaN or infinite value (element 3)"),
+            );
+
+            // A replacement that is refused leaves the registered adapter as it was.
+            let good = f.src.with_file_name("good");
+            write_test_adapter(&good, &f.base, 4, 8.0, &TARGETS, &LAYERS, |_| 0.0).unwrap();
+            let kept = f.registry.add("legal", &good, &f.base).unwrap();
+            let err = f.registry.replace("legal", &f.src, &f.base).unwrap_err();
+            assert!(
+                err.to_string().contains("NaN or infinite"),
+                "{label}: {err}"
+            );
+            assert_eq!(f.registry.list().unwrap(), vec![kept], "{label}");
+        }
     }
 
     #[test]

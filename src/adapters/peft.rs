@@ -1,13 +1,13 @@
 //! What a valid PEFT adapter is, checked before anything is installed: its
 //! `adapter_config.json` (kind, rank, alpha, target modules), the names and shapes of the tensors
-//! in `adapter_model.safetensors` against the base model's, and the file's header and layout
-//! (read without reading the tensor data). Errors are the problem in words; the registry wraps
+//! in `adapter_model.safetensors` against the base model's, the file's header and layout, and,
+//! once those hold, that every value is finite. Errors are the problem in words; the registry wraps
 //! them with the adapter's name and file. The kinds that learn virtual tokens have their own
 //! fields and tensor, checked by [`super::prompt`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -224,7 +224,7 @@ pub(super) struct SafetensorsHeader {
     pub(super) json: Vec<u8>,
 }
 
-/// Read the header only: adapters can be large, and the tensor data is never interpreted here.
+/// Read the header only: adapters can be large ([`check_finite`] streams the data later).
 pub(super) fn read_safetensors_header(
     name: &str,
     src: &Path,
@@ -295,6 +295,78 @@ pub(super) fn check_layout(
         ));
     }
     Ok(())
+}
+
+/// Bytes read at a time by [`check_finite`] (a multiple of every element size).
+const FINITE_CHUNK: usize = 1 << 20;
+
+/// Every value of every tensor is finite. One NaN or infinity (a training run that diverged, a
+/// broken conversion) would turn each answer with the adapter into noise, so it is refused at
+/// the door with the tensor and element named. Streams the data once, in file order; the
+/// header and layout were checked by [`check_weights`] (contiguous tensors from byte 0).
+pub(super) fn check_finite(
+    name: &str,
+    path: &Path,
+    header: &SafetensorsHeader,
+) -> Result<(), AdapterError> {
+    let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header.json)
+        .map_err(|e| invalid(name, WEIGHTS_FILE, e.to_string()))?;
+    let mut tensors = Vec::new();
+    for (tensor, value) in entries {
+        if tensor != "__metadata__" {
+            let entry: TensorEntry = serde_json::from_value(value)
+                .map_err(|e| invalid(name, WEIGHTS_FILE, format!("{tensor}: {e}")))?;
+            tensors.push((
+                entry.data_offsets[0],
+                entry.data_offsets[1],
+                entry.dtype,
+                tensor,
+            ));
+        }
+    }
+    tensors.sort();
+    let mut file = File::open(path).map_err(|e| io(path, e))?;
+    file.seek(SeekFrom::Start(8 + header.json.len() as u64))
+        .map_err(|e| io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let mut buf = vec![0u8; FINITE_CHUNK];
+    for (begin, end, dtype, tensor) in tensors {
+        let width = if dtype == "F32" { 4 } else { 2 };
+        let mut left = usize::try_from(end - begin).expect("checked against the file length");
+        let mut element = 0;
+        while left > 0 {
+            let chunk = &mut buf[..left.min(FINITE_CHUNK)];
+            reader.read_exact(chunk).map_err(|e| io(path, e))?;
+            if let Some(at) = chunk
+                .chunks_exact(width)
+                .position(|b| non_finite(&dtype, b))
+            {
+                return Err(invalid(
+                    name,
+                    WEIGHTS_FILE,
+                    format!(
+                        "{tensor} holds a NaN or infinite value (element {}); an adapter with \
+                         one answers with noise (did its training diverge?)",
+                        element + at
+                    ),
+                ));
+            }
+            element += chunk.len() / width;
+            left -= chunk.len();
+        }
+    }
+    Ok(())
+}
+
+/// Whether one little-endian element of `dtype` (F32, F16 or BF16) is NaN or infinite: all its
+/// exponent bits set.
+fn non_finite(dtype: &str, bytes: &[u8]) -> bool {
+    match (dtype, bytes) {
+        ("F32", &[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]) & 0x7F80_0000 == 0x7F80_0000,
+        ("F16", &[a, b]) => u16::from_le_bytes([a, b]) & 0x7C00 == 0x7C00,
+        ("BF16", &[a, b]) => u16::from_le_bytes([a, b]) & 0x7F80 == 0x7F80,
+        _ => false,
+    }
 }
 
 /// One tensor's entry in a safetensors header.
@@ -551,6 +623,47 @@ impl AdapterKind {
             AdapterKind::Lora => &[TensorPart::A, TensorPart::B],
             AdapterKind::Ia3 => &[TensorPart::Ia3],
             AdapterKind::Prompt | AdapterKind::Prefix => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::non_finite;
+
+    #[test]
+    fn non_finite_reads_each_dtype_exponent() {
+        for (value, bad) in [(1.5f32, false), (-0.0, false), (f32::MAX, false)]
+            .into_iter()
+            .chain([
+                (f32::NAN, true),
+                (f32::INFINITY, true),
+                (f32::NEG_INFINITY, true),
+            ])
+        {
+            assert_eq!(non_finite("F32", &value.to_le_bytes()), bad, "{value}");
+        }
+        // F16: 0x3C00 = 1.0, 0x7BFF = 65504 (largest finite), 0x7C00 = inf, 0xFE00 = NaN.
+        for (bits, bad) in [
+            (0x3C00u16, false),
+            (0x7BFF, false),
+            (0x7C00, true),
+            (0xFE00, true),
+        ] {
+            assert_eq!(non_finite("F16", &bits.to_le_bytes()), bad, "F16 {bits:#x}");
+        }
+        // BF16: 0x3F80 = 1.0, 0x7F7F = largest finite, 0x7F80 = inf, 0xFFC0 = NaN.
+        for (bits, bad) in [
+            (0x3F80u16, false),
+            (0x7F7F, false),
+            (0x7F80, true),
+            (0xFFC0, true),
+        ] {
+            assert_eq!(
+                non_finite("BF16", &bits.to_le_bytes()),
+                bad,
+                "BF16 {bits:#x}"
+            );
         }
     }
 }
