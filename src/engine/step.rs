@@ -183,11 +183,7 @@ impl StepHooks<'_> {
 
 impl Hooks for StepHooks<'_> {
     fn input(&mut self, layer: usize, m: usize, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let scales: Vec<(Range<usize>, &Tensor)> = self
-            .groups
-            .iter()
-            .filter_map(|(rows, a)| a.input_scale(layer, m).map(|l| (rows.clone(), l)))
-            .collect();
+        let scales = self.scales(|a| a.input_scale(layer, m));
         if scales.is_empty() {
             return Ok(None);
         }
@@ -218,25 +214,13 @@ impl Hooks for StepHooks<'_> {
         if x.device().is_cpu() && pairs.iter().all(|(r, _)| r.len() <= KERNEL_ROWS) {
             return self.lora_on_cpu(x, &y, &pairs);
         }
-        let rows = y.dim(0)?;
-        let mut parts = Vec::new();
-        let mut at = 0;
-        for (range, pair) in &pairs {
-            if range.start > at {
-                parts.push(y.narrow(0, at, range.start - at)?);
-            }
-            let n = range.len();
+        per_group(&y, &pairs, |y_rows, range, pair| {
             let delta = x
-                .narrow(0, range.start, n)?
+                .narrow(0, range.start, range.len())?
                 .matmul(&pair.a.t()?)?
                 .matmul(&pair.b_t)?;
-            parts.push((y.narrow(0, range.start, n)? + delta)?);
-            at = range.end;
-        }
-        if at < rows {
-            parts.push(y.narrow(0, at, rows - at)?);
-        }
-        Tensor::cat(&parts, 0)
+            y_rows + delta
+        })
     }
 
     fn attend(
@@ -301,16 +285,26 @@ impl Hooks for StepHooks<'_> {
 }
 
 /// `t` `(rows, features)` with each group's rows multiplied channel-wise by its vector
-/// `(features,)`; the other rows as they are. Groups are in row order and do not overlap.
+/// `(features,)`; the other rows as they are.
 fn scale_rows(t: &Tensor, groups: &[(Range<usize>, &Tensor)]) -> candle_core::Result<Tensor> {
+    per_group(t, groups, |rows, _, l| rows.broadcast_mul(l))
+}
+
+/// `t` `(rows, _)` with each group's rows replaced by `f(those rows, their range, the group's
+/// value)`; the other rows as they are. Groups are in row order and do not overlap.
+fn per_group<G>(
+    t: &Tensor,
+    groups: &[(Range<usize>, G)],
+    f: impl Fn(&Tensor, &Range<usize>, &G) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
     let rows = t.dim(0)?;
     let mut parts = Vec::with_capacity(2 * groups.len() + 1);
     let mut at = 0;
-    for (range, l) in groups {
+    for (range, value) in groups {
         if range.start > at {
             parts.push(t.narrow(0, at, range.start - at)?);
         }
-        parts.push(t.narrow(0, range.start, range.len())?.broadcast_mul(l)?);
+        parts.push(f(&t.narrow(0, range.start, range.len())?, range, value)?);
         at = range.end;
     }
     if at < rows {
