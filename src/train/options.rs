@@ -211,11 +211,11 @@ impl TrainOptions {
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr < 1.0) {
             return bad("--lr", "must be in (0, 1)");
         }
-        if self.epochs == 0 {
-            return bad("--epochs", "must be > 0");
+        if !(1..=MAX_EPOCHS).contains(&self.epochs) {
+            return bad("--epochs", &format!("must be between 1 and {MAX_EPOCHS}"));
         }
-        if self.batch == 0 {
-            return bad("--batch", "must be > 0");
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            return bad("--batch", &format!("must be between 1 and {MAX_BATCH}"));
         }
         if self.workers == 0 || self.workers > 256 {
             return bad("--workers", "must be between 1 and 256");
@@ -232,6 +232,11 @@ impl TrainOptions {
         Ok(())
     }
 }
+
+/// The most passes over the triplets one run may ask for (a run of that many is days already).
+const MAX_EPOCHS: usize = 1000;
+/// The most sequences one step may take.
+const MAX_BATCH: usize = 4096;
 
 fn bad(option: &'static str, problem: &str) -> Result<(), TrainError> {
     Err(TrainError::Option {
@@ -262,6 +267,16 @@ mod tests {
             ..TrainOptions::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("--lr"));
+        // A train job asking for endless work would hold the one heavy-job slot until cancelled.
+        for (epochs, batch, option) in [(MAX_EPOCHS + 1, 8, "--epochs"), (1, usize::MAX, "--batch")]
+        {
+            let bad = TrainOptions {
+                epochs,
+                batch,
+                ..TrainOptions::default()
+            };
+            assert!(bad.validate().unwrap_err().to_string().contains(option));
+        }
     }
 
     #[test]
