@@ -9,8 +9,10 @@
 #   2. gold-context triplets of the 300 training questions (short sequences: ~5 min per method);
 #   3. each method trained for EPOCHS (1) epoch, 2 sequences a step, one per core, 10% of the
 #      triplets held back for the validation loss. Learning rates are each method's usual one
-#      (LoRA 4e-4 as `make bench-train`; (IA)³ 1e-2; prompt tuning 3e-2 and prefix tuning 1e-2 as
-#      peft's examples use), one run each, not tuned on anything scored here;
+#      (LoRA 4e-4 as `make bench-train`; (IA)³ 1e-2; prefix tuning 1e-2 as peft's examples use),
+#      one run each, not tuned on anything scored here. Prompt tuning's recipe (100 virtual
+#      tokens, 1e-2) is the best validation loss of 5 variants (bench/methods/prompt-variants/:
+#      20 tokens at 3e-2 / 1e-2 / 1e-1, 50 and 100 tokens at 1e-2), none scored on questions;
 #   4. `eval answers` over the first EVAL_LIMIT (100) held-out questions, arms none + the four
 #      adapters, 64-token answers, greedy;
 #   5. benches/adapter_overhead.py: OVERHEAD_N (20) of those questions asked again through `serve`,
@@ -48,7 +50,7 @@ COMMON=(--batch 2 --workers "$THREADS" --epochs "$EPOCHS" --warmup 10 --val-spli
 declare -A ARGS=(
     [lora]="--method lora --rank 16 --alpha 32 --lr 4e-4"
     [ia3]="--method ia3 --lr 1e-2"
-    [prompt]="--method prompt --virtual-tokens 20 --lr 3e-2"
+    [prompt]="--method prompt --virtual-tokens 100 --lr 1e-2"
     [prefix]="--method prefix --virtual-tokens 20 --lr 1e-2"
 )
 METHODS=(lora ia3 prompt prefix)
