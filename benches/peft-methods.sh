@@ -25,7 +25,8 @@
 #      F1 / faithfulness / hallucination with paired bootstrap intervals vs the base and vs LoRA.
 # Writes bench/methods/{triplets.jsonl, train-*.txt, adapter-*.json, eval.json, eval.html, overhead.json,
 # report.json, summary.md} and bench/methods/postgres/. SKIP_TRAIN=1 reuses the registered
-# adapters.
+# adapters; KEEP_TRAINED=1 trains only those not registered yet (a run cut short goes on where it
+# stopped); NEWWIKI=0 runs the PostgreSQL part alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DR="${DR:-${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}/release/domainrag}"
@@ -64,7 +65,9 @@ compare() {
     local arms=(--adapter none)
     mkdir -p "$dir"
     for m in "${METHODS[@]}"; do
-        if [ "${SKIP_TRAIN:-0}" != 1 ]; then
+        if [ "${KEEP_TRAINED:-0}" = 1 ] && dr adapters show "$prefix-$m" >/dev/null 2>&1; then
+            echo "$prefix-$m is registered: not trained again (KEEP_TRAINED=1)"
+        elif [ "${SKIP_TRAIN:-0}" != 1 ]; then
             # shellcheck disable=SC2086 # ARGS values are word lists
             "$DR" --data-dir "$DATA" train --collection "$collection" --no-progress \
                 --triplets "$triplets" --name "$prefix-$m" --replace ${ARGS[$m]} \
@@ -84,8 +87,10 @@ compare() {
         --out "$dir/report.json" | tee "$dir/summary.md"
 }
 
-compare "$OUT" newwiki "$OUT/triplets.jsonl" methods 64 "$SPLIT/heldout.json" \
-    --format squad --limit "$EVAL_LIMIT"
+if [ "${NEWWIKI:-1}" = 1 ]; then
+    compare "$OUT" newwiki "$OUT/triplets.jsonl" methods 64 "$SPLIT/heldout.json" \
+        --format squad --limit "$EVAL_LIMIT"
+fi
 
 # The demo corpus: the four methods trained on the 150 synthetic triplets of the PostgreSQL manual
 # that README's postgres-synth adapter was trained on (`triplets synth`: no question/answer pairs),
