@@ -84,7 +84,7 @@ eval-house: models build
 bench-train: models build
 	bash benches/train-vs-peft.sh
 
-## LoRA, (IA)3, prompt and prefix tuning side by side (~1 h new_wiki, ~2 h more the PostgreSQL set): trained on the same new_wiki
+## LoRA, (IA)3, prompt and prefix tuning side by side (~1.3 h new_wiki on an idle machine, ~2.5 h more the PostgreSQL set): trained on the same new_wiki
 ## triplets and threads, answered through the full pipeline on held-out questions with the base
 ## as a fifth arm. bench/methods/ (benches/peft-methods.sh).
 bench-methods: models build
