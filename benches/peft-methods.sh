@@ -17,7 +17,7 @@
 #      adapters, 64-token answers, greedy;
 #   5. benches/adapter_overhead.py: OVERHEAD_N (20) of those questions asked again through `serve`,
 #      every arm per question in a rotated order: time to first token and decode time per token;
-#   6. the same on the demo corpus (POSTGRES=1, the default; ~2 h more): the four methods trained
+#   6. the same on the demo corpus (POSTGRES=1, the default; ~2.5 h more): the four methods trained
 #      on the 150 synthetic triplets of the PostgreSQL manual (bench/synth/), scored on the 89
 #      hand-written questions of data/eval/postgres-manual.jsonl (bench/methods/postgres/);
 #   7. benches/methods_report.py: parameters, size, training time and tokens/s, serving time to
@@ -69,7 +69,7 @@ compare() {
             echo "$prefix-$m is registered: not trained again (KEEP_TRAINED=1)"
         elif [ "${SKIP_TRAIN:-0}" != 1 ]; then
             # shellcheck disable=SC2086 # ARGS values are word lists
-            "$DR" --data-dir "$DATA" train --collection "$collection" --no-progress \
+            dr train --collection "$collection" --no-progress \
                 --triplets "$triplets" --name "$prefix-$m" --replace ${ARGS[$m]} \
                 "${COMMON[@]}" | tee "$dir/train-$m.txt"
         fi
