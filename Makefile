@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak bench-answerlog bench-bad-inputs fuzz eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale bench-methods
+.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak bench-answerlog bench-bad-inputs fuzz eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale bench-methods bench-train-checkpointing
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -83,6 +83,12 @@ eval-house: models build
 ## Adapter training, domainrag vs Hugging Face peft side by side (~2 h): bench/train/.
 bench-train: models build
 	bash benches/train-vs-peft.sh
+
+## The trainer's layer checkpointing against plain backpropagation: tokens/s and peak RSS of the
+## same LoRA run on short and long sequences (~15 min; needs the collections bench-methods makes,
+## DATA=its data dir). bench/train/checkpointing.{json,md}.
+bench-train-checkpointing: build
+	bash benches/train-checkpointing.sh
 
 ## LoRA, (IA)3, prompt and prefix tuning side by side (~1.3 h new_wiki on an idle machine, ~2.5 h more the PostgreSQL set): trained on the same new_wiki
 ## triplets and threads, answered through the full pipeline on held-out questions with the base

@@ -11,8 +11,8 @@
 #      retrieved sources in a shuffled order (span answers + the citation of the source holding
 #      them), and HOUSE_SYNTH synthetic triplets from the SQuAD dev chunks (`triplets synth`:
 #      whole-sentence answers, the style of a manual's questions);
-#   3. one epoch of LoRA (r 16, alpha 32, all 7 projections; 2 sequences a step, one per core),
-#      registered as `house`;
+#   3. one epoch of LoRA (r 16, alpha 32, all 7 projections; HOUSE_METHOD sets another method and
+#      its options; 2 sequences a step, one per core), registered as `house`;
 #   4. with EVAL=1 (`make eval-house`): `eval answers` on the 200 held-out new_wiki questions the
 #      README's adapter table uses (the first EVAL_LIMIT of them), base model vs house, 64-token
 #      answers, bench/house/eval-newwiki.{json,html}.
@@ -25,6 +25,8 @@ OUT="${OUT:-bench/house}"
 HOUSE_SQUAD="${HOUSE_SQUAD:-240}"
 HOUSE_AMAZON="${HOUSE_AMAZON:-100}"
 HOUSE_SYNTH="${HOUSE_SYNTH:-80}"
+# The method and its options (word list), e.g. "--method ia3 --lr 1e-2".
+HOUSE_METHOD="${HOUSE_METHOD:---method lora --rank 16 --alpha 32 --lr 4e-4}"
 THREADS="${THREADS:-2}"
 mkdir -p "$OUT"
 dr() { "$DR" --data-dir "$DATA" "$@"; }
@@ -56,8 +58,9 @@ dr triplets synth --collection squad --n "$HOUSE_SYNTH" --shuffle-sources --seed
     --out "$OUT/triplets-synth.jsonl" --report "$OUT/synth-report.json"
 cat "$OUT"/triplets-squad.jsonl "$OUT"/triplets-amazon.jsonl "$OUT"/triplets-synth.jsonl \
     > "$OUT/triplets-house.jsonl"
+# shellcheck disable=SC2086 # HOUSE_METHOD is a word list
 RAYON_NUM_THREADS="$THREADS" /usr/bin/time -v "$DR" --data-dir "$DATA" train --collection squad \
     --no-progress --triplets "$OUT/triplets-house.jsonl" --name house --replace \
-    --rank 16 --alpha 32 --lr 4e-4 --warmup 10 --batch 2 --workers "$THREADS" --epochs 1 \
+    $HOUSE_METHOD --warmup 10 --batch 2 --workers "$THREADS" --epochs 1 \
     --val-split 0.05 2> >(tee "$OUT/train.time" >&2) | tee "$OUT/train.txt"
 dr adapters show house --json > "$OUT/adapter.json"

@@ -190,6 +190,10 @@ pub struct TrainArgs {
     /// only matters with --batch > 1).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Keep only each layer's input and recompute its activations in the backward pass (true:
+    /// the memory of one layer instead of all, for one more forward pass).
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = TrainOptions::default().gradient_checkpointing)]
+    pub gradient_checkpointing: bool,
     /// Train on the GPU (builds with `--features cuda`).
     #[arg(long)]
     pub gpu: bool,
@@ -420,6 +424,7 @@ fn train_request(a: &TrainArgs) -> Result<TrainRequest> {
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
         workers: a.workers.unwrap_or_else(|| TrainOptions::default().workers),
+        gradient_checkpointing: a.gradient_checkpointing,
     };
     let source = match (&a.triplets, a.synthetic) {
         (Some(path), _) => TripletSource::File(path.clone()),

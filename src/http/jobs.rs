@@ -291,6 +291,9 @@ struct TrainBody {
     val_split: Option<f64>,
     #[serde(default)]
     seed: Option<u64>,
+    /// Recompute each layer's activations in the backward pass instead of keeping them.
+    #[serde(default)]
+    gradient_checkpointing: Option<bool>,
 }
 
 impl TrainBody {
@@ -308,6 +311,9 @@ impl TrainBody {
             virtual_tokens: self.virtual_tokens.unwrap_or(d.virtual_tokens),
             init_text: self.init_text.unwrap_or_else(|| d.init_text.clone()),
             prefix_projection: self.prefix_projection.unwrap_or(d.prefix_projection),
+            gradient_checkpointing: self
+                .gradient_checkpointing
+                .unwrap_or(d.gradient_checkpointing),
             ..d
         };
         let source = match (self.synthetic, self.triplets_job) {

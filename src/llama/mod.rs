@@ -239,37 +239,61 @@ impl Weights {
         positions: &[u32],
         hooks: &mut dyn Hooks,
     ) -> candle_core::Result<Tensor> {
-        let rows = embedded.dim(0)?;
+        let rope = self.rope(positions)?;
+        let mut h = embedded;
+        for l in 0..self.layers.len() {
+            h = self.layer(l, &h, &rope, hooks)?;
+        }
+        self.final_norm(&h)
+    }
+
+    /// The rotary tables `(cos, sin)` of `positions`, for [`Weights::layer`].
+    pub fn rope(&self, positions: &[u32]) -> candle_core::Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        ops::rope_tables(positions, c.head_dim(), c.rope_theta, &self.device)
+    }
+
+    /// Decoder layer `l` over the rows `h` `(rows, hidden)` at the positions of `rope`: the
+    /// residual stream after it.
+    pub fn layer(
+        &self,
+        l: usize,
+        h: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        hooks: &mut dyn Hooks,
+    ) -> candle_core::Result<Tensor> {
+        let rows = h.dim(0)?;
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let mut h = embedded;
-        let (cos, sin) = ops::rope_tables(positions, hd, c.rope_theta, &self.device)?;
         let eps = c.rms_norm_eps;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let lin = |hooks: &mut dyn Hooks, m: usize, x: &Tensor| {
-                let changed = hooks.input(l, m, x)?;
-                let x = changed.as_ref().unwrap_or(x);
-                let y = layer.linears[m].forward(x)?;
-                hooks.linear(l, m, x, y)
-            };
-            let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-                t.reshape((rows, n, hd))?.transpose(0, 1)?.contiguous()
-            };
-            let x = ops::rms_norm(&h, &layer.input_norm, eps)?;
-            let q = heads(lin(hooks, Q, &x)?, nh)?;
-            let k = heads(lin(hooks, K, &x)?, nkv)?;
-            let v = heads(lin(hooks, V, &x)?, nkv)?;
-            let q = ops::apply_rope(&q, &cos, &sin)?;
-            let k = ops::apply_rope(&k, &cos, &sin)?;
-            let y = hooks.attend(l, &q, &k, &v)?;
-            h = (h + lin(hooks, O, &y)?)?;
-            let x = ops::rms_norm(&h, &layer.post_norm, eps)?;
-            let gate = lin(hooks, GATE, &x)?;
-            let up = lin(hooks, UP, &x)?;
-            let m = (gate.silu()? * up)?;
-            h = (h + lin(hooks, DOWN, &m)?)?;
-        }
-        ops::rms_norm(&h, &self.norm, eps)
+        let layer = &self.layers[l];
+        let lin = |hooks: &mut dyn Hooks, m: usize, x: &Tensor| {
+            let changed = hooks.input(l, m, x)?;
+            let x = changed.as_ref().unwrap_or(x);
+            let y = layer.linears[m].forward(x)?;
+            hooks.linear(l, m, x, y)
+        };
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((rows, n, hd))?.transpose(0, 1)?.contiguous()
+        };
+        let x = ops::rms_norm(h, &layer.input_norm, eps)?;
+        let q = heads(lin(hooks, Q, &x)?, nh)?;
+        let k = heads(lin(hooks, K, &x)?, nkv)?;
+        let v = heads(lin(hooks, V, &x)?, nkv)?;
+        let q = ops::apply_rope(&q, cos, sin)?;
+        let k = ops::apply_rope(&k, cos, sin)?;
+        let y = hooks.attend(l, &q, &k, &v)?;
+        let h = (h + lin(hooks, O, &y)?)?;
+        let x = ops::rms_norm(&h, &layer.post_norm, eps)?;
+        let gate = lin(hooks, GATE, &x)?;
+        let up = lin(hooks, UP, &x)?;
+        let m = (gate.silu()? * up)?;
+        h + lin(hooks, DOWN, &m)?
+    }
+
+    /// The final RMSNorm of the residual stream (what [`Weights::logits_at`] reads).
+    pub fn final_norm(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        ops::rms_norm(h, &self.norm, self.config.rms_norm_eps)
     }
 
     /// Logits `(P, vocab)` at rows `rows` of the hidden states `(T, hidden)`.

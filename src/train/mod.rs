@@ -10,11 +10,13 @@
 //! global-norm clipping, a fixed seed. The best checkpoint by validation loss is kept; Ctrl-C stops
 //! after the current step and keeps it.
 //!
-//! `model` owns the candle forward pass; `options` the hyper-parameters and their rules;
+//! `model` owns the candle forward pass; `backprop` each step's gradients (plain or with layer
+//! checkpointing) over the worker threads; `options` the hyper-parameters and their rules;
 //! `output` the PEFT files of each method and registration;
 //! `triplets` builds training data from question/answer pairs with the retriever, `synth` from a
 //! collection's own documents.
 
+mod backprop;
 pub mod from_log;
 pub mod model;
 mod options;
@@ -22,6 +24,7 @@ mod output;
 pub mod synth;
 pub mod triplets;
 
+pub use backprop::sequence_gradients;
 pub use options::{DEFAULT_INIT_TEXT, Method, TrainOptions};
 pub use output::{register, write_peft};
 
@@ -311,18 +314,6 @@ fn peak_rss_mib() -> f64 {
     crate::telemetry::proc_status_mib("VmHWM")
 }
 
-/// Mean loss over `examples` (no dropout).
-fn eval_loss(model: &LlamaLora, examples: &[Example]) -> candle_core::Result<f32> {
-    let mut sum = 0.0;
-    for ex in examples {
-        sum += model
-            .loss(&ex.ids, &ex.positions, None)?
-            .detach()
-            .to_scalar::<f32>()?;
-    }
-    Ok(sum / examples.len().max(1) as f32)
-}
-
 /// Everything `train` needs.
 pub struct TrainJob<'a> {
     pub base_dir: PathBuf,
@@ -420,6 +411,13 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
     let total_steps = steps_per_epoch * o.epochs;
     let vars = model.vars();
     let mut opt = AdamW::new(vars.clone(), o.weight_decay)?;
+    let backprop = backprop::Backprop {
+        model: &model,
+        vars: &vars,
+        examples: &job.examples,
+        seed: o.seed,
+        checkpoint: o.gradient_checkpointing,
+    };
     let progress = job.progress;
     progress.start(total_steps);
     progress.message(&format!(
@@ -469,68 +467,13 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
         let mut epoch_n = 0usize;
         for chunk in train_idx.chunks(o.batch) {
             let t0 = Instant::now();
-            // The batch's sequences are spread over `workers` threads (each sequence's own
-            // forward and backward; the matrix kernels share the rayon pool), then summed.
-            let workers = o.workers.clamp(1, chunk.len());
-            let per = chunk.len().div_ceil(workers);
-            let results: Vec<candle_core::Result<WorkerOutput>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = chunk
-                    .chunks(per)
-                    .enumerate()
-                    .map(|(w, part)| {
-                        let (model, vars, examples) = (&model, &vars, &job.examples);
-                        let n = chunk.len() as f64;
-                        scope.spawn(move || {
-                            let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
-                            let mut losses = Vec::new();
-                            for (j, &i) in part.iter().enumerate() {
-                                let ex = &examples[i];
-                                // Dropout masks depend on (seed, step, position in batch)
-                                // only, not on how the batch is split over threads.
-                                let mut rng = Rng::new(
-                                    o.seed
-                                        ^ ((step as u64) << 20)
-                                        ^ ((w * per + j) as u64 + 1).wrapping_mul(0x9E37),
-                                );
-                                let loss = model.loss(&ex.ids, &ex.positions, Some(&mut rng))?;
-                                losses.push(loss.to_scalar::<f32>()?);
-                                let grads = (loss / n)?.backward()?;
-                                for (slot, var) in acc.iter_mut().zip(vars) {
-                                    if let Some(g) = grads.get(var.as_tensor()) {
-                                        *slot = Some(match slot.take() {
-                                            Some(a) => (a + g)?,
-                                            None => g.clone(),
-                                        });
-                                    }
-                                }
-                            }
-                            Ok((acc, losses))
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a training worker panicked"))
-                    .collect()
-            });
-            let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+            let (acc, losses) = backprop.batch(chunk, o.workers, step)?;
             let mut chunk_loss = 0.0f32;
-            for result in results {
-                let (grads, losses) = result?;
-                for value in losses {
-                    if !value.is_finite() {
-                        return Err(TrainError::Diverged(value, step));
-                    }
-                    chunk_loss += value;
+            for value in losses {
+                if !value.is_finite() {
+                    return Err(TrainError::Diverged(value, step));
                 }
-                for (slot, g) in acc.iter_mut().zip(grads) {
-                    if let Some(g) = g {
-                        *slot = Some(match slot.take() {
-                            Some(a) => (a + g)?,
-                            None => g,
-                        });
-                    }
-                }
+                chunk_loss += value;
             }
             tokens += chunk
                 .iter()
@@ -578,7 +521,7 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
         let val_loss = if val.is_empty() {
             None
         } else {
-            Some(eval_loss(&model, &val)?)
+            Some(backprop::mean_loss(&model, &val)?)
         };
         if let Some(last) = curve.last_mut() {
             last.val_loss = val_loss;
@@ -610,7 +553,7 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
         let score = if val.is_empty() {
             f32::NEG_INFINITY
         } else {
-            eval_loss(&model, &val)?
+            backprop::mean_loss(&model, &val)?
         };
         if let Some(last) = curve.last_mut() {
             last.val_loss = Some(score).filter(|s| s.is_finite());
@@ -649,9 +592,6 @@ pub fn train(job: TrainJob<'_>) -> Result<Trained, TrainError> {
 fn train_idx_len(examples: &[Example], n_val: usize) -> usize {
     examples.len() - n_val
 }
-
-/// One worker's share of a batch: summed gradients per variable and the per-sequence losses.
-type WorkerOutput = (Vec<Option<Tensor>>, Vec<f32>);
 
 #[cfg(test)]
 mod tests {

@@ -414,29 +414,12 @@ impl LlamaLora {
     /// Final hidden states `(T, hidden)` of one sequence. `dropout` (training only) draws the
     /// LoRA dropout masks from `rng`.
     pub fn hidden(&self, ids: &[u32], dropout: Option<&mut Rng>) -> candle_core::Result<Tensor> {
-        let p = self.spec.as_ref().map_or(0.0, |s| s.dropout);
-        let mut hooks = TrainHooks {
-            loras: &self.loras,
-            ia3s: &self.ia3s,
-            p,
-            rng: dropout,
-            prefix: None,
-        };
-        let Some(virt) = &self.virtual_tokens else {
-            let positions: Vec<u32> = (0..ids.len() as u32).collect();
-            return self.weights.forward(ids, &positions, &mut hooks);
-        };
-        let n = virt.spec.tokens;
-        let positions: Vec<u32> = (0..(n + ids.len()) as u32).collect();
-        if virt.spec.kind == AdapterKind::Prefix {
-            let prefix = VirtualKv::from_table(&self.config, &virt.effective_table()?)?;
-            hooks.prefix = Some(&prefix);
-            return self.weights.forward(ids, &positions[n..], &mut hooks);
-        }
-        let embedded = Tensor::cat(&[virt.table.as_tensor(), &self.weights.embed(ids)?], 0)?;
-        self.weights
-            .forward_embedded(embedded, &positions, &mut hooks)?
-            .narrow(0, n, ids.len())
+        let input = self.sequence_input(ids)?;
+        let mut hooks = self.hooks(dropout, input.prefix.as_ref());
+        let top =
+            self.weights
+                .forward_embedded(input.embedded.clone(), &input.positions, &mut hooks)?;
+        input.sequence_rows(&top)
     }
 
     /// Logits `(P, vocab)` at `positions` of the hidden states `(T, hidden)`.
@@ -452,10 +435,101 @@ impl LlamaLora {
         dropout: Option<&mut Rng>,
     ) -> candle_core::Result<Tensor> {
         let hidden = self.hidden(ids, dropout)?;
-        let logits = self.logits_at(&hidden, positions)?;
+        self.cross_entropy(&hidden, ids, positions)
+    }
+
+    /// [`LlamaLora::loss`] from the hidden states `(T, hidden)` of `ids`.
+    fn cross_entropy(
+        &self,
+        hidden: &Tensor,
+        ids: &[u32],
+        positions: &[u32],
+    ) -> candle_core::Result<Tensor> {
+        let logits = self.logits_at(hidden, positions)?;
         let targets: Vec<u32> = positions.iter().map(|&p| ids[p as usize + 1]).collect();
         let targets = Tensor::from_vec(targets, positions.len(), self.device())?;
         candle_nn::loss::cross_entropy(&logits, &targets)
+    }
+
+    /// What the decoder reads for the sequence `ids` with this model's adapter: its embeddings
+    /// (after prompt tuning's virtual tokens), their positions, prefix tuning's keys and values.
+    pub(crate) fn sequence_input(&self, ids: &[u32]) -> candle_core::Result<SequenceInput> {
+        let Some(virt) = &self.virtual_tokens else {
+            return Ok(SequenceInput {
+                embedded: self.weights.embed(ids)?,
+                positions: (0..ids.len() as u32).collect(),
+                skip: 0,
+                prefix: None,
+            });
+        };
+        let n = virt.spec.tokens;
+        let after = (n as u32)..((n + ids.len()) as u32);
+        if virt.spec.kind == AdapterKind::Prefix {
+            return Ok(SequenceInput {
+                embedded: self.weights.embed(ids)?,
+                positions: after.collect(),
+                skip: 0,
+                prefix: Some(VirtualKv::from_table(
+                    &self.config,
+                    &virt.effective_table()?,
+                )?),
+            });
+        }
+        Ok(SequenceInput {
+            embedded: Tensor::cat(&[virt.table.as_tensor(), &self.weights.embed(ids)?], 0)?,
+            positions: (0..after.end).collect(),
+            skip: n,
+            prefix: None,
+        })
+    }
+
+    /// The decoder's layer count.
+    pub(crate) fn layers(&self) -> usize {
+        self.weights.layers.len()
+    }
+
+    /// The rotary tables of `input`'s positions.
+    pub(crate) fn rope(&self, input: &SequenceInput) -> candle_core::Result<(Tensor, Tensor)> {
+        self.weights.rope(&input.positions)
+    }
+
+    /// Layer `l` with this model's adapter over the residual stream `h` of `input`.
+    pub(crate) fn layer(
+        &self,
+        l: usize,
+        h: &Tensor,
+        rope: &(Tensor, Tensor),
+        input: &SequenceInput,
+        dropout: Option<&mut Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let mut hooks = self.hooks(dropout, input.prefix.as_ref());
+        self.weights.layer(l, h, rope, &mut hooks)
+    }
+
+    /// The loss of `ids` from the residual stream `top` after the last layer.
+    pub(crate) fn head_loss(
+        &self,
+        top: &Tensor,
+        input: &SequenceInput,
+        ids: &[u32],
+        positions: &[u32],
+    ) -> candle_core::Result<Tensor> {
+        let hidden = input.sequence_rows(&self.weights.final_norm(top)?)?;
+        self.cross_entropy(&hidden, ids, positions)
+    }
+
+    fn hooks<'a>(
+        &'a self,
+        rng: Option<&'a mut Rng>,
+        prefix: Option<&'a VirtualKv>,
+    ) -> TrainHooks<'a> {
+        TrainHooks {
+            loras: &self.loras,
+            ia3s: &self.ia3s,
+            p: self.spec.as_ref().map_or(0.0, |s| s.dropout),
+            rng,
+            prefix,
+        }
     }
 
     /// Greedy continuation of `prompt` (no KV cache: every step reruns the sequence; for
@@ -525,6 +599,25 @@ impl LlamaLora {
             );
         }
         Ok(out)
+    }
+}
+
+/// One sequence as the decoder reads it ([`LlamaLora::sequence_input`]).
+pub(crate) struct SequenceInput {
+    /// Input embeddings `(rows, hidden)`: prompt tuning's virtual tokens, then the sequence's.
+    pub embedded: Tensor,
+    /// Each row's position.
+    pub positions: Vec<u32>,
+    /// Leading rows that are virtual tokens, not the sequence's.
+    pub skip: usize,
+    /// Prefix tuning's keys and values in every layer.
+    pub prefix: Option<VirtualKv>,
+}
+
+impl SequenceInput {
+    /// The sequence's own rows of `(rows, hidden)` states.
+    fn sequence_rows(&self, states: &Tensor) -> candle_core::Result<Tensor> {
+        states.narrow(0, self.skip, self.positions.len() - self.skip)
     }
 }
 

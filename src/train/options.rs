@@ -107,6 +107,9 @@ pub struct TrainOptions {
     pub max_grad_norm: f64,
     /// Sequences of a batch trained at once on their own threads (1 = one after another).
     pub workers: usize,
+    /// Keep only each layer's input in the forward pass and recompute its activations in the
+    /// backward pass: the memory of one layer instead of all, for one more forward pass.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainOptions {
@@ -131,6 +134,7 @@ impl Default for TrainOptions {
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            gradient_checkpointing: false,
         }
     }
 }

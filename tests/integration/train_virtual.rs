@@ -1,12 +1,13 @@
 //! Prompt and prefix tuning in the trainer: gradients of the virtual tokens' table against finite
 //! differences, and a short run whose adapter is written in peft's format, registers, and is
-//! served by the native engine with the trainer's own greedy tokens.
+//! served by the native engine with the trainer's own greedy tokens. Also layer checkpointing's
+//! gradients against plain backpropagation's, for every method.
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use domainrag::adapters::{AdapterKind, BaseModelInfo};
 use domainrag::generate::Generator;
-use domainrag::train::model::{LlamaLora, VirtualSpec};
-use domainrag::train::{Method, TrainOptions, encode, init_ids, register};
+use domainrag::train::model::{Ia3Spec, LlamaLora, LoraSpec, VirtualSpec};
+use domainrag::train::{Method, TrainOptions, encode, init_ids, register, sequence_gradients};
 
 use crate::helpers::{generator, native_generator};
 use crate::train::{
@@ -143,5 +144,79 @@ fn table_width(kind: AdapterKind, base: &BaseModelInfo) -> usize {
             base.num_hidden_layers * 2 * base.num_key_value_heads * base.head_dim
         }
         _ => base.hidden_size,
+    }
+}
+
+/// Layer checkpointing (`--gradient-checkpointing true`) gives each method's variables the
+/// gradients plain backpropagation gives, LoRA's dropout masks included (its B matrices set off
+/// zero first, so that A and the layers' inputs get gradients through them).
+#[tokio::test]
+async fn checkpointed_gradients_are_the_plain_ones() {
+    let g = generator().await;
+    let (examples, _) = encode(&g, &fixture(), 512).await.expect("encode");
+    let ex = &examples[1];
+    let base = base_dir();
+    for case in 0..2 + KINDS.len() {
+        let (label, model) = match case {
+            0 => {
+                let spec = LoraSpec {
+                    rank: 4,
+                    alpha: 8.0,
+                    targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+                    dropout: 0.1,
+                };
+                let model = LlamaLora::load(&base, &Device::Cpu, Some(spec), 3).expect("lora");
+                for (_, lora) in model.loras() {
+                    let n = lora.b.elem_count() as u32;
+                    let values = Tensor::arange(0u32, n, &Device::Cpu)
+                        .and_then(|t| t.to_dtype(DType::F32))
+                        .and_then(|t| t.affine(0.37, 0.0))
+                        .and_then(|t| t.sin())
+                        .and_then(|t| t.affine(0.01, 0.0))
+                        .and_then(|t| t.reshape(lora.b.shape()))
+                        .expect("values");
+                    lora.b.set(&values).expect("set B");
+                }
+                ("LoRA".to_string(), model)
+            }
+            1 => {
+                let spec = Ia3Spec {
+                    targets: vec!["k_proj".into(), "v_proj".into(), "down_proj".into()],
+                    feedforward: vec!["down_proj".into()],
+                };
+                let model = LlamaLora::load_ia3(&base, &Device::Cpu, spec).expect("ia3");
+                ("(IA)3".to_string(), model)
+            }
+            _ => {
+                let (kind, _, projection) = KINDS[case - 2];
+                let spec = spec(&g, kind, 4, projection).await;
+                let model = LlamaLora::load_virtual(&base, &Device::Cpu, spec).expect("model");
+                (format!("{kind:?} projection {projection}"), model)
+            }
+        };
+        let (plain_loss, plain) = sequence_gradients(&model, ex, 11, false).expect("plain");
+        let (loss, checkpointed) = sequence_gradients(&model, ex, 11, true).expect("checkpointed");
+        assert!(
+            (loss - plain_loss).abs() <= 1e-5 * plain_loss.abs(),
+            "{label}: loss {loss} vs {plain_loss}"
+        );
+        assert_eq!(plain.len(), model.vars().len());
+        for (i, (a, b)) in plain.iter().zip(&checkpointed).enumerate() {
+            let a = a.as_ref().expect("a plain gradient");
+            let b = b.as_ref().expect("a checkpointed gradient");
+            let largest = |t: &Tensor| {
+                t.abs()
+                    .and_then(|t| t.max_all())
+                    .and_then(|t| t.to_scalar::<f32>())
+                    .expect("max")
+            };
+            let scale = largest(a);
+            let diff = largest(&(a - b).expect("difference"));
+            assert!(scale > 0.0, "{label} variable {i}: no gradient");
+            assert!(
+                diff <= 1e-4 * scale,
+                "{label} variable {i}: largest difference {diff}, largest gradient {scale}"
+            );
+        }
     }
 }
