@@ -25,6 +25,8 @@ OUT="${OUT:-bench/house}"
 HOUSE_SQUAD="${HOUSE_SQUAD:-240}"
 HOUSE_AMAZON="${HOUSE_AMAZON:-100}"
 HOUSE_SYNTH="${HOUSE_SYNTH:-80}"
+# 1 = the retrieved sources in a shuffled order (the answer's source is not always [1]).
+HOUSE_SHUFFLE="${HOUSE_SHUFFLE:-1}"
 # The method and its options (word list), e.g. "--method ia3 --lr 1e-2".
 HOUSE_METHOD="${HOUSE_METHOD:---method lora --rank 16 --alpha 32 --lr 4e-4}"
 THREADS="${THREADS:-2}"
@@ -48,16 +50,24 @@ for c in squad:squaddev_v1.1 amazon:amazon_reviews_v1.0; do
     dr collection show "$name" >/dev/null 2>&1 || dr collection create "$name"
     dr ingest --collection "$name" --format squad --no-progress "$file"
 done
-dr triplets build --collection squad --format squad --questions data/squad/squaddev_v1.1.json \
-    --context retrieved --shuffle-sources --sample "$HOUSE_SQUAD" --seed 31 \
-    --out "$OUT/triplets-squad.jsonl"
-dr triplets build --collection amazon --format squad \
-    --questions data/squad/amazon_reviews_v1.0.json --context retrieved --shuffle-sources \
-    --sample "$HOUSE_AMAZON" --seed 32 --out "$OUT/triplets-amazon.jsonl"
-dr triplets synth --collection squad --n "$HOUSE_SYNTH" --shuffle-sources --seed 33 \
-    --out "$OUT/triplets-synth.jsonl" --report "$OUT/synth-report.json"
-cat "$OUT"/triplets-squad.jsonl "$OUT"/triplets-amazon.jsonl "$OUT"/triplets-synth.jsonl \
-    > "$OUT/triplets-house.jsonl"
+shuffle=(); [ "$HOUSE_SHUFFLE" = 1 ] && shuffle=(--shuffle-sources)
+: > "$OUT/triplets-house.jsonl"
+# part COUNT COMMAND...: one part of the triplets (none when COUNT is 0), appended to the set.
+part() {
+    local n=$1 out=$2; shift 2
+    rm -f "$out"
+    [ "$n" -gt 0 ] || return 0
+    dr "$@" --out "$out"
+    cat "$out" >> "$OUT/triplets-house.jsonl"
+}
+part "$HOUSE_SQUAD" "$OUT/triplets-squad.jsonl" triplets build --collection squad --format squad \
+    --questions data/squad/squaddev_v1.1.json --context retrieved "${shuffle[@]}" \
+    --sample "$HOUSE_SQUAD" --seed 31
+part "$HOUSE_AMAZON" "$OUT/triplets-amazon.jsonl" triplets build --collection amazon \
+    --format squad --questions data/squad/amazon_reviews_v1.0.json --context retrieved \
+    "${shuffle[@]}" --sample "$HOUSE_AMAZON" --seed 32
+part "$HOUSE_SYNTH" "$OUT/triplets-synth.jsonl" triplets synth --collection squad \
+    --n "$HOUSE_SYNTH" "${shuffle[@]}" --seed 33 --report "$OUT/synth-report.json"
 # shellcheck disable=SC2086 # HOUSE_METHOD is a word list
 RAYON_NUM_THREADS="$THREADS" /usr/bin/time -v "$DR" --data-dir "$DATA" train --collection squad \
     --no-progress --triplets "$OUT/triplets-house.jsonl" --name house --replace \

@@ -1,55 +1,27 @@
-//! `triplets synth`: training triplets from a collection's own documents, for teams that have
-//! documents but no question/answer pairs.
-//!
-//! Questions come from extraction rules over the sentences of the collection's chunks (no model
-//! writes them, so nothing is invented): a definition ("A partial index is an index built over a
-//! subset of a table; ...") gives "What is a partial index?", a purpose ("VACUUM is used to ...")
-//! gives "What is VACUUM used for?", an instruction ("To create a partial index ..., use a
-//! command such as ...", "If you want to ..., ...", "You can ... by ...") gives "How do I ...?".
-//! The answer is the sentence itself (with the command or SQL it carries) and the number of its
-//! source, the kind of answer a user of a manual wants: a sentence or two and a citation.
-//!
-//! Each draft passes these filters, in order, and the report counts what each dropped: the subject
-//! is not vague ("This is ..."), the answer is 6..=80 words, the answer says more than the question
-//! (at least 3 content words the question lacks), the question is new (not equal to or a
-//! near-duplicate of a kept one, by content-word Jaccard), the answer sentence is new, and the
-//! collection's own retriever, asked the question exactly as serving asks it, puts the source
-//! chunk among the sources serving would give, with the sentence whole in it. The triplet's
-//! context is those sources as the prompt shows them (with `shuffle`, in an order drawn from that
-//! seed and renumbered, as `triplets build --shuffle-sources` does). Chunks are read in a random
-//! order drawn from the seed, at most one triplet per chunk, until `n` are kept or the chunks run
-//! out.
+//! The extraction rules of `triplets synth` (see [`super`]): a chunk's sentences, the questions
+//! the rules draft from them with the answers they give, and the filters a draft must pass
+//! before the retriever is asked (vague or glued subjects, answer length, trivial answers,
+//! duplicates). Pure functions of the text: no index, model or retriever.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashSet;
 
 use serde::Serialize;
 use unicode_segmentation::UnicodeSegmentation;
 
-use super::triplets::shuffle_sources;
-use super::{Origin, Triplet};
-use crate::collection::Collection;
-use crate::collection::CollectionError;
 use crate::eval::answer_metrics::normalize;
-use crate::index::{Bm25Index, ChunkRecord, IndexError};
-use crate::rag::{Rag, RagError, format_sources};
-use crate::retrieve::RetrieveError;
-use crate::rng::Rng;
+use crate::index::ChunkRecord;
 
 /// Answers shorter or longer than this (in words) are dropped.
-pub const ANSWER_WORDS: std::ops::RangeInclusive<usize> = 6..=80;
+pub(super) const ANSWER_WORDS: std::ops::RangeInclusive<usize> = 6..=80;
 /// New content words an answer must add to its question.
-pub const MIN_NEW_WORDS: usize = 3;
+pub(super) const MIN_NEW_WORDS: usize = 3;
 /// Content-word Jaccard similarity from which two questions count as near-duplicates.
-pub const NEAR_DUPLICATE: f64 = 0.8;
-/// Chunks read from the index at a time.
-const READ_BATCH: usize = 64;
+pub(super) const NEAR_DUPLICATE: f64 = 0.8;
 
 /// Which rule wrote a question.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Rule {
+pub(super) enum Rule {
     /// "X is a ..." -> "What is X?"
     Definition,
     /// "X is used to ..." -> "What is X used for?"
@@ -59,7 +31,7 @@ pub enum Rule {
 }
 
 impl Rule {
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Rule::Definition => "definition",
             Rule::Purpose => "purpose",
@@ -70,35 +42,16 @@ impl Rule {
 
 /// A question drafted from one sentence, before the filters.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Draft {
-    pub question: String,
-    /// The sentence (or two) that answers it, as it stands in the chunk.
-    pub answer: String,
-    /// What the question asks about (its first word decides whether it is vague).
-    pub subject: String,
-    pub rule: Rule,
-}
-
-/// What `synthesize` read, kept and dropped.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct SynthReport {
-    pub chunks_read: usize,
-    /// Chunks in which no rule found a question.
-    pub chunks_without_question: usize,
-    pub drafts: usize,
-    pub kept: usize,
-    /// Kept, by rule.
-    pub kept_by_rule: BTreeMap<String, usize>,
-    /// Dropped, by reason.
-    pub dropped: BTreeMap<String, usize>,
-    pub seconds: f64,
-    pub triplets_per_minute: f64,
-}
-
-impl SynthReport {
-    fn drop(&mut self, reason: &str) {
-        *self.dropped.entry(reason.to_string()).or_default() += 1;
-    }
+pub(super) struct Draft {
+    pub(super) question: String,
+    /// The sentence (or two) that answers it, as it stands in the chunk (the filters read it).
+    pub(super) passage: String,
+    /// What the triplet answers: the passage, less an instruction's restated purpose.
+    pub(super) answer: String,
+    /// What the question asks about, as written in the chunk (its first word decides whether it
+    /// is vague).
+    pub(super) subject: String,
+    pub(super) rule: Rule,
 }
 
 /// Words that make a subject vague or a word carry no content.
@@ -173,7 +126,7 @@ fn is_stopword(w: &str) -> bool {
 }
 
 /// The content words of `text` (normalised, stopwords out).
-pub fn content_words(text: &str) -> HashSet<String> {
+pub(super) fn content_words(text: &str) -> HashSet<String> {
     normalize(text)
         .split_whitespace()
         .filter(|w| !is_stopword(w))
@@ -183,34 +136,68 @@ pub fn content_words(text: &str) -> HashSet<String> {
 
 /// The sentences of a chunk, with the title it starts with (HTML pages repeat their heading at
 /// the top of the text, glued to the first sentence) cut off.
-pub fn sentences(title: &str, text: &str) -> Vec<String> {
+pub(super) fn sentences(title: &str, text: &str) -> Vec<String> {
     let mut body = text.trim();
     let title = title.trim();
-    while !title.is_empty() && body.starts_with(title) {
-        body = body[title.len()..].trim_start();
+    // The title as a whole word: "Indexes are ..." under the title "Index" keeps its first word.
+    while let Some(rest) = body.strip_prefix(title).filter(|_| !title.is_empty())
+        && (rest.is_empty() || rest.starts_with(char::is_whitespace))
+    {
+        body = rest.trim_start();
     }
     body.split_sentence_bounds()
-        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .flat_map(|s| split_run_on(&s.split_whitespace().collect::<Vec<_>>()))
         .filter(|s| !s.is_empty())
         .collect()
 }
 
+/// Abbreviations of 4+ letters that a lower-case word may follow within a sentence.
+const ABBREVIATIONS: &[&str] = &[
+    "approx", "resp", "incl", "esp", "misc", "corp", "prof", "dept",
+];
+
+/// `words` split after each word of 4+ letters ending in a period that a lower-case word follows:
+/// Unicode sentence bounds keep "... instead. password The method ..." together (a lower-case
+/// word after a period may follow an abbreviation), but in chunk text without line breaks that is
+/// where a definition list's next term starts.
+fn split_run_on(words: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 0..words.len().saturating_sub(1) {
+        let Some(stem) = words[i].strip_suffix('.') else {
+            continue;
+        };
+        let word_ends = stem.len() >= 4
+            && stem.chars().all(|c| c.is_alphabetic())
+            && !ABBREVIATIONS.contains(&lower(stem).as_str());
+        if word_ends && words[i + 1].starts_with(|c: char| c.is_lowercase()) {
+            out.push(words[start..=i].join(" "));
+            start = i + 1;
+        }
+    }
+    out.push(words[start..].join(" "));
+    out
+}
+
 /// The drafts the rules find in one chunk, in sentence order.
-pub fn drafts(chunk: &ChunkRecord) -> Vec<Draft> {
+pub(super) fn drafts(chunk: &ChunkRecord) -> Vec<Draft> {
     let sents = sentences(&chunk.title, &chunk.text);
     let mut out = Vec::new();
     for (i, s) in sents.iter().enumerate() {
         // A sentence that introduces a command or example ("... such as this:") takes it along.
-        let answer = match sents.get(i + 1) {
+        let passage = match sents.get(i + 1) {
             Some(next) if s.ends_with(':') => format!("{s} {next}"),
             _ => s.clone(),
         };
         let words: Vec<&str> = s.split_whitespace().collect();
-        let found = definition(&words).or_else(|| instruction(&words));
-        if let Some((question, subject, rule)) = found {
+        let found = definition(&words)
+            .map(|(question, subject, rule)| (question, subject, rule, 0))
+            .or_else(|| instruction(&words));
+        if let Some((question, subject, rule, skip)) = found {
             out.push(Draft {
                 question,
-                answer,
+                answer: answer_from(&passage, skip),
+                passage,
                 subject,
                 rule,
             });
@@ -219,15 +206,95 @@ pub fn drafts(chunk: &ChunkRecord) -> Vec<Draft> {
     out
 }
 
+/// Words an instruction's answer may start with that take a capital there ("use the INSERT
+/// command" -> "Use ..."); any other first word ("psql", "pg_dump") keeps its case.
+const ANSWER_STARTS: &[&str] = &[
+    "add",
+    "alter",
+    "apply",
+    "assign",
+    "build",
+    "call",
+    "change",
+    "check",
+    "choose",
+    "configure",
+    "connect",
+    "consult",
+    "copy",
+    "create",
+    "declare",
+    "define",
+    "delete",
+    "drop",
+    "edit",
+    "enable",
+    "execute",
+    "first",
+    "give",
+    "grant",
+    "include",
+    "insert",
+    "install",
+    "invoke",
+    "issue",
+    "list",
+    "look",
+    "make",
+    "modify",
+    "open",
+    "pass",
+    "precede",
+    "provide",
+    "put",
+    "read",
+    "remove",
+    "rename",
+    "run",
+    "see",
+    "select",
+    "set",
+    "specify",
+    "start",
+    "stop",
+    "supply",
+    "turn",
+    "type",
+    "update",
+    "use",
+    "write",
+];
+
+/// `passage` less its first `skip` words, the first word capitalised when it is a plain word
+/// (see [`ANSWER_STARTS`]); all of it when `skip` is 0.
+fn answer_from(passage: &str, skip: usize) -> String {
+    let words: Vec<&str> = passage.split_whitespace().skip(skip).collect();
+    let Some((first, rest)) = words.split_first() else {
+        return passage.to_string();
+    };
+    let capital = is_stopword(first) || ANSWER_STARTS.contains(first);
+    let first = match capital {
+        true => first[..1].to_uppercase() + &first[1..],
+        false => first.to_string(),
+    };
+    std::iter::once(first.as_str())
+        .chain(rest.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn lower(w: &str) -> String {
     w.to_lowercase()
 }
 
-/// A subject or clause word: no clause punctuation inside the phrase.
+/// A subject or clause word: no clause punctuation inside the phrase, no brackets or quotes, and a
+/// letter or digit in every word (") ] Description EXECUTE" is a syntax synopsis, not a subject).
 fn plain(words: &[&str]) -> bool {
-    words
-        .iter()
-        .all(|w| !w.ends_with([',', ';', ':', '.', '!', '?']) && !w.starts_with('('))
+    words.iter().all(|w| {
+        !w.ends_with([',', ';', ':', '.', '!', '?'])
+            && !w.contains(['(', ')', '[', ']', '{', '}', '<', '>', '"', '|'])
+            && w.chars().any(char::is_alphanumeric)
+    })
 }
 
 /// "A partial index" -> "a partial index"; "Partial indexes" -> "partial indexes"; identifiers
@@ -256,6 +323,7 @@ fn definition(words: &[&str]) -> Option<(String, String, Rule)> {
         return None;
     }
     let subject = subject_phrase(subject_words);
+    let written = subject_words.join(" ");
     let be = lower(words[verb]);
     let next: Vec<String> = words[verb + 1..].iter().take(3).map(|w| lower(w)).collect();
     let next: Vec<&str> = next.iter().map(String::as_str).collect();
@@ -271,12 +339,13 @@ fn definition(words: &[&str]) -> Option<(String, String, Rule)> {
         }
         _ => return None,
     };
-    Some((question, subject, rule))
+    Some((question, written, rule))
 }
 
-/// "To Y, ..." / "If you want|need|wish to Y, ..." -> "How do I Y?"; "You can Y by ..." ->
-/// "How can I Y?" (Y is 2..=12 words).
-fn instruction(words: &[&str]) -> Option<(String, String, Rule)> {
+/// "To Y, Z" / "If you want|need|wish to Y, Z" -> "How do I Y?", answered from Z; "You can Y by
+/// ..." -> "How can I Y?", answered by the whole sentence (Y is 2..=12 words). The last value is
+/// how many words the answer leaves out.
+fn instruction(words: &[&str]) -> Option<(String, String, Rule, usize)> {
     let lowered: Vec<String> = words.iter().map(|w| lower(w)).collect();
     let l: Vec<&str> = lowered.iter().map(String::as_str).collect();
     let (start, question_start) = match l.as_slice() {
@@ -297,7 +366,7 @@ fn instruction(words: &[&str]) -> Option<(String, String, Rule)> {
     }
     let mut clause_text = clause.join(" ");
     clause_text = clause_text.trim_end_matches(',').to_string();
-    if !plain(&[clause_text.as_str()]) || clause_text.contains([';', ':', '(']) {
+    if !plain(&[clause_text.as_str()]) || clause_text.contains([';', ':', '(', ',', '“', '"']) {
         return None;
     }
     let first = lower(clause[0]);
@@ -321,15 +390,21 @@ fn instruction(words: &[&str]) -> Option<(String, String, Rule)> {
             w => w,
         })
         .collect();
+    let skip = if question_start == "How can I" {
+        0
+    } else {
+        end
+    };
     Some((
         format!("{question_start} {}?", asked.join(" ")),
         clause_text,
         Rule::Instruction,
+        skip,
     ))
 }
 
 /// Why a draft is dropped before retrieval (None: it goes on).
-pub fn reject(draft: &Draft) -> Option<&'static str> {
+pub(super) fn reject(draft: &Draft) -> Option<&'static str> {
     let first = draft
         .subject
         .split_whitespace()
@@ -337,13 +412,23 @@ pub fn reject(draft: &Draft) -> Option<&'static str> {
         .map(lower)
         .unwrap_or_default();
     let subject_content = content_words(&draft.subject);
-    if VAGUE_FIRST.contains(&first.as_str()) || subject_content.is_empty() {
+    let names_a_thing = draft.rule != Rule::Instruction;
+    // A lone letter other than "a" starts table or synopsis text, not a name ("e rest of RE").
+    let lone_letter = first.chars().count() == 1 && first != "a";
+    if VAGUE_FIRST.contains(&first.as_str())
+        || lone_letter
+        || subject_content.is_empty()
+        || lower(&draft.subject)
+            .split_whitespace()
+            .any(|w| w == "following")
+        || (names_a_thing && gerund_phrase(&draft.subject))
+    {
         return Some("vague subject");
     }
-    if glued_heading(&draft.subject) {
+    if glued_heading(&draft.subject) || (names_a_thing && repeats_a_word(&draft.subject)) {
         return Some("heading glued to the subject");
     }
-    let words = draft.answer.split_whitespace().count();
+    let words = draft.passage.split_whitespace().count();
     if words < *ANSWER_WORDS.start() {
         return Some("answer too short");
     }
@@ -351,7 +436,7 @@ pub fn reject(draft: &Draft) -> Option<&'static str> {
         return Some("answer too long");
     }
     let question_words = content_words(&draft.question);
-    let new_words = content_words(&draft.answer)
+    let new_words = content_words(&draft.passage)
         .difference(&question_words)
         .count();
     if new_words < MIN_NEW_WORDS {
@@ -360,9 +445,26 @@ pub fn reject(draft: &Draft) -> Option<&'static str> {
     None
 }
 
-/// Whether two capitalised words ("Setup", "Logical") follow each other in `subject`: chunk text
-/// keeps no line breaks, so a section heading runs into the sentence after it ("Quick Setup
-/// Logical replication is a method ..."). Multi-word proper names are lost with them.
+/// Whether `subject` is an action, not a thing: "Creating a canonical function is a bit tricky"
+/// would ask "What is creating a canonical function?".
+fn gerund_phrase(subject: &str) -> bool {
+    let words: Vec<String> = subject.split_whitespace().map(lower).collect();
+    matches!(words.as_slice(), [first, second, ..]
+        if first.len() > 4 && first.ends_with("ing") && matches!(second.as_str(), "a" | "an" | "the"))
+}
+
+/// Whether a word comes twice in `subject`: a catalog or option list's entry ran into the
+/// sentence ("typndims int4 typndims is the number of ...").
+fn repeats_a_word(subject: &str) -> bool {
+    let words: Vec<String> = subject.split_whitespace().map(lower).collect();
+    let distinct: HashSet<&String> = words.iter().collect();
+    distinct.len() < words.len()
+}
+
+/// Whether two capitalised words ("Setup", "Logical") follow each other in `subject`, or a
+/// capitalised article stands after its first word: chunk text keeps no line breaks, so a section
+/// heading runs into the sentence after it ("Quick Setup Logical replication is a method ...",
+/// "Scalar Subqueries A scalar subquery is ..."). Multi-word proper names are lost with them.
 fn glued_heading(subject: &str) -> bool {
     let capitalised = |w: &str| {
         let mut chars = w.chars();
@@ -371,20 +473,19 @@ fn glued_heading(subject: &str) -> bool {
             && chars.all(char::is_lowercase)
     };
     let words: Vec<&str> = subject.split_whitespace().collect();
-    words
-        .windows(2)
-        .any(|pair| capitalised(pair[0]) && capitalised(pair[1]))
-}
-
-/// Why `draft` is dropped before the retriever is asked: its own flaws, or repeating what was
-/// kept (None: it may be used).
-fn unusable(draft: &Draft, seen: &Seen) -> Option<&'static str> {
-    reject(draft).or_else(|| seen.repeats(draft))
+    let article = words
+        .iter()
+        .skip(1)
+        .any(|w| matches!(*w, "A" | "An" | "The"));
+    article
+        || words
+            .windows(2)
+            .any(|pair| capitalised(pair[0]) && capitalised(pair[1]))
 }
 
 /// The questions and answers kept so far, for duplicate checks.
 #[derive(Debug, Default)]
-pub struct Seen {
+pub(super) struct Seen {
     questions: HashSet<String>,
     answers: HashSet<String>,
     question_words: Vec<HashSet<String>>,
@@ -392,11 +493,11 @@ pub struct Seen {
 
 impl Seen {
     /// Why `draft` repeats what was kept (None: it is new).
-    pub fn repeats(&self, draft: &Draft) -> Option<&'static str> {
+    pub(super) fn repeats(&self, draft: &Draft) -> Option<&'static str> {
         if self.questions.contains(&normalize(&draft.question)) {
             return Some("duplicate question");
         }
-        if self.answers.contains(&normalize(&draft.answer)) {
+        if self.answers.contains(&normalize(&draft.passage)) {
             return Some("duplicate answer");
         }
         let words = content_words(&draft.question);
@@ -407,9 +508,9 @@ impl Seen {
         near.then_some("near-duplicate question")
     }
 
-    pub fn keep(&mut self, draft: &Draft) {
+    pub(super) fn keep(&mut self, draft: &Draft) {
         self.questions.insert(normalize(&draft.question));
-        self.answers.insert(normalize(&draft.answer));
+        self.answers.insert(normalize(&draft.passage));
         self.question_words.push(content_words(&draft.question));
     }
 }
@@ -420,177 +521,6 @@ fn jaccard(a: &HashSet<String>, b: &HashSet<String>) -> f64 {
         return 1.0;
     }
     a.intersection(b).count() as f64 / union as f64
-}
-
-/// Synthesise up to `n` triplets from `collection`'s chunks (see the module doc).
-pub async fn synthesize(
-    rag: &Rag,
-    collection: &Collection,
-    n: usize,
-    seed: u64,
-    shuffle: bool,
-    progress: &(dyn Fn(usize) + Send + Sync),
-) -> Result<(Vec<Triplet>, SynthReport), RagError> {
-    let started = Instant::now();
-    let mut report = SynthReport::default();
-    let mut rng = Rng::new(seed);
-    let mut shuffler = shuffle.then(|| Rng::new(seed ^ 0x5eed));
-    let mut walk = ChunkWalk::new(collection, &mut rng).await?;
-    let mut seen = Seen::default();
-    let mut out = Vec::new();
-    while out.len() < n
-        && let Some(chunks) = walk.next_batch().await?
-    {
-        for chunk in chunks {
-            if out.len() >= n {
-                break;
-            }
-            report.chunks_read += 1;
-            let drafts = drafts(&chunk);
-            if drafts.is_empty() {
-                report.chunks_without_question += 1;
-            }
-            for draft in drafts {
-                report.drafts += 1;
-                match triplet(rag, collection, &chunk, &draft, &seen, shuffler.as_mut()).await? {
-                    Ok(t) => {
-                        seen.keep(&draft);
-                        *report
-                            .kept_by_rule
-                            .entry(draft.rule.name().to_string())
-                            .or_default() += 1;
-                        out.push(t);
-                        progress(1);
-                        break; // one per chunk: spread the set over the collection
-                    }
-                    Err(reason) => report.drop(reason),
-                }
-            }
-        }
-    }
-    report.kept = out.len();
-    report.seconds = started.elapsed().as_secs_f64();
-    report.triplets_per_minute = report.kept as f64 * 60.0 / report.seconds.max(1e-9);
-    Ok((out, report))
-}
-
-/// Up to `n` questions drafted from `collection`'s chunks (one per chunk, chunks in an order drawn
-/// from `seed`), each naming the document of the chunk it was drafted from as its gold document;
-/// for tuning retrieval. Unlike [`synthesize`], the retriever is not asked: a set that kept only
-/// the questions today's retriever answers would reward today's settings.
-pub async fn retrieval_questions(
-    collection: &Collection,
-    n: usize,
-    seed: u64,
-) -> Result<Vec<crate::eval::Question>, RagError> {
-    let mut rng = Rng::new(seed);
-    let mut walk = ChunkWalk::new(collection, &mut rng).await?;
-    let mut seen = Seen::default();
-    let mut out = Vec::new();
-    while out.len() < n
-        && let Some(chunks) = walk.next_batch().await?
-    {
-        for chunk in &chunks {
-            if out.len() >= n {
-                break;
-            }
-            let draft = drafts(chunk)
-                .into_iter()
-                .find(|d| unusable(d, &seen).is_none());
-            if let Some(draft) = draft {
-                seen.keep(&draft);
-                out.push(crate::eval::Question {
-                    id: format!("synthetic:{}", chunk.chunk_id),
-                    query: draft.question,
-                    gold_doc_ids: vec![chunk.doc_id.clone()],
-                    answers: vec![draft.answer],
-                });
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// A collection's chunks, read [`READ_BATCH`] at a time in a random order.
-struct ChunkWalk {
-    index: Arc<Bm25Index>,
-    order: Vec<usize>,
-    next: usize,
-}
-
-impl ChunkWalk {
-    async fn new(collection: &Collection, rng: &mut Rng) -> Result<ChunkWalk, RagError> {
-        let index = Arc::clone(&collection.index);
-        let total = read_index(Arc::clone(&index), move |i| i.num_chunks()).await?;
-        let mut order: Vec<usize> = (0..total).collect();
-        rng.shuffle(&mut order);
-        Ok(ChunkWalk {
-            index,
-            order,
-            next: 0,
-        })
-    }
-
-    /// The next batch of chunks (None when all were read).
-    async fn next_batch(&mut self) -> Result<Option<Vec<ChunkRecord>>, RagError> {
-        if self.next >= self.order.len() {
-            return Ok(None);
-        }
-        let end = (self.next + READ_BATCH).min(self.order.len());
-        let positions = self.order[self.next..end].to_vec();
-        self.next = end;
-        let chunks = read_index(Arc::clone(&self.index), move |i| i.chunks_at(&positions)).await?;
-        Ok(Some(chunks))
-    }
-}
-
-/// The triplet for `draft`, or why it is dropped.
-async fn triplet(
-    rag: &Rag,
-    collection: &Collection,
-    chunk: &ChunkRecord,
-    draft: &Draft,
-    seen: &Seen,
-    shuffler: Option<&mut Rng>,
-) -> Result<Result<Triplet, &'static str>, RagError> {
-    if let Some(reason) = unusable(draft, seen) {
-        return Ok(Err(reason));
-    }
-    let sources = rag.sources(collection, &draft.question).await?;
-    let sources = match shuffler {
-        Some(rng) => shuffle_sources(sources, rng),
-        None => sources,
-    };
-    let Some(source) = sources.iter().find(|s| s.chunk_id == chunk.chunk_id) else {
-        return Ok(Err("source not retrieved for the question"));
-    };
-    let flat = source.text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if !flat.contains(&draft.answer) {
-        return Ok(Err("answer not whole in its source"));
-    }
-    Ok(Ok(Triplet {
-        query: draft.question.clone(),
-        context: format_sources(&sources),
-        answer: format!("{} [{}]", draft.answer, source.n),
-        origin: Some(Origin {
-            chunk_id: chunk.chunk_id.clone(),
-            doc_id: chunk.doc_id.clone(),
-            rule: draft.rule.name().to_string(),
-        }),
-    }))
-}
-
-/// Run a blocking index read off the async runtime.
-async fn read_index<T: Send + 'static>(
-    index: Arc<Bm25Index>,
-    f: impl FnOnce(&Bm25Index) -> Result<T, IndexError> + Send + 'static,
-) -> Result<T, RagError> {
-    let result = tokio::task::spawn_blocking(move || f(&index))
-        .await
-        .map_err(RetrieveError::from)?;
-    Ok(result
-        .map_err(CollectionError::from)
-        .map_err(RetrieveError::from)?)
 }
 
 #[cfg(test)]
@@ -661,6 +591,14 @@ mod tests {
             "How do I create a partial index on client addresses?"
         );
         assert!(d[0].answer.contains("CREATE INDEX"), "{d:?}");
+        assert!(
+            d[0].answer.starts_with("Use a command such as this:"),
+            "{d:?}"
+        );
+        assert!(
+            d[0].passage.starts_with("To create a partial index"),
+            "{d:?}"
+        );
         assert_eq!(
             questions(
                 "t",
@@ -688,6 +626,122 @@ mod tests {
     }
 
     #[test]
+    fn the_title_is_cut_off_only_as_a_whole_word() {
+        assert_eq!(
+            sentences("Index", "Index Index Indexes are sorted."),
+            ["Indexes are sorted."]
+        );
+        assert_eq!(
+            sentences("Index", "Indexes are sorted."),
+            ["Indexes are sorted."]
+        );
+    }
+
+    #[test]
+    fn instruction_answers_start_at_what_to_do() {
+        let answer = |text: &str| drafts(&chunk("t", text))[0].answer.clone();
+        assert_eq!(
+            answer("To create a new row, use the INSERT command."),
+            "Use the INSERT command."
+        );
+        assert_eq!(
+            answer("If you want to keep the old data, rename the directory first."),
+            "Rename the directory first."
+        );
+        assert_eq!(
+            answer("To list the databases, psql -l prints their names and owners."),
+            "psql -l prints their names and owners."
+        );
+        assert_eq!(
+            answer("To connect to a server, you must give its host name and port."),
+            "You must give its host name and port."
+        );
+        // "You can Y by Z" does not restate a purpose first: the whole sentence answers.
+        assert_eq!(
+            answer("You can reclaim disk space by running VACUUM FULL on the table."),
+            "You can reclaim disk space by running VACUUM FULL on the table."
+        );
+        assert_eq!(
+            answer("A partial index is an index built over a subset of a table."),
+            "A partial index is an index built over a subset of a table."
+        );
+    }
+
+    #[test]
+    fn a_definition_list_entry_ends_before_the_next_term() {
+        let text = "If md5 is specified but the password is encrypted for SCRAM, then SCRAM-based \
+                    authentication will automatically be chosen instead. password The method \
+                    password sends the password in clear-text.";
+        let s = sentences("t", text);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert!(s[0].ends_with("chosen instead."), "{s:?}");
+        assert!(s[1].starts_with("password The method"), "{s:?}");
+        for kept in [
+            "Use a tool, e.g. the psql client, to connect.",
+            "Copy the files, etc. and then restart.",
+            "It takes approx. five minutes to finish.",
+            "See Section 11.8. for more.",
+        ] {
+            assert_eq!(sentences("t", kept), [kept], "{kept}");
+        }
+        // A definition's answer stops where the next term starts.
+        let d = drafts(&chunk(
+            "t",
+            "trust The trust method is a method that lets anyone connect without a password. \
+             password The method password sends the password in clear-text.",
+        ));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].answer.ends_with("without a password."), "{d:?}");
+    }
+
+    #[test]
+    fn synopses_and_glued_headings_give_no_question() {
+        assert_eq!(
+            questions(
+                "t",
+                ") ] Description EXECUTE is used to execute a previously prepared statement."
+            ),
+            []
+        );
+        let d = drafts(&chunk(
+            "t",
+            "Scalar Subqueries A scalar subquery is an ordinary SELECT query in parentheses that \
+             returns exactly one row with one column.",
+        ));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(reject(&d[0]), Some("heading glued to the subject"));
+        let first = |text: &str| reject(&drafts(&chunk("t", text))[0]);
+        assert_eq!(
+            first("typndims int4 typndims is the number of array dimensions for a domain."),
+            Some("heading glued to the subject")
+        );
+        assert_eq!(
+            first("Creating a canonical function is a bit tricky, since it must come first."),
+            Some("vague subject")
+        );
+        assert_eq!(
+            first("The following environment variables can be used to specify defaults."),
+            Some("vague subject")
+        );
+        assert_eq!(
+            first("String functions are a family of functions that operate on text values."),
+            None
+        );
+        assert_eq!(
+            first("e rest of RE is an ERE i case-insensitive matching m historical synonym for n"),
+            Some("vague subject")
+        );
+        // "You can Y by Z" with a parenthetical inside Y gives no question.
+        assert_eq!(
+            questions(
+                "t",
+                "You can specify the stop point, known as the target, either by time or by name."
+            ),
+            []
+        );
+    }
+
+    #[test]
     fn sentences_without_a_pattern_give_nothing() {
         for text in [
             "The server was restarted on Tuesday.",
@@ -706,6 +760,7 @@ mod tests {
     fn draft(question: &str, answer: &str, subject: &str) -> Draft {
         Draft {
             question: question.into(),
+            passage: answer.into(),
             answer: answer.into(),
             subject: subject.into(),
             rule: Rule::Definition,
@@ -729,7 +784,7 @@ mod tests {
         let glued = draft(
             "What is quick Setup Logical replication?",
             "Quick Setup Logical replication is a method of replicating data objects.",
-            "quick Setup Logical replication",
+            "Quick Setup Logical replication",
         );
         assert_eq!(reject(&glued), Some("heading glued to the subject"));
         let short = draft("What is pg_dump?", "pg_dump is a tool.", "pg_dump");
