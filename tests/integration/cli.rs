@@ -418,8 +418,21 @@ fn synthetic_triplets_from_documents_train_an_adapter() {
         questions.contains(&"How do I reset my password?"),
         "{questions:?}"
     );
+    let reset = triplets
+        .iter()
+        .find(|t| t["query"] == "How do I reset my password?")
+        .expect("the reset question");
+    // An instruction's answer starts at what to do, not with the question restated.
+    assert!(
+        reset["answer"]
+            .as_str()
+            .expect("answer")
+            .starts_with("Open Settings, choose Security and click Reset password. ["),
+        "{reset}"
+    );
     for t in &triplets {
-        // The answer is a sentence of a source in the context, cited by that source's number.
+        // The answer is a sentence of a source in the context (its first word capitalised where
+        // an instruction's answer starts mid-sentence), cited by that source's number.
         let answer = t["answer"].as_str().expect("answer");
         let (sentence, cite) = answer.rsplit_once(" [").expect("a citation");
         let n = cite.trim_end_matches(']');
@@ -429,7 +442,10 @@ fn synthetic_triplets_from_documents_train_an_adapter() {
             .nth(1)
             .expect("the cited source is in the context");
         let source = source.split("\n\n").next().unwrap_or_default();
-        assert!(source.contains(sentence), "{sentence:?} not in source {n}");
+        assert!(
+            source.to_lowercase().contains(&sentence.to_lowercase()),
+            "{sentence:?} not in source {n}"
+        );
         assert!(t["origin"]["rule"].is_string(), "{t}");
     }
     let report: serde_json::Value =
