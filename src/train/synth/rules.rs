@@ -354,7 +354,9 @@ fn instruction(words: &[&str]) -> Option<(String, String, Rule, usize)> {
         ["you", "can", ..] => (2, "How can I"),
         _ => return None,
     };
-    let end = if question_start == "How can I" {
+    // "You can Y by Z" states no purpose before what to do: its answer is the whole sentence.
+    let by_form = question_start == "How can I";
+    let end = if by_form {
         l.iter().skip(start).position(|w| *w == "by")? + start
     } else {
         let comma = words.iter().skip(start).position(|w| w.ends_with(','))? + start;
@@ -390,11 +392,7 @@ fn instruction(words: &[&str]) -> Option<(String, String, Rule, usize)> {
             w => w,
         })
         .collect();
-    let skip = if question_start == "How can I" {
-        0
-    } else {
-        end
-    };
+    let skip = if by_form { 0 } else { end };
     Some((
         format!("{question_start} {}?", asked.join(" ")),
         clause_text,
@@ -405,27 +403,20 @@ fn instruction(words: &[&str]) -> Option<(String, String, Rule, usize)> {
 
 /// Why a draft is dropped before retrieval (None: it goes on).
 pub(super) fn reject(draft: &Draft) -> Option<&'static str> {
-    let first = draft
-        .subject
-        .split_whitespace()
-        .next()
-        .map(lower)
-        .unwrap_or_default();
-    let subject_content = content_words(&draft.subject);
+    let lowered: Vec<String> = draft.subject.split_whitespace().map(lower).collect();
+    let first = lowered.first().map(String::as_str).unwrap_or_default();
     let names_a_thing = draft.rule != Rule::Instruction;
     // A lone letter other than "a" starts table or synopsis text, not a name ("e rest of RE").
     let lone_letter = first.chars().count() == 1 && first != "a";
-    if VAGUE_FIRST.contains(&first.as_str())
+    if VAGUE_FIRST.contains(&first)
         || lone_letter
-        || subject_content.is_empty()
-        || lower(&draft.subject)
-            .split_whitespace()
-            .any(|w| w == "following")
-        || (names_a_thing && gerund_phrase(&draft.subject))
+        || content_words(&draft.subject).is_empty()
+        || lowered.iter().any(|w| w == "following")
+        || (names_a_thing && gerund_phrase(&lowered))
     {
         return Some("vague subject");
     }
-    if glued_heading(&draft.subject) || (names_a_thing && repeats_a_word(&draft.subject)) {
+    if glued_heading(&draft.subject) || (names_a_thing && repeats_a_word(&lowered)) {
         return Some("heading glued to the subject");
     }
     let words = draft.passage.split_whitespace().count();
@@ -445,18 +436,16 @@ pub(super) fn reject(draft: &Draft) -> Option<&'static str> {
     None
 }
 
-/// Whether `subject` is an action, not a thing: "Creating a canonical function is a bit tricky"
-/// would ask "What is creating a canonical function?".
-fn gerund_phrase(subject: &str) -> bool {
-    let words: Vec<String> = subject.split_whitespace().map(lower).collect();
-    matches!(words.as_slice(), [first, second, ..]
+/// Whether a subject (its words in lower case) is an action, not a thing: "Creating a canonical
+/// function is a bit tricky" would ask "What is creating a canonical function?".
+fn gerund_phrase(words: &[String]) -> bool {
+    matches!(words, [first, second, ..]
         if first.len() > 4 && first.ends_with("ing") && matches!(second.as_str(), "a" | "an" | "the"))
 }
 
-/// Whether a word comes twice in `subject`: a catalog or option list's entry ran into the
-/// sentence ("typndims int4 typndims is the number of ...").
-fn repeats_a_word(subject: &str) -> bool {
-    let words: Vec<String> = subject.split_whitespace().map(lower).collect();
+/// Whether a word comes twice in a subject (its words in lower case): a catalog or option list's
+/// entry ran into the sentence ("typndims int4 typndims is the number of ...").
+fn repeats_a_word(words: &[String]) -> bool {
     let distinct: HashSet<&String> = words.iter().collect();
     distinct.len() < words.len()
 }
