@@ -16,6 +16,8 @@
 #                                        only to those); reference_generations.json from
 #                                        scripts/check_converted_llm.py
 #   $DATA_DIR/demo/postgresql-15/        PostgreSQL 15 HTML docs (Debian postgresql-doc-15)
+#   $DATA_DIR/demo/house-manuals/        Debian Reference and Git's docs (Debian debian-reference-en,
+#                                        git-doc): the house adapter's how-to questions
 #   $DATA_DIR/squad/                     SQuAD 1.1 dev + SQuAD-Shifts new_wiki, amazon_reviews (bigbench sdist)
 #
 # Idempotent: an output that is present and verifies is left alone, so a rerun
@@ -25,7 +27,7 @@
 #   DOMAINRAG_CACHE       cache root (default ~/.cache/domainrag): downloads/ and venv/
 #   MODELS_DIR            default data/models;  DATA_DIR  default data  (relative to the repo root)
 #   DOMAINRAG_SHARED      where shared/data/squad/*.json.xz may be (default ../shared)
-#   DOMAINRAG_SKIP_DEMO=1 skip the PostgreSQL docs
+#   DOMAINRAG_SKIP_DEMO=1 skip the PostgreSQL docs and the house adapter's manuals
 #   DOMAINRAG_FORCE_CHECK=1  rerun scripts/check_embedding.py and scripts/check_converted_llm.py
 #                         even if their outputs verify
 #   PYTHON                interpreter for the venv and helpers (default python3, needs >= 3.11)
@@ -374,61 +376,83 @@ step_llm_hf() {
   rm -rf -- "$dir.old"
 }
 
-step_demo() {
-  local demo=$DATA_DIR/demo/postgresql-15 manifest=$DATA_DIR/demo/postgresql-15.sha256sums
-  if [[ ${DOMAINRAG_SKIP_DEMO:-0} == 1 ]]; then
-    log "skip PostgreSQL 15 docs (DOMAINRAG_SKIP_DEMO=1)"
-    return 0
-  fi
-  local manifest_abs=$manifest
-  [[ $manifest_abs == /* ]] || manifest_abs=$ROOT/$manifest
-  if [[ -d $demo && -s $manifest ]] && (cd "$demo" && sha256sum --quiet --strict -c -- "$manifest_abs" >/dev/null 2>&1); then
-    log "ok   PostgreSQL 15 docs: $(find "$demo" -name '*.html' | wc -l) .html pages (verified against $manifest)"
-    return 0
-  fi
-  log "get  PostgreSQL 15 docs ($PG_DOC_PACKAGE)"
-  if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
-    die "apt-get and dpkg-deb are needed for the demo docs (or set DOMAINRAG_SKIP_DEMO=1)"
-  fi
-
-  # A cached .deb is reused when it still matches the sha256 recorded when apt fetched it.
-  local deb="" candidate
-  for candidate in "$DL/${PG_DOC_PACKAGE}"_*_all.deb; do
-    [[ -f $candidate ]] && has_recorded_sha "$candidate" && deb=$candidate
+# fetch_deb PKG: the newest PKG_*_all.deb apt offers, in $DL, its path in $DEB. apt checks the
+# file against the hashes in its signed package index; the sha256 is then recorded beside it
+# and a cached .deb is reused while it still matches.
+fetch_deb() {
+  local pkg=$1 candidate
+  DEB=""
+  for candidate in "$DL/${pkg}"_*_all.deb; do
+    [[ -f $candidate ]] && has_recorded_sha "$candidate" && DEB=$candidate
   done
-  if [[ -z $deb ]]; then
-    rm -f -- "$DL/${PG_DOC_PACKAGE}"_*_all.deb "$DL/${PG_DOC_PACKAGE}"_*_all.deb.sha256
-    # apt checks the file against the hashes in its signed package index.
-    if ! (cd "$DL" && apt-get download -q "$PG_DOC_PACKAGE"); then
+  if [[ -z $DEB ]]; then
+    rm -f -- "$DL/${pkg}"_*_all.deb "$DL/${pkg}"_*_all.deb.sha256
+    if ! (cd "$DL" && apt-get download -q "$pkg"); then
       note "apt-get download failed; running apt-get update once and retrying"
       apt-get update -q || die "apt-get update failed (needs root); or set DOMAINRAG_SKIP_DEMO=1"
-      (cd "$DL" && apt-get download -q "$PG_DOC_PACKAGE") || die "apt-get download $PG_DOC_PACKAGE failed"
+      (cd "$DL" && apt-get download -q "$pkg") || die "apt-get download $pkg failed"
     fi
-    for candidate in "$DL/${PG_DOC_PACKAGE}"_*_all.deb; do
-      [[ -f $candidate ]] && deb=$candidate
+    for candidate in "$DL/${pkg}"_*_all.deb; do
+      [[ -f $candidate ]] && DEB=$candidate
     done
-    [[ -n $deb ]] || die "apt-get download left no ${PG_DOC_PACKAGE}_*_all.deb in $DL"
-    write_sha "$deb"
+    [[ -n $DEB ]] || die "apt-get download left no ${pkg}_*_all.deb in $DL"
+    write_sha "$DEB"
   fi
-  log "  $(basename -- "$deb") sha256 $(cut -d' ' -f1 <"$deb.sha256")"
+  log "  $(basename -- "$DEB") sha256 $(cut -d' ' -f1 <"$DEB.sha256")"
+}
 
-  local unpack
-  unpack=$(mktemp -d "$DL/.pgdoc.XXXXXX")
-  dpkg-deb -x "$deb" "$unpack" || die "dpkg-deb -x $deb failed"
-  local html=$unpack/usr/share/doc/$PG_DOC_PACKAGE/html
-  [[ -f $html/index.html ]] || die "$deb has no usr/share/doc/$PG_DOC_PACKAGE/html/index.html"
-  mkdir -p -- "$DATA_DIR/demo"
-  rm -rf -- "$demo.tmp" "$demo"
-  mv -- "$html" "$demo.tmp"
-  rm -rf -- "$unpack"
-  (cd "$demo.tmp" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) >"$manifest.tmp"
-  mv -- "$demo.tmp" "$demo"
+# install_docs NAME DEST PKG:DIR[:SUB]...: each package's DIR (inside the .deb) as DEST/SUB (SUB
+# defaults to PKG; "." = DEST itself, for one package), with a sha256 manifest DEST.sha256sums;
+# left alone when DEST verifies against it.
+install_docs() {
+  local name=$1 dest=$2 manifest=$2.sha256sums
+  shift 2
+  local manifest_abs=$manifest
+  [[ $manifest_abs == /* ]] || manifest_abs=$ROOT/$manifest
+  if [[ -d $dest && -s $manifest ]] && (cd "$dest" && sha256sum --quiet --strict -c -- "$manifest_abs" >/dev/null 2>&1); then
+    log "ok   $name: $(find "$dest" -name '*.html' | wc -l) .html pages (verified against $manifest)"
+    return 0
+  fi
+  log "get  $name"
+  if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
+    die "apt-get and dpkg-deb are needed for $name (or set DOMAINRAG_SKIP_DEMO=1)"
+  fi
+  rm -rf -- "$dest.tmp" && mkdir -p -- "$dest.tmp"
+  local spec pkg dir sub unpack
+  for spec in "$@"; do
+    IFS=: read -r pkg dir sub <<<"$spec"
+    fetch_deb "$pkg"
+    unpack=$(mktemp -d "$DL/.docs.XXXXXX")
+    dpkg-deb -x "$DEB" "$unpack" || die "dpkg-deb -x $DEB failed"
+    [[ -d $unpack/$dir ]] || die "$DEB has no $dir"
+    if [[ ${sub:-$pkg} == . ]]; then
+      rmdir -- "$dest.tmp" && mv -- "$unpack/$dir" "$dest.tmp"
+    else
+      mv -- "$unpack/$dir" "$dest.tmp/${sub:-$pkg}"
+    fi
+    rm -rf -- "$unpack"
+  done
+  (cd "$dest.tmp" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) >"$manifest.tmp"
+  rm -rf -- "$dest"
+  mv -- "$dest.tmp" "$dest"
   mv -- "$manifest.tmp" "$manifest"
+  log "  $(find "$dest" -name '*.html' | wc -l) .html pages in $dest"
+}
+
+step_demo() {
+  if [[ ${DOMAINRAG_SKIP_DEMO:-0} == 1 ]]; then
+    log "skip PostgreSQL 15 docs and the house adapter's manuals (DOMAINRAG_SKIP_DEMO=1)"
+    return 0
+  fi
+  local demo=$DATA_DIR/demo/postgresql-15
+  mkdir -p -- "$DATA_DIR/demo"
+  install_docs "PostgreSQL 15 docs" "$demo" "$PG_DOC_PACKAGE:usr/share/doc/$PG_DOC_PACKAGE/html:."
+  install_docs "the house adapter's manuals" "$DATA_DIR/demo/house-manuals" \
+    "debian-reference-en:usr/share/debian-reference" "git-doc:usr/share/doc/git-doc"
   local count
   count=$(find "$demo" -name '*.html' | wc -l)
-  log "  $count .html pages in $demo"
   [[ $count == "$PG_HTML_EXPECTED" ]] ||
-    note "expected $PG_HTML_EXPECTED .html pages for 15.18-0+deb12u1; $(basename -- "$deb") has $count"
+    note "expected $PG_HTML_EXPECTED .html pages for 15.18-0+deb12u1; $demo has $count"
 }
 
 # fetch_bigbench_sdist: $DL/$BIGBENCH_SDIST, verified. The sdist is only unpacked, never
