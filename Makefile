@@ -60,13 +60,17 @@ demo-adapter: models build
 ## A collection's adapter from its documents alone: SYNTH_N triplets synthesised from the
 ## PostgreSQL manual (questions from definitions, purposes and instructions in its text, answered
 ## by the sentence and its citation; kept only when the retriever finds the source) -> LoRA
-## (1 epoch, ~15 min on 2 cores) -> assigned to `postgres`; then one question, base vs adapter.
+## (r 16 on all 7 projections, 1 epoch, 2 sequences a step; ~25 min on 2 cores: the recipe README
+## scores) -> assigned to `postgres`; then one question, base vs adapter.
 SYNTH_N ?= 150
 demo-postgres-adapter: models build
 	$(DR) collection show postgres >/dev/null 2>&1 || $(DR) collection create postgres
 	$(DR) ingest --collection postgres data/demo/postgresql-15
-	$(DR) train --collection postgres --synthetic $(SYNTH_N) --name postgres-synth --replace --assign \
-		--epochs 1 --batch 1 --lr 3e-4 --val-split 0.1
+	$(DR) triplets synth --collection postgres --n $(SYNTH_N) --seed 42 \
+		--out $(DATA_DIR)/postgres-synth.jsonl --report $(DATA_DIR)/postgres-synth-report.json
+	$(DR) train --collection postgres --triplets $(DATA_DIR)/postgres-synth.jsonl \
+		--name postgres-synth --replace --assign --method lora --rank 16 --alpha 32 --lr 4e-4 \
+		--batch 2 --epochs 1 --warmup 10 --val-split 0.1 --seed 7
 	$(DR) ask --collection postgres --no-adapter "How do I reclaim disk space after deleting many rows?"
 	$(DR) ask --collection postgres "How do I reclaim disk space after deleting many rows?"
 
