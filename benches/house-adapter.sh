@@ -2,17 +2,18 @@
 # The house adapter: a general "answer briefly from the numbered sources and cite them" LoRA that
 # every collection without an adapter of its own answers with (`rag.house_adapter`, "house").
 #
-# Trained only on data that no scored set comes from: SQuAD 1.1 dev (Wikipedia) and SQuAD-Shifts
-# amazon_reviews (product reviews), never new_wiki (its held-out split scores it) nor the
-# PostgreSQL manual or its question set.
-#   1. ingest SQuAD dev as collection `squad` and amazon_reviews as `amazon` (the retriever builds
-#      the contexts serving would give);
+# Trained only on data that no scored set comes from: SQuAD 1.1 dev (Wikipedia), SQuAD-Shifts
+# amazon_reviews (product reviews) and two manuals of other software, the Debian Reference and
+# Git's documentation (`scripts/fetch-models.sh` fetches them from Debian's archive); never
+# new_wiki (its held-out split scores it) nor the PostgreSQL manual or its question set.
+#   1. ingest SQuAD dev as collection `squad`, amazon_reviews as `amazon` and the two manuals'
+#      HTML pages as `manuals` (the retriever builds the contexts serving would give);
 #   2. triplets: HOUSE_SQUAD SQuAD dev questions and HOUSE_AMAZON amazon questions with the
 #      sources serving retrieves for them (span answers + the citation of the source holding
 #      them; HOUSE_SHUFFLE=1 puts the sources in a shuffled order), and HOUSE_SYNTH synthetic
-#      triplets from the SQuAD dev chunks (`triplets synth`: whole-sentence answers). The
-#      defaults are the recipe README reports (700 + 100 + 0, unshuffled: the in-domain
-#      adapter's recipe with SQuAD dev questions in place of new_wiki's; ~75 min on 2 cores);
+#      triplets from the manuals' chunks (`triplets synth`: how-to and definition questions
+#      answered in a sentence, as a manual's readers ask them). The defaults are the recipe
+#      README reports (560 + 100 + 200, unshuffled; ~80 min on 2 cores);
 #   3. one epoch of LoRA (r 16, alpha 32, all 7 projections; HOUSE_METHOD sets another method and
 #      its options; 2 sequences a step, one per core), registered as `house`;
 #   4. with EVAL=1 (`make eval-house`): `eval answers` on the 200 held-out new_wiki questions the
@@ -25,9 +26,10 @@ cd "$(dirname "$0")/.."
 DR="${DR:-${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}/release/domainrag}"
 DATA="${DATA:-data}"
 OUT="${OUT:-bench/house}"
-HOUSE_SQUAD="${HOUSE_SQUAD:-700}"
+HOUSE_SQUAD="${HOUSE_SQUAD:-560}"
 HOUSE_AMAZON="${HOUSE_AMAZON:-100}"
-HOUSE_SYNTH="${HOUSE_SYNTH:-0}"
+HOUSE_SYNTH="${HOUSE_SYNTH:-200}"
+MANUALS="$DATA/demo/house-manuals"
 # 1 = the retrieved sources in a shuffled order (the answer's source is not always [1]).
 HOUSE_SHUFFLE="${HOUSE_SHUFFLE:-0}"
 # The method and its options (word list), e.g. "--method ia3 --lr 1e-2".
@@ -55,6 +57,12 @@ for c in squad:squaddev_v1.1 amazon:amazon_reviews_v1.0; do
     dr collection show "$name" >/dev/null 2>&1 || dr collection create "$name"
     dr ingest --collection "$name" --format squad --no-progress "$file"
 done
+if [ "$HOUSE_SYNTH" -gt 0 ]; then
+    [ -d "$MANUALS" ] || { echo "no $MANUALS: run scripts/fetch-models.sh" >&2; exit 1; }
+    dr collection show manuals >/dev/null 2>&1 || dr collection create manuals
+    find "$MANUALS" -name '*.html' -print0 | sort -z | xargs -0 "$DR" --data-dir "$DATA" ingest \
+        --collection manuals --no-progress
+fi
 shuffle=(); [ "$HOUSE_SHUFFLE" = 1 ] && shuffle=(--shuffle-sources)
 : > "$OUT/triplets-house.jsonl"
 # part COUNT COMMAND...: one part of the triplets (none when COUNT is 0), appended to the set.
@@ -71,7 +79,7 @@ part "$HOUSE_SQUAD" "$OUT/triplets-squad.jsonl" triplets build --collection squa
 part "$HOUSE_AMAZON" "$OUT/triplets-amazon.jsonl" triplets build --collection amazon \
     --format squad --questions data/squad/amazon_reviews_v1.0.json --context retrieved \
     "${shuffle[@]}" --sample "$HOUSE_AMAZON" --seed 32
-part "$HOUSE_SYNTH" "$OUT/triplets-synth.jsonl" triplets synth --collection squad \
+part "$HOUSE_SYNTH" "$OUT/triplets-synth.jsonl" triplets synth --collection manuals \
     --n "$HOUSE_SYNTH" "${shuffle[@]}" --seed 33 --report "$OUT/synth-report.json"
 # shellcheck disable=SC2086 # HOUSE_METHOD is a word list
 RAYON_NUM_THREADS="$THREADS" /usr/bin/time -v "$DR" --data-dir "$DATA" train --collection squad \
