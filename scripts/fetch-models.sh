@@ -424,7 +424,8 @@ install_docs() {
     fetch_deb "$pkg"
     unpack=$(mktemp -d "$DL/.docs.XXXXXX")
     dpkg-deb -x "$DEB" "$unpack" || die "dpkg-deb -x $DEB failed"
-    [[ -d $unpack/$dir ]] || die "$DEB has no $dir"
+    [[ -f $unpack/$dir/index.html || -f $unpack/$dir/index.en.html ]] ||
+      die "$DEB has no $dir/index.html"
     if [[ ${sub:-$pkg} == . ]]; then
       rmdir -- "$dest.tmp" && mv -- "$unpack/$dir" "$dest.tmp"
     else
