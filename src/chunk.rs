@@ -91,10 +91,36 @@ fn render(units: &[Unit<'_>], indexes: &[usize], overlap_units: usize) -> Chunk 
     }
 }
 
+/// A chunk's 64-bit key: the first 8 bytes of its hex content hash (the chunk id). The vector
+/// store's point id and the BM25 index's `key` field, so the hits of both retrievers meet on it
+/// without reading either store's payload. 64 bits keep the collision odds negligible for any
+/// collection this appliance holds.
+pub fn chunk_key(chunk_id: &str) -> u64 {
+    let prefix = chunk_id.get(..16).unwrap_or(chunk_id);
+    u64::from_str_radix(prefix, 16).unwrap_or_else(|_| {
+        // Not a hex id (should not happen: chunk ids are sha256 hex); hash it instead.
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        chunk_id.hash(&mut h);
+        h.finish()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn chunk_key_is_the_hash_prefix() {
+        assert_eq!(chunk_key("00000000000000ffabc"), 255);
+        assert_eq!(chunk_key("ffffffffffffffff"), u64::MAX);
+    }
+
+    #[test]
+    fn chunk_key_of_non_hex_is_stable() {
+        assert_eq!(chunk_key("not-hex"), chunk_key("not-hex"));
+    }
 
     fn cfg(max_words: usize, overlap_words: usize) -> ChunkingConfig {
         ChunkingConfig {

@@ -118,17 +118,28 @@ pub struct Bm25Config {
     /// Weight of a match in a document's title against one in its text (0: titles are not
     /// searched). Titles that are ids or file names say nothing; headings say a lot.
     pub title_weight: f32,
+    /// Weight of a match in a chunk's window (its text between its neighbours' in the same
+    /// document) against one in its own text (0: windows not searched). A collection saved
+    /// before windows existed has none set and keeps 0 until it is set or tuned.
+    #[serde(default)]
+    pub window_weight: f32,
 }
 
 impl Bm25Config {
     /// What collections created before BM25 had settings were searched with (`collection.json`
     /// without a `bm25` section keeps it until it is set or tuned).
-    pub const BEFORE_SETTINGS: Bm25Config = Bm25Config { title_weight: 1.0 };
+    pub const BEFORE_SETTINGS: Bm25Config = Bm25Config {
+        title_weight: 1.0,
+        window_weight: 0.0,
+    };
 
     /// Checks the BM25 settings; the error names the key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if !(self.title_weight.is_finite() && (0.0..=10.0).contains(&self.title_weight)) {
             return Err(("bm25.title_weight", "must be between 0 and 10".into()));
+        }
+        if !(self.window_weight.is_finite() && (0.0..=10.0).contains(&self.window_weight)) {
+            return Err(("bm25.window_weight", "must be between 0 and 10".into()));
         }
         Ok(())
     }

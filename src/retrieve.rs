@@ -1,8 +1,10 @@
 //! Retrieval over one collection: BM25 top-k, dense top-k, and their fusion (reciprocal rank fusion
 //! or weighted sum of min-max normalised scores), with the collection's own fusion settings.
 //!
-//! Results are joined against the BM25 index's chunk store for text and metadata. Owns the fusion
-//! maths (pure, property-tested) and the search flow; embedding and storage are called, not owned.
+//! Both retrievers answer with chunk keys ([`crate::chunk::chunk_key`]) and scores, run side by
+//! side, and are fused on the keys; only the `k` results kept are joined against the BM25 index's
+//! chunk store for text and metadata. Owns the fusion maths (pure, property-tested) and the search
+//! flow; embedding and storage are called, not owned.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -83,21 +85,17 @@ pub struct SearchHit {
 /// A fused candidate before it is joined with its stored text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fused {
-    pub chunk_id: String,
+    /// The chunk's key.
+    pub key: u64,
     pub score: f32,
     pub bm25_score: Option<f32>,
     pub dense_score: Option<f32>,
 }
 
-/// Fuse two ranked lists (best first) into the top `k`.
-pub fn fuse(
-    bm25: &[(String, f32)],
-    dense: &[(String, f32)],
-    cfg: &FusionConfig,
-    k: usize,
-) -> Vec<Fused> {
-    let mut by_id: HashMap<&str, Fused> = HashMap::new();
-    let mut first_seen: Vec<&str> = Vec::new();
+/// Fuse two ranked lists of chunk keys (best first) into the top `k`.
+pub fn fuse(bm25: &[(u64, f32)], dense: &[(u64, f32)], cfg: &FusionConfig, k: usize) -> Vec<Fused> {
+    let mut by_id: HashMap<u64, Fused> = HashMap::with_capacity(bm25.len() + dense.len());
+    let mut first_seen: Vec<u64> = Vec::with_capacity(bm25.len() + dense.len());
     for (list, weight, is_bm25) in [
         (bm25, cfg.bm25_weight, true),
         (dense, cfg.dense_weight, false),
@@ -108,10 +106,10 @@ pub fn fuse(
                 FusionMethod::Rrf => weight / (cfg.rrf_k + rank as f32 + 1.0),
                 FusionMethod::Weighted => weight * norm.apply(*raw),
             };
-            let fused = by_id.entry(id.as_str()).or_insert_with(|| {
-                first_seen.push(id.as_str());
+            let fused = by_id.entry(*id).or_insert_with(|| {
+                first_seen.push(*id);
                 Fused {
-                    chunk_id: id.clone(),
+                    key: *id,
                     score: 0.0,
                     bm25_score: None,
                     dense_score: None,
@@ -131,7 +129,7 @@ pub fn fuse(
     }
     let mut out: Vec<Fused> = first_seen
         .into_iter()
-        .filter_map(|id| by_id.remove(id))
+        .filter_map(|id| by_id.remove(&id))
         .collect();
     // Stable sort: ties keep BM25-then-dense first-seen order, so results are deterministic.
     out.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -146,7 +144,7 @@ struct Normaliser {
 }
 
 impl Normaliser {
-    fn new(list: &[(String, f32)]) -> Self {
+    fn new(list: &[(u64, f32)]) -> Self {
         let min = list.iter().map(|(_, s)| *s).fold(f32::INFINITY, f32::min);
         let max = list
             .iter()
@@ -229,61 +227,93 @@ pub async fn search_with_vector(
         Mode::Hybrid => fusion.candidates.max(k),
         _ => k,
     };
-    let bm25 = if mode != Mode::Dense {
-        let index = Arc::clone(&collection.index);
-        let q = query.to_string();
-        let bm25 = settings.bm25;
-        tokio::task::spawn_blocking(move || index.search(&q, candidates, &bm25))
-            .await?
-            .map_err(CollectionError::from)?
-    } else {
-        Vec::new()
-    };
-    let dense = match (mode, vector) {
-        (Mode::Bm25, _) => Vec::new(),
-        (_, Some(v)) => collection
-            .vectors
-            .search(v, candidates)
-            .await
-            .map_err(CollectionError::from)?
-            .into_iter()
-            .map(|h| (h.chunk_id, h.score))
-            .collect(),
+    let vector = match (mode, vector) {
+        (Mode::Bm25, _) => None,
+        (_, Some(v)) => Some(v),
         (_, None) => return Err(RetrieveError::EmptyQuery),
     };
+    // Both retrievers at once (each on the blocking pool): a hybrid search waits for the slower.
+    let (bm25, dense) = tokio::try_join!(
+        bm25_keys(collection, query, mode, candidates, settings),
+        dense_keys(collection, vector, candidates),
+    )?;
     let fused: Vec<Fused> = match mode {
-        Mode::Bm25 => bm25
-            .into_iter()
-            .map(|(id, s)| Fused {
-                chunk_id: id,
-                score: s,
-                bm25_score: Some(s),
-                dense_score: None,
-            })
-            .collect(),
-        Mode::Dense => dense
-            .into_iter()
-            .map(|(id, s)| Fused {
-                chunk_id: id,
-                score: s,
-                bm25_score: None,
-                dense_score: Some(s),
-            })
-            .collect(),
+        Mode::Bm25 => only(bm25, true),
+        Mode::Dense => only(dense, false),
         Mode::Hybrid => fuse(&bm25, &dense, fusion, k),
     };
-    let ids: Vec<String> = fused.iter().map(|f| f.chunk_id.clone()).collect();
+    join(collection, fused, k).await
+}
+
+/// BM25's top `n` keys (none in dense mode).
+async fn bm25_keys(
+    collection: &Collection,
+    query: &str,
+    mode: Mode,
+    n: usize,
+    settings: &SearchSettings,
+) -> Result<Vec<(u64, f32)>, RetrieveError> {
+    if mode == Mode::Dense {
+        return Ok(Vec::new());
+    }
     let index = Arc::clone(&collection.index);
-    let mut records = tokio::task::spawn_blocking(move || index.get_chunks(&ids))
+    let (q, bm25) = (query.to_string(), settings.bm25);
+    Ok(
+        tokio::task::spawn_blocking(move || index.search(&q, n, &bm25))
+            .await?
+            .map_err(CollectionError::from)?,
+    )
+}
+
+/// The vector store's top `n` keys for `vector` (none without one).
+async fn dense_keys(
+    collection: &Collection,
+    vector: Option<Vec<f32>>,
+    n: usize,
+) -> Result<Vec<(u64, f32)>, RetrieveError> {
+    let Some(vector) = vector else {
+        return Ok(Vec::new());
+    };
+    Ok(collection
+        .vectors
+        .search(vector, n)
+        .await
+        .map_err(CollectionError::from)?
+        .into_iter()
+        .map(|h| (h.key, h.score))
+        .collect())
+}
+
+/// One retriever's list as results, its score being the ranking score.
+fn only(list: Vec<(u64, f32)>, is_bm25: bool) -> Vec<Fused> {
+    list.into_iter()
+        .map(|(key, s)| Fused {
+            key,
+            score: s,
+            bm25_score: is_bm25.then_some(s),
+            dense_score: (!is_bm25).then_some(s),
+        })
+        .collect()
+}
+
+/// The first `k` of `fused` with their stored chunks. A dense hit whose chunk is not in the index
+/// (an interrupted ingest) is dropped.
+async fn join(
+    collection: &Collection,
+    fused: Vec<Fused>,
+    k: usize,
+) -> Result<Vec<SearchHit>, RetrieveError> {
+    let keys: Vec<u64> = fused.iter().map(|f| f.key).collect();
+    let index = Arc::clone(&collection.index);
+    let mut records = tokio::task::spawn_blocking(move || index.chunks_by_key(&keys))
         .await?
         .map_err(CollectionError::from)?;
-    // A dense hit whose chunk is not in the index (an interrupted ingest) is dropped.
     Ok(fused
         .into_iter()
         .filter_map(|f| {
-            let r = records.remove(&f.chunk_id)?;
+            let r = records.remove(&f.key)?;
             Some(SearchHit {
-                chunk_id: f.chunk_id,
+                chunk_id: r.chunk_id,
                 doc_id: r.doc_id,
                 title: r.title,
                 source: r.source,
@@ -312,24 +342,24 @@ mod tests {
         }
     }
 
-    fn list(ids: &[&str]) -> Vec<(String, f32)> {
+    fn list(ids: &[u64]) -> Vec<(u64, f32)> {
         ids.iter()
             .enumerate()
-            .map(|(i, id)| (id.to_string(), 10.0 - i as f32))
+            .map(|(i, id)| (*id, 10.0 - i as f32))
             .collect()
     }
 
     #[test]
     fn rrf_rewards_agreement() {
         let fused = fuse(
-            &list(&["a", "b", "c"]),
-            &list(&["c", "b", "d"]),
+            &list(&[A, B, C]),
+            &list(&[C, B, D]),
             &cfg(FusionMethod::Rrf, 1.0, 1.0),
             10,
         );
-        let ids: Vec<_> = fused.iter().map(|f| f.chunk_id.as_str()).collect();
+        let ids: Vec<_> = fused.iter().map(|f| f.key).collect();
         // c (ranks 3 and 1) edges out b (2 and 2): 1/63 + 1/61 > 2/62.
-        assert_eq!(ids, ["c", "b", "a", "d"]);
+        assert_eq!(ids, [C, B, A, D]);
         assert_eq!(fused[0].bm25_score, Some(8.0));
         assert_eq!(fused[0].dense_score, Some(10.0));
         assert_eq!(fused[3].bm25_score, None);
@@ -337,22 +367,27 @@ mod tests {
 
     #[test]
     fn weighted_uses_normalised_scores() {
-        let bm25 = vec![("a".to_string(), 30.0), ("b".to_string(), 10.0)];
-        let dense = vec![("b".to_string(), 0.9), ("a".to_string(), 0.1)];
+        let bm25 = vec![(A, 30.0), (B, 10.0)];
+        let dense = vec![(B, 0.9), (A, 0.1)];
         let fused = fuse(&bm25, &dense, &cfg(FusionMethod::Weighted, 1.0, 2.0), 10);
-        assert_eq!(fused[0].chunk_id, "b");
+        assert_eq!(fused[0].key, B);
         assert!((fused[0].score - 2.0).abs() < 1e-6);
         assert!((fused[1].score - 1.0).abs() < 1e-6);
     }
 
-    fn ranked() -> impl Strategy<Value = Vec<(String, f32)>> {
+    const A: u64 = 10;
+    const B: u64 = 11;
+    const C: u64 = 12;
+    const D: u64 = 13;
+
+    fn ranked() -> impl Strategy<Value = Vec<(u64, f32)>> {
         proptest::collection::btree_set(0u32..60, 0..25).prop_flat_map(|ids| {
             let n = ids.len();
             (Just(ids), proptest::collection::vec(0.0f32..100.0, n)).prop_map(
                 |(ids, mut scores)| {
                     scores.sort_by(|a, b| b.total_cmp(a));
                     ids.into_iter()
-                        .map(|i| format!("c{i}"))
+                        .map(u64::from)
                         .zip(scores)
                         .collect::<Vec<_>>()
                 },
@@ -373,19 +408,19 @@ mod tests {
             let method = if weighted { FusionMethod::Weighted } else { FusionMethod::Rrf };
             let fused = fuse(&bm25, &dense, &cfg(method, wb, wd), k);
             // At most k, no duplicates, every result came from an input list.
-            let union: std::collections::HashSet<&str> =
-                bm25.iter().chain(&dense).map(|(id, _)| id.as_str()).collect();
+            let union: std::collections::HashSet<u64> =
+                bm25.iter().chain(&dense).map(|(id, _)| *id).collect();
             prop_assert!(fused.len() <= k);
             prop_assert_eq!(fused.len(), union.len().min(k));
-            let ids: std::collections::HashSet<&str> = fused.iter().map(|f| f.chunk_id.as_str()).collect();
+            let ids: std::collections::HashSet<u64> = fused.iter().map(|f| f.key).collect();
             prop_assert_eq!(ids.len(), fused.len());
             prop_assert!(ids.is_subset(&union));
             // Sorted by score, descending.
             prop_assert!(fused.windows(2).all(|w| w[0].score >= w[1].score));
             // Per-retriever scores are carried through unchanged.
             for f in &fused {
-                let b = bm25.iter().find(|(id, _)| *id == f.chunk_id).map(|(_, s)| *s);
-                let d = dense.iter().find(|(id, _)| *id == f.chunk_id).map(|(_, s)| *s);
+                let b = bm25.iter().find(|(id, _)| *id == f.key).map(|(_, s)| *s);
+                let d = dense.iter().find(|(id, _)| *id == f.key).map(|(_, s)| *s);
                 prop_assert_eq!(f.bm25_score, b);
                 prop_assert_eq!(f.dense_score, d);
             }
@@ -394,8 +429,8 @@ mod tests {
         #[test]
         fn rrf_with_one_retriever_keeps_its_order(bm25 in ranked(), k in 1usize..40) {
             let fused = fuse(&bm25, &[], &cfg(FusionMethod::Rrf, 1.0, 1.0), k);
-            let got: Vec<&str> = fused.iter().map(|f| f.chunk_id.as_str()).collect();
-            let want: Vec<&str> = bm25.iter().take(k).map(|(id, _)| id.as_str()).collect();
+            let got: Vec<u64> = fused.iter().map(|f| f.key).collect();
+            let want: Vec<u64> = bm25.iter().take(k).map(|(id, _)| *id).collect();
             prop_assert_eq!(got, want);
         }
 
@@ -404,21 +439,22 @@ mod tests {
             let c = cfg(FusionMethod::Rrf, 1.0, 1.0);
             let x = fuse(&a, &b, &c, 100);
             let y = fuse(&b, &a, &c, 100);
-            let sx: HashMap<_, _> = x.iter().map(|f| (f.chunk_id.clone(), f.score)).collect();
+            let sx: HashMap<_, _> = x.iter().map(|f| (f.key, f.score)).collect();
             for f in &y {
-                prop_assert!((sx[&f.chunk_id] - f.score).abs() < 1e-6);
+                prop_assert!((sx[&f.key] - f.score).abs() < 1e-6);
             }
         }
 
         #[test]
         fn top_of_both_lists_wins(rest_a in ranked(), rest_b in ranked(), weighted in any::<bool>()) {
             let method = if weighted { FusionMethod::Weighted } else { FusionMethod::Rrf };
-            let mut a = vec![("winner".to_string(), 1000.0)];
+            const WINNER: u64 = 1_000;
+            let mut a = vec![(WINNER, 1000.0)];
             a.extend(rest_a);
-            let mut b = vec![("winner".to_string(), 1000.0)];
+            let mut b = vec![(WINNER, 1000.0)];
             b.extend(rest_b);
             let fused = fuse(&a, &b, &cfg(method, 1.0, 1.0), 5);
-            prop_assert_eq!(fused[0].chunk_id.as_str(), "winner");
+            prop_assert_eq!(fused[0].key, WINNER);
         }
     }
 }

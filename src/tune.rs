@@ -2,8 +2,8 @@
 //! source documents (a team's QA pairs, or questions drafted from its own documents).
 //!
 //! The questions are split (seeded) into a tuning part and a held-out part. Each question's
-//! candidate lists are fetched once: dense top [`DEPTH`] and BM25 top [`DEPTH`] for each title
-//! weight of the grid; every fusion variant of the grid is then scored in memory on the tuning
+//! candidate lists are fetched once: dense top [`DEPTH`] and BM25 top [`DEPTH`] for each BM25
+//! setting of the grid (title weight x window weight); every fusion variant of the grid is then scored in memory on the tuning
 //! part by nDCG@10 over documents (as `eval retrieval` scores). The best variant is applied only
 //! when it also does at least as well as the current settings on the held-out part, on both
 //! nDCG@10 and recall@5; otherwise the current settings stay. The report says how many variants
@@ -30,6 +30,7 @@ const RANKED: usize = 30;
 pub const MIN_QUESTIONS: usize = 20;
 
 const TITLE_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 1.0, 2.0];
+const WINDOW_WEIGHTS: [f32; 3] = [0.0, 1.0, 2.0];
 /// (bm25_weight, dense_weight) for the weighted sum of min-max normalised scores.
 const WEIGHTED: [(f32, f32); 9] = [
     (1.0, 0.0),
@@ -112,9 +113,9 @@ pub struct TuneReport {
 
 /// One question's candidate lists, chunk ids mapped to documents.
 struct Candidates {
-    /// BM25 top [`DEPTH`] per entry of the title-weight list.
-    bm25: Vec<Vec<(String, f32)>>,
-    dense: Vec<(String, f32)>,
+    /// BM25 top [`DEPTH`] per entry of the BM25 settings' list.
+    bm25: Vec<Vec<(u64, f32)>>,
+    dense: Vec<(u64, f32)>,
     gold: Vec<String>,
 }
 
@@ -141,12 +142,12 @@ pub async fn tune(
     let held =
         ((questions.len() as f64 * req.holdout).round() as usize).clamp(1, questions.len() - 1);
     let current = collection.settings().search();
-    let title_weights = title_weights(&current);
+    let bm25_settings = bm25_settings(&current);
     let (lists, doc_of) =
-        candidates(collection, embedder, &questions, &title_weights, progress).await?;
+        candidates(collection, embedder, &questions, &bm25_settings, progress).await?;
     let (held_out, tuning) = lists.split_at(held);
     let scorer = Scorer {
-        title_weights: &title_weights,
+        bm25_settings: &bm25_settings,
         doc_of: &doc_of,
     };
     let variants = grid(&current);
@@ -227,11 +228,24 @@ pub fn table(r: &TuneReport) -> String {
     out + &r.decision + "\n"
 }
 
-/// The grid's title weights, with the current one.
-fn title_weights(current: &SearchSettings) -> Vec<f32> {
-    let mut out = TITLE_WEIGHTS.to_vec();
-    if !out.contains(&current.bm25.title_weight) {
-        out.push(current.bm25.title_weight);
+/// The grid's BM25 settings: each title weight with each window weight.
+fn grid_bm25() -> Vec<Bm25Config> {
+    TITLE_WEIGHTS
+        .iter()
+        .flat_map(|&title_weight| {
+            WINDOW_WEIGHTS.iter().map(move |&window_weight| Bm25Config {
+                title_weight,
+                window_weight,
+            })
+        })
+        .collect()
+}
+
+/// The BM25 settings candidates are fetched for: the grid's, with the current ones.
+fn bm25_settings(current: &SearchSettings) -> Vec<Bm25Config> {
+    let mut out = grid_bm25();
+    if !out.contains(&current.bm25) {
+        out.push(current.bm25);
     }
     out
 }
@@ -262,10 +276,10 @@ fn grid(current: &SearchSettings) -> Vec<SearchSettings> {
         }
     }
     let mut out = vec![*current];
-    for title_weight in TITLE_WEIGHTS {
+    for bm25 in grid_bm25() {
         for fusion in &fusions {
             out.push(SearchSettings {
-                bm25: Bm25Config { title_weight },
+                bm25,
                 fusion: *fusion,
             });
         }
@@ -278,9 +292,9 @@ async fn candidates(
     collection: &Collection,
     embedder: &Arc<Embedder>,
     questions: &[Question],
-    title_weights: &[f32],
+    bm25_settings: &[Bm25Config],
     progress: &(dyn Fn(usize) + Send + Sync),
-) -> Result<(Vec<Candidates>, HashMap<String, String>), TuneError> {
+) -> Result<(Vec<Candidates>, HashMap<u64, String>), TuneError> {
     let depth = DEPTH.max(collection.settings().fusion.candidates);
     let vectors = embedder
         .embed(questions.iter().map(|q| q.query.clone()).collect())
@@ -293,14 +307,14 @@ async fn candidates(
             .await
             .map_err(CollectionError::from)?
             .into_iter()
-            .map(|h| (h.chunk_id, h.score))
+            .map(|h| (h.key, h.score))
             .collect();
         let index = Arc::clone(&collection.index);
-        let (query, weights) = (q.query.clone(), title_weights.to_vec());
+        let (query, settings) = (q.query.clone(), bm25_settings.to_vec());
         let bm25 = tokio::task::spawn_blocking(move || {
-            weights
+            settings
                 .iter()
-                .map(|&title_weight| index.search(&query, depth, &Bm25Config { title_weight }))
+                .map(|bm25| index.search(&query, depth, bm25))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -313,15 +327,15 @@ async fn candidates(
         });
         progress(1);
     }
-    let ids: Vec<String> = out
+    let ids: Vec<u64> = out
         .iter()
         .flat_map(|c| c.bm25.iter().flatten().chain(&c.dense))
-        .map(|(id, _)| id.clone())
+        .map(|(id, _)| *id)
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
     let index = Arc::clone(&collection.index);
-    let records = tokio::task::spawn_blocking(move || index.get_chunks(&ids))
+    let records = tokio::task::spawn_blocking(move || index.chunks_by_key(&ids))
         .await
         .map_err(RetrieveError::from)?
         .map_err(CollectionError::from)?;
@@ -331,18 +345,18 @@ async fn candidates(
 
 /// Scores variants on candidate lists fetched once.
 struct Scorer<'a> {
-    title_weights: &'a [f32],
-    doc_of: &'a HashMap<String, String>,
+    bm25_settings: &'a [Bm25Config],
+    doc_of: &'a HashMap<u64, String>,
 }
 
 impl Scorer<'_> {
     /// Mean metrics of `settings` (hybrid search) over `questions`.
     fn score(&self, settings: &SearchSettings, questions: &[Candidates]) -> Metrics {
         let at = self
-            .title_weights
+            .bm25_settings
             .iter()
-            .position(|w| *w == settings.bm25.title_weight)
-            .expect("candidates were fetched for every title weight of the grid");
+            .position(|b| *b == settings.bm25)
+            .expect("candidates were fetched for every BM25 setting of the grid");
         let per_question: Vec<Metrics> = questions
             .iter()
             .map(|c| {
@@ -352,7 +366,7 @@ impl Scorer<'_> {
                 let mut seen = HashSet::new();
                 let docs: Vec<String> = fuse(bm25, dense, &settings.fusion, RANKED)
                     .into_iter()
-                    .filter_map(|f| self.doc_of.get(&f.chunk_id).cloned())
+                    .filter_map(|f| self.doc_of.get(&f.key).cloned())
                     .filter(|d| seen.insert(d.clone()))
                     .collect();
                 score_question(&docs, &c.gold)
@@ -368,7 +382,10 @@ mod tests {
 
     fn current() -> SearchSettings {
         SearchSettings {
-            bm25: Bm25Config { title_weight: 0.7 },
+            bm25: Bm25Config {
+                title_weight: 0.7,
+                window_weight: 0.0,
+            },
             fusion: FusionConfig {
                 method: FusionMethod::Weighted,
                 rrf_k: 60.0,
@@ -385,36 +402,44 @@ mod tests {
         assert_eq!(grid[0], current());
         assert_eq!(
             grid.len(),
-            1 + TITLE_WEIGHTS.len() * CANDIDATES.len() * (9 + 12)
+            1 + TITLE_WEIGHTS.len() * WINDOW_WEIGHTS.len() * CANDIDATES.len() * (9 + 12)
         );
         for v in &grid {
             v.fusion.validate().expect("valid fusion");
             v.bm25.validate().expect("valid bm25");
         }
-        let weights = title_weights(&current());
-        assert!(weights.contains(&0.7), "the current weight is fetched too");
+        let fetched = bm25_settings(&current());
+        assert!(
+            fetched.contains(&current().bm25),
+            "the current BM25 settings are fetched too"
+        );
+        assert_eq!(
+            fetched.len(),
+            TITLE_WEIGHTS.len() * WINDOW_WEIGHTS.len() + 1
+        );
     }
 
     #[test]
     fn the_scorer_ranks_by_fused_documents() {
-        let doc_of: HashMap<String, String> = [("c1", "d1"), ("c2", "d2"), ("c3", "d1")]
+        // Chunks 1 and 3 are of document d1, chunk 2 of d2.
+        let doc_of: HashMap<u64, String> = [(1, "d1"), (2, "d2"), (3, "d1")]
             .into_iter()
-            .map(|(c, d)| (c.to_string(), d.to_string()))
+            .map(|(c, d)| (c, d.to_string()))
             .collect();
-        let list = |ids: &[&str]| -> Vec<(String, f32)> {
+        let list = |ids: &[u64]| -> Vec<(u64, f32)> {
             ids.iter()
                 .enumerate()
-                .map(|(i, id)| (id.to_string(), 10.0 - i as f32))
+                .map(|(i, id)| (*id, 10.0 - i as f32))
                 .collect()
         };
         // BM25 finds d2 first, dense finds d1 first.
         let c = Candidates {
-            bm25: vec![list(&["c2", "c1"])],
-            dense: list(&["c3", "c1", "c2"]),
+            bm25: vec![list(&[2, 1])],
+            dense: list(&[3, 1, 2]),
             gold: vec!["d1".into()],
         };
         let scorer = Scorer {
-            title_weights: &[0.7],
+            bm25_settings: &[current().bm25],
             doc_of: &doc_of,
         };
         let mut bm25_only = current();

@@ -100,6 +100,10 @@ pub struct SettingsArgs {
     /// Weight of a title match against a text match in BM25 (0: titles not searched).
     #[arg(long)]
     pub title_weight: Option<f32>,
+    /// Weight of a match in a chunk's window (with its neighbours) against one in its own text
+    /// in BM25 (0: windows not searched).
+    #[arg(long)]
+    pub window_weight: Option<f32>,
     /// The LoRA adapter answering for the collection.
     #[arg(long, conflicts_with = "no_adapter")]
     pub adapter: Option<String>,
@@ -143,6 +147,9 @@ impl SettingsArgs {
         }
         if let Some(v) = self.title_weight {
             s.bm25.title_weight = v;
+        }
+        if let Some(v) = self.window_weight {
+            s.bm25.window_weight = v;
         }
         if let Some(v) = &self.adapter {
             s.adapter = Some(v.clone());

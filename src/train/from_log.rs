@@ -128,15 +128,22 @@ async fn given_sources(
     if answer.sources.is_empty() {
         return Ok(None);
     }
-    let ids: Vec<String> = answer.sources.iter().map(|s| s.chunk_id.clone()).collect();
+    let keys: Vec<u64> = answer
+        .sources
+        .iter()
+        .map(|s| crate::chunk::chunk_key(&s.chunk_id))
+        .collect();
     let index = Arc::clone(&collection.index);
-    let records = tokio::task::spawn_blocking(move || index.get_chunks(&ids))
+    let records = tokio::task::spawn_blocking(move || index.chunks_by_key(&keys))
         .await
         .map_err(|e| RagError::InvalidInput(format!("reading chunks failed: {e}")))?
         .map_err(|e| RagError::Retrieve(crate::collection::CollectionError::from(e).into()))?;
     let mut sources = Vec::new();
     for s in &answer.sources {
-        let Some(r) = records.get(&s.chunk_id) else {
+        let Some(r) = records
+            .get(&crate::chunk::chunk_key(&s.chunk_id))
+            .filter(|r| r.chunk_id == s.chunk_id)
+        else {
             return Ok(None);
         };
         sources.push(Source {

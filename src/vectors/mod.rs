@@ -2,8 +2,9 @@
 //!
 //! Two real backends: the embedded qdrant-edge shard on disk in the data dir ([`edge`], the default)
 //! and a remote Qdrant server over gRPC ([`remote`]). Both store one point per chunk: the point id is
-//! derived from the chunk id, the payload carries `chunk_id` and `doc_id` so a whole document's points
-//! can be deleted when it is re-ingested. Chunk text lives in the BM25 index, never here.
+//! the chunk's key ([`crate::chunk::chunk_key`], which the BM25 index stores too, so hits of both
+//! meet on it), the payload carries `chunk_id` and `doc_id` so a whole document's points can be
+//! deleted when it is re-ingested. A search reads no payload: hits are keys and scores. Chunk text lives in the BM25 index, never here.
 //!
 //! This module knows nothing about tantivy, embedding or fusion.
 
@@ -32,8 +33,8 @@ pub struct VectorPoint {
 /// A nearest-neighbour hit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VectorHit {
-    pub chunk_id: String,
-    pub doc_id: String,
+    /// The point id: the chunk's key ([`crate::chunk::chunk_key`]).
+    pub key: u64,
     /// Cosine similarity, higher is closer.
     pub score: f32,
 }
@@ -115,34 +116,5 @@ pub async fn open(
         VectorBackend::Qdrant => Ok(Arc::new(
             remote::RemoteStore::connect(&config.qdrant, name, dimension).await?,
         )),
-    }
-}
-
-/// The Qdrant point id of a chunk: the first 8 bytes of its hex content hash.
-/// 64 bits keep the collision odds negligible for any collection this appliance holds.
-pub fn point_id(chunk_id: &str) -> u64 {
-    let prefix = chunk_id.get(..16).unwrap_or(chunk_id);
-    u64::from_str_radix(prefix, 16).unwrap_or_else(|_| {
-        // Not a hex id (should not happen: chunk ids are sha256 hex); hash it instead.
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        chunk_id.hash(&mut h);
-        h.finish()
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn point_id_is_the_hash_prefix() {
-        assert_eq!(point_id("00000000000000ffabc"), 255);
-        assert_eq!(point_id("ffffffffffffffff"), u64::MAX);
-    }
-
-    #[test]
-    fn point_id_of_non_hex_is_stable() {
-        assert_eq!(point_id("not-hex"), point_id("not-hex"));
     }
 }

@@ -8,12 +8,11 @@
 //! the same read-your-writes behaviour as the embedded store, and [`VectorStore::flush`] has nothing
 //! left to do.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use qdrant_client::qdrant::value::Kind;
+use qdrant_client::qdrant::point_id::PointIdOptions;
 use qdrant_client::qdrant::vectors_config::Config as VectorsConfigKind;
 use qdrant_client::qdrant::{
     Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
@@ -190,20 +189,16 @@ impl RemoteStore {
         }
     }
 
-    /// The hit of a scored point, or `None` (logged) for a point without our payload, which only a
-    /// foreign writer could have stored.
-    fn hit(&self, mut point: ScoredPoint) -> Option<VectorHit> {
-        match (
-            take_text(&mut point.payload, CHUNK_ID),
-            take_text(&mut point.payload, DOC_ID),
-        ) {
-            (Some(chunk_id), Some(doc_id)) => Some(VectorHit {
-                chunk_id,
-                doc_id,
+    /// The hit of a scored point, or `None` (logged) for a UUID point id, which only a foreign
+    /// writer could have stored (domainrag's ids are numbers: [`crate::chunk::chunk_key`]).
+    fn hit(&self, point: ScoredPoint) -> Option<VectorHit> {
+        match point.id.and_then(|id| id.point_id_options) {
+            Some(PointIdOptions::Num(key)) => Some(VectorHit {
+                key,
                 score: point.score,
             }),
             _ => {
-                tracing::warn!(collection = %self.collection, "vector point without chunk_id/doc_id payload skipped");
+                tracing::warn!(collection = %self.collection, "vector point without a numeric id skipped");
                 None
             }
         }
@@ -227,7 +222,7 @@ impl RemoteStore {
                     .query(Query::new_nearest(vector))
                     .limit(k as u64)
                     .params(SearchParamsBuilder::default().exact(exact))
-                    .with_payload(true),
+                    .with_payload(false),
             )
             .await
             .map_err(|e| self.error(format!("search failed: {e}")))?;
@@ -252,7 +247,7 @@ impl VectorStore for RemoteStore {
         let points: Vec<PointStruct> = points
             .into_iter()
             .map(|point| {
-                let id = super::point_id(&point.chunk_id);
+                let id = crate::chunk::chunk_key(&point.chunk_id);
                 let payload = Payload::from([
                     (CHUNK_ID, Value::from(point.chunk_id)),
                     (DOC_ID, Value::from(point.doc_id)),
@@ -328,13 +323,5 @@ impl VectorStore for RemoteStore {
             .await
             .map_err(|e| self.error(format!("cannot delete the collection: {e}")))?;
         Ok(())
-    }
-}
-
-/// Remove `key` from a payload and return it if it is a string.
-fn take_text(payload: &mut HashMap<String, Value>, key: &str) -> Option<String> {
-    match payload.remove(key)?.kind {
-        Some(Kind::StringValue(text)) => Some(text),
-        _ => None,
     }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use domainrag::chunk::chunk_key;
 use domainrag::config::{Settings, Sources, VectorBackend};
 use domainrag::vectors::{self, VectorPoint, VectorStore};
 
@@ -14,9 +15,13 @@ fn unit(dim: usize, hot: usize) -> Vec<f32> {
     v.iter().map(|x| x / n).collect()
 }
 
+fn chunk_id(chunk: &str) -> String {
+    format!("{chunk:0<32}")
+}
+
 fn point(chunk: &str, doc: &str, hot: usize) -> VectorPoint {
     VectorPoint {
-        chunk_id: format!("{chunk:0<32}"),
+        chunk_id: chunk_id(chunk),
         doc_id: doc.into(),
         vector: unit(8, hot),
     }
@@ -35,8 +40,7 @@ async fn conformance(store: Arc<dyn VectorStore>) {
     assert_eq!(store.count().await.expect("count"), 3);
     let hits = store.search(unit(8, 1), 2).await.expect("search");
     assert_eq!(hits.len(), 2);
-    assert_eq!(hits[0].chunk_id, format!("{:0<32}", "a2"));
-    assert_eq!(hits[0].doc_id, "a");
+    assert_eq!(hits[0].key, chunk_key(&chunk_id("a2")));
     assert!(hits[0].score > hits[1].score);
     // Same chunk again replaces, never duplicates.
     store
@@ -47,7 +51,8 @@ async fn conformance(store: Arc<dyn VectorStore>) {
     store.delete_docs(vec!["a".into()]).await.expect("delete");
     assert_eq!(store.count().await.expect("count"), 1);
     let hits = store.search(unit(8, 0), 5).await.expect("search");
-    assert!(hits.iter().all(|h| h.doc_id == "b"));
+    assert_eq!(hits.len(), 1, "only document b's point is left");
+    assert_eq!(hits[0].key, chunk_key(&chunk_id("b1")));
     let err = store
         .search(vec![1.0; 3], 1)
         .await
