@@ -159,10 +159,15 @@ pub struct SearchSettings {
 }
 
 impl std::fmt::Display for SearchSettings {
-    /// `title weight 0.5, weighted 1/1, 50 candidates` (or `rrf k 60 bm25 x1`).
+    /// `title weight 0.5, window weight 2, weighted 1/1, 50 candidates` (or `rrf k 60 bm25 x1`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let fusion = &self.fusion;
-        write!(f, "title weight {}, ", self.bm25.title_weight)?;
+        let bm25 = &self.bm25;
+        write!(
+            f,
+            "title weight {}, window weight {}, ",
+            bm25.title_weight, bm25.window_weight
+        )?;
         match fusion.method {
             FusionMethod::Weighted => {
                 write!(f, "weighted {}/{}", fusion.bm25_weight, fusion.dense_weight)?

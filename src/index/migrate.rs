@@ -6,7 +6,9 @@
 //! any step: until the first rename the old index is untouched, and [`recover`] (run before
 //! every open) puts the old index back if a process died between the two renames, so the next
 //! open rebuilds again. The old index's writer lock is held throughout, so no other process writes
-//! to it meanwhile.
+//! to it meanwhile, and [`Bm25Index::open_or_create`](super::Bm25Index::open_or_create) holds the
+//! directory's open lock ([`open_lock`]) around [`recover`] and the rebuild, so a second process
+//! opening the collection meanwhile waits instead of "recovering" a rebuild in progress.
 
 use std::path::{Path, PathBuf};
 
@@ -33,15 +35,21 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     dir.with_file_name(format!("{name}.{suffix}"))
 }
 
+/// The lock file that serialises opening (recovery, rebuild, creation) of the index in `dir`
+/// across processes.
+pub(super) fn open_lock(dir: &Path) -> PathBuf {
+    sibling(dir, "open.lock")
+}
+
 /// Put back an old index that a rebuild moved away and died before replacing; drop a half-built
-/// new one.
+/// new one. Call it holding [`open_lock`].
 pub(super) fn recover(dir: &Path) -> std::io::Result<()> {
     let old = old_dir(dir);
-    if old.join("meta.json").exists() {
+    if old.exists() {
         if dir.join("meta.json").exists() {
-            // The swap finished; only the removal of the old index did not.
+            // The swap finished; only the removal of the old index did not (or stopped midway).
             std::fs::remove_dir_all(&old)?;
-        } else {
+        } else if old.join("meta.json").exists() {
             if dir.exists() {
                 std::fs::remove_dir_all(dir)?;
             }
@@ -85,7 +93,10 @@ pub(super) fn add_keys(dir: &Path, writer_heap_bytes: usize) -> Result<(), Index
     std::fs::rename(&rebuild, dir).map_err(|e| err(dir)(e.into()))?;
     drop(lock);
     drop(old);
-    std::fs::remove_dir_all(&moved).map_err(|e| err(&moved)(e.into()))?;
+    if let Err(e) = std::fs::remove_dir_all(&moved) {
+        // The new index is in place; the next open's recover() removes what is left.
+        tracing::warn!(path = %moved.display(), error = %e, "could not remove the index a rebuild replaced");
+    }
     tracing::info!(
         path = %dir.display(),
         chunks = copied,
@@ -231,6 +242,41 @@ mod tests {
 
         let index = Bm25Index::open_or_create(&dir, 20).expect("open recovers");
         assert_eq!(index.num_chunks().expect("count"), 2, "nothing lost");
+        assert!(!old_dir(&dir).exists() && !rebuild_dir(&dir).exists());
+    }
+
+    #[test]
+    fn the_leftovers_of_a_removal_cut_after_the_swap_are_removed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("bm25");
+        write_old_index(&dir);
+        drop(Bm25Index::open_or_create(&dir, 20).expect("migrates"));
+        // The removal of the replaced index stopped after deleting its meta.json.
+        std::fs::create_dir_all(old_dir(&dir)).expect("leftover");
+        std::fs::write(old_dir(&dir).join("segment.idx"), b"old bytes").expect("file");
+
+        let index = Bm25Index::open_or_create(&dir, 20).expect("open");
+        assert_eq!(index.num_chunks().expect("count"), 2);
+        assert!(!old_dir(&dir).exists(), "the leftover is gone");
+    }
+
+    #[test]
+    fn processes_opening_an_old_index_at_once_wait_for_one_rebuild() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("bm25");
+        write_old_index(&dir);
+        // Each open takes the open lock (a file lock, per open file description), as another
+        // process would.
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || Bm25Index::open_or_create(&dir, 20))
+            })
+            .collect();
+        for open in opens {
+            let index = open.join().expect("no panic").expect("every open succeeds");
+            assert_eq!(index.num_chunks().expect("count"), 2, "nothing lost");
+        }
         assert!(!old_dir(&dir).exists() && !rebuild_dir(&dir).exists());
     }
 }

@@ -192,6 +192,9 @@ impl Bm25Index {
             source,
         };
         let writer_heap_bytes = writer_heap_mb * 1024 * 1024;
+        // Held until the index is open: another process opening it meanwhile waits.
+        let _opening = crate::datadir::FileLock::exclusive(&migrate::open_lock(dir))
+            .map_err(|e| err(e.into()))?;
         migrate::recover(dir).map_err(|e| err(e.into()))?;
         std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
         let index = if dir.join("meta.json").exists() {

@@ -8,17 +8,24 @@
 //! command such as ...", "If you want to ..., ...", "You can ... by ...") gives "How do I ...?".
 //! The answer is the sentence itself (with the command or SQL it carries) and the number of its
 //! source, the kind of answer a user of a manual wants: a sentence or two and a citation. An
-//! instruction's answer starts at what to do: "To create a new row, use the INSERT command." answers
-//! "How do I create a new row?" with "Use the INSERT command." (a model trained to restate the
-//! question first learns to stop after the restatement: "To find ..., you can use the [1]").
+//! instruction's answer starts at what to do and, when it is one imperative sentence, says what it
+//! is for after it: "To create a new row, use the INSERT command." answers "How do I create a new
+//! row?" with "Use the INSERT command to create a new row." (a model trained to restate the
+//! question first learns to stop after the restatement: "To find ..., you can use the [1]"). An
+//! instruction that states a requirement ("To change a view's schema, you must also have CREATE
+//! privilege on the new schema.") asks "What do I need to change a view's schema?".
 //! Sentences are split where a period ends a word and the next word starts in lower case (a
 //! definition list's next term: "... chosen instead. password The method password sends ..."), so an
 //! answer does not run into the next entry.
 //!
 //! Each draft passes these filters, in order, and the report counts what each dropped: the subject
-//! is not vague ("This is ..."), the answer is 6..=80 words, the answer says more than the question
+//! is not vague ("This is ...", a clause or a prepositional phrase), no heading ran into it, the
+//! answer is 6..=80 words, its sentence is not cut by the chunk's end, it does not only point
+//! elsewhere ("See Table 9.62.", "... discussed in the next few subsections."), an instruction's
+//! answer is a sentence (not ", which means ..." after a comma that ended no purpose), the answer
+//! says more than the question
 //! (at least 3 content words the question lacks), the question is new (not equal to or a
-//! near-duplicate of a kept one, by content-word Jaccard), the answer sentence is new, and the
+//! near-duplicate of a kept one, by content-word Jaccard), what the answer says is new, and the
 //! collection's own retriever, asked the question exactly as serving asks it, puts the source
 //! chunk among the sources serving would give, with the sentence whole in it. The triplet's
 //! context is those sources as the prompt shows them (with `shuffle`, in an order drawn from that

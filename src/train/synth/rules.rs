@@ -46,8 +46,11 @@ pub(super) struct Draft {
     pub(super) question: String,
     /// The sentence (or two) that answers it, as it stands in the chunk (the filters read it).
     pub(super) passage: String,
-    /// What the triplet answers: the passage, less an instruction's restated purpose.
+    /// What the triplet answers: the passage, less an instruction's restated purpose (with that
+    /// purpose after it when it is one imperative sentence, see [`with_purpose`]).
     pub(super) answer: String,
+    /// What the answer says, without any purpose: what duplicate answers are found by.
+    pub(super) core: String,
     /// What the question asks about, as written in the chunk (its first word decides whether it
     /// is vague).
     pub(super) subject: String,
@@ -114,6 +117,87 @@ const VAGUE_FIRST: &[&str] = &[
     "example",
     "following",
     "result",
+    // A preposition, conjunction or adverb first: the phrase is not a name ("Within each FSM page
+    // is a binary tree", "Where interoperability ... is a concern", "Particularly important ...").
+    "where",
+    "within",
+    "without",
+    "while",
+    "after",
+    "before",
+    "during",
+    "at",
+    "by",
+    "from",
+    "with",
+    "under",
+    "over",
+    "between",
+    "among",
+    "through",
+    "since",
+    "because",
+    "although",
+    "though",
+    "unless",
+    "until",
+    "whether",
+    "thus",
+    "hence",
+    "therefore",
+    "then",
+    "now",
+    "instead",
+    "otherwise",
+    "similarly",
+    "furthermore",
+    "moreover",
+    "particularly",
+    "especially",
+    "generally",
+    "usually",
+    "typically",
+    "normally",
+];
+
+/// Words that open a clause: a subject holding one is a clause, not a name ("assumption that a
+/// null value is a valid value ...").
+const CLAUSE_WORDS: &[&str] = &[
+    "that", "which", "who", "whom", "whose", "where", "when", "whether", "if", "because",
+];
+
+/// First words of an answer that only points elsewhere ("See Table 9.62."): it does not answer.
+const POINTERS: &[&str] = &["see", "refer", "consult", "cf."];
+
+/// Phrases of an answer that leaves the answer to another part of the text ("It is essential to
+/// understand the issues discussed in the next few subsections."), unless a colon brings it.
+const POINTER_PHRASES: &[&str] = &[
+    "below",
+    "above",
+    "subsection",
+    "next section",
+    "following section",
+    "later section",
+];
+
+/// Words that start a section heading; one that ran into a subject makes it glued ("Description
+/// pg_test_timing is a tool ...").
+const HEADING_WORDS: &[&str] = &[
+    "Description",
+    "Synopsis",
+    "Notes",
+    "Note",
+    "Examples",
+    "Example",
+    "Overview",
+    "Introduction",
+    "Tip",
+    "Warning",
+    "Caution",
+    "Important",
+    "Parameters",
+    "Outputs",
+    "Compatibility",
 ];
 
 /// Words that point back into the text: a question holding one does not stand alone.
@@ -194,9 +278,21 @@ pub(super) fn drafts(chunk: &ChunkRecord) -> Vec<Draft> {
             .map(|(question, subject, rule)| (question, subject, rule, 0))
             .or_else(|| instruction(&words));
         if let Some((question, subject, rule, skip)) = found {
+            let core = answer_from(&passage, skip);
+            let (question, answer) = match (skip, requirement(&core)) {
+                (0, _) => (question, core.clone()),
+                // "To change a view's schema, you must also have CREATE privilege on the new
+                // schema." says what is needed, not how.
+                (_, true) => match question.strip_prefix("How do I ") {
+                    Some(action) => (format!("What do I need to {action}"), core.clone()),
+                    None => (question, core.clone()),
+                },
+                (_, false) => (question, with_purpose(core.clone(), &subject)),
+            };
             out.push(Draft {
                 question,
-                answer: answer_from(&passage, skip),
+                answer,
+                core,
                 passage,
                 subject,
                 rule,
@@ -211,6 +307,7 @@ pub(super) fn drafts(chunk: &ChunkRecord) -> Vec<Draft> {
 const ANSWER_STARTS: &[&str] = &[
     "add",
     "alter",
+    "avoid",
     "apply",
     "assign",
     "build",
@@ -266,13 +363,15 @@ const ANSWER_STARTS: &[&str] = &[
 ];
 
 /// `passage` less its first `skip` words, the first word capitalised when it is a plain word
-/// (see [`ANSWER_STARTS`]); all of it when `skip` is 0.
+/// (see [`ANSWER_STARTS`]; "you'll" counts as "you"); all of it when `skip` is 0.
 fn answer_from(passage: &str, skip: usize) -> String {
     let words: Vec<&str> = passage.split_whitespace().skip(skip).collect();
     let Some((first, rest)) = words.split_first() else {
         return passage.to_string();
     };
-    let capital = is_stopword(first) || ANSWER_STARTS.contains(first);
+    let stem = first.split(['\'', '’']).next().unwrap_or(first);
+    let verb = first.trim_end_matches([':', ',']);
+    let capital = is_stopword(stem) || ANSWER_STARTS.contains(&verb);
     let first = match capital {
         true => first[..1].to_uppercase() + &first[1..],
         false => first.to_string(),
@@ -281,6 +380,37 @@ fn answer_from(passage: &str, skip: usize) -> String {
         .chain(rest.iter().copied())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// An instruction's answer that is one imperative sentence, with the purpose it serves after it:
+/// "Use the INSERT command." + "create a new row" -> "Use the INSERT command to create a new row."
+/// What to do comes first (a model trained on "To create a new row, use ..." learns to stop after
+/// the restated purpose), and the answer still says what it is for. An answer that carries a
+/// command after a colon, or does not start with a verb of [`ANSWER_STARTS`], is kept as it is.
+fn with_purpose(answer: String, purpose: &str) -> String {
+    let first = answer
+        .split_whitespace()
+        .next()
+        .map(lower)
+        .unwrap_or_default();
+    let single = answer.ends_with('.') && !answer.contains([':', ';']);
+    if !single || !ANSWER_STARTS.contains(&first.as_str()) {
+        return answer;
+    }
+    format!("{} to {purpose}.", answer.trim_end_matches('.'))
+}
+
+/// Whether an instruction's answer states what the reader must be, have or own ("You must also
+/// have CREATE privilege on ...", "You need to be a superuser"): a requirement, not a how.
+fn requirement(answer: &str) -> bool {
+    let words: Vec<String> = answer.split_whitespace().take(5).map(lower).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let rest = match words.as_slice() {
+        ["you", "must", "also", rest @ ..] | ["you", "must", rest @ ..] => rest,
+        ["you", "need", "to", rest @ ..] => rest,
+        _ => return false,
+    };
+    matches!(rest.first(), Some(&("be" | "have" | "own")))
 }
 
 fn lower(w: &str) -> String {
@@ -408,11 +538,14 @@ pub(super) fn reject(draft: &Draft) -> Option<&'static str> {
     let names_a_thing = draft.rule != Rule::Instruction;
     // A lone letter other than "a" starts table or synopsis text, not a name ("e rest of RE").
     let lone_letter = first.chars().count() == 1 && first != "a";
+    let a_clause = lowered
+        .iter()
+        .any(|w| CLAUSE_WORDS.contains(&w.as_str()) || POINTING.contains(&w.as_str()));
     if VAGUE_FIRST.contains(&first)
         || lone_letter
         || content_words(&draft.subject).is_empty()
         || lowered.iter().any(|w| w == "following")
-        || (names_a_thing && gerund_phrase(&lowered))
+        || (names_a_thing && (gerund_phrase(&lowered) || a_clause))
     {
         return Some("vague subject");
     }
@@ -426,6 +559,22 @@ pub(super) fn reject(draft: &Draft) -> Option<&'static str> {
     if words > *ANSWER_WORDS.end() {
         return Some("answer too long");
     }
+    if !ends_a_sentence(&draft.passage) {
+        return Some("sentence cut at the chunk's end");
+    }
+    let answer_first = draft.core.split_whitespace().next().unwrap_or_default();
+    let core = lower(&draft.core);
+    if POINTERS.contains(&lower(answer_first).as_str())
+        || (!core.contains(':') && POINTER_PHRASES.iter().any(|p| core.contains(p)))
+    {
+        return Some("answer points elsewhere");
+    }
+    // "To Y PostgreSQL uses X, which means ..." split at the wrong comma: ", which means ...".
+    let continues =
+        answer_first.ends_with(',') || CLAUSE_WORDS.contains(&lower(answer_first).as_str());
+    if draft.rule == Rule::Instruction && continues {
+        return Some("answer is not a sentence");
+    }
     let question_words = content_words(&draft.question);
     let new_words = content_words(&draft.passage)
         .difference(&question_words)
@@ -434,6 +583,14 @@ pub(super) fn reject(draft: &Draft) -> Option<&'static str> {
         return Some("trivial: the answer restates the question");
     }
     None
+}
+
+/// Whether `passage` ends as a sentence does (".", "!", "?" or the ";" of a statement, before any
+/// closing bracket or quote): chunks are cut by length, so their last sentence may stop midway
+/// ("... it may be necessary to use data type formatting functions (such").
+fn ends_a_sentence(passage: &str) -> bool {
+    let end = passage.trim_end_matches([')', '"', '\'', '”', '’', ']']);
+    end.ends_with(['.', '!', '?', ';'])
 }
 
 /// Whether a subject (its words in lower case) is an action, not a thing: "Creating a canonical
@@ -450,10 +607,11 @@ fn repeats_a_word(words: &[String]) -> bool {
     distinct.len() < words.len()
 }
 
-/// Whether two capitalised words ("Setup", "Logical") follow each other in `subject`, or a
-/// capitalised article stands after its first word: chunk text keeps no line breaks, so a section
-/// heading runs into the sentence after it ("Quick Setup Logical replication is a method ...",
-/// "Scalar Subqueries A scalar subquery is ..."). Multi-word proper names are lost with them.
+/// Whether two capitalised words ("Setup", "Logical") follow each other in `subject`, a
+/// capitalised article or pronoun stands after its first word, or it starts with a heading word
+/// ([`HEADING_WORDS`]): chunk text keeps no line breaks, so a section heading runs into the
+/// sentence after it ("Quick Setup Logical replication is a method ...", "Scalar Subqueries A
+/// scalar subquery is ..."). Multi-word proper names are lost with them.
 fn glued_heading(subject: &str) -> bool {
     let capitalised = |w: &str| {
         let mut chars = w.chars();
@@ -462,11 +620,15 @@ fn glued_heading(subject: &str) -> bool {
             && chars.all(char::is_lowercase)
     };
     let words: Vec<&str> = subject.split_whitespace().collect();
-    let article = words
-        .iter()
-        .skip(1)
-        .any(|w| matches!(*w, "A" | "An" | "The"));
-    article
+    // A capitalised article or pronoun inside it starts a sentence: "Pseudo-Types There are ...".
+    let sentence_start = words.iter().skip(1).any(|w| {
+        *w == "A"
+            || (capitalised(w)
+                && (is_stopword(&lower(w)) || VAGUE_FIRST.contains(&lower(w).as_str())))
+    });
+    let heading_first = words.len() > 1 && HEADING_WORDS.contains(&words[0]);
+    sentence_start
+        || heading_first
         || words
             .windows(2)
             .any(|pair| capitalised(pair[0]) && capitalised(pair[1]))
@@ -486,7 +648,7 @@ impl Seen {
         if self.questions.contains(&normalize(&draft.question)) {
             return Some("duplicate question");
         }
-        if self.answers.contains(&normalize(&draft.passage)) {
+        if self.answers.contains(&normalize(&draft.core)) {
             return Some("duplicate answer");
         }
         let words = content_words(&draft.question);
@@ -499,7 +661,7 @@ impl Seen {
 
     pub(super) fn keep(&mut self, draft: &Draft) {
         self.questions.insert(normalize(&draft.question));
-        self.answers.insert(normalize(&draft.passage));
+        self.answers.insert(normalize(&draft.core));
         self.question_words.push(content_words(&draft.question));
     }
 }
@@ -629,13 +791,21 @@ mod tests {
     #[test]
     fn instruction_answers_start_at_what_to_do() {
         let answer = |text: &str| drafts(&chunk("t", text))[0].answer.clone();
+        // One imperative sentence: what to do, then what it is for.
         assert_eq!(
             answer("To create a new row, use the INSERT command."),
-            "Use the INSERT command."
+            "Use the INSERT command to create a new row."
         );
         assert_eq!(
-            answer("If you want to keep the old data, rename the directory first."),
-            "Rename the directory first."
+            answer("If you want to keep your old data, rename the directory first."),
+            "Rename the directory first to keep your old data."
+        );
+        assert_eq!(
+            answer(
+                "To run the tests before installing, you'll need to build with configure \
+                 --disable-rpath."
+            ),
+            "You'll need to build with configure --disable-rpath."
         );
         assert_eq!(
             answer("To list the databases, psql -l prints their names and owners."),
@@ -731,6 +901,107 @@ mod tests {
     }
 
     #[test]
+    fn clauses_pointers_and_cut_sentences_are_dropped() {
+        let first = |text: &str| reject(&drafts(&chunk("t", text))[0]);
+        for vague in [
+            "Within each FSM page is a binary tree, stored in an array with one byte per node.",
+            "Particularly important in this regard is the temporary-table schema, which is \
+             searched first.",
+            "assumption that a null value is a valid value of every data type.",
+            "Where interoperability with other systems is a concern, for some data types, it \
+             may be necessary to convert them.",
+        ] {
+            assert_eq!(first(vague), Some("vague subject"), "{vague}");
+        }
+        assert_eq!(
+            first(
+                "To distinguish which grouping a particular output row resulted from, see Table 9.62."
+            ),
+            Some("answer points elsewhere")
+        );
+        assert_eq!(
+            first("Data type formatting functions are used to convert values to text (such"),
+            Some("sentence cut at the chunk's end")
+        );
+        // An instruction's clause may hold "which": it is a purpose, not a name.
+        assert_eq!(
+            first("To find which statements take the most time, use the pg_stat_statements view."),
+            None
+        );
+        assert_eq!(
+            first("A table is the most common form of relation in PostgreSQL (see Section 5.1.)"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_requirement_is_asked_as_what_is_needed() {
+        let d = drafts(&chunk(
+            "t",
+            "To change a view's schema, you must also have CREATE privilege on the new schema.",
+        ));
+        assert_eq!(d[0].question, "What do I need to change a view's schema?");
+        assert_eq!(
+            d[0].answer,
+            "You must also have CREATE privilege on the new schema."
+        );
+        assert_eq!(reject(&d[0]), None);
+        // "You must write ..." says how: it stays a how-to question.
+        let d = drafts(&chunk(
+            "t",
+            "To use the PGXS infrastructure for your extension, you must write a simple makefile.",
+        ));
+        assert_eq!(
+            d[0].question,
+            "How do I use the PGXS infrastructure for my extension?"
+        );
+    }
+
+    #[test]
+    fn split_clauses_pointing_answers_and_headings_are_dropped() {
+        let first = |text: &str| reject(&drafts(&chunk("t", text))[0]);
+        assert_eq!(
+            first(
+                "To guarantee true serializability PostgreSQL uses predicate locking, which \
+                 means that it keeps locks."
+            ),
+            Some("answer is not a sentence")
+        );
+        assert_eq!(
+            first(
+                "To set up manually-managed vacuuming properly, it is essential to understand \
+                 the issues discussed in the next few subsections."
+            ),
+            Some("answer points elsewhere")
+        );
+        for glued in [
+            "Pseudo-Types There are a few pseudo-types for special purposes.",
+            "Description pg_test_timing is a tool to measure the timing overhead.",
+        ] {
+            assert_eq!(
+                first(glued),
+                Some("heading glued to the subject"),
+                "{glued}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_answer_to_another_purpose_is_a_duplicate() {
+        let mut seen = Seen::default();
+        let a = &drafts(&chunk(
+            "t",
+            "To change a view's schema, you must also have CREATE privilege on the new schema.",
+        ))[0];
+        seen.keep(a);
+        let b = &drafts(&chunk(
+            "t",
+            "To change a function's schema, you must also have CREATE privilege on the new schema.",
+        ))[0];
+        assert_eq!(seen.repeats(b), Some("duplicate answer"));
+    }
+
+    #[test]
     fn sentences_without_a_pattern_give_nothing() {
         for text in [
             "The server was restarted on Tuesday.",
@@ -751,6 +1022,7 @@ mod tests {
             question: question.into(),
             passage: answer.into(),
             answer: answer.into(),
+            core: answer.into(),
             subject: subject.into(),
             rule: Rule::Definition,
         }
