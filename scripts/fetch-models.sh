@@ -18,7 +18,8 @@
 #   $DATA_DIR/demo/postgresql-15/        PostgreSQL 15 HTML docs (Debian postgresql-doc-15)
 #   $DATA_DIR/demo/house-manuals/        Debian Reference and Git's docs (Debian debian-reference-en,
 #                                        git-doc): the house adapter's how-to questions
-#   $DATA_DIR/squad/                     SQuAD 1.1 dev + SQuAD-Shifts new_wiki, amazon_reviews (bigbench sdist)
+#   $DATA_DIR/squad/                     SQuAD 1.1 dev + SQuAD-Shifts new_wiki, amazon_reviews (../shared,
+#                                        else a verified copy in the cache, else the bigbench sdist)
 #
 # Idempotent: an output that is present and verifies is left alone, so a rerun
 # with everything in place only hashes files (a few seconds) and touches no network.
@@ -504,14 +505,33 @@ PY
   has_sha "$dest" "$BIGBENCH_SDIST_SHA" || die "$dest does not match the pinned sha256 $BIGBENCH_SDIST_SHA"
 }
 
+# cache_squad DIR: keep verified copies of DIR's SQuAD files in $SQUAD_CACHE, so a checkout that
+# has no ../shared beside it (a clone elsewhere on this machine) finds them without the sdist.
+SQUAD_CACHE=$DL/squad
+cache_squad() {
+  local entry name sha
+  mkdir -p -- "$SQUAD_CACHE"
+  for entry in "${SQUAD_FILES[@]}"; do
+    name=${entry%% *} sha=${entry##* }
+    has_sha "$SQUAD_CACHE/$name" "$sha" && continue
+    cp -f -- "$1/$name" "$SQUAD_CACHE/$name.tmp" && mv -f -- "$SQUAD_CACHE/$name.tmp" "$SQUAD_CACHE/$name"
+  done
+}
+
 step_squad() {
   local dir=$DATA_DIR/squad entry name sha
   if all_present "$dir" "${SQUAD_FILES[@]}"; then
+    cache_squad "$dir"
     log "ok   SQuAD dev v1.1 + SQuAD-Shifts new_wiki, amazon_reviews (verified)"
     return 0
   fi
   log "get  SQuAD dev v1.1 + SQuAD-Shifts new_wiki, amazon_reviews"
   mkdir -p -- "$dir"
+  if all_present "$SQUAD_CACHE" "${SQUAD_FILES[@]}"; then
+    log "  from the cache $SQUAD_CACHE (verified)"
+    for entry in "${SQUAD_FILES[@]}"; do cp -f -- "$SQUAD_CACHE/${entry%% *}" "$dir/"; done
+    return 0
+  fi
   local shared_ok=1
   for entry in "${SQUAD_FILES[@]}"; do
     [[ -f $SHARED/data/squad/${entry%% *}.xz ]] || shared_ok=0
@@ -527,6 +547,7 @@ with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst: shutil.copyf
       has_sha "$dir/$name.tmp" "$sha" || die "$SHARED/data/squad/$name.xz decompresses to sha256 $(sha256_of "$dir/$name.tmp"), expected $sha"
       mv -f -- "$dir/$name.tmp" "$dir/$name"
     done
+    cache_squad "$dir"
     return 0
   fi
   log "  from the $BIGBENCH_NAME==$BIGBENCH_VERSION sdist ($SHARED/data/squad not found)"
@@ -541,6 +562,7 @@ with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst: shutil.copyf
     mv -f -- "$unpack/$BIGBENCH_SQUAD_PREFIX$name" "$dir/$name"
   done
   rm -rf -- "$unpack"
+  cache_squad "$dir"
 }
 
 # --- main -------------------------------------------------------------------
