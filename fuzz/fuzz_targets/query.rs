@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
     let query = String::from_utf8_lossy(bytes);
     let settings = Bm25Config {
         title_weight: [0.0, 0.5, 1.0][usize::from(pick) % 3],
+        window_weight: [0.0, 2.0][usize::from(pick / 3) % 2],
     };
     let hits = index()
         .search(&query, K, &settings)
