@@ -422,19 +422,28 @@ fn synthetic_triplets_from_documents_train_an_adapter() {
         .iter()
         .find(|t| t["query"] == "How do I reset my password?")
         .expect("the reset question");
-    // An instruction's answer starts at what to do, not with the question restated.
+    // An instruction's answer starts at what to do, then says what it is for.
     assert!(
-        reset["answer"]
-            .as_str()
-            .expect("answer")
-            .starts_with("Open Settings, choose Security and click Reset password. ["),
+        reset["answer"].as_str().expect("answer").starts_with(
+            "Open Settings, choose Security and click Reset password to reset your password. ["
+        ),
         "{reset}"
     );
     for t in &triplets {
         // The answer is a sentence of a source in the context (its first word capitalised where
-        // an instruction's answer starts mid-sentence), cited by that source's number.
+        // an instruction's answer starts mid-sentence, and the question's purpose after it where
+        // it is one imperative sentence), cited by that source's number.
         let answer = t["answer"].as_str().expect("answer");
-        let (sentence, cite) = answer.rsplit_once(" [").expect("a citation");
+        let (answer, cite) = answer.rsplit_once(" [").expect("a citation");
+        let purpose = t["query"]
+            .as_str()
+            .and_then(|q| q.strip_prefix("How do I "))
+            .and_then(|q| q.strip_suffix('?'))
+            .map(|p| p.replace("my ", "your "));
+        let sentence = purpose
+            .and_then(|p| answer.strip_suffix(&format!(" to {p}.")))
+            .map(|said| format!("{said}."))
+            .unwrap_or(answer.to_string());
         let n = cite.trim_end_matches(']');
         let context = t["context"].as_str().expect("context");
         let source = context
