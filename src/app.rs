@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 
 use crate::access::{AccessError, Principal};
 use crate::adapters::{AdapterError, AdapterInfo, AdapterRegistry, BaseModelInfo};
@@ -62,7 +62,9 @@ pub struct App {
     pub registry: AdapterRegistry,
     /// The server's generator (resident adapter models); `None` in the CLI.
     generator: Option<Arc<Generator>>,
-    open: Mutex<HashMap<String, Arc<Collection>>>,
+    /// Open collections, one cell per name: the first caller opens it (which may rebuild an old
+    /// index for minutes) while callers for other collections go on; a failed open is retried.
+    open: Mutex<HashMap<String, Arc<OnceCell<Arc<Collection>>>>>,
     write_locks: Mutex<HashMap<String, WriteLock>>,
 }
 
@@ -90,13 +92,10 @@ impl App {
     /// first use).
     pub async fn collection(&self, name: &str) -> Result<Arc<Collection>, CollectionError> {
         crate::collection::validate_name(name)?;
-        let mut open = self.open.lock().await;
-        if let Some(c) = open.get(name) {
-            return Ok(Arc::clone(c));
-        }
-        let c = self.catalog.open(name).await?;
-        open.insert(name.to_string(), Arc::clone(&c));
-        Ok(c)
+        let cell = Arc::clone(self.open.lock().await.entry(name.to_string()).or_default());
+        cell.get_or_try_init(|| self.catalog.open(name))
+            .await
+            .cloned()
     }
 
     /// The write lock of collection `name`.
@@ -269,7 +268,8 @@ impl App {
 
     /// Flush every open collection and release its index writer (shutdown).
     pub async fn close_all(&self) {
-        for (name, c) in self.open.lock().await.iter() {
+        let open = self.open.lock().await;
+        for (name, c) in open.iter().filter_map(|(n, cell)| Some((n, cell.get()?))) {
             if let Err(e) = c.close().await {
                 tracing::error!(collection = %name, error = %e, "closing collection failed");
             }

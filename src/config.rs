@@ -250,6 +250,9 @@ pub struct RagConfig {
     /// The adapter that answers for a collection without one of its own, when it is registered
     /// ("" = none: the base model answers).
     pub house_adapter: String,
+    /// Answers may cite only the sources given, each once per run of citations
+    /// (`crate::engine::cite`).
+    pub cite_only_given_sources: bool,
 }
 
 /// The answer log, feedback and experiments (`answerlog`).

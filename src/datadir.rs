@@ -2,7 +2,8 @@
 //! kernel drops when the process ends, however it ends. CLI commands that change what a server
 //! keeps in memory (collection settings, adapters) refuse while it is held, instead of being
 //! overwritten by the server's next write; key commands need no refusal (the server re-reads
-//! `keys.json`). Also the exclusive file lock other stores use for read-modify-write.
+//! `keys.json`). Also the exclusive file lock other stores use for read-modify-write, and the disk
+//! space a store checks before a large write ([`free_bytes`], [`dir_bytes`]).
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -123,6 +124,39 @@ fn lock_path(data_dir: &Path) -> Result<PathBuf, DataDirError> {
     Ok(data_dir.join(SERVER_LOCK))
 }
 
+/// Bytes an unprivileged process may still write on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: c_path is a valid NUL-terminated string and stat a writable statvfs.
+    if unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `stat`.
+    let stat = unsafe { stat.assume_init() };
+    // Both fields are u64 on 64-bit Linux and narrower on some other targets.
+    #[allow(clippy::useless_conversion)]
+    let (blocks, size) = (u64::from(stat.f_bavail), u64::from(stat.f_frsize));
+    Ok(blocks.saturating_mul(size))
+}
+
+/// Total size of the files under `dir`.
+pub fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +178,16 @@ mod tests {
         ));
         drop(held);
         assert!(refuse_if_served(dir.path(), "x").is_ok());
+    }
+
+    #[test]
+    fn sizes_and_free_space_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        std::fs::write(dir.path().join("a"), [0u8; 100]).expect("write");
+        std::fs::write(dir.path().join("sub/b"), [0u8; 23]).expect("write");
+        assert_eq!(dir_bytes(dir.path()).expect("size"), 123);
+        assert!(free_bytes(dir.path()).expect("statvfs") > 0);
+        assert!(free_bytes(&dir.path().join("missing")).is_err());
     }
 }

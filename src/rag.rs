@@ -336,12 +336,20 @@ impl Rag {
         started: Instant,
     ) -> Result<AnswerStream, RagError> {
         self.check_question(question).await?;
+        let sampling = Sampling {
+            cite_sources: if self.config.cite_only_given_sources {
+                sources.len()
+            } else {
+                0
+            },
+            ..self.sampling
+        };
         let events = self
             .generator
             .stream(
                 adapter.as_deref(),
                 build_messages(question, &sources),
-                self.sampling,
+                sampling,
             )
             .await?;
         Ok(AnswerStream {

@@ -224,8 +224,9 @@ pub async fn search_with_vector(
         return Err(RetrieveError::InvalidK(k));
     }
     let candidates = match mode {
-        Mode::Hybrid => fusion.candidates.max(k),
-        _ => k,
+        Mode::Bm25 => k,
+        Mode::Dense => k + SPARE,
+        Mode::Hybrid => fusion.candidates.max(k + SPARE),
     };
     let vector = match (mode, vector) {
         (Mode::Bm25, _) => None,
@@ -240,10 +241,14 @@ pub async fn search_with_vector(
     let fused: Vec<Fused> = match mode {
         Mode::Bm25 => only(bm25, true),
         Mode::Dense => only(dense, false),
-        Mode::Hybrid => fuse(&bm25, &dense, fusion, k),
+        Mode::Hybrid => fuse(&bm25, &dense, fusion, candidates),
     };
     join(collection, fused, k).await
 }
+
+/// Dense candidates asked for beyond `k`, so that dense hits without a stored chunk (dropped by
+/// [`join`]) do not leave a result list short.
+const SPARE: usize = 8;
 
 /// BM25's top `n` keys (none in dense mode).
 async fn bm25_keys(
@@ -296,21 +301,27 @@ fn only(list: Vec<(u64, f32)>, is_bm25: bool) -> Vec<Fused> {
         .collect()
 }
 
-/// The first `k` of `fused` with their stored chunks. A dense hit whose chunk is not in the index
-/// (an interrupted ingest) is dropped.
+/// The first `k` of `fused` (ranked) that have a stored chunk, with it. A dense hit whose chunk
+/// is not in the index (an ingest interrupted between the two stores) is skipped and the next
+/// one read in its place; only as many chunks as are missing are read each round.
 async fn join(
     collection: &Collection,
     fused: Vec<Fused>,
     k: usize,
 ) -> Result<Vec<SearchHit>, RetrieveError> {
-    let keys: Vec<u64> = fused.iter().map(|f| f.key).collect();
-    let index = Arc::clone(&collection.index);
-    let mut records = tokio::task::spawn_blocking(move || index.chunks_by_key(&keys))
-        .await?
-        .map_err(CollectionError::from)?;
-    Ok(fused
-        .into_iter()
-        .filter_map(|f| {
+    let mut hits = Vec::with_capacity(k);
+    let mut ranked = fused.into_iter();
+    while hits.len() < k {
+        let round: Vec<Fused> = ranked.by_ref().take(k - hits.len()).collect();
+        if round.is_empty() {
+            break;
+        }
+        let keys: Vec<u64> = round.iter().map(|f| f.key).collect();
+        let index = Arc::clone(&collection.index);
+        let mut records = tokio::task::spawn_blocking(move || index.chunks_by_key(&keys))
+            .await?
+            .map_err(CollectionError::from)?;
+        hits.extend(round.into_iter().filter_map(|f| {
             let r = records.remove(&f.key)?;
             Some(SearchHit {
                 chunk_id: r.chunk_id,
@@ -322,9 +333,9 @@ async fn join(
                 bm25_score: f.bm25_score,
                 dense_score: f.dense_score,
             })
-        })
-        .take(k)
-        .collect())
+        }));
+    }
+    Ok(hits)
 }
 
 #[cfg(test)]

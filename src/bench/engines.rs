@@ -243,8 +243,9 @@ pub async fn run(
         temperature: 0.0,
         top_p: 1.0,
         max_tokens: plan.max_tokens,
-        // The raw engines, as llama.cpp runs them: no answer-repetition rule.
+        // The raw engines, as llama.cpp runs them: no answer-repetition or citation rule.
         no_repeat_ngram: 0,
+        cite_sources: 0,
     };
     // (label, generator, adapter, reference label)
     let mut engines: Vec<(String, Arc<Generator>, Option<String>, String)> = Vec::new();

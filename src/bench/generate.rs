@@ -156,6 +156,7 @@ pub async fn generate_speed(
         top_p: 1.0,
         max_tokens,
         no_repeat_ngram: 0,
+        cite_sources: 0,
     };
     let question = "Explain what a database index is and when to use one.";
     let started = Instant::now();

@@ -336,6 +336,7 @@ mod tests {
                 temperature: 0.0,
                 top_p: 1.0,
                 no_repeat_ngram: 0,
+                cite_sources: 0,
             },
             max_tokens: 5,
             seed: 0,

@@ -6,9 +6,12 @@
 //! Serving and training both tokenise through this, so they cannot drift apart.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use serde::Serialize;
 use tokenizers::Tokenizer;
+
+use super::cite::CitationVocab;
 
 /// Who says a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -40,6 +43,8 @@ pub struct ChatTokenizer {
     bos: String,
     eos: String,
     end_of_turn: u32,
+    /// Every token's text for the citation rule, decoded on first use.
+    citations: OnceLock<CitationVocab>,
 }
 
 /// The chat template's name in its environment.
@@ -89,6 +94,7 @@ impl ChatTokenizer {
             bos: special(&config, "bos_token"),
             eos: special(&config, "eos_token"),
             end_of_turn: 0,
+            citations: OnceLock::new(),
         };
         chat.end_of_turn = chat.find_end_of_turn()?;
         Ok(chat)
@@ -136,6 +142,12 @@ impl ChatTokenizer {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| ChatError(format!("tokenizer: {e}")))
+    }
+
+    /// Every token's text, for the rule that answers cite only the sources given.
+    pub fn citation_vocab(&self) -> &CitationVocab {
+        self.citations
+            .get_or_init(|| CitationVocab::from_tokenizer(&self.tokenizer))
     }
 
     /// The token that ends an assistant turn (generation stops there).

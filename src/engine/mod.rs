@@ -8,7 +8,7 @@
 //! the next token of every sequence that has a row at its end, and streams the text. A request
 //! whose receiver is dropped (the client went away) leaves at the next step and its cache is
 //! freed then. `scheduler` runs that loop, `step` holds the batch maths (`kernels` its CPU decode
-//! kernels), `adapter` the resident adapters, `sample` the token choice, `chat` the tokenizer and
+//! kernels), `adapter` the resident adapters, `sample` the token choice (`cite` its rule on citations), `chat` the tokenizer and
 //! template.
 //!
 //! Knows nothing of retrieval, collections or the adapter registry's files beyond loading one
@@ -29,6 +29,7 @@ use crate::llama::quant::QFormat;
 
 pub mod adapter;
 pub mod chat;
+pub mod cite;
 mod kernels;
 pub mod sample;
 mod scheduler;
@@ -221,6 +222,8 @@ impl Engine {
         let weights = Arc::new(weights);
         let chat =
             Arc::new(ChatTokenizer::load(dir).map_err(|e| load("the tokenizer", e.to_string()))?);
+        // Now, not in the scheduler's first step (decoding every token takes a moment).
+        chat.citation_vocab();
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),

@@ -1,12 +1,14 @@
 //! Choosing the next token from a row of logits: greedy, or temperature with nucleus (top-p)
 //! sampling from a seeded generator; and the rule against looping answers, a "no repeat n-gram"
-//! ban over the answer's own tokens ([`banned_next_tokens`]).
+//! ban over the answer's own tokens ([`banned_next_tokens`]), and the rule that an answer cites
+//! only the sources given ([`super::cite`]).
 //!
 //! Small models decoding greedily fall into loops ("25.1.3. Updating Planner Statistics [1]"
 //! four times, to the token limit). Penalties over the whole context would also punish copying
 //! from the sources, which is what a RAG answer should do; the rule looks at the generated tokens
 //! alone. It is a token-level rule: the same words tokenised another way still repeat.
 
+use super::cite::CitationVocab;
 use crate::rng::Rng;
 
 /// How one request samples.
@@ -17,6 +19,8 @@ pub struct SamplingParams {
     pub top_p: f64,
     /// The answer may not repeat a run of this many of its own tokens (0 = no rule).
     pub no_repeat_ngram: usize,
+    /// Sources the prompt numbers: citations may only name 1 to this (0 = no rule).
+    pub cite_sources: usize,
 }
 
 /// The tokens that would complete an `n`-token run already present in `generated`: for each
@@ -36,14 +40,18 @@ pub fn banned_next_tokens(generated: &[u32], n: usize) -> Vec<u32> {
     banned
 }
 
-/// The next token after `generated` (the answer so far) given its `logits` (modified in place).
+/// The next token after `generated` (the answer so far) given its `logits` (modified in place);
+/// `vocab` holds the token texts the citation rule reads.
 pub fn next_token(
     logits: &mut [f32],
     generated: &[u32],
     params: &SamplingParams,
+    vocab: &CitationVocab,
     rng: &mut Rng,
 ) -> u32 {
-    for t in banned_next_tokens(generated, params.no_repeat_ngram) {
+    let repeats = banned_next_tokens(generated, params.no_repeat_ngram);
+    let citations = vocab.banned(generated, params.cite_sources);
+    for t in repeats.into_iter().chain(citations) {
         if let Some(v) = logits.get_mut(t as usize) {
             *v = f32::NEG_INFINITY;
         }
@@ -125,14 +133,45 @@ mod tests {
             temperature: 0.0,
             top_p: 1.0,
             no_repeat_ngram: 2,
+            cite_sources: 0,
         };
         let mut rng = Rng::new(1);
-        assert_eq!(next_token(&mut [0.1, 3.0, 2.0], &[], &greedy, &mut rng), 1);
-        // The answer "1 0 1" may not go on with "0" ("1 0" occurred): the best allowed is 1.
         assert_eq!(
-            next_token(&mut [5.0, 3.0, 2.0], &[1, 0, 1], &greedy, &mut rng),
+            next_token(
+                &mut [0.1, 3.0, 2.0],
+                &[],
+                &greedy,
+                &CitationVocab::default(),
+                &mut rng
+            ),
             1
         );
+        // The answer "1 0 1" may not go on with "0" ("1 0" occurred): the best allowed is 1.
+        assert_eq!(
+            next_token(
+                &mut [5.0, 3.0, 2.0],
+                &[1, 0, 1],
+                &greedy,
+                &CitationVocab::default(),
+                &mut rng
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn greedy_cites_only_a_given_source() {
+        let vocab = CitationVocab::new([" [", "1", "7"].map(String::from).to_vec());
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            no_repeat_ngram: 0,
+            cite_sources: 2,
+        };
+        // After " [" the model prefers "7"; with 2 sources given it writes "1".
+        let mut rng = Rng::new(1);
+        let next = next_token(&mut [0.0, 1.0, 5.0], &[0], &greedy, &vocab, &mut rng);
+        assert_eq!(next, 1);
     }
 
     #[test]
@@ -141,12 +180,22 @@ mod tests {
             temperature: 1.0,
             top_p: 0.5,
             no_repeat_ngram: 0,
+            cite_sources: 0,
         };
         // Token 2 alone holds more than half the mass: top_p 0.5 keeps only it.
         let logits = [0.0f32, 0.0, 4.0, 0.0];
         let mut rng = Rng::new(7);
         for _ in 0..50 {
-            assert_eq!(next_token(&mut logits.clone(), &[], &params, &mut rng), 2);
+            assert_eq!(
+                next_token(
+                    &mut logits.clone(),
+                    &[],
+                    &params,
+                    &CitationVocab::default(),
+                    &mut rng
+                ),
+                2
+            );
         }
         // Full nucleus: the same seed gives the same draws, and more than one token is drawn.
         let params = SamplingParams {
@@ -157,7 +206,15 @@ mod tests {
         let draw = |seed| -> Vec<u32> {
             let mut rng = Rng::new(seed);
             (0..40)
-                .map(|_| next_token(&mut flat.clone(), &[], &params, &mut rng))
+                .map(|_| {
+                    next_token(
+                        &mut flat.clone(),
+                        &[],
+                        &params,
+                        &CitationVocab::default(),
+                        &mut rng,
+                    )
+                })
                 .collect()
         };
         assert_eq!(draw(3), draw(3));

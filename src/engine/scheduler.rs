@@ -329,8 +329,13 @@ impl Scheduler {
                 s.read += rows.len();
             }
             if sampled && let Some(mut row) = logits.next() {
-                let token =
-                    sample::next_token(&mut row, &s.generated, &s.request.sampling, &mut s.rng);
+                let token = sample::next_token(
+                    &mut row,
+                    &s.generated,
+                    &s.request.sampling,
+                    self.chat.citation_vocab(),
+                    &mut s.rng,
+                );
                 s.accept(token, &self.chat);
             }
         }

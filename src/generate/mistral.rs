@@ -17,6 +17,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc};
 use super::{ChatMessage, GenEvent, GenerateError, Role, Sampling, load, repetition};
 use crate::adapters::AdapterRegistry;
 use crate::config::GenerateConfig;
+use crate::engine::cite::CitationVocab;
 
 fn role(role: Role) -> TextMessageRole {
     match role {
@@ -36,6 +37,9 @@ pub(super) struct MistralPool {
     adapters: Mutex<Vec<(String, Arc<Model>)>>,
     /// Serialises adapter builds so two requests for the same cold adapter build it once.
     building: Mutex<()>,
+    /// Every token's text for the citation rule, read from the base's tokenizer on first use
+    /// (`None`: it could not be read, and the rule is off).
+    citations: std::sync::OnceLock<Option<Arc<CitationVocab>>>,
     /// Adapter pool lookups served by a resident model / that had to build one.
     pub(super) pool_hits: AtomicU64,
     pub(super) pool_misses: AtomicU64,
@@ -48,16 +52,20 @@ impl MistralPool {
         registry: AdapterRegistry,
         base: Model,
     ) -> MistralPool {
-        MistralPool {
+        let pool = MistralPool {
             config,
             base_dir,
             registry,
             base: Arc::new(base),
             adapters: Mutex::new(Vec::new()),
             building: Mutex::new(()),
+            citations: std::sync::OnceLock::new(),
             pool_hits: AtomicU64::new(0),
             pool_misses: AtomicU64::new(0),
-        }
+        };
+        // At load, not in the first request (decoding every token takes a moment).
+        pool.citation_vocab();
+        pool
     }
 
     /// Names of the adapters resident now, least recently used first.
@@ -219,6 +227,23 @@ impl MistralPool {
         })
     }
 
+    /// The token texts of the base's tokenizer, for the citation rule.
+    fn citation_vocab(&self) -> Option<Arc<CitationVocab>> {
+        self.citations
+            .get_or_init(|| {
+                let path = self.base_dir.join("tokenizer.json");
+                match tokenizers::Tokenizer::from_file(&path) {
+                    Ok(t) => Some(Arc::new(CitationVocab::from_tokenizer(&t))),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e,
+                            "cannot read the tokenizer; answers may cite sources not given");
+                        None
+                    }
+                }
+            })
+            .clone()
+    }
+
     /// Stream a chat completion from the model of `adapter`, holding `permit` until it ends.
     pub(super) async fn stream(
         &self,
@@ -238,6 +263,14 @@ impl MistralPool {
         if sampling.no_repeat_ngram > 0 {
             request = request.add_logits_processor(Arc::new(repetition::NoRepeatNgram::new(
                 sampling.no_repeat_ngram,
+            )));
+        }
+        if sampling.cite_sources > 0
+            && let Some(vocab) = self.citation_vocab()
+        {
+            request = request.add_logits_processor(Arc::new(repetition::CiteGiven::new(
+                vocab,
+                sampling.cite_sources,
             )));
         }
         for m in messages {

@@ -3,7 +3,8 @@
 //! for different adapters batched together) or mistral.rs (`mistral`, with `load`: one merged
 //! model per adapter in a small pool). Both share the request slots (`generate.max_concurrent`,
 //! `generate.queue_depth`), the chat types and the events a stream yields. `repetition` adapts
-//! the rule against looping answers to mistral.rs's logits processors.
+//! the engine's decoding rules (no looping, citing only given sources) to mistral.rs's logits
+//! processors.
 //!
 //! Knows nothing of retrieval or prompts beyond the chat messages it is given.
 
@@ -84,6 +85,9 @@ pub struct Sampling {
     /// The answer may not repeat a run of this many of its own tokens (0 = no rule); see
     /// [`repetition`].
     pub no_repeat_ngram: usize,
+    /// Sources the prompt numbers: citations may only name 1 to this (0 = no rule); see
+    /// [`crate::engine::cite`].
+    pub cite_sources: usize,
 }
 
 impl Sampling {
@@ -93,13 +97,14 @@ impl Sampling {
             top_p: c.top_p,
             max_tokens: c.max_tokens,
             no_repeat_ngram: c.no_repeat_ngram,
+            cite_sources: 0,
         }
     }
 }
 
 /// The engine answering.
 enum Backend {
-    Mistral(MistralPool),
+    Mistral(Box<MistralPool>),
     Native(NativeBackend),
 }
 
@@ -155,12 +160,12 @@ impl Generator {
             Backend::Native(NativeBackend::load(config, &base_dir, registry.clone()).await?)
         } else {
             let base = load::model(config, &base_dir, None).await?;
-            Backend::Mistral(MistralPool::new(
+            Backend::Mistral(Box::new(MistralPool::new(
                 config.clone(),
                 base_dir.clone(),
                 registry.clone(),
                 base,
-            ))
+            )))
         };
         Ok(Self::with_backend(settings, base_dir, backend))
     }
@@ -180,7 +185,7 @@ impl Generator {
         Ok(Self::with_backend(
             settings,
             base_dir,
-            Backend::Mistral(pool),
+            Backend::Mistral(Box::new(pool)),
         ))
     }
 

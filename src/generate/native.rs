@@ -179,6 +179,7 @@ impl NativeBackend {
                     temperature: sampling.temperature,
                     top_p: sampling.top_p,
                     no_repeat_ngram: sampling.no_repeat_ngram,
+                    cite_sources: sampling.cite_sources,
                 },
                 max_tokens: sampling.max_tokens,
                 seed,

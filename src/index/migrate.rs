@@ -71,6 +71,7 @@ pub(super) fn add_keys(dir: &Path, writer_heap_bytes: usize) -> Result<(), Index
         move |source| IndexError::Tantivy { path, source }
     };
     let started = std::time::Instant::now();
+    check_space(dir)?;
     let old = Index::open_in_dir(dir).map_err(err(dir))?;
     // Held until the swap: no other process may write the old index meanwhile.
     let lock: IndexWriter<TantivyDocument> =
@@ -103,6 +104,25 @@ pub(super) fn add_keys(dir: &Path, writer_heap_bytes: usize) -> Result<(), Index
         seconds = started.elapsed().as_secs_f64(),
         "BM25 index rebuilt with chunk keys (once, for an index an older domainrag wrote)"
     );
+    Ok(())
+}
+
+/// Refuse a rebuild that would fill the disk: the new index (its text once more, plus the
+/// windows) is written beside the old one, so it needs about 1.5 times the old one's size.
+fn check_space(dir: &Path) -> Result<(), IndexError> {
+    let io = |e: std::io::Error| IndexError::Tantivy {
+        path: dir.to_path_buf(),
+        source: e.into(),
+    };
+    let need = crate::datadir::dir_bytes(dir).map_err(io)? / 2 * 3;
+    let free = crate::datadir::free_bytes(dir).map_err(io)?;
+    if free < need {
+        return Err(IndexError::NoSpace {
+            path: dir.to_path_buf(),
+            need_mib: need.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        });
+    }
     Ok(())
 }
 

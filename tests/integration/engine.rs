@@ -248,3 +248,31 @@ async fn the_detokenizer_passes_over_tokens_that_decode_to_nothing() {
     text.extend(d.finish(&chat).unwrap());
     assert_eq!(text, "The capital is Paris.");
 }
+
+#[tokio::test]
+async fn the_model_tokenizer_cites_only_given_sources() {
+    use domainrag::engine::ChatTokenizer;
+    let chat = ChatTokenizer::load(&models_dir().join("SmolLM2-135M-Instruct-hf")).unwrap();
+    let vocab = chat.citation_vocab();
+    let id = |text: &str| {
+        let ids = chat.encode_text(text).unwrap();
+        assert_eq!(ids.len(), 1, "{text:?} is one token: {ids:?}");
+        ids[0]
+    };
+    // The observed loop, tokenised as the model writes it: with 5 sources, "[7" is banned,
+    // "[3" is not; after "[1] [2] [3] [4] [5]" no bracket may open the run again.
+    let answer = chat.encode_text("Use a GIN index. [").unwrap();
+    let banned = vocab.banned(&answer, 5);
+    assert!(
+        banned.contains(&id("7")) && banned.contains(&id("0")),
+        "{banned:?}"
+    );
+    assert!(!banned.contains(&id("3")));
+    let counted = chat
+        .encode_text("Use a GIN index. [1] [2] [3] [4] [5]")
+        .unwrap();
+    assert!(vocab.banned(&counted, 5).contains(&id(" [")));
+    // A subscript is not a citation.
+    let subscript = chat.encode_text("SELECT arr[").unwrap();
+    assert!(!vocab.banned(&subscript, 5).contains(&id("7")));
+}

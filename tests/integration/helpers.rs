@@ -111,6 +111,7 @@ pub fn greedy(max_tokens: usize) -> domainrag::generate::Sampling {
         top_p: 1.0,
         max_tokens,
         no_repeat_ngram: 0,
+        cite_sources: 0,
     }
 }
 

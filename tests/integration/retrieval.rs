@@ -131,3 +131,39 @@ async fn bad_queries_are_refused_clearly() {
         .await
         .expect("lenient");
 }
+
+#[tokio::test]
+async fn a_vector_without_its_chunk_does_not_shorten_the_results() {
+    // What an ingest killed between the vector store and the BM25 commit leaves: a point whose
+    // chunk was never indexed, here nearer to the query than any real chunk.
+    let t = corpus().await;
+    let col = t.open().await;
+    let query = "how do I create a partial index with a predicate";
+    let vector = embedder()
+        .await
+        .embed(vec![query.into()])
+        .await
+        .expect("embed")
+        .pop()
+        .expect("one vector");
+    let stray = "f".repeat(64);
+    col.vectors
+        .upsert(vec![domainrag::vectors::VectorPoint {
+            chunk_id: stray.clone(),
+            doc_id: "never-indexed".into(),
+            vector: vector.clone(),
+        }])
+        .await
+        .expect("upsert");
+    let settings = col.settings().search();
+    for mode in [Mode::Dense, Mode::Hybrid] {
+        let hits = search_with_vector(&col, query, Some(vector.clone()), mode, 3, &settings)
+            .await
+            .expect("search");
+        assert_eq!(hits.len(), 3, "{mode:?}: {hits:#?}");
+        assert!(
+            hits.iter()
+                .all(|h| h.chunk_id != stray && h.doc_id != "never-indexed")
+        );
+    }
+}

@@ -244,6 +244,7 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
             top_p: 1.0,
             max_tokens: 12,
             no_repeat_ngram: 0,
+            cite_sources: 0,
         };
         let served = g
             .complete(Some("zorblat"), messages, greedy12)
