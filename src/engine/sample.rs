@@ -40,6 +40,20 @@ pub fn banned_next_tokens(generated: &[u32], n: usize) -> Vec<u32> {
     banned
 }
 
+/// Every token the decoding rules forbid after `generated` (the answer so far): the no-repeat
+/// n-gram rule (`no_repeat_ngram`, 0 = off) and the citation rule over `vocab`'s token texts
+/// (`cite_sources`, 0 = off). The one place both engines take their bans from.
+pub fn banned_tokens(
+    generated: &[u32],
+    no_repeat_ngram: usize,
+    cite_sources: usize,
+    vocab: &CitationVocab,
+) -> Vec<u32> {
+    let mut banned = banned_next_tokens(generated, no_repeat_ngram);
+    banned.extend(vocab.banned(generated, cite_sources));
+    banned
+}
+
 /// The next token after `generated` (the answer so far) given its `logits` (modified in place);
 /// `vocab` holds the token texts the citation rule reads.
 pub fn next_token(
@@ -49,9 +63,12 @@ pub fn next_token(
     vocab: &CitationVocab,
     rng: &mut Rng,
 ) -> u32 {
-    let repeats = banned_next_tokens(generated, params.no_repeat_ngram);
-    let citations = vocab.banned(generated, params.cite_sources);
-    for t in repeats.into_iter().chain(citations) {
+    for t in banned_tokens(
+        generated,
+        params.no_repeat_ngram,
+        params.cite_sources,
+        vocab,
+    ) {
         if let Some(v) = logits.get_mut(t as usize) {
             *v = f32::NEG_INFINITY;
         }

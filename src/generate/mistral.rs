@@ -260,17 +260,13 @@ impl MistralPool {
                 .set_sampler_topp(sampling.top_p)
                 .set_sampler_topk(0);
         }
-        if sampling.no_repeat_ngram > 0 {
-            request = request.add_logits_processor(Arc::new(repetition::NoRepeatNgram::new(
+        if sampling.no_repeat_ngram > 0 || sampling.cite_sources > 0 {
+            // Without the tokenizer's texts (logged at load) the citation rule bans nothing.
+            let vocab = self.citation_vocab().unwrap_or_default();
+            request = request.add_logits_processor(Arc::new(repetition::DecodingRules::new(
                 sampling.no_repeat_ngram,
-            )));
-        }
-        if sampling.cite_sources > 0
-            && let Some(vocab) = self.citation_vocab()
-        {
-            request = request.add_logits_processor(Arc::new(repetition::CiteGiven::new(
-                vocab,
                 sampling.cite_sources,
+                vocab,
             )));
         }
         for m in messages {
