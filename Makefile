@@ -9,7 +9,7 @@ DATA_DIR ?= data
 DR := $(BIN) --data-dir $(DATA_DIR)
 SQUAD := data/squad/squaddev_v1.1.json
 
-.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-generate bench-soak bench-answerlog bench-bad-inputs fuzz eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale bench-methods bench-train-checkpointing
+.PHONY: models build test lint demo demo-adapter demo-postgres-adapter serve eval-squad bench bench-train bench-engines bench-engines-native bench-generate bench-soak bench-answerlog bench-bad-inputs fuzz eval-demo house-adapter eval-house clean-demo bench-retrieval bench-retrieval-tune bench-retrieval-scale bench-methods bench-train-checkpointing
 
 ## Fetch, verify (sha256) and lay out models and data into data/ (cached; a rerun takes seconds).
 models:
@@ -103,6 +103,12 @@ bench-methods: models build
 
 ## Generation speed, native engine and mistral.rs configurations vs llama.cpp side by side (~17 min):
 ## bench/engines.json.
+## The native engine (f32, q8_0, with and without an adapter) against llama.cpp alone (~5 min).
+bench-engines-native: models build
+	$(DR) bench engines --isq none,q8_0 --no-mistralrs \
+		--peer-python "$$(bash benches/llama-cpp-venv.sh)" --reps 5 --max-tokens 128 \
+		--out bench/engines-native.json
+
 bench-engines: models build
 	$(DR) bench engines --isq none,q8_0,q4_0,q4k \
 		--mistralrs-gguf data/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -116,15 +122,18 @@ bench-generate: models build
 ## Memory soak (~75 min): the server answers 500 distinct new_wiki questions, base and the demo
 ## adapter alternating, RSS read after each; then `eval answers` over 300 questions with two arms.
 ## Needs the newwiki collection and its adapter (`make demo-adapter`). bench/soak/*.json.
-## `make bench-soak SOAK_ENGINE=native` runs it on the native engine (files *-native.json).
+## `make bench-soak SOAK_ENGINE=native` runs it on the native engine (files *-native.json);
+## SOAK_ADAPTERS="newwiki-demo house ..." makes the server soak's traffic rotate over the base
+## model and each of them (registered adapters).
 SOAK_TOKENS ?= 64
+SOAK_ADAPTERS ?= newwiki-demo
 # The engine the server soak runs on (mistralrs or native).
 SOAK_ENGINE ?= mistralrs
 SOAK_SUFFIX := $(if $(filter native,$(SOAK_ENGINE)),-native,)
 bench-soak: models build
 	$(DR) adapters show newwiki-demo >/dev/null 2>&1 || $(MAKE) demo-adapter
 	DOMAINRAG__GENERATE__ENGINE=$(SOAK_ENGINE) python3 benches/soak.py server --bin $(BIN) --data-dir $(DATA_DIR) --collection newwiki \
-		--adapter newwiki-demo --questions data/squad/new_wiki_v1.0.json --answers 500 \
+		$(foreach a,$(SOAK_ADAPTERS),--adapter $(a)) --questions data/squad/new_wiki_v1.0.json --answers 500 \
 		--max-tokens $(SOAK_TOKENS) --model-dir data/models/SmolLM2-135M-Instruct-hf \
 		--progress 50 --out bench/soak/server$(SOAK_SUFFIX).json
 	DOMAINRAG__GENERATE__ENGINE=$(SOAK_ENGINE) DOMAINRAG__GENERATE__MAX_TOKENS=$(SOAK_TOKENS) \

@@ -12,8 +12,10 @@
 #      sources serving retrieves for them (span answers + the citation of the source holding
 #      them; HOUSE_SHUFFLE=1 puts the sources in a shuffled order), and HOUSE_SYNTH synthetic
 #      triplets from the manuals' chunks (`triplets synth`: how-to and definition questions
-#      answered in a sentence, as a manual's readers ask them). The defaults are the recipe
-#      README reports (560 + 100 + 200, unshuffled; ~80 min on 2 cores);
+#      answered in a sentence, as a manual's readers ask them), HOUSE_SYNTH_PASSES times over
+#      (their weight against the span answers). A part of count 0 is skipped with its ingest.
+#      The defaults are the recipe README reports (560 + 100 + 200, one pass, unshuffled; ~80
+#      min on 2 cores);
 #   3. one epoch of LoRA (r 16, alpha 32, all 7 projections; HOUSE_METHOD sets another method and
 #      its options; 2 sequences a step, one per core), registered as `house`;
 #   4. with EVAL=1 (`make eval-house`): `eval answers` on the 200 held-out new_wiki questions the
@@ -29,6 +31,7 @@ OUT="${OUT:-bench/house}"
 HOUSE_SQUAD="${HOUSE_SQUAD:-560}"
 HOUSE_AMAZON="${HOUSE_AMAZON:-100}"
 HOUSE_SYNTH="${HOUSE_SYNTH:-200}"
+HOUSE_SYNTH_PASSES="${HOUSE_SYNTH_PASSES:-1}"
 MANUALS="$DATA/demo/house-manuals"
 # 1 = the retrieved sources in a shuffled order (the answer's source is not always [1]).
 HOUSE_SHUFFLE="${HOUSE_SHUFFLE:-0}"
@@ -52,8 +55,10 @@ if [ "${EVAL:-0}" = 1 ]; then
     exit 0
 fi
 
-for c in squad:squaddev_v1.1 amazon:amazon_reviews_v1.0; do
-    name=${c%%:*} file=data/squad/${c##*:}.json
+for c in squad:squaddev_v1.1:$HOUSE_SQUAD amazon:amazon_reviews_v1.0:$HOUSE_AMAZON; do
+    IFS=: read -r name file n <<< "$c"
+    file=data/squad/$file.json
+    [ "$n" -gt 0 ] || continue
     dr collection show "$name" >/dev/null 2>&1 || dr collection create "$name"
     dr ingest --collection "$name" --format squad --no-progress "$file"
 done
@@ -81,6 +86,10 @@ part "$HOUSE_AMAZON" "$OUT/triplets-amazon.jsonl" triplets build --collection am
     "${shuffle[@]}" --sample "$HOUSE_AMAZON" --seed 32
 part "$HOUSE_SYNTH" "$OUT/triplets-synth.jsonl" triplets synth --collection manuals \
     --n "$HOUSE_SYNTH" "${shuffle[@]}" --seed 33 --report "$OUT/synth-report.json"
+# The manuals' sentence answers HOUSE_SYNTH_PASSES times over (their weight against the spans).
+for ((pass = 1; pass < HOUSE_SYNTH_PASSES; pass++)); do
+    cat "$OUT/triplets-synth.jsonl" >> "$OUT/triplets-house.jsonl"
+done
 # shellcheck disable=SC2086 # HOUSE_METHOD is a word list
 RAYON_NUM_THREADS="$THREADS" /usr/bin/time -v "$DR" --data-dir "$DATA" train --collection squad \
     --no-progress --triplets "$OUT/triplets-house.jsonl" --name house --replace \

@@ -4,10 +4,10 @@
 Two modes, one rule for what "flat" means (least-squares RSS slope after a warm-up):
 
   soak.py server --bin BIN --data-dir DIR --collection C --questions FILE --answers 500 \
-      [--adapter NAME] [--out bench/soak.json]
+      [--adapter NAME]... [--out bench/soak.json]
       Starts `BIN serve` on a free loopback port, asks N distinct questions one after another
-      through POST /api/collections/C/ask (every other one with the base model, the rest with
-      --adapter, when given), and reads the server's VmRSS from /proc after every answer.
+      through POST /api/collections/C/ask (the base model and each --adapter in turn, one
+      distinct question each), and reads the server's VmRSS from /proc after every answer.
 
   soak.py eval --report REPORT.json [--out bench/soak-eval.json]
       Reads the RSS series that `domainrag eval answers --json REPORT.json` records after every
@@ -177,13 +177,14 @@ def run_server(args):
     proc = start_server(args, port)
     url = f"http://127.0.0.1:{port}/api/collections/{args.collection}/ask"
     series, latencies, ttfts, tokens, arms = [], [], [], [], []
+    rotation = [None] + (args.adapter or [])
     started = time.time()
     try:
         idle = rss_mib(proc.pid)
         for i, q in enumerate(questions):
-            # Mixed traffic: alternate base model and adapter (per distinct question, so that
-            # repeats of a question go to the same model).
-            adapter = args.adapter if args.adapter and (i // args.repeat) % 2 == 1 else None
+            # Mixed traffic: the base model and each adapter in turn (per distinct question, so
+            # that repeats of a question go to the same model).
+            adapter = rotation[(i // args.repeat) % len(rotation)]
             t0 = time.time()
             a = http_json(url, {"question": q, "adapter": adapter})
             latencies.append(time.time() - t0)
@@ -288,7 +289,8 @@ def main():
     s.add_argument("--answers", type=int, default=500)
     s.add_argument("--repeat", type=int, default=1,
                    help="ask each question this many times in a row (to measure caching; the memory soak uses 1)")
-    s.add_argument("--adapter", help="every other answer uses this adapter; the rest the base")
+    s.add_argument("--adapter", action="append",
+                   help="repeatable: the base model and each adapter answer in turn")
     s.add_argument("--max-tokens", type=int, help="sets DOMAINRAG__GENERATE__MAX_TOKENS")
     s.add_argument("--model-dir", help="base model dir (config.json), to report one answer's KV cache")
     s.add_argument("--server-log")

@@ -117,6 +117,9 @@ pub struct EnginesPlan {
     /// Also measure domainrag's native engine (for the `isq` values it has: none, q8_0, q4_0; with the
     /// adapter when there is one).
     pub native: bool,
+    /// Measure mistral.rs's configurations (off: the native engine and the peer only, the
+    /// reference text then being native f32's).
+    pub mistralrs: bool,
 }
 
 const SHORT_QUESTIONS: &[&str] = &[
@@ -256,8 +259,12 @@ pub async fn run(
             format!("mistralrs {} isq {isq}", settings.generate.dtype)
         }
     };
-    let reference = base_label("none");
-    for isq in &plan.isq {
+    let reference = if plan.mistralrs {
+        base_label("none")
+    } else {
+        "native f32".to_string()
+    };
+    for isq in plan.isq.iter().filter(|_| plan.mistralrs) {
         let mut s = settings.clone();
         s.generate.isq = isq.clone();
         s.generate.max_resident_adapters = 1;

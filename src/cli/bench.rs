@@ -76,6 +76,9 @@ pub enum BenchCmd {
         /// Skip domainrag's native engine.
         #[arg(long)]
         no_native: bool,
+        /// Skip mistral.rs's configurations (the native engine against llama.cpp only).
+        #[arg(long)]
+        no_mistralrs: bool,
         /// Also run this GGUF through mistral.rs's GGUF loader (base only).
         #[arg(long)]
         mistralrs_gguf: Option<PathBuf>,
@@ -157,6 +160,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: BenchCmd) -
             isq,
             no_adapter,
             no_native,
+            no_mistralrs,
             mistralrs_gguf,
             peer_python,
             peer_gguf,
@@ -193,6 +197,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: BenchCmd) -
                 max_tokens,
                 threads,
                 native: !no_native,
+                mistralrs: !no_mistralrs,
             };
             let result = bench::engines::run(settings, &squad, &plan).await?;
             emit_bench(&result, &bench::engines::table(&result), out, json)

@@ -182,6 +182,10 @@ impl StepHooks<'_> {
 }
 
 impl Hooks for StepHooks<'_> {
+    fn stacked_products(&self) -> bool {
+        true
+    }
+
     fn input(&mut self, layer: usize, m: usize, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let scales = self.scales(|a| a.input_scale(layer, m));
         if scales.is_empty() {

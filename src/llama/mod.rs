@@ -118,6 +118,85 @@ impl Linear {
             Linear::Quant(q) => q.linear(x),
         }
     }
+
+    /// `[x·Wᵢᵀ]` for sibling linears that read the same few rows `x` on the CPU (q/k/v, gate/up
+    /// of a decode step), as one parallel pass over all their weight rows instead of one per
+    /// module (and quantised weights quantise `x` once); each product is the one
+    /// [`Linear::forward`] gives. `None` where that does not apply (more rows, another device,
+    /// mixed formats). No gradient reaches `x`: serving only.
+    pub fn forward_stacked(
+        linears: &[&Linear],
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Vec<Tensor>>> {
+        let (m, k) = x.dims2()?;
+        if m > ops::FEW_ROWS || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut widths = Vec::with_capacity(linears.len());
+        let out = if let Some(ws) = linears
+            .iter()
+            .map(|l| match l {
+                Linear::F32(w) => Some(w),
+                Linear::Quant(_) => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            let guards = ws
+                .iter()
+                .map(|w| w.storage_and_layout())
+                .collect::<Vec<_>>();
+            let mut slices = Vec::with_capacity(ws.len());
+            for (storage, layout) in &guards {
+                let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) =
+                    (&**storage, layout.contiguous_offsets())
+                else {
+                    return Ok(None);
+                };
+                if (b - a) % k != 0 {
+                    candle_core::bail!("stacked linear: a weight is not {k} wide");
+                }
+                widths.push((b - a) / k);
+                slices.push(&data[a..b]);
+            }
+            ops::few_rows_linear_stacked(&xs, &slices, m, k)
+        } else if let Some(qs) = linears
+            .iter()
+            .map(|l| match l {
+                Linear::Quant(q) if q.cols == k => Some(q),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            widths.extend(qs.iter().map(|q| q.rows));
+            quant::few_rows_stacked(&qs, &xs, m)
+        } else {
+            return Ok(None);
+        };
+        split_columns(&out, m, &widths, x.device()).map(Some)
+    }
+}
+
+/// The `(m, wᵢ)` column blocks of a row-major `(m, Σwᵢ)` matrix, as tensors.
+fn split_columns(
+    out: &[f32],
+    m: usize,
+    widths: &[usize],
+    device: &Device,
+) -> candle_core::Result<Vec<Tensor>> {
+    let n: usize = widths.iter().sum();
+    let mut at = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let mut part = Vec::with_capacity(m * w);
+            for row in out.chunks_exact(n) {
+                part.extend_from_slice(&row[at..at + w]);
+            }
+            at += w;
+            Tensor::from_vec(part, (m, w), device)
+        })
+        .collect()
 }
 
 /// One decoder layer's frozen weights.
@@ -163,6 +242,13 @@ pub trait Hooks {
         x: &Tensor,
         y: Tensor,
     ) -> candle_core::Result<Tensor>;
+
+    /// Whether sibling modules that read the same input (q/k/v, gate/up) may be multiplied in
+    /// one pass ([`Linear::forward_stacked`]): only where nothing needs a gradient through the
+    /// base's products (serving). Each module's hooks still run as for a product of its own.
+    fn stacked_products(&self) -> bool {
+        false
+    }
 
     /// Attention of the rows: `q` `(heads, rows, head_dim)`, `k` and `v`
     /// `(kv_heads, rows, head_dim)`, rotary embeddings applied. Returns `(rows, heads * head_dim)`.
@@ -273,20 +359,47 @@ impl Weights {
             let y = layer.linears[m].forward(x)?;
             hooks.linear(l, m, x, y)
         };
+        // Modules `ms` reading the same `x`: stacked in one pass when the hooks allow it and
+        // none of them changes its input, else one product each.
+        let lin_all = |hooks: &mut dyn Hooks, ms: &[usize], x: &Tensor| {
+            if hooks.stacked_products() {
+                let mut plain = true;
+                for &m in ms {
+                    plain &= hooks.input(l, m, x)?.is_none();
+                }
+                let linears: Vec<&Linear> = ms.iter().map(|&m| &layer.linears[m]).collect();
+                if let Some(ys) = plain
+                    .then(|| Linear::forward_stacked(&linears, x))
+                    .transpose()?
+                    .flatten()
+                {
+                    return ms
+                        .iter()
+                        .zip(ys)
+                        .map(|(&m, y)| hooks.linear(l, m, x, y))
+                        .collect::<candle_core::Result<Vec<_>>>();
+                }
+            }
+            ms.iter().map(|&m| lin(hooks, m, x)).collect()
+        };
         let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((rows, n, hd))?.transpose(0, 1)?.contiguous()
         };
         let x = ops::rms_norm(h, &layer.input_norm, eps)?;
-        let q = heads(lin(hooks, Q, &x)?, nh)?;
-        let k = heads(lin(hooks, K, &x)?, nkv)?;
-        let v = heads(lin(hooks, V, &x)?, nkv)?;
+        let [q, k, v]: [Tensor; 3] = lin_all(hooks, &[Q, K, V], &x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q/k/v: three products expected".into()))?;
+        let q = heads(q, nh)?;
+        let k = heads(k, nkv)?;
+        let v = heads(v, nkv)?;
         let q = ops::apply_rope(&q, cos, sin)?;
         let k = ops::apply_rope(&k, cos, sin)?;
         let y = hooks.attend(l, &q, &k, &v)?;
         let h = (h + lin(hooks, O, &y)?)?;
         let x = ops::rms_norm(&h, &layer.post_norm, eps)?;
-        let gate = lin(hooks, GATE, &x)?;
-        let up = lin(hooks, UP, &x)?;
+        let [gate, up]: [Tensor; 2] = lin_all(hooks, &[GATE, UP], &x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("gate/up: two products expected".into()))?;
         let m = (gate.silu()? * up)?;
         h + lin(hooks, DOWN, &m)?
     }
@@ -459,4 +572,56 @@ pub fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core:
     };
     let att = ops::causal_attention_probs(q, &k, 1.0 / (hd as f64).sqrt(), mask.as_ref())?;
     att.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn random(rng: &mut Rng, shape: (usize, usize)) -> candle_core::Result<Tensor> {
+        let data = (0..shape.0 * shape.1)
+            .map(|_| rng.uniform() - 0.5)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+
+    /// Stacked products are exactly the products one module at a time (same kernel, same input),
+    /// for f32, q8_0 and q4_0 weights of three heights, one decode row and five.
+    #[test]
+    fn stacked_products_equal_one_module_at_a_time() -> candle_core::Result<()> {
+        let mut rng = Rng::new(8);
+        let k = 96;
+        let ws = [
+            random(&mut rng, (70, k))?,
+            random(&mut rng, (32, k))?,
+            random(&mut rng, (130, k))?,
+        ];
+        for format in [None, Some(quant::QFormat::Q8_0), Some(quant::QFormat::Q4_0)] {
+            let linears = ws
+                .iter()
+                .map(|w| {
+                    Ok(match format {
+                        None => Linear::F32(w.clone()),
+                        Some(f) => Linear::Quant(QMatrix::quantize(w, f)?),
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let refs: Vec<&Linear> = linears.iter().collect();
+            for m in [1, 5] {
+                let x = random(&mut rng, (m, k))?;
+                let stacked = Linear::forward_stacked(&refs, &x)?.expect("a few CPU rows stack");
+                for (l, y) in linears.iter().zip(&stacked) {
+                    let want = l.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+                    assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, want, "{format:?} m={m}");
+                }
+            }
+        }
+        // More rows than the decode kernels take: not stacked.
+        let x = random(&mut rng, (ops::FEW_ROWS + 1, k))?;
+        let f32s: Vec<Linear> = ws.iter().map(|w| Linear::F32(w.clone())).collect();
+        let refs: Vec<&Linear> = f32s.iter().collect();
+        assert!(Linear::forward_stacked(&refs, &x)?.is_none());
+        Ok(())
+    }
 }

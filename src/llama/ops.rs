@@ -271,9 +271,45 @@ pub(crate) const FEW_ROWS: usize = 16;
 /// `W·xᵀ`, and a row-major `W` is the wrong layout for its left operand): for one decode row
 /// that packing was ~36% of the engine's time, more than the product itself.
 fn few_rows_linear(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    by_weight_rows(m, n, |j, dst, _: &mut ()| {
-        simd::dots_rows(&w[j * k..(j + 1) * k], x, dst)
+    debug_assert_eq!(w.len(), n * k);
+    few_rows_linear_stacked(x, &[w], m, k)
+}
+
+/// [`few_rows_linear`] for several weights `(nᵢ, k)` read by the same rows `x`, as if stacked
+/// into one `(Σnᵢ, k)` matrix: one parallel pass over all their rows, `(m, Σnᵢ)`.
+pub(crate) fn few_rows_linear_stacked(x: &[f32], ws: &[&[f32]], m: usize, k: usize) -> Vec<f32> {
+    let stack = Stacked::new(ws.iter().map(|w| w.len() / k));
+    by_weight_rows(m, stack.rows(), |j, dst, _: &mut ()| {
+        let (i, r) = stack.locate(j);
+        simd::dots_rows(&ws[i][r * k..(r + 1) * k], x, dst)
     })
+}
+
+/// Matrices stacked by rows: where row `j` of the stack lives.
+pub(crate) struct Stacked {
+    /// Each matrix's first row in the stack, then the total.
+    starts: Vec<usize>,
+}
+
+impl Stacked {
+    pub(crate) fn new(rows: impl Iterator<Item = usize>) -> Stacked {
+        let mut starts = vec![0];
+        for n in rows {
+            starts.push(starts[starts.len() - 1] + n);
+        }
+        Stacked { starts }
+    }
+
+    /// Rows in all.
+    pub(crate) fn rows(&self) -> usize {
+        self.starts[self.starts.len() - 1]
+    }
+
+    /// `(matrix, its row)` of stack row `j < rows()`.
+    pub(crate) fn locate(&self, j: usize) -> (usize, usize) {
+        let i = self.starts[1..].iter().take_while(|&&end| end <= j).count();
+        (i, j - self.starts[i])
+    }
 }
 
 /// The `(m, n)` output of a few-rows product, weight row by weight row: `row(j, dst, scratch)`

@@ -144,25 +144,37 @@ impl QMatrix {
             return x.matmul(&self.dequantize(x.device())?.t()?);
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut x_codes = vec![0i8; m * k];
-        let x_scales: Vec<f32> = xs
-            .chunks_exact(BLOCK)
-            .zip(x_codes.chunks_exact_mut(BLOCK))
-            .map(|(v, q)| quantize_block(v, 127.0, q))
-            .collect();
-        let xq = QRow {
-            codes: &x_codes,
-            scales: &x_scales,
-        };
-        let out = super::ops::by_weight_rows(m, self.rows, |j, dst, scratch: &mut Vec<i8>| {
-            let w = QRow {
-                codes: self.row_codes(j, scratch),
-                scales: &self.scales[j * k / BLOCK..(j + 1) * k / BLOCK],
-            };
-            simd::dots_i8_rows(w, xq, dst);
-        });
+        let out = few_rows_stacked(&[self], &xs, m);
         Tensor::from_vec(out, (m, self.rows), x.device())
     }
+}
+
+/// `x·Wᵢᵀ` for a few rows `x` `(m, cols)` (row-major f32) and matrices of `cols` columns read by
+/// the same rows, as if stacked into one: `x` quantised to 8-bit blocks once, one parallel pass
+/// over all the matrices' rows; `(m, Σ rows)`.
+pub(crate) fn few_rows_stacked(mats: &[&QMatrix], x: &[f32], m: usize) -> Vec<f32> {
+    let k = mats[0].cols;
+    debug_assert!(mats.iter().all(|q| q.cols == k) && x.len() == m * k);
+    let mut x_codes = vec![0i8; m * k];
+    let x_scales: Vec<f32> = x
+        .chunks_exact(BLOCK)
+        .zip(x_codes.chunks_exact_mut(BLOCK))
+        .map(|(v, q)| quantize_block(v, 127.0, q))
+        .collect();
+    let xq = QRow {
+        codes: &x_codes,
+        scales: &x_scales,
+    };
+    let stack = super::ops::Stacked::new(mats.iter().map(|q| q.rows));
+    super::ops::by_weight_rows(m, stack.rows(), |j, dst, scratch: &mut Vec<i8>| {
+        let (i, r) = stack.locate(j);
+        let q = mats[i];
+        let w = QRow {
+            codes: q.row_codes(r, scratch),
+            scales: &q.scales[r * k / BLOCK..(r + 1) * k / BLOCK],
+        };
+        simd::dots_i8_rows(w, xq, dst);
+    })
 }
 
 /// Quantise one block `ws` into `qs` and return its scale: the value of largest magnitude maps
