@@ -122,13 +122,13 @@ bench-generate: models build
 ## Memory soak (~75 min): the server answers 500 distinct new_wiki questions, base and the demo
 ## adapter alternating, RSS read after each; then `eval answers` over 300 questions with two arms.
 ## Needs the newwiki collection and its adapter (`make demo-adapter`). bench/soak/*.json.
-## `make bench-soak SOAK_ENGINE=native` runs it on the native engine (files *-native.json);
+## It runs on the default engine, native (files *-native.json); SOAK_ENGINE=mistralrs on mistral.rs;
 ## SOAK_ADAPTERS="newwiki-demo house ..." makes the server soak's traffic rotate over the base
 ## model and each of them (registered adapters).
 SOAK_TOKENS ?= 64
 SOAK_ADAPTERS ?= newwiki-demo
-# The engine the server soak runs on (mistralrs or native).
-SOAK_ENGINE ?= mistralrs
+# The engine the server soak runs on (native or mistralrs).
+SOAK_ENGINE ?= native
 SOAK_SUFFIX := $(if $(filter native,$(SOAK_ENGINE)),-native,)
 bench-soak: models build
 	$(DR) adapters show newwiki-demo >/dev/null 2>&1 || $(MAKE) demo-adapter

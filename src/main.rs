@@ -20,12 +20,13 @@ fn main() -> std::process::ExitCode {
         }
     };
     // mistral.rs finds LoRA adapters only through the Hugging Face hub cache: point it at the
-    // adapter registry, offline. Set before any thread exists (the runtime is built below).
+    // links `generate::hubview` makes to the registry's adapters, offline. Set before any thread
+    // exists (the runtime is built below).
     // SAFETY: single-threaded here; nothing reads the environment concurrently.
     unsafe {
         std::env::set_var(
-            "HF_HUB_CACHE",
-            domainrag::adapters::AdapterRegistry::new(&settings.paths.data_dir).hub_dir(),
+            domainrag::generate::hubview::HUB_CACHE_VAR,
+            domainrag::generate::hubview::hub_cache_dir(&settings.paths.data_dir),
         );
         std::env::set_var("HF_HUB_OFFLINE", "1");
         // candle and gemm size their rayon pools from this variable.

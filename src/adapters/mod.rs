@@ -1,17 +1,15 @@
 //! The adapter registry: fine-tuned adapters for the base model (LoRA, (IA)³, prompt and prefix
 //! tuning, all in PEFT's format), kept in the data dir so collections can answer with one.
 //!
-//! mistral.rs 0.8.1 resolves a LoRA adapter id only through the Hugging Face hub cache (a local
-//! directory path is not accepted), so the registry lays every adapter out as a hub-cache repo that
-//! mistral.rs reads offline, with `HF_HUB_CACHE` set to [`AdapterRegistry::hub_dir`]:
-//!
 //! ```text
-//! <data_dir>/adapters/hub/models--domainrag--<name>/refs/main          ("local")
-//! <data_dir>/adapters/hub/models--domainrag--<name>/snapshots/local/
-//!     adapter_config.json  adapter_model.safetensors  domainrag-adapter.json
+//! <data_dir>/adapters/<name>/
+//!     adapter_config.json  adapter_model.safetensors  domainrag-adapter.json  [training.json]
 //! ```
 //!
-//! The adapter id handed to mistral.rs is `domainrag/<name>` ([`AdapterRegistry::model_id`]).
+//! (Versions before 2026-12 laid adapters out as a Hugging Face hub cache for mistral.rs;
+//! `layout` moves such a registry into this one the first time it is opened. mistral.rs, which
+//! still resolves adapters only through a hub cache, reads links to these directories that
+//! `generate::mistral` makes.)
 //!
 //! Owns validating PEFT LoRA adapters against the base model's shapes *before* anything is copied
 //! (a refused adapter leaves the registry unchanged), installing them atomically (staged in a hidden
@@ -34,6 +32,7 @@ use crate::error::ErrorKind;
 
 mod fixture;
 mod info;
+mod layout;
 mod peft;
 mod prompt;
 
@@ -43,19 +42,15 @@ pub use peft::LORA_MODULES;
 use peft::{check_finite, check_weights, parse_peft_config, read_safetensors_header};
 pub use prompt::MAX_VIRTUAL_TOKENS;
 
-/// The PEFT files of an adapter, under the names mistral.rs asks the hub cache for.
-const CONFIG_FILE: &str = "adapter_config.json";
-const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The PEFT files of an adapter, under PEFT's names.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// Our record of an adapter, next to its PEFT files.
 const INFO_FILE: &str = "domainrag-adapter.json";
-/// The hub "owner" of every registered adapter: its model id is `domainrag/<name>`.
-const HUB_OWNER: &str = "domainrag";
-/// The single revision of every adapter repo; `refs/main` names it.
-const REVISION: &str = "local";
 /// Errors of the adapter registry.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
-    /// The name cannot be used as a directory and hub repo name.
+    /// The name cannot be used as a directory name.
     #[error(
         "invalid adapter name {name:?}: use 1-64 characters from a-z, 0-9, '-' and '_', \
          starting with a letter or digit"
@@ -132,7 +127,7 @@ fn invalid(name: &str, file: &str, problem: String) -> AdapterError {
     }
 }
 
-/// Adapter names follow the collection rules: they become directory and hub repo names.
+/// Adapter names follow the collection rules: they become directory names.
 pub fn check_name(name: &str) -> Result<(), AdapterError> {
     validate_name(name).map_err(|_| AdapterError::InvalidName {
         name: name.to_string(),
@@ -142,14 +137,17 @@ pub fn check_name(name: &str) -> Result<(), AdapterError> {
 /// The adapters of one data dir.
 #[derive(Debug, Clone)]
 pub struct AdapterRegistry {
-    hub: PathBuf,
+    /// `<data_dir>/adapters`: one directory per adapter, and hidden work directories.
+    root: PathBuf,
 }
 
 impl AdapterRegistry {
+    /// The registry of `data_dir`. A registry in the earlier hub-cache layout is moved into this
+    /// one first (see `layout`; nothing to do, one `stat`, once moved).
     pub fn new(data_dir: &Path) -> AdapterRegistry {
-        AdapterRegistry {
-            hub: data_dir.join("adapters").join("hub"),
-        }
+        let root = data_dir.join("adapters");
+        layout::move_from_hub_layout(&root);
+        AdapterRegistry { root }
     }
 
     /// Finish what a killed `add`, `replace` or `remove` left: an old adapter moved aside by a
@@ -158,7 +156,7 @@ impl AdapterRegistry {
     /// still running are left alone. Returns the adapters put back.
     pub fn recover(&self) -> Vec<String> {
         let mut restored = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&self.hub) else {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
             return restored;
         };
         for entry in entries.flatten() {
@@ -170,8 +168,8 @@ impl AdapterRegistry {
                 continue; // that process is still at work
             }
             let path = entry.path();
-            let repo = self.repo_dir(name);
-            if kind == "replacing" && !repo.exists() && std::fs::rename(&path, &repo).is_ok() {
+            let dir = self.dir(name);
+            if kind == "replacing" && !dir.exists() && std::fs::rename(&path, &dir).is_ok() {
                 tracing::warn!(adapter = %name, "an interrupted replace left no adapter: the previous one is back");
                 restored.push(name.to_string());
                 continue;
@@ -180,51 +178,37 @@ impl AdapterRegistry {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove adapter leftovers");
             }
         }
-        sync_dir(&self.hub);
+        sync_dir(&self.root);
         restored
     }
 
-    /// The hub cache the adapters live in; the process sets `HF_HUB_CACHE` to it.
-    pub fn hub_dir(&self) -> PathBuf {
-        self.hub.clone()
+    /// `<data_dir>/adapters`, where every adapter has its directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
-    /// The id mistral.rs loads the adapter by.
-    pub fn model_id(&self, name: &str) -> String {
-        format!("{HUB_OWNER}/{name}")
-    }
-
-    /// The hub-cache repo directory of an adapter.
-    fn repo_dir(&self, name: &str) -> PathBuf {
-        self.hub.join(format!("models--{HUB_OWNER}--{name}"))
-    }
-
-    /// Where an adapter's files are: `adapter_config.json`, `adapter_model.safetensors` and
-    /// `domainrag-adapter.json`.
-    pub fn snapshot_dir(&self, name: &str) -> PathBuf {
-        self.repo_dir(name).join("snapshots").join(REVISION)
+    /// Where an adapter's files are: `adapter_config.json`, `adapter_model.safetensors`,
+    /// `domainrag-adapter.json` (and `training.json` for an adapter trained here).
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
     }
 
     /// All registered adapters, sorted by name.
     pub fn list(&self) -> Result<Vec<AdapterInfo>, AdapterError> {
-        let entries = match std::fs::read_dir(&self.hub) {
+        let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io(&self.hub, e)),
+            Err(e) => return Err(io(&self.root, e)),
         };
-        let prefix = format!("models--{HUB_OWNER}--");
         let mut infos = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| io(&self.hub, e))?;
+            let entry = entry.map_err(|e| io(&self.root, e))?;
             let file_name = entry.file_name();
-            // Staging and removal directories start with '.', so they never match.
-            let Some(name) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            // Staging and removal directories start with '.', which no valid name does.
+            let Some(name) = file_name.to_str().filter(|n| validate_name(n).is_ok()) else {
                 continue;
             };
-            if validate_name(name).is_err() {
-                continue;
-            }
-            // A repo without our record was not installed by `add`: not ours to list.
+            // A directory without our record was not installed by `add`: not ours to list.
             if let Some(info) = self.read_info(name)? {
                 infos.push(info);
             }
@@ -243,11 +227,11 @@ impl AdapterRegistry {
 
     /// Whether `name` is registered: one file-system lookup, no parsing (for per-request checks).
     pub fn contains(&self, name: &str) -> bool {
-        check_name(name).is_ok() && self.snapshot_dir(name).join(INFO_FILE).is_file()
+        check_name(name).is_ok() && self.dir(name).join(INFO_FILE).is_file()
     }
 
     fn read_info(&self, name: &str) -> Result<Option<AdapterInfo>, AdapterError> {
-        let path = self.snapshot_dir(name).join(INFO_FILE);
+        let path = self.dir(name).join(INFO_FILE);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -287,7 +271,7 @@ impl AdapterRegistry {
     /// Keep a training record (`training.json`) with a registered adapter.
     pub fn set_training_record(&self, name: &str, record: &Path) -> Result<(), AdapterError> {
         self.get(name)?;
-        let dest = self.snapshot_dir(name).join("training.json");
+        let dest = self.dir(name).join("training.json");
         std::fs::copy(record, &dest).map_err(|e| io(&dest, e))?;
         Ok(())
     }
@@ -295,7 +279,7 @@ impl AdapterRegistry {
     /// The training record of an adapter trained by domainrag (`None` for uploaded adapters).
     pub fn training_record(&self, name: &str) -> Result<Option<serde_json::Value>, AdapterError> {
         self.get(name)?;
-        let path = self.snapshot_dir(name).join("training.json");
+        let path = self.dir(name).join("training.json");
         match std::fs::read(&path) {
             Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -311,8 +295,8 @@ impl AdapterRegistry {
         replace: bool,
     ) -> Result<AdapterInfo, AdapterError> {
         check_name(name)?;
-        let repo = self.repo_dir(name);
-        if repo.exists() && !replace {
+        let dest = self.dir(name);
+        if dest.exists() && !replace {
             return Err(AdapterError::AlreadyExists {
                 name: name.to_string(),
             });
@@ -360,28 +344,30 @@ impl AdapterRegistry {
             base_model_name_or_path: config.base_model_name_or_path,
         };
 
-        std::fs::create_dir_all(&self.hub).map_err(|e| io(&self.hub, e))?;
-        let staging = self.hub.join(format!(".adding-{name}-{}", unique_suffix()));
+        std::fs::create_dir_all(&self.root).map_err(|e| io(&self.root, e))?;
+        let staging = self
+            .root
+            .join(format!(".adding-{name}-{}", unique_suffix()));
         std::fs::create_dir(&staging).map_err(|e| io(&staging, e))?;
         let installed = stage(&staging, &config_bytes, &weights_path, &info).and_then(|()| {
             crate::killpoint::reach("adapter.staged");
-            if replace && repo.exists() {
+            if replace && dest.exists() {
                 let old = self
-                    .hub
+                    .root
                     .join(format!(".replacing-{name}-{}", unique_suffix()));
-                std::fs::rename(&repo, &old).map_err(|e| io(&repo, e))?;
+                std::fs::rename(&dest, &old).map_err(|e| io(&dest, e))?;
                 crate::killpoint::reach("adapter.replace.aside");
-                let moved = self.move_into_place(&staging, &repo, name);
+                let moved = self.move_into_place(&staging, &dest, name);
                 if moved.is_err() {
                     // Put the old adapter back: a failed replace must not lose it.
-                    let _ = std::fs::rename(&old, &repo);
+                    let _ = std::fs::rename(&old, &dest);
                 } else {
                     crate::killpoint::reach("adapter.replace.placed");
                     let _ = std::fs::remove_dir_all(&old);
                 }
                 moved
             } else {
-                self.move_into_place(&staging, &repo, name)
+                self.move_into_place(&staging, &dest, name)
             }
         });
         if installed.is_err() {
@@ -392,17 +378,17 @@ impl AdapterRegistry {
         installed.map(|()| info)
     }
 
-    fn move_into_place(&self, staging: &Path, repo: &Path, name: &str) -> Result<(), AdapterError> {
-        match std::fs::rename(staging, repo) {
+    fn move_into_place(&self, staging: &Path, dest: &Path, name: &str) -> Result<(), AdapterError> {
+        match std::fs::rename(staging, dest) {
             Ok(()) => {
-                sync_dir(&self.hub);
+                sync_dir(&self.root);
                 Ok(())
             }
             // Another `add` of the same name won the race.
-            Err(_) if repo.exists() => Err(AdapterError::AlreadyExists {
+            Err(_) if dest.exists() => Err(AdapterError::AlreadyExists {
                 name: name.to_string(),
             }),
-            Err(e) => Err(io(repo, e)),
+            Err(e) => Err(io(dest, e)),
         }
     }
 
@@ -410,10 +396,10 @@ impl AdapterRegistry {
     /// are any, nothing is removed.
     pub fn remove(&self, name: &str, used_by: &[String]) -> Result<(), AdapterError> {
         check_name(name)?;
-        let repo = self.repo_dir(name);
-        // The repo dir, not the record, decides: a repo left without its record must still be
+        let dir = self.dir(name);
+        // The directory, not the record, decides: one left without its record must still be
         // removable, or its name could never be used again.
-        if !repo.is_dir() {
+        if !dir.is_dir() {
             return Err(AdapterError::NotFound {
                 name: name.to_string(),
             });
@@ -426,34 +412,26 @@ impl AdapterRegistry {
         }
         // Rename first so a crash mid-delete leaves a hidden leftover, not a half adapter.
         let doomed = self
-            .hub
+            .root
             .join(format!(".removing-{name}-{}", unique_suffix()));
-        std::fs::rename(&repo, &doomed).map_err(|e| io(&repo, e))?;
-        sync_dir(&self.hub);
+        std::fs::rename(&dir, &doomed).map_err(|e| io(&dir, e))?;
+        sync_dir(&self.root);
         std::fs::remove_dir_all(&doomed).map_err(|e| io(&doomed, e))
     }
 }
 
-/// Write the hub-cache repo for `info` into `staging`.
+/// Write the adapter's files for `info` into `staging`.
 fn stage(
     staging: &Path,
     config_bytes: &[u8],
     weights_src: &Path,
     info: &AdapterInfo,
 ) -> Result<(), AdapterError> {
-    let refs = staging.join("refs");
-    std::fs::create_dir(&refs).map_err(|e| io(&refs, e))?;
-    // hf-hub reads the ref verbatim (no trimming), so no trailing newline.
-    let main_ref = refs.join("main");
-    write_synced(&main_ref, REVISION.as_bytes()).map_err(|e| io(&main_ref, e))?;
-
-    let snapshot = staging.join("snapshots").join(REVISION);
-    std::fs::create_dir_all(&snapshot).map_err(|e| io(&snapshot, e))?;
     // The bytes that were validated, not a second read of the source.
-    let config = snapshot.join(CONFIG_FILE);
+    let config = staging.join(CONFIG_FILE);
     write_synced(&config, config_bytes).map_err(|e| io(&config, e))?;
 
-    let weights = snapshot.join(WEIGHTS_FILE);
+    let weights = staging.join(WEIGHTS_FILE);
     let copied = std::fs::copy(weights_src, &weights).map_err(|e| io(weights_src, e))?;
     if copied != info.size_bytes {
         return Err(invalid(
@@ -469,7 +447,7 @@ fn stage(
         .and_then(|f| f.sync_all())
         .map_err(|e| io(&weights, e))?;
 
-    let record = snapshot.join(INFO_FILE);
+    let record = staging.join(INFO_FILE);
     let json = serde_json::to_vec_pretty(info).expect("adapter info serialises to JSON");
     write_synced(&record, &json).map_err(|e| io(&record, e))
 }
@@ -550,13 +528,13 @@ mod tests {
         write_safetensors(&f.src.join(WEIGHTS_FILE), tensors, &|_| 0.0).unwrap();
     }
 
-    fn hub_entries(registry: &AdapterRegistry) -> Vec<String> {
-        match std::fs::read_dir(registry.hub_dir()) {
+    fn entries(registry: &AdapterRegistry) -> Vec<String> {
+        match std::fs::read_dir(registry.root()) {
             Ok(entries) => entries
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => panic!("cannot read hub dir: {e}"),
+            Err(e) => panic!("cannot read the registry: {e}"),
         }
     }
 
@@ -568,9 +546,9 @@ mod tests {
             .expect_err("adapter should be refused");
         assert!(f.registry.list().unwrap().is_empty());
         assert!(
-            hub_entries(&f.registry).is_empty(),
+            entries(&f.registry).is_empty(),
             "left behind: {:?}",
-            hub_entries(&f.registry)
+            entries(&f.registry)
         );
         err
     }
@@ -639,24 +617,18 @@ mod tests {
 
         assert_eq!(f.registry.list().unwrap(), vec![info.clone()]);
         assert_eq!(f.registry.get("legal").unwrap(), info);
-        assert_eq!(f.registry.model_id("legal"), "domainrag/legal");
 
-        // The hub-cache layout mistral.rs reads.
-        let repo = f.registry.hub_dir().join("models--domainrag--legal");
-        assert_eq!(
-            std::fs::read_to_string(repo.join("refs").join("main")).unwrap(),
-            "local"
-        );
-        let snapshot = repo.join("snapshots").join("local");
-        assert_eq!(f.registry.snapshot_dir("legal"), snapshot);
+        // One plain directory per adapter.
+        let dir = f._tmp.path().join("data").join("adapters").join("legal");
+        assert_eq!(f.registry.dir("legal"), dir);
         for file in [CONFIG_FILE, WEIGHTS_FILE, INFO_FILE] {
-            assert!(snapshot.join(file).is_file(), "{file} missing");
+            assert!(dir.join(file).is_file(), "{file} missing");
         }
         assert_eq!(
-            std::fs::read(snapshot.join(WEIGHTS_FILE)).unwrap(),
+            std::fs::read(dir.join(WEIGHTS_FILE)).unwrap(),
             std::fs::read(f.src.join(WEIGHTS_FILE)).unwrap()
         );
-        assert_eq!(hub_entries(&f.registry), vec!["models--domainrag--legal"]);
+        assert_eq!(entries(&f.registry), vec!["legal"]);
 
         let err = f.registry.get("other").unwrap_err();
         assert!(matches!(err, AdapterError::NotFound { ref name } if name == "other"));
@@ -1017,9 +989,9 @@ mod tests {
         let f = fixture();
         f.registry.add("support", &f.src, &f.base).unwrap();
         // A kill between a replace's two renames: the old copy aside, the new one staged.
-        let aside = f.registry.hub.join(".replacing-support-999999999-1-0");
-        std::fs::rename(f.registry.repo_dir("support"), &aside).unwrap();
-        let staged = f.registry.hub.join(".adding-support-999999999-2-0");
+        let aside = f.registry.root.join(".replacing-support-999999999-1-0");
+        std::fs::rename(f.registry.dir("support"), &aside).unwrap();
+        let staged = f.registry.root.join(".adding-support-999999999-2-0");
         std::fs::create_dir_all(&staged).unwrap();
         assert!(f.registry.get("support").is_err());
 
@@ -1029,7 +1001,7 @@ mod tests {
         // A live process's work is left alone.
         let mine = f
             .registry
-            .hub
+            .root
             .join(format!(".adding-x-{}-1-0", std::process::id()));
         std::fs::create_dir_all(&mine).unwrap();
         assert!(f.registry.recover().is_empty());
@@ -1048,15 +1020,9 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::InvalidInput);
         }
         assert!(f.registry.list().unwrap().is_empty());
-        assert!(hub_entries(&f.registry).is_empty());
-        assert!(
-            !f._tmp
-                .path()
-                .join("data")
-                .join("adapters")
-                .join("x")
-                .exists()
-        );
+        assert!(entries(&f.registry).is_empty());
+        // "../x" would have been <data_dir>/x.
+        assert!(!f._tmp.path().join("data").join("x").exists());
     }
 
     #[test]
@@ -1067,7 +1033,7 @@ mod tests {
         assert!(matches!(err, AdapterError::AlreadyExists { .. }), "{err:?}");
         assert_eq!(err.kind(), ErrorKind::Conflict);
         assert_eq!(f.registry.list().unwrap(), vec![first]);
-        assert_eq!(hub_entries(&f.registry), vec!["models--domainrag--legal"]);
+        assert_eq!(entries(&f.registry), vec!["legal"]);
     }
 
     #[test]
@@ -1083,7 +1049,7 @@ mod tests {
 
         f.registry.remove("legal", &[]).unwrap();
         assert!(f.registry.list().unwrap().is_empty());
-        assert!(hub_entries(&f.registry).is_empty());
+        assert!(entries(&f.registry).is_empty());
         let err = f.registry.remove("legal", &[]).unwrap_err();
         assert!(matches!(err, AdapterError::NotFound { .. }), "{err:?}");
         // The name is free again.

@@ -14,7 +14,7 @@ use std::time::Instant;
 use mistralrs::{Model, RequestBuilder, Response, TextMessageRole};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc};
 
-use super::{ChatMessage, GenEvent, GenerateError, Role, Sampling, load, repetition};
+use super::{ChatMessage, GenEvent, GenerateError, Role, Sampling, hubview, load, repetition};
 use crate::adapters::AdapterRegistry;
 use crate::config::GenerateConfig;
 use crate::engine::cite::CitationVocab;
@@ -107,7 +107,7 @@ impl MistralPool {
             load::model(
                 &self.config,
                 &self.base_dir,
-                Some(self.registry.model_id(name)),
+                Some(hubview::link(&self.registry, name)?),
             )
             .await?,
         );

@@ -1,7 +1,8 @@
 //! Text generation behind one interface, on one of two engines (`generate.engine`): domainrag's
 //! own ([`crate::engine`] via `native`: one base model, every adapter resident unmerged, requests
 //! for different adapters batched together) or mistral.rs (`mistral`, with `load`: one merged
-//! model per adapter in a small pool). Both share the request slots (`generate.max_concurrent`,
+//! model per adapter in a small pool; `hubview` shows it the registry's adapters as the hub cache
+//! it reads them from). Both share the request slots (`generate.max_concurrent`,
 //! `generate.queue_depth`), the chat types and the events a stream yields. `repetition` adapts
 //! the engine's decoding rules (no looping, citing only given sources) to mistral.rs's logits
 //! processors.
@@ -20,6 +21,7 @@ use crate::adapters::{AdapterError, AdapterRegistry};
 use crate::config::{GenerateConfig, Settings};
 use crate::error::ErrorKind;
 
+pub mod hubview;
 mod load;
 mod mistral;
 mod native;

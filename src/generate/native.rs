@@ -107,7 +107,7 @@ impl NativeBackend {
                 ),
             });
         }
-        let dir = self.registry.snapshot_dir(name);
+        let dir = self.registry.dir(name);
         let engine = Arc::clone(&self.engine);
         let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || engine.load_adapter(&info, &dir))

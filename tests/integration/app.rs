@@ -34,9 +34,9 @@ pub(crate) async fn spawn_app(max_concurrent: usize, queue_depth: usize) -> App 
     app
 }
 
-/// A server on `dir`. mistral.rs finds adapters only in the hub cache `HF_HUB_CACHE` names, once
-/// per process (`helpers::adapter_data_dir`): a test that trains or uploads an adapter and then
-/// answers with it runs its server there (with collection names no other test uses).
+/// A server on `dir` (the default engine: native). A test that answers with an adapter on
+/// mistral.rs first calls `helpers::adapter_data_dir`, which points `HF_HUB_CACHE` (read once per
+/// process) at a hub cache.
 pub(crate) async fn spawn_app_at(dir: &Path, max_concurrent: usize, queue_depth: usize) -> App {
     spawn_app_tuned(dir, |s| {
         s.generate.max_concurrent = max_concurrent;

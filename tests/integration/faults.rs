@@ -227,13 +227,13 @@ fn an_ingest_killed_at_any_step_is_repaired_and_completed_by_the_next() {
 
 /// The installed weights of adapter `name`.
 fn installed_weights(data: &Path, name: &str) -> Vec<u8> {
-    let dir = AdapterRegistry::new(data).snapshot_dir(name);
+    let dir = AdapterRegistry::new(data).dir(name);
     std::fs::read(dir.join("adapter_model.safetensors")).expect("the adapter's weights")
 }
 
-fn hidden_hub_entries(data: &Path) -> Vec<String> {
-    std::fs::read_dir(AdapterRegistry::new(data).hub_dir())
-        .expect("hub")
+fn hidden_registry_entries(data: &Path) -> Vec<String> {
+    std::fs::read_dir(AdapterRegistry::new(data).root())
+        .expect("the adapter registry")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with('.'))
@@ -327,9 +327,9 @@ fn collection_create_and_delete_and_adapter_replace_survive_kills() {
             "{point}: not the whole expected adapter"
         );
         assert!(
-            hidden_hub_entries(&data).is_empty(),
+            hidden_registry_entries(&data).is_empty(),
             "{point}: {:?}",
-            hidden_hub_entries(&data)
+            hidden_registry_entries(&data)
         );
         ok(&run(
             &data,

@@ -63,13 +63,14 @@ pub async fn embedder() -> Arc<Embedder> {
         .clone()
 }
 
-/// The process-wide data dir whose adapter registry mistral.rs reads: it resolves adapters only
-/// through the Hugging Face hub cache named by `HF_HUB_CACHE` (offline), which a process sets once.
+/// The process-wide data dir of the tests that answer with adapters. Its first use points
+/// `HF_HUB_CACHE` into it: mistral.rs resolves adapters only through that hub cache (offline),
+/// where `generate::hubview` links them, and a process sets the variable once.
 pub fn adapter_data_dir() -> &'static Path {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let hub = domainrag::adapters::AdapterRegistry::new(dir.path()).hub_dir();
+        let hub = domainrag::generate::hubview::hub_cache_dir(dir.path());
         // SAFETY: set once, before any adapter model is built (the only reader); the binary's
         // main does the same before starting threads.
         unsafe {
@@ -88,13 +89,15 @@ pub async fn adapter_dir_server() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
-/// One generator (base model + adapter pool) for the whole test binary; its adapter registry is
-/// [`adapter_data_dir`]'s.
+/// One generator on the mistral.rs engine (base model + merged adapter pool) for the whole test
+/// binary: the reference the native engine and the trainer are compared against, and what the
+/// tests of `generate.engine = "mistralrs"` use. Its adapter registry is [`adapter_data_dir`]'s.
 pub async fn generator() -> Arc<Generator> {
     static GENERATOR: OnceCell<Arc<Generator>> = OnceCell::const_new();
     GENERATOR
         .get_or_init(|| async {
-            let settings = settings(adapter_data_dir());
+            let mut settings = settings(adapter_data_dir());
+            settings.generate.engine = "mistralrs".into();
             Generator::load(&settings)
                 .await
                 .expect("base model loads from data/models")
