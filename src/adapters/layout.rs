@@ -34,11 +34,11 @@ pub(super) fn move_from_hub_layout(root: &Path) {
     let moving = root.join(MOVING);
     // An adapter named "hub" in the new layout has its record; the old hub cache never does.
     if old.is_dir() && !old.join(INFO_FILE).exists() {
-        if let Err(e) = std::fs::rename(&old, &moving) {
-            if !moving.is_dir() {
-                tracing::warn!(path = %old.display(), error = %e, "cannot move the adapter registry out of its old layout");
-                return;
-            }
+        if let Err(e) = std::fs::rename(&old, &moving)
+            && !moving.is_dir()
+        {
+            tracing::warn!(path = %old.display(), error = %e, "cannot move the adapter registry out of its old layout");
+            return;
         }
         sync_dir(root);
     }
@@ -89,10 +89,10 @@ pub(super) fn move_from_hub_layout(root: &Path) {
         tracing::warn!(path = %moving.display(), left, "adapters left in the old layout; tried again at the next start");
         return;
     }
-    if let Err(e) = std::fs::remove_dir_all(&moving) {
-        if moving.exists() {
-            tracing::warn!(path = %moving.display(), error = %e, "cannot remove the emptied old adapter layout");
-        }
+    if let Err(e) = std::fs::remove_dir_all(&moving)
+        && moving.exists()
+    {
+        tracing::warn!(path = %moving.display(), error = %e, "cannot remove the emptied old adapter layout");
     }
     sync_dir(root);
 }

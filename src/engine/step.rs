@@ -13,7 +13,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Layout, Storage, Tensor};
 
 use super::adapter::{LoraPair, ResidentAdapter};
 use super::kernels::{self, DecodeRow, LoraRows};
@@ -24,12 +24,11 @@ use crate::llama::{Hooks, LlamaConfig, VirtualKv};
 /// matrix products.
 use crate::llama::ops::FEW_ROWS as KERNEL_ROWS;
 
-/// The f32 data of a CPU storage (every tensor handed here is contiguous from its offset).
-fn host(storage: &Storage) -> candle_core::Result<&[f32]> {
-    match storage {
-        Storage::Cpu(CpuStorage::F32(data)) => Ok(data),
-        _ => candle_core::bail!("the engine's CPU kernels need f32 CPU tensors"),
-    }
+/// The f32 values of a contiguous CPU tensor, from its storage and layout.
+fn host<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    crate::llama::ops::f32_values(storage, layout).ok_or_else(|| {
+        candle_core::Error::Msg("the engine's CPU kernels need contiguous f32 CPU tensors".into())
+    })
 }
 
 /// One sequence's keys and values.
@@ -152,26 +151,26 @@ impl StepHooks<'_> {
         let (x, y) = (x.contiguous()?, y.contiguous()?);
         let (xs, xl) = x.storage_and_layout();
         let (ys, yl) = y.storage_and_layout();
-        let xs = &host(&xs)?[xl.start_offset()..xl.start_offset() + rows * in_f];
-        let ys = &host(&ys)?[yl.start_offset()..yl.start_offset() + rows * out_f];
+        let xs = &host(&xs, xl)?[..rows * in_f];
+        let ys = &host(&ys, yl)?[..rows * out_f];
         let guards: Vec<_> = pairs
             .iter()
             .map(|(r, p)| {
                 (
                     r,
-                    p.a.storage_and_layout().0,
-                    p.b_t.storage_and_layout().0,
+                    p.a.storage_and_layout(),
+                    p.b_t.storage_and_layout(),
                     p.rank,
                 )
             })
             .collect();
         let groups = guards
             .iter()
-            .map(|(rows, a, b, rank)| {
+            .map(|(rows, (a, al), (b, bl), rank)| {
                 Ok(LoraRows {
                     rows: (*rows).clone(),
-                    a: host(a)?,
-                    b_t: host(b)?,
+                    a: host(a, al)?,
+                    b_t: host(b, bl)?,
                     rank: *rank,
                 })
             })
@@ -257,26 +256,21 @@ impl Hooks for StepHooks<'_> {
         if !decode.is_empty() {
             let q = q.contiguous()?;
             let (qs, ql) = q.storage_and_layout();
-            let qs = &host(&qs)?[ql.start_offset()..ql.start_offset() + nh * rows * hd];
+            let qs = &host(&qs, ql)?[..nh * rows * hd];
             let guards: Vec<_> = decode
                 .iter()
                 .map(|(row, layer, cache)| {
                     let (k, v) = cache.layer(*layer);
-                    (
-                        *row,
-                        k.storage_and_layout().0,
-                        v.storage_and_layout().0,
-                        cache,
-                    )
+                    (*row, k.storage_and_layout(), v.storage_and_layout(), cache)
                 })
                 .collect();
             let seqs = guards
                 .iter()
-                .map(|(row, k, v, cache)| {
+                .map(|(row, (k, kl), (v, vl), cache)| {
                     Ok(DecodeRow {
                         row: *row,
-                        k: host(k)?,
-                        v: host(v)?,
+                        k: host(k, kl)?,
+                        v: host(v, vl)?,
                         capacity: cache.capacity,
                         len: cache.len() + 1,
                     })

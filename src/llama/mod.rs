@@ -148,16 +148,14 @@ impl Linear {
                 .collect::<Vec<_>>();
             let mut slices = Vec::with_capacity(ws.len());
             for (storage, layout) in &guards {
-                let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) =
-                    (&**storage, layout.contiguous_offsets())
-                else {
+                let Some(values) = ops::f32_values(storage, layout) else {
                     return Ok(None);
                 };
-                if (b - a) % k != 0 {
+                if values.len() % k != 0 {
                     candle_core::bail!("stacked linear: a weight is not {k} wide");
                 }
-                widths.push((b - a) / k);
-                slices.push(&data[a..b]);
+                widths.push(values.len() / k);
+                slices.push(values);
             }
             ops::few_rows_linear_stacked(&xs, &slices, m, k)
         } else if let Some(qs) = linears
@@ -353,26 +351,29 @@ impl Weights {
         let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let eps = c.rms_norm_eps;
         let layer = &self.layers[l];
-        let lin = |hooks: &mut dyn Hooks, m: usize, x: &Tensor| {
-            let changed = hooks.input(l, m, x)?;
+        // Module `m` over `x`, or over `changed` where the input hook changed `x`.
+        let lin_with = |hooks: &mut dyn Hooks, m: usize, x: &Tensor, changed: Option<Tensor>| {
             let x = changed.as_ref().unwrap_or(x);
             let y = layer.linears[m].forward(x)?;
             hooks.linear(l, m, x, y)
         };
+        let lin = |hooks: &mut dyn Hooks, m: usize, x: &Tensor| {
+            let changed = hooks.input(l, m, x)?;
+            lin_with(hooks, m, x, changed)
+        };
         // Modules `ms` reading the same `x`: stacked in one pass when the hooks allow it and
         // none of them changes its input, else one product each.
         let lin_all = |hooks: &mut dyn Hooks, ms: &[usize], x: &Tensor| {
-            if hooks.stacked_products() {
-                let mut plain = true;
-                for &m in ms {
-                    plain &= hooks.input(l, m, x)?.is_none();
-                }
+            if !hooks.stacked_products() {
+                return ms.iter().map(|&m| lin(hooks, m, x)).collect();
+            }
+            let inputs = ms
+                .iter()
+                .map(|&m| hooks.input(l, m, x))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            if inputs.iter().all(Option::is_none) {
                 let linears: Vec<&Linear> = ms.iter().map(|&m| &layer.linears[m]).collect();
-                if let Some(ys) = plain
-                    .then(|| Linear::forward_stacked(&linears, x))
-                    .transpose()?
-                    .flatten()
-                {
+                if let Some(ys) = Linear::forward_stacked(&linears, x)? {
                     return ms
                         .iter()
                         .zip(ys)
@@ -380,7 +381,10 @@ impl Weights {
                         .collect::<candle_core::Result<Vec<_>>>();
                 }
             }
-            ms.iter().map(|&m| lin(hooks, m, x)).collect()
+            ms.iter()
+                .zip(inputs)
+                .map(|(&m, changed)| lin_with(hooks, m, x, changed))
+                .collect()
         };
         let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((rows, n, hd))?.transpose(0, 1)?.contiguous()

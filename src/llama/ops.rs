@@ -196,13 +196,26 @@ fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 
 /// The f32 data of a contiguous CPU storage.
 fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("the trainer runs in f32");
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("expected a contiguous tensor"),
+    cpu_f32_values(storage, layout).ok_or_else(|| {
+        candle_core::Error::Msg("the trainer's fused ops need contiguous f32 tensors".into())
+    })
+}
+
+/// The f32 values of a contiguous CPU tensor, from its storage and layout (`None` for another
+/// dtype or device, or a layout that is not contiguous).
+pub(crate) fn f32_values<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => cpu_f32_values(cpu, layout),
+        _ => None,
     }
+}
+
+fn cpu_f32_values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(&data[start..end])
 }
 
 /// `x @ w.T` for a frozen `w (out, in)`: the backward gives `x` its gradient and nothing to `w`.
