@@ -169,7 +169,7 @@ impl Generator {
                 base,
             )))
         };
-        Ok(Self::with_backend(settings, base_dir, backend))
+        Ok(Self::with_backend(settings, base_dir, registry, backend))
     }
 
     /// A generator whose base model is read from a GGUF file by mistral.rs's GGUF loader (with
@@ -183,19 +183,31 @@ impl Generator {
         let base = load::gguf_model(settings, gguf).await?;
         let base_dir = settings.generate_base_dir();
         let registry = AdapterRegistry::new(&settings.paths.data_dir);
-        let pool = MistralPool::new(settings.generate.clone(), base_dir.clone(), registry, base);
+        let pool = MistralPool::new(
+            settings.generate.clone(),
+            base_dir.clone(),
+            registry.clone(),
+            base,
+        );
         Ok(Self::with_backend(
             settings,
             base_dir,
+            registry,
             Backend::Mistral(Box::new(pool)),
         ))
     }
 
-    fn with_backend(settings: &Settings, base_dir: PathBuf, backend: Backend) -> Arc<Generator> {
+    /// The generator over `backend`, sharing the registry its backend was given (opened once).
+    fn with_backend(
+        settings: &Settings,
+        base_dir: PathBuf,
+        registry: AdapterRegistry,
+        backend: Backend,
+    ) -> Arc<Generator> {
         let config = settings.generate.clone();
         Arc::new(Generator {
             permits: Arc::new(Semaphore::new(config.max_concurrent)),
-            registry: AdapterRegistry::new(&settings.paths.data_dir),
+            registry,
             config,
             base_dir,
             backend,
