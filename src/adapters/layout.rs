@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Now each adapter has a plain `<data_dir>/adapters/<name>/`, and only the mistral.rs engine sees
-//! a hub cache (links that `generate::mistral` makes). [`move_from_hub_layout`] moves an old
+//! a hub cache (links that `generate::hubview` makes). [`move_from_hub_layout`] moves an old
 //! registry into the new layout when the registry is opened: the old `hub/` is first renamed to a
 //! hidden `.hub-moving/` (so an adapter named `hub` can exist afterwards), then each adapter's
 //! directory is renamed out of it, then it is removed. Every step is a rename, so a process killed

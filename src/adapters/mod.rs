@@ -9,7 +9,7 @@
 //! (Versions before 2026-12 laid adapters out as a Hugging Face hub cache for mistral.rs;
 //! `layout` moves such a registry into this one the first time it is opened. mistral.rs, which
 //! still resolves adapters only through a hub cache, reads links to these directories that
-//! `generate::mistral` makes.)
+//! `generate::hubview` makes.)
 //!
 //! Owns validating PEFT LoRA adapters against the base model's shapes *before* anything is copied
 //! (a refused adapter leaves the registry unchanged), installing them atomically (staged in a hidden
