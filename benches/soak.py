@@ -29,13 +29,28 @@ import urllib.error
 import urllib.request
 
 
-def rss_mib(pid):
-    """Resident memory of process `pid` now, in MiB (Linux /proc)."""
+def status_mib(pid, field):
+    """One memory line of process `pid`'s /proc status now (VmRSS, RssAnon, RssFile), in MiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def rss_mib(pid):
+    """Resident memory of process `pid` now, in MiB (Linux /proc)."""
+    return status_mib(pid, "VmRSS")
+
+
+def heap_in_use_mib(base_url):
+    """The server's live heap allocations (`domainrag_heap_in_use_bytes` in /metrics), in MiB."""
+    req = urllib.request.Request(base_url + "/metrics", headers={"authorization": f"Bearer {KEY['token']}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("domainrag_heap_in_use_bytes "):
+                return int(line.split()[1]) / (1024.0 * 1024.0)
+    return None
 
 
 def slope_per_answer(series):
@@ -170,13 +185,22 @@ def stop_server(args, proc):
                    stdout=subprocess.DEVNULL, check=False)
 
 
+# Series of an `eval answers` report besides RSS: (name here, key in the report's `memory`).
+EXTRA_SERIES = [("anon", "rss_anon_mib_after_answer"), ("file", "rss_file_mib_after_answer"),
+                ("heap", "heap_in_use_mib_after_answer")]
+
+
 def run_server(args):
     distinct = load_questions(args.questions, -(-args.answers // args.repeat))
     questions = [q for q in distinct for _ in range(args.repeat)][: args.answers]
     port = free_port()
     proc = start_server(args, port)
-    url = f"http://127.0.0.1:{port}/api/collections/{args.collection}/ask"
+    base_url = f"http://127.0.0.1:{port}"
+    url = f"{base_url}/api/collections/{args.collection}/ask"
     series, latencies, ttfts, tokens, arms = [], [], [], [], []
+    # Beside RSS, as `eval answers` records them: anonymous and file-backed pages, and the heap
+    # in use (live allocations only: it tells live objects kept from allocator growth).
+    extra = {name: [] for name, _ in EXTRA_SERIES}
     rotation = [None] + (args.adapter or [])
     started = time.time()
     try:
@@ -192,11 +216,21 @@ def run_server(args):
             tokens.append(a["prompt_tokens"] + a["completion_tokens"])
             arms.append(a["adapter"] or "base")
             series.append(rss_mib(proc.pid))
+            extra["anon"].append(status_mib(proc.pid, "RssAnon"))
+            extra["file"].append(status_mib(proc.pid, "RssFile"))
+            extra["heap"].append(heap_in_use_mib(base_url))
             if args.progress and (i + 1) % args.progress == 0:
-                print(f"soak: {i + 1} answers, rss {series[-1]:.0f} MiB", file=sys.stderr)
+                print(f"soak: {i + 1} answers, rss {series[-1]:.0f} MiB (anon {extra['anon'][-1]:.0f}, "
+                      f"file {extra['file'][-1]:.0f}, heap in use {extra['heap'][-1] or 0:.0f})", file=sys.stderr)
     finally:
         stop_server(args, proc)
     result = summarise(series, args.warmup)
+    for name, values in extra.items():
+        if values and None not in values:
+            a = summarise(values, args.warmup)
+            result[name] = {k: a[k] for k in ("peak_mib", "growth_mib_per_100_answers",
+                                              "growth_ci95_mib_per_100_answers")}
+            result[name + "_mib"] = [round(x, 1) for x in values]
     result.update(
         mode="server",
         collection=args.collection,
@@ -220,11 +254,6 @@ def run_server(args):
         per_token = kv_mib_per_token(args.model_dir)
         result["kv_cache_mib_per_answer_median"] = round(per_token * result["tokens_per_answer_median"], 2)
     return result
-
-
-# Series of an `eval answers` report besides RSS: (name here, key in the report's `memory`).
-EXTRA_SERIES = [("anon", "rss_anon_mib_after_answer"), ("file", "rss_file_mib_after_answer"),
-                ("heap", "heap_in_use_mib_after_answer")]
 
 
 def run_eval(args):
@@ -314,11 +343,17 @@ def main():
         print("arm %d (answers %d..%d): %+.2f MiB per 100 answers (95%% CI +-%.2f) after %d warm-up, peak %.0f MiB"
               % (i + 1, i * arm["answers"] + 1, (i + 1) * arm["answers"], arm["growth_mib_per_100_answers"],
                  arm["growth_ci95_mib_per_100_answers"], arm["warmup_answers"], arm["peak_mib"]))
-        for name, label in (("anon", "anonymous pages"), ("heap", "heap in use")):
-            if name in arm:
-                print("  %s: %+.2f MiB per 100 answers (95%% CI +-%.2f), peak %.0f MiB"
-                      % (label, arm[name]["growth_mib_per_100_answers"],
-                         arm[name]["growth_ci95_mib_per_100_answers"], arm[name]["peak_mib"]))
+        print_extra(arm)
+    print_extra(result)
+
+
+def print_extra(r):
+    """The anonymous-page and heap-in-use lines of a run or arm that has them."""
+    for name, label in (("anon", "anonymous pages"), ("file", "file-backed pages"), ("heap", "heap in use")):
+        if name in r:
+            print("  %s: %+.2f MiB per 100 answers (95%% CI +-%.2f), peak %.0f MiB"
+                  % (label, r[name]["growth_mib_per_100_answers"],
+                     r[name]["growth_ci95_mib_per_100_answers"], r[name]["peak_mib"]))
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ impl Metrics {
              # TYPE domainrag_generation_queued gauge\ndomainrag_generation_queued {}\n\
              # TYPE domainrag_adapter_pool_total counter\ndomainrag_adapter_pool_total{{result=\"hit\"}} {}\ndomainrag_adapter_pool_total{{result=\"miss\"}} {}\n\
              # TYPE domainrag_answer_log_errors_total counter\ndomainrag_answer_log_errors_total {}\n\
-             # TYPE domainrag_answer_log_seconds_sum counter\ndomainrag_answer_log_seconds_sum {}\n",
+             # TYPE domainrag_answer_log_seconds_sum counter\ndomainrag_answer_log_seconds_sum {}\n\
+             # TYPE domainrag_heap_in_use_bytes gauge\ndomainrag_heap_in_use_bytes {}\n",
             g(&self.requests),
             g(&self.errors_4xx),
             g(&self.errors_5xx),
@@ -219,6 +220,7 @@ impl Metrics {
             generator.pool_misses,
             g(&self.answer_log_errors),
             g(&self.answer_log_micros) as f64 / 1e6,
+            (crate::heap::in_use_mib() * 1024.0 * 1024.0).round() as u64,
         ) + &generator.engine.map(engine_metrics).unwrap_or_default()
     }
 }

@@ -260,6 +260,13 @@ async fn every_route_group_over_http() {
         metrics.contains("domainrag_search_seconds_count 1"),
         "{metrics}"
     );
+    // The live heap holds at least the base model's weights (f32, over 500 MiB).
+    let heap: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("domainrag_heap_in_use_bytes "))
+        .and_then(|v| v.parse().ok())
+        .expect("domainrag_heap_in_use_bytes in /metrics");
+    assert!(heap > 400 << 20, "heap in use {heap} bytes");
 
     // Delete the collection.
     let r = app
