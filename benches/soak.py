@@ -185,6 +185,12 @@ def stop_server(args, proc):
                    stdout=subprocess.DEVNULL, check=False)
 
 
+def growth(series, warmup):
+    """Peak and growth per 100 answers (with its 95% CI) of one series besides RSS."""
+    a = summarise(series, warmup)
+    return {k: a[k] for k in ("peak_mib", "growth_mib_per_100_answers", "growth_ci95_mib_per_100_answers")}
+
+
 # Series of an `eval answers` report besides RSS: (name here, key in the report's `memory`).
 EXTRA_SERIES = [("anon", "rss_anon_mib_after_answer"), ("file", "rss_file_mib_after_answer"),
                 ("heap", "heap_in_use_mib_after_answer")]
@@ -227,9 +233,7 @@ def run_server(args):
     result = summarise(series, args.warmup)
     for name, values in extra.items():
         if values and None not in values:
-            a = summarise(values, args.warmup)
-            result[name] = {k: a[k] for k in ("peak_mib", "growth_mib_per_100_answers",
-                                              "growth_ci95_mib_per_100_answers")}
+            result[name] = growth(values, args.warmup)
             result[name + "_mib"] = [round(x, 1) for x in values]
     result.update(
         mode="server",
@@ -275,9 +279,7 @@ def run_eval(args):
         arm = {k: v for k, v in summarise(series[i : i + n], args.warmup).items() if k != "rss_mib"}
         for name, values in extra.items():
             if values:
-                a = summarise(values[i : i + n], args.warmup)
-                arm[name] = {k: a[k] for k in ("peak_mib", "growth_mib_per_100_answers",
-                                               "growth_ci95_mib_per_100_answers")}
+                arm[name] = growth(values[i : i + n], args.warmup)
         result["per_arm_in_run_order"].append(arm)
     for name, values in extra.items():
         if values:
@@ -348,7 +350,7 @@ def main():
 
 
 def print_extra(r):
-    """The anonymous-page and heap-in-use lines of a run or arm that has them."""
+    """The anonymous-page, file-backed-page and heap-in-use lines of a run or arm that has them."""
     for name, label in (("anon", "anonymous pages"), ("file", "file-backed pages"), ("heap", "heap in use")):
         if name in r:
             print("  %s: %+.2f MiB per 100 answers (95%% CI +-%.2f), peak %.0f MiB"
