@@ -83,20 +83,25 @@ fn set_trim_threshold(bytes: usize) {
 }
 
 /// Bytes of live heap allocations (glibc's `mallinfo2`: in-use bytes of the arenas plus mmapped
-/// blocks), in MiB; 0 elsewhere. Unlike RSS it does not move with what the allocator keeps free
-/// or with how scattered the live allocations are: a series of it tells a leak of live objects
-/// from allocator growth.
-pub fn in_use_mib() -> f64 {
+/// blocks); 0 elsewhere. Unlike RSS it does not move with what the allocator keeps free or with
+/// how scattered the live allocations are: a series of it tells a leak of live objects from
+/// allocator growth.
+pub fn in_use_bytes() -> u64 {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 only reads the allocator's statistics; it is thread-safe.
         let info = unsafe { libc::mallinfo2() };
-        (info.uordblks + info.hblkhd) as f64 / (1024.0 * 1024.0)
+        (info.uordblks + info.hblkhd) as u64
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
-        0.0
+        0
     }
+}
+
+/// [`in_use_bytes`] in MiB.
+pub fn in_use_mib() -> f64 {
+    in_use_bytes() as f64 / (1024.0 * 1024.0)
 }
 
 /// Bytes of live allocations that have a mapping of their own (glibc's `mallinfo2().hblkhd`:
@@ -104,7 +109,7 @@ pub fn in_use_mib() -> f64 {
 pub fn mapped_mib() -> f64 {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: as in `in_use_mib`.
+        // SAFETY: as in `in_use_bytes`.
         let info = unsafe { libc::mallinfo2() };
         info.hblkhd as f64 / (1024.0 * 1024.0)
     }

@@ -220,7 +220,7 @@ impl Metrics {
             generator.pool_misses,
             g(&self.answer_log_errors),
             g(&self.answer_log_micros) as f64 / 1e6,
-            (crate::heap::in_use_mib() * 1024.0 * 1024.0).round() as u64,
+            crate::heap::in_use_bytes(),
         ) + &generator.engine.map(engine_metrics).unwrap_or_default()
     }
 }
