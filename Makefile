@@ -75,9 +75,9 @@ demo-postgres-adapter: models build
 	$(DR) ask --collection postgres "How do I reclaim disk space after deleting many rows?"
 
 ## The house adapter every collection without its own answers with: LoRA trained on the
-## retrieved triplets of 560 SQuAD dev and 100 SQuAD-Shifts amazon_reviews questions and 200
-## synthetic how-to/definition triplets from the Debian Reference and Git's docs (never new_wiki
-## or the PostgreSQL set it is scored on); ~90 min on 2 cores. bench/house/.
+## retrieved triplets of 300 SQuAD dev questions and 200 synthetic how-to/definition triplets
+## from the Debian Reference and Git's docs, the latter twice over (never new_wiki or the
+## PostgreSQL set it is scored on); ~90 min on 2 cores. bench/house/.
 ## `make eval-house`: base vs house on the 200 held-out new_wiki questions (EVAL_LIMIT).
 house-adapter: models build
 	bash benches/house-adapter.sh

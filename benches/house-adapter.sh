@@ -2,20 +2,21 @@
 # The house adapter: a general "answer briefly from the numbered sources and cite them" LoRA that
 # every collection without an adapter of its own answers with (`rag.house_adapter`, "house").
 #
-# Trained only on data that no scored set comes from: SQuAD 1.1 dev (Wikipedia), SQuAD-Shifts
-# amazon_reviews (product reviews) and two manuals of other software, the Debian Reference and
-# Git's documentation (`scripts/fetch-models.sh` fetches them from Debian's archive); never
+# Trained only on data that no scored set comes from: SQuAD 1.1 dev (Wikipedia), optionally
+# SQuAD-Shifts amazon_reviews (product reviews) and two manuals of other software, the Debian
+# Reference and Git's documentation (`scripts/fetch-models.sh` fetches them from Debian's archive); never
 # new_wiki (its held-out split scores it) nor the PostgreSQL manual or its question set.
-#   1. ingest SQuAD dev as collection `squad`, amazon_reviews as `amazon` and the two manuals'
-#      HTML pages as `manuals` (the retriever builds the contexts serving would give);
+#   1. ingest SQuAD dev as collection `squad`, amazon_reviews as `amazon` (when asked) and the
+#      two manuals' HTML pages as `manuals` (the retriever builds the contexts serving would give);
 #   2. triplets: HOUSE_SQUAD SQuAD dev questions and HOUSE_AMAZON amazon questions with the
 #      sources serving retrieves for them (span answers + the citation of the source holding
 #      them; HOUSE_SHUFFLE=1 puts the sources in a shuffled order), and HOUSE_SYNTH synthetic
 #      triplets from the manuals' chunks (`triplets synth`: how-to and definition questions
 #      answered in a sentence, as a manual's readers ask them), HOUSE_SYNTH_PASSES times over
 #      (their weight against the span answers). A part of count 0 is skipped with its ingest.
-#      The defaults are the recipe README reports (560 + 100 + 200, one pass, unshuffled; ~80
-#      min on 2 cores);
+#      The defaults are the fourth recipe, the one README reports and `make demo` trains (300
+#      SQuAD + no amazon + 200 synthetic twice over, unshuffled; ~90 min on 2 cores); the third
+#      was 560 + 100 + 200 once (HOUSE_SQUAD=560 HOUSE_AMAZON=100 HOUSE_SYNTH_PASSES=1);
 #   3. one epoch of LoRA (r 16, alpha 32, all 7 projections; HOUSE_METHOD sets another method and
 #      its options; 2 sequences a step, one per core), registered as `house`;
 #   4. with EVAL=1 (`make eval-house`): `eval answers` on the 200 held-out new_wiki questions the
@@ -28,10 +29,10 @@ cd "$(dirname "$0")/.."
 DR="${DR:-${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}/release/domainrag}"
 DATA="${DATA:-data}"
 OUT="${OUT:-bench/house}"
-HOUSE_SQUAD="${HOUSE_SQUAD:-560}"
-HOUSE_AMAZON="${HOUSE_AMAZON:-100}"
+HOUSE_SQUAD="${HOUSE_SQUAD:-300}"
+HOUSE_AMAZON="${HOUSE_AMAZON:-0}"
 HOUSE_SYNTH="${HOUSE_SYNTH:-200}"
-HOUSE_SYNTH_PASSES="${HOUSE_SYNTH_PASSES:-1}"
+HOUSE_SYNTH_PASSES="${HOUSE_SYNTH_PASSES:-2}"
 MANUALS="$DATA/demo/house-manuals"
 # 1 = the retrieved sources in a shuffled order (the answer's source is not always [1]).
 HOUSE_SHUFFLE="${HOUSE_SHUFFLE:-0}"
