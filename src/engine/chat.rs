@@ -70,8 +70,9 @@ fn template_env(template: String) -> Result<minijinja::Environment<'static>, min
 /// Why: tokenizers 0.23 keeps that cache per thread, up to 10,000 words each (~4.5 MiB for this
 /// model's BPE once full), so a server's memory grew with every thread that tokenised a prompt
 /// and with every new word it saw, filling over hundreds of answers (the slow rise of issue 14's
-/// soak). Without it a prompt costs ~0.16 ms more per 120 words (~1 ms for a RAG prompt, measured
-/// through the same Rust code from Python's `tokenizers`), nothing next to its prefill.
+/// soak). Without it a prompt costs 0.07-0.16 ms more per 120 words (~1 ms for a RAG prompt;
+/// `benches/tokenizer_cache.py`, the same Rust code through Python's `tokenizers`), nothing next
+/// to its prefill.
 fn without_word_cache(tokenizer: &mut Tokenizer) {
     let mut model = tokenizer.get_model().clone();
     model.resize_cache(0);
