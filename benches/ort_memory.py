@@ -18,8 +18,8 @@ the time per batch (median, one intra-op thread).
 import argparse
 import json
 import random
-import subprocess
-import sys
+
+import isolated
 
 CONFIGS = ["default", "no-arena", "no-pattern"]
 
@@ -87,14 +87,8 @@ def main() -> None:
     if a.one:
         print(json.dumps(run_one(a.model, a.one, a.batches, a.seed)))
         return
-    results = []
-    for config in CONFIGS:
-        out = subprocess.run(
-            [sys.executable, __file__, "--model", a.model, "--batches", str(a.batches),
-             "--seed", str(a.seed), "--one", config],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        results.append(json.loads(out))
+    results = isolated.run_each(__file__, ["--model", a.model, "--batches", str(a.batches),
+                                           "--seed", str(a.seed)], CONFIGS)
     print("| config | RSS after batch 1 | at half | last | peak | slope MiB/100 batches (2nd half) | median ms/batch | total s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

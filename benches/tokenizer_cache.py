@@ -16,10 +16,10 @@ usage: tokenizer_cache.py --tokenizer data/models/SmolLM2-135M-Instruct-hf/token
 import argparse
 import ctypes
 import json
-import subprocess
-import sys
 import threading
 import time
+
+import isolated
 
 
 class MallInfo2(ctypes.Structure):
@@ -84,11 +84,8 @@ def main():
     if a.one:
         print(json.dumps(measure(a.tokenizer, a.paragraphs, a.one == "on")))
         return
-    runs = []
-    for setting in ("on", "off"):
-        out = subprocess.check_output([sys.executable, __file__, "--tokenizer", a.tokenizer,
-                                       "--paragraphs", a.paragraphs, "--one", setting])
-        runs.append(json.loads(out))
+    runs = isolated.run_each(__file__, ["--tokenizer", a.tokenizer, "--paragraphs", a.paragraphs],
+                             ["on", "off"])
     print("| word cache | heap growth, one thread (MiB) | with a second thread alive | ms per paragraph |")
     print("|---|---|---|---|")
     for r in runs:
