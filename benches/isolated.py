@@ -1,5 +1,6 @@
-"""Each setting of a benchmark in a fresh process of its own: memory a setting leaves behind
-(allocator state, caches, arenas) cannot colour the next one's figures."""
+"""Helpers of the memory benchmarks that compare settings: each setting in a fresh process of its
+own (memory a setting leaves behind, allocator state, caches, arenas, cannot colour the next
+one's figures), and their results as a markdown table."""
 
 import json
 import subprocess
@@ -14,3 +15,11 @@ def run_each(script, args, settings, flag="--one"):
                              check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out))
     return results
+
+
+def print_table(headers, rows):
+    """A markdown table of `rows` (lists of cells) under `headers`."""
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")

@@ -89,11 +89,11 @@ def main() -> None:
         return
     results = isolated.run_each(__file__, ["--model", a.model, "--batches", str(a.batches),
                                            "--seed", str(a.seed)], CONFIGS)
-    print("| config | RSS after batch 1 | at half | last | peak | slope MiB/100 batches (2nd half) | median ms/batch | total s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['config']} | {r['rss_mib_after_first']} | {r['rss_mib_at_half']} | {r['rss_mib_last']} "
-              f"| {r['peak_rss_mib']} | {r['slope_mib_per_100_batches']} | {r['median_ms_per_batch']} | {r['total_s']} |")
+    isolated.print_table(
+        ["config", "RSS after batch 1", "at half", "last", "peak", "slope MiB/100 batches (2nd half)",
+         "median ms/batch", "total s"],
+        [[r[k] for k in ("config", "rss_mib_after_first", "rss_mib_at_half", "rss_mib_last", "peak_rss_mib",
+                         "slope_mib_per_100_batches", "median_ms_per_batch", "total_s")] for r in results])
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"onnxruntime": __import__("onnxruntime").__version__, "results": results}, f, indent=1)

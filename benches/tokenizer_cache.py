@@ -86,11 +86,10 @@ def main():
         return
     runs = isolated.run_each(__file__, ["--tokenizer", a.tokenizer, "--paragraphs", a.paragraphs],
                              ["on", "off"])
-    print("| word cache | heap growth, one thread (MiB) | with a second thread alive | ms per paragraph |")
-    print("|---|---|---|---|")
-    for r in runs:
-        print(f"| {'on' if r['cache'] else 'off'} | {r['heap_growth_mib_one_thread']} | "
-              f"{r['heap_growth_mib_with_second_thread_alive']} | {r['ms_per_paragraph']} |")
+    isolated.print_table(
+        ["word cache", "heap growth, one thread (MiB)", "with a second thread alive", "ms per paragraph"],
+        [["on" if r["cache"] else "off", r["heap_growth_mib_one_thread"],
+          r["heap_growth_mib_with_second_thread_alive"], r["ms_per_paragraph"]] for r in runs])
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"runs": runs}, f, indent=1)
