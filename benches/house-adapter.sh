@@ -4,8 +4,9 @@
 #
 # Trained only on data that no scored set comes from: SQuAD 1.1 dev (Wikipedia), optionally
 # SQuAD-Shifts amazon_reviews (product reviews) and two manuals of other software, the Debian
-# Reference and Git's documentation (`scripts/fetch-models.sh` fetches them from Debian's archive); never
-# new_wiki (its held-out split scores it) nor the PostgreSQL manual or its question set.
+# Reference and Git's documentation (`scripts/fetch-models.sh` fetches them from Debian's
+# archive); never new_wiki (its held-out split scores it) nor the PostgreSQL manual or its
+# question set.
 #   1. ingest SQuAD dev as collection `squad`, amazon_reviews as `amazon` (when asked) and the
 #      two manuals' HTML pages as `manuals` (the retriever builds the contexts serving would give);
 #   2. triplets: HOUSE_SQUAD SQuAD dev questions and HOUSE_AMAZON amazon questions with the

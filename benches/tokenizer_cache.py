@@ -3,8 +3,9 @@
 
 tokenizers 0.23 keeps the BPE word cache per thread (up to 10,000 words each). This encodes every
 paragraph of a SQuAD-format file with the model's `tokenizer.json` (the same Rust code domainrag
-links, through Python's `tokenizers`), reading the live heap (glibc `mallinfo2`: bytes in use) as it
-goes, then encodes 800 paragraphs on a second thread and reads the heap while that thread is alive;
+links, through Python's `tokenizers`), reading the live heap (glibc `mallinfo2`: bytes in use)
+as it goes, then encodes 800 paragraphs on a second thread and reads the heap while that thread
+is alive;
 once with the cache as the file configures it and once with it off (capacity 0, what
 `engine::chat` sets). Each setting runs in a fresh process.
 
@@ -27,10 +28,12 @@ class MallInfo2(ctypes.Structure):
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
 
+LIBC = ctypes.CDLL("libc.so.6")
+LIBC.mallinfo2.restype = MallInfo2
+
+
 def heap_mib():
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    m = libc.mallinfo2()
+    m = LIBC.mallinfo2()
     return (m.uordblks + m.hblkhd) / 2**20
 
 
@@ -58,7 +61,6 @@ def measure(tokenizer_path, paragraphs_path, cache):
         for c in ctx[:800]:
             tok.encode(c)
         seen["alive"] = heap_mib() - base
-        time.sleep(1.0)
 
     th = threading.Thread(target=second)
     th.start()
