@@ -5,19 +5,22 @@
 # one after another on an otherwise idle machine. Writes
 # bench/generate/<engine>-<isq>-<shape>.json and bench/generate/summary.md.
 #   bash benches/generate-engines.sh      (make bench-generate)
+#   BENCH_RUNS="native:none" bash benches/generate-engines.sh   (some engine:isq pairs only; the
+#   summary still lists every file in bench/generate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}"
 BIN="${DOMAINRAG_BIN:-$CARGO_TARGET_DIR/release/domainrag}"
 OUT=bench/generate
 TOKENS="${BENCH_TOKENS:-64}"
+RUNS="${BENCH_RUNS:-native:none native:q8_0 native:q4_0 mistralrs:none}"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 for shape in 8:attention 16:all; do
     rank=${shape%%:*}
     modules=${shape#*:}
-    for run in native:none native:q8_0 native:q4_0 mistralrs:none; do
+    for run in $RUNS; do
         engine=${run%%:*}
         isq=${run#*:}
         echo "== $engine (isq $isq), rank $rank on $modules" >&2
@@ -30,6 +33,17 @@ python3 - "$OUT" > "$OUT/summary.md" <<'PY'
 import json, sys, glob, os
 out = sys.argv[1]
 rows = []
+
+
+def never_used(b):
+    """A never-used adapter's TTFT against the base's: the median of pairs (a base request just
+    before each) where the run has them, else against the base's figure from the run's start."""
+    a = b["adapter_never_used"]["first_token_ms"]
+    if "never_used_ttft_ratio" in b:
+        return f'{a:.0f} ({b["never_used_ttft_ratio"]:.2f}x the base beside it)'
+    return f'{a:.0f} ({a / b["base"]["first_token_ms"]:.2f}x base)'
+
+
 for path in sorted(glob.glob(os.path.join(out, "*-*-r*-*.json"))):
     b = json.load(open(path))
     base = b["rss_after_base_mib"]
@@ -40,7 +54,7 @@ for path in sorted(glob.glob(os.path.join(out, "*-*-r*-*.json"))):
         f'{b["engine"]} ({b["isq"]})', b["adapters"],
         f'{b["base"]["first_token_ms"]:.0f} / {b["base"]["decode_tokens_per_s"]:.1f}',
         f'{b["adapter"]["first_token_ms"]:.0f} / {b["adapter"]["decode_tokens_per_s"]:.1f}',
-        f'{b["adapter_never_used"]["first_token_ms"]:.0f} ({b["adapter_never_used"]["first_token_ms"] / b["base"]["first_token_ms"]:.2f}x base)',
+        never_used(b),
         f'{base:.0f}',
         f'{rss[most]:.0f} with {most} ({rss[most] / base:.2f}x)',
         f'{single:.1f} / {b["throughput_tokens_per_s"]["8"]:.1f}',

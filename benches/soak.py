@@ -7,7 +7,8 @@ Two modes, one rule for what "flat" means (least-squares RSS slope after a warm-
       [--adapter NAME]... [--out bench/soak.json]
       Starts `BIN serve` on a free loopback port, asks N distinct questions one after another
       through POST /api/collections/C/ask (the base model and each --adapter in turn, one
-      distinct question each), and reads the server's VmRSS from /proc after every answer.
+      distinct question each), and reads the server's VmRSS from /proc after every answer, once
+      the background scorer has judged it (--no-wait-for-scorer: at once).
 
   soak.py eval --report REPORT.json [--out bench/soak-eval.json]
       Reads the RSS series that `domainrag eval answers --json REPORT.json` records after every
@@ -43,14 +44,33 @@ def rss_mib(pid):
     return status_mib(pid, "VmRSS")
 
 
-def heap_in_use_mib(base_url):
-    """The server's live heap allocations (`domainrag_heap_in_use_bytes` in /metrics), in MiB."""
+def metric(base_url, name):
+    """One unlabelled series of the server's /metrics now (None when the server has no such series)."""
     req = urllib.request.Request(base_url + "/metrics", headers={"authorization": f"Bearer {KEY['token']}"})
     with urllib.request.urlopen(req, timeout=60) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith("domainrag_heap_in_use_bytes "):
-                return int(line.split()[1]) / (1024.0 * 1024.0)
+            if line.startswith(name + " "):
+                return float(line.split()[1])
     return None
+
+
+def heap_in_use_mib(base_url):
+    """The server's live heap allocations (`domainrag_heap_in_use_bytes` in /metrics), in MiB."""
+    b = metric(base_url, "domainrag_heap_in_use_bytes")
+    return None if b is None else b / (1024.0 * 1024.0)
+
+
+def wait_for_idle_scorer(base_url, timeout=120.0):
+    """Wait until the background faithfulness scorer has judged every logged answer
+    (`domainrag_answer_scoring_pending` 0; servers without the gauge count as idle). A reading
+    taken while it works catches its transient buffers (+25-35 MiB): noise, not growth. Returns
+    the seconds waited."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if not metric(base_url, "domainrag_answer_scoring_pending"):
+            break
+        time.sleep(0.05)
+    return time.time() - t0
 
 
 def slope_per_answer(series):
@@ -203,7 +223,7 @@ def run_server(args):
     proc = start_server(args, port)
     base_url = f"http://127.0.0.1:{port}"
     url = f"{base_url}/api/collections/{args.collection}/ask"
-    series, latencies, ttfts, tokens, arms = [], [], [], [], []
+    series, latencies, ttfts, tokens, arms, scorer_waits = [], [], [], [], [], []
     # Beside RSS, as `eval answers` records them: anonymous and file-backed pages, and the heap
     # in use (live allocations only: it tells live objects kept from allocator growth).
     extra = {name: [] for name, _ in EXTRA_SERIES}
@@ -221,6 +241,8 @@ def run_server(args):
             ttfts.append(a["timings_ms"]["first_token"])
             tokens.append(a["prompt_tokens"] + a["completion_tokens"])
             arms.append(a["adapter"] or "base")
+            if args.wait_for_scorer:
+                scorer_waits.append(wait_for_idle_scorer(base_url))
             series.append(rss_mib(proc.pid))
             extra["anon"].append(status_mib(proc.pid, "RssAnon"))
             extra["file"].append(status_mib(proc.pid, "RssFile"))
@@ -247,7 +269,10 @@ def run_server(args):
         tokens_per_answer_median=statistics.median(tokens),
         max_tokens=args.max_tokens,
         repeat=args.repeat,
+        readings_after_idle_scorer=args.wait_for_scorer,
     )
+    if scorer_waits:
+        result["scorer_wait_s_median"] = round(statistics.median(scorer_waits), 3)
     if args.repeat > 1:
         # First asks against repeats: what a cache of earlier prompts saves.
         firsts = [t for i, t in enumerate(ttfts) if i % args.repeat == 0]
@@ -327,6 +352,8 @@ def main():
     s.add_argument("--server-log")
     s.add_argument("--start-timeout", type=float, default=600)
     s.add_argument("--progress", type=int, default=0, help="print a line every N answers")
+    s.add_argument("--no-wait-for-scorer", dest="wait_for_scorer", action="store_false",
+                   help="read memory right after each answer, even while the background scorer works")
     e = sub.add_parser("eval", help="read the RSS series of an `eval answers --json` report")
     e.add_argument("--report", required=True)
     for q in (s, e):

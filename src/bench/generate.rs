@@ -69,6 +69,36 @@ async fn speed(
     Ok(DecodeSpeed::median(&runs))
 }
 
+/// Requests for adapters no request has used, each paired with a base request just before it.
+struct NeverUsed {
+    adapter: DecodeSpeed,
+    base: DecodeSpeed,
+    ttft_ratio: f64,
+}
+
+/// One base request, then one for each of the first [`REPS`] of `unused` (resident but never asked
+/// for on the native engine; not resident at all in mistral.rs's pool of 4), on the same prompt.
+async fn never_used_beside_base(
+    g: &Generator,
+    unused: &[String],
+    question: &str,
+    sampling: Sampling,
+) -> Result<NeverUsed, GenerateError> {
+    let (mut adapter, mut base, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for name in unused.iter().take(REPS) {
+        let b = DecodeSpeed::of(&g.complete(None, user(question), sampling).await?);
+        let a = DecodeSpeed::of(&g.complete(Some(name), user(question), sampling).await?);
+        ratios.push(a.first_token_ms / b.first_token_ms);
+        adapter.push(a);
+        base.push(b);
+    }
+    Ok(NeverUsed {
+        adapter: DecodeSpeed::median(&adapter),
+        base: DecodeSpeed::median(&base),
+        ttft_ratio: super::median(ratios),
+    })
+}
+
 /// Completion tokens per second after the first token (the first one is prefill's).
 pub fn decode_rate(completion_tokens: usize, first_token_ms: f64, total_ms: f64) -> f64 {
     let seconds = (total_ms - first_token_ms) / 1e3;
@@ -102,6 +132,11 @@ pub struct GenerateBench {
     /// Requests for adapters that no request has used yet (one each, up to [`REPS`]), on the same
     /// prompt as `base`.
     pub adapter_never_used: DecodeSpeed,
+    /// A base request just before each of those, on the same prompt (the pair shares the
+    /// machine's state, so their ratio is what switching costs, not drift over the run).
+    pub base_beside_never_used: DecodeSpeed,
+    /// Median over those pairs of the never-used adapter's TTFT / the base's beside it.
+    pub never_used_ttft_ratio: f64,
     /// Total completion tokens per second with N concurrent requests (base model; median of
     /// [`THROUGHPUT_REPS`] runs, as the next).
     pub throughput_tokens_per_s: BTreeMap<usize, f64>,
@@ -184,14 +219,7 @@ pub async fn generate_speed(
         g.preload(&adapters[..n]).await?;
         rss_with_adapters_mib.insert(n, rss_mib());
     }
-    // Resident but never asked for (native), or not resident at all (mistral.rs's pool of 4).
-    let mut never_used = Vec::new();
-    for name in adapters.iter().skip(4).take(REPS) {
-        never_used.push(DecodeSpeed::of(
-            &g.complete(Some(name), user(question), sampling).await?,
-        ));
-    }
-    let adapter_never_used = DecodeSpeed::median(&never_used);
+    let never_used = never_used_beside_base(&g, &adapters[4..], question, sampling).await?;
 
     let mut throughput_tokens_per_s = BTreeMap::new();
     for n in [1usize, 4, 8] {
@@ -219,7 +247,9 @@ pub async fn generate_speed(
         adapter_cold_switch_s,
         adapter_warm_switch_ms,
         rss_with_adapters_mib,
-        adapter_never_used,
+        adapter_never_used: never_used.adapter,
+        base_beside_never_used: never_used.base,
+        never_used_ttft_ratio: never_used.ttft_ratio,
         throughput_tokens_per_s,
         mixed_8_over_4_tokens_per_s,
     })
@@ -236,6 +266,7 @@ pub fn generate_table(b: &GenerateBench) -> String {
         ("base", &b.base),
         ("adapter", &b.adapter),
         ("adapter never used before", &b.adapter_never_used),
+        ("base, just before each of those", &b.base_beside_never_used),
     ] {
         out.push_str(&format!(
             "| {what} (median of {}) | {:.1} | {:.1} | {} |\n",
@@ -243,8 +274,9 @@ pub fn generate_table(b: &GenerateBench) -> String {
         ));
     }
     out.push_str(&format!(
-        "adapter switch: cold {:.3} s, warm {:.3} ms\n",
-        b.adapter_cold_switch_s, b.adapter_warm_switch_ms
+        "never-used adapter TTFT / the base's just before it: {:.3}x (median of pairs)\n\
+         adapter switch: cold {:.3} s, warm {:.3} ms\n",
+        b.never_used_ttft_ratio, b.adapter_cold_switch_s, b.adapter_warm_switch_ms
     ));
     for (n, mib) in &b.rss_with_adapters_mib {
         out.push_str(&format!(

@@ -225,6 +225,16 @@ impl Metrics {
     }
 }
 
+/// The background faithfulness scorer's queue.
+fn scorer_metrics(s: &crate::answerlog::scorer::Scorer) -> String {
+    format!(
+        "# TYPE domainrag_answer_scoring_pending gauge\ndomainrag_answer_scoring_pending {}\n\
+         # TYPE domainrag_answer_scoring_skipped_total counter\ndomainrag_answer_scoring_skipped_total {}\n",
+        s.pending(),
+        s.skipped(),
+    )
+}
+
 /// The native engine's gauges and counters.
 fn engine_metrics(e: crate::generate::EngineStats) -> String {
     format!(
@@ -362,6 +372,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let body = state
         .metrics
         .render(resident, running, state.generator.stats())
+        + &scorer_metrics(&state.scorer)
         + &answers::experiment_metrics(&state).await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

@@ -267,6 +267,31 @@ async fn every_route_group_over_http() {
         .and_then(|v| v.parse().ok())
         .expect("domainrag_heap_in_use_bytes in /metrics");
     assert!(heap > 400 << 20, "heap in use {heap} bytes");
+    // The background scorer reports its queue, and the two answers leave it.
+    assert!(
+        metrics.contains("domainrag_answer_scoring_skipped_total 0"),
+        "{metrics}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let m = app
+            .client
+            .get(format!("{}/metrics", app.base))
+            .send()
+            .await
+            .expect("m")
+            .text()
+            .await
+            .expect("t");
+        if m.contains("domainrag_answer_scoring_pending 0") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "scorer never idle: {m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 
     // Delete the collection.
     let r = app
