@@ -1,9 +1,10 @@
-//! CPU kernels of the engine's decode steps, where each sequence contributes one row and the
-//! per-sequence work is too small for a matrix library: candle/gemm calls of a few hundred
-//! multiply-adds each cost more in dispatch and packing than in arithmetic.
+//! CPU kernels of the engine's steps where the per-sequence work is too small or too thin for a
+//! matrix library: candle/gemm calls of a few hundred multiply-adds each (a decode row), or of
+//! rank-16 products (LoRA), cost more in dispatch, packing and copies than in arithmetic.
 //!
-//! - [`add_lora_rows`]: every group of rows adds its own adapter's LoRA update in one pass
-//!   (`h = A·x` by dot products, `y += hᵀ·(scale·B)ᵀ` by row updates), rows in parallel.
+//! - [`add_lora_rows`]: every group of rows (a sequence's decode row or prompt chunk) adds its own
+//!   adapter's LoRA update in one pass (`h = A·x` by dot products, `y += hᵀ·(scale·B)ᵀ` by row
+//!   updates), blocks of rows in parallel.
 //! - [`decode_attention`]: one query row per sequence attending over that sequence's cached keys
 //!   and values, all sequences, key/value heads and runs of cached positions in parallel (the
 //!   runs' partial softmaxes merged), each key read once for the query heads that share it.
@@ -12,7 +13,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::llama::simd::{dot, dots_rows};
+use crate::llama::simd::dots_rows;
 
 /// One group's LoRA pair as slices: `a` `(rank, in)`, `b_t` `(rank, out)` = `(scale·B)ᵀ`.
 pub(super) struct LoraRows<'a> {
@@ -22,7 +23,13 @@ pub(super) struct LoraRows<'a> {
     pub(super) rank: usize,
 }
 
-/// `y` `(rows, out)` plus each group's update for its rows of `x` `(rows, in)`.
+/// Rows of one group per task: enough to spread a prompt chunk over every thread, few enough
+/// that a task's `h` and output rows stay in cache.
+const LORA_ROWS_PER_TASK: usize = 16;
+
+/// `y` `(rows, out)` plus each group's update for its rows of `x` `(rows, in)`: decode rows (one
+/// per sequence) and prompt chunks alike, in tasks of up to [`LORA_ROWS_PER_TASK`] rows of one
+/// group, each computing `h = x·Aᵀ` four rows per load of `A`'s rows, then `y += h·(scale·B)ᵀ`.
 pub(super) fn add_lora_rows(
     x: &[f32],
     y: &[f32],
@@ -37,18 +44,26 @@ pub(super) fn add_lora_rows(
     for g in groups {
         let (_, tail) = rest.split_at_mut((g.rows.start - at) * out_f);
         let (mine, tail) = tail.split_at_mut(g.rows.len() * out_f);
-        for (i, row) in mine.chunks_exact_mut(out_f).enumerate() {
-            tasks.push((g.rows.start + i, row, g));
+        for (i, block) in mine.chunks_mut(LORA_ROWS_PER_TASK * out_f).enumerate() {
+            tasks.push((g.rows.start + i * LORA_ROWS_PER_TASK, block, g));
         }
         rest = tail;
         at = g.rows.end;
     }
-    tasks.into_par_iter().for_each(|(r, dst, g)| {
-        let xr = &x[r * in_f..(r + 1) * in_f];
-        for k in 0..g.rank {
-            let h = dot(&g.a[k * in_f..(k + 1) * in_f], xr);
-            for (d, b) in dst.iter_mut().zip(&g.b_t[k * out_f..(k + 1) * out_f]) {
-                *d = h.mul_add(*b, *d);
+    tasks.into_par_iter().for_each(|(first, dst, g)| {
+        let n = dst.len() / out_f;
+        let xs = &x[first * in_f..(first + n) * in_f];
+        // h[k][i] = A_k · x_i
+        let mut h = vec![0f32; g.rank * n];
+        for (k, hk) in h.chunks_exact_mut(n).enumerate() {
+            dots_rows(&g.a[k * in_f..(k + 1) * in_f], xs, hk);
+        }
+        for (i, row) in dst.chunks_exact_mut(out_f).enumerate() {
+            for k in 0..g.rank {
+                let hk = h[k * n + i];
+                for (d, b) in row.iter_mut().zip(&g.b_t[k * out_f..(k + 1) * out_f]) {
+                    *d = hk.mul_add(*b, *d);
+                }
             }
         }
     });
@@ -203,10 +218,11 @@ mod tests {
     }
 
     /// Two groups with different adapters and an untouched row between them, against the same
-    /// products in candle.
+    /// products in candle; the second group a prompt chunk of 42 rows (three tasks, the last
+    /// one short, and row counts that are not multiples of four).
     #[test]
     fn lora_rows_match_matrix_products() -> candle_core::Result<()> {
-        let (rows, in_f, out_f, rank) = (6, 37, 70, 4);
+        let (rows, in_f, out_f, rank) = (45, 37, 70, 4);
         let mut rng = Rng::new(5);
         let dev = Device::Cpu;
         let x = rand(&mut rng, rows * in_f);
@@ -221,7 +237,7 @@ mod tests {
                 rank,
             },
             LoraRows {
-                rows: 3..6,
+                rows: 3..45,
                 a: &a2,
                 b_t: &b2,
                 rank,
@@ -230,7 +246,7 @@ mod tests {
         let got = add_lora_rows(&x, &y, in_f, out_f, &groups);
         let xt = Tensor::from_vec(x, (rows, in_f), &dev)?;
         let mut want = Tensor::from_vec(y.clone(), (rows, out_f), &dev)?.to_vec2::<f32>()?;
-        for (g, (a, b)) in [(0..2, (&a1, &b1)), (3..6, (&a2, &b2))] {
+        for (g, (a, b)) in [(0..2, (&a1, &b1)), (3..45, (&a2, &b2))] {
             let at = Tensor::from_slice(a, (rank, in_f), &dev)?;
             let bt = Tensor::from_slice(b, (rank, out_f), &dev)?;
             let delta = xt

@@ -1,8 +1,9 @@
 //! One forward step of the engine over a batch: every running sequence contributes a segment of
 //! rows (a chunk of its prompt, or its one newest token), all rows go through each base linear
 //! layer as one matrix product, each group of rows that shares an adapter adds that adapter's
-//! LoRA update (segments are ordered so a group's rows are contiguous: for decode rows one
-//! kernel pass per layer for all groups, for prompt chunks a pair of matrix products per group),
+//! LoRA update (segments are ordered so a group's rows are contiguous: on the CPU one kernel pass
+//! per linear layer for all groups, decode rows and prompt chunks alike; on a GPU a pair of matrix
+//! products per group),
 //! and each segment attends over its own KV cache (decode rows through one kernel for all of
 //! them).
 //!
@@ -18,11 +19,6 @@ use candle_core::{DType, Device, Layout, Storage, Tensor};
 use super::adapter::{LoraPair, ResidentAdapter};
 use super::kernels::{self, DecodeRow, LoraRows};
 use crate::llama::{Hooks, LlamaConfig, VirtualKv};
-
-/// Groups of at most this many rows (decode rows) take the CPU decode kernels (`kernels`), as
-/// the base's linear layers take their few-rows kernel; larger ones (prompt chunks) go through
-/// matrix products.
-use crate::llama::ops::FEW_ROWS as KERNEL_ROWS;
 
 /// The f32 values of a contiguous CPU tensor, from its storage and layout.
 fn host<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -214,7 +210,7 @@ impl Hooks for StepHooks<'_> {
         if pairs.is_empty() {
             return Ok(y);
         }
-        if x.device().is_cpu() && pairs.iter().all(|(r, _)| r.len() <= KERNEL_ROWS) {
+        if x.device().is_cpu() {
             return self.lora_on_cpu(x, &y, &pairs);
         }
         per_group(&y, &pairs, |y_rows, range, pair| {

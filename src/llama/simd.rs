@@ -10,11 +10,6 @@
 //! loops. Each dot product keeps several independent chains of fused multiply-adds so that it
 //! waits on arithmetic throughput, not on the multiply-add latency.
 
-/// `x · w` for two rows of equal length.
-pub(crate) fn dot(x: &[f32], w: &[f32]) -> f32 {
-    dots([x], w)[0]
-}
-
 /// `dst[i] = x_i · w` for every row `x_i` of `x` (`dst.len()` rows of `w.len()` each), four rows
 /// at a time sharing each load of `w`.
 pub(crate) fn dots_rows(w: &[f32], x: &[f32], dst: &mut [f32]) {
@@ -279,7 +274,7 @@ mod tests {
                     let row = &x[i * k..(i + 1) * k];
                     let want: f64 = row.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum();
                     assert!((*g as f64 - want).abs() < 1e-4, "k={k} m={m} row {i}");
-                    assert!((dot(row, &w) as f64 - want).abs() < 1e-4, "k={k}");
+                    assert!((dots([row], &w)[0] as f64 - want).abs() < 1e-4, "k={k}");
                 }
             }
         }
