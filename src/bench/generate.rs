@@ -74,10 +74,12 @@ struct NeverUsed {
     adapter: DecodeSpeed,
     base: DecodeSpeed,
     ttft_ratio: f64,
+    ttft_ratio_ci95: Option<[f64; 3]>,
 }
 
-/// One base request, then one for each of the first [`REPS`] of `unused` (resident but never asked
-/// for on the native engine; not resident at all in mistral.rs's pool of 4), on the same prompt.
+/// One base request, then one for each of `unused` (resident but never asked for on the native
+/// engine; not resident at all in mistral.rs's pool of 4), on the same prompt. Single requests
+/// vary by tens of percent on a shared machine: more adapters give more pairs.
 async fn never_used_beside_base(
     g: &Generator,
     unused: &[String],
@@ -85,7 +87,7 @@ async fn never_used_beside_base(
     sampling: Sampling,
 ) -> Result<NeverUsed, GenerateError> {
     let (mut adapter, mut base, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for name in unused.iter().take(REPS) {
+    for name in unused {
         let b = DecodeSpeed::of(&g.complete(None, user(question), sampling).await?);
         let a = DecodeSpeed::of(&g.complete(Some(name), user(question), sampling).await?);
         ratios.push(a.first_token_ms / b.first_token_ms);
@@ -95,8 +97,22 @@ async fn never_used_beside_base(
     Ok(NeverUsed {
         adapter: DecodeSpeed::median(&adapter),
         base: DecodeSpeed::median(&base),
+        ttft_ratio_ci95: geometric_mean_ci95(&ratios),
         ttft_ratio: super::median(ratios),
     })
+}
+
+/// The geometric mean of `ratios` with its 95% interval (normal, on the logs); `None` below 3.
+fn geometric_mean_ci95(ratios: &[f64]) -> Option<[f64; 3]> {
+    let n = ratios.len();
+    if n < 3 {
+        return None;
+    }
+    let logs: Vec<f64> = ratios.iter().map(|r| r.ln()).collect();
+    let mean = logs.iter().sum::<f64>() / n as f64;
+    let var = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let half = 1.96 * (var / n as f64).sqrt();
+    Some([(mean - half).exp(), mean.exp(), (mean + half).exp()])
 }
 
 /// Completion tokens per second after the first token (the first one is prefill's).
@@ -129,14 +145,16 @@ pub struct GenerateBench {
     pub adapter_warm_switch_ms: f64,
     /// Resident memory with N adapters resident (mistral.rs keeps at most 4 merged models).
     pub rss_with_adapters_mib: BTreeMap<usize, f64>,
-    /// Requests for adapters that no request has used yet (one each, up to [`REPS`]), on the same
-    /// prompt as `base`.
+    /// Requests for adapters that no request has used yet (one each: every adapter after the
+    /// first 4), on the same prompt as `base`.
     pub adapter_never_used: DecodeSpeed,
     /// A base request just before each of those, on the same prompt (the pair shares the
     /// machine's state, so their ratio is what switching costs, not drift over the run).
     pub base_beside_never_used: DecodeSpeed,
     /// Median over those pairs of the never-used adapter's TTFT / the base's beside it.
     pub never_used_ttft_ratio: f64,
+    /// The same ratios' geometric mean with its 95% interval: `[low, mean, high]`.
+    pub never_used_ttft_ratio_ci95: Option<[f64; 3]>,
     /// Total completion tokens per second with N concurrent requests (base model; median of
     /// [`THROUGHPUT_REPS`] runs, as the next).
     pub throughput_tokens_per_s: BTreeMap<usize, f64>,
@@ -250,6 +268,7 @@ pub async fn generate_speed(
         adapter_never_used: never_used.adapter,
         base_beside_never_used: never_used.base,
         never_used_ttft_ratio: never_used.ttft_ratio,
+        never_used_ttft_ratio_ci95: never_used.ttft_ratio_ci95,
         throughput_tokens_per_s,
         mixed_8_over_4_tokens_per_s,
     })
@@ -274,9 +293,17 @@ pub fn generate_table(b: &GenerateBench) -> String {
         ));
     }
     out.push_str(&format!(
-        "never-used adapter TTFT / the base's just before it: {:.3}x (median of pairs)\n\
-         adapter switch: cold {:.3} s, warm {:.3} ms\n",
-        b.never_used_ttft_ratio, b.adapter_cold_switch_s, b.adapter_warm_switch_ms
+        "never-used adapter TTFT / the base's just before it: {:.3}x (median of {} pairs)",
+        b.never_used_ttft_ratio, b.adapter_never_used.runs
+    ));
+    if let Some([lo, mean, hi]) = b.never_used_ttft_ratio_ci95 {
+        out.push_str(&format!(
+            "; geometric mean {mean:.3}x (95% CI {lo:.3}..{hi:.3})"
+        ));
+    }
+    out.push_str(&format!(
+        "\nadapter switch: cold {:.3} s, warm {:.3} ms\n",
+        b.adapter_cold_switch_s, b.adapter_warm_switch_ms
     ));
     for (n, mib) in &b.rss_with_adapters_mib {
         out.push_str(&format!(

@@ -50,7 +50,8 @@ pub enum BenchCmd {
         /// `native` or `mistralrs` (default: the configured `generate.engine`).
         #[arg(long)]
         engine: Option<String>,
-        /// Synthetic adapters registered for the run (at least 5).
+        /// Synthetic adapters registered for the run (at least 5; each after the first 4 is
+        /// asked for once, beside a base request, for the never-used TTFT ratio).
         #[arg(long, default_value_t = 10)]
         adapters: usize,
         /// Their LoRA rank.
