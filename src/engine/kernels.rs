@@ -58,16 +58,59 @@ pub(super) fn add_lora_rows(
         for (k, hk) in h.chunks_exact_mut(n).enumerate() {
             dots_rows(&g.a[k * in_f..(k + 1) * in_f], xs, hk);
         }
-        for (i, row) in dst.chunks_exact_mut(out_f).enumerate() {
-            for k in 0..g.rank {
-                let hk = h[k * n + i];
-                for (d, b) in row.iter_mut().zip(&g.b_t[k * out_f..(k + 1) * out_f]) {
-                    *d = hk.mul_add(*b, *d);
-                }
+        let h_of = |i: usize| (0..g.rank).map(|k| h[k * n + i]).collect::<Vec<f32>>();
+        let mut rows = dst.chunks_exact_mut(out_f).enumerate();
+        while let Some((i, r0)) = rows.next() {
+            match rows.next() {
+                Some((_, r1)) => add_rank_update([r0, r1], [&h_of(i), &h_of(i + 1)], g.b_t),
+                None => add_rank_update([r0], [&h_of(i)], g.b_t),
             }
         }
     });
     out
+}
+
+/// Output columns per register block of [`add_rank_update`]: two rows' accumulators of this
+/// many f32 stay in 8 AVX2 registers while the rank's rows of `(scale·B)ᵀ` stream past.
+const OUT_BLOCK: usize = 32;
+
+/// `rows[i] += hs[i]·B` for `b_t` `(rank, out)` = `Bᵀ` and `R` rows (1 or 2), in blocks of
+/// [`OUT_BLOCK`] columns held in registers across the whole rank, each load of `b_t` serving
+/// every row: one pass over each output row instead of one per rank.
+fn add_rank_update<const R: usize>(mut rows: [&mut [f32]; R], hs: [&[f32]; R], b_t: &[f32]) {
+    let out = rows[0].len();
+    let rank = hs[0].len();
+    let full = out - out % OUT_BLOCK;
+    for j in (0..full).step_by(OUT_BLOCK) {
+        let mut acc = [[0f32; OUT_BLOCK]; R];
+        for (a, row) in acc.iter_mut().zip(&rows) {
+            a.copy_from_slice(&row[j..j + OUT_BLOCK]);
+        }
+        for k in 0..rank {
+            let b: &[f32; OUT_BLOCK] = b_t[k * out + j..k * out + j + OUT_BLOCK]
+                .try_into()
+                .expect("a block of OUT_BLOCK");
+            for (a, h) in acc.iter_mut().zip(&hs) {
+                let x = h[k];
+                for t in 0..OUT_BLOCK {
+                    a[t] = x.mul_add(b[t], a[t]);
+                }
+            }
+        }
+        for (a, row) in acc.iter().zip(rows.iter_mut()) {
+            row[j..j + OUT_BLOCK].copy_from_slice(a);
+        }
+    }
+    for (row, h) in rows.into_iter().zip(hs) {
+        for (k, &x) in h.iter().enumerate() {
+            for (d, v) in row[full..]
+                .iter_mut()
+                .zip(&b_t[k * out + full..(k + 1) * out])
+            {
+                *d = x.mul_add(*v, *d);
+            }
+        }
+    }
 }
 
 /// One decoding sequence's part of an attention step.
@@ -218,8 +261,9 @@ mod tests {
     }
 
     /// Two groups with different adapters and an untouched row between them, against the same
-    /// products in candle; the second group a prompt chunk of 42 rows (three tasks, the last
-    /// one short, and row counts that are not multiples of four).
+    /// products in candle; the second group a prompt chunk of 41 rows (three tasks, the last
+    /// one short). Odd row counts (a row updated alone) and 70 output columns (a register block
+    /// of 32 twice and a tail of 6).
     #[test]
     fn lora_rows_match_matrix_products() -> candle_core::Result<()> {
         let (rows, in_f, out_f, rank) = (45, 37, 70, 4);
@@ -231,13 +275,13 @@ mod tests {
         let (a2, b2) = (rand(&mut rng, rank * in_f), rand(&mut rng, rank * out_f));
         let groups = [
             LoraRows {
-                rows: 0..2,
+                rows: 0..3,
                 a: &a1,
                 b_t: &b1,
                 rank,
             },
             LoraRows {
-                rows: 3..45,
+                rows: 4..45,
                 a: &a2,
                 b_t: &b2,
                 rank,
@@ -246,7 +290,7 @@ mod tests {
         let got = add_lora_rows(&x, &y, in_f, out_f, &groups);
         let xt = Tensor::from_vec(x, (rows, in_f), &dev)?;
         let mut want = Tensor::from_vec(y.clone(), (rows, out_f), &dev)?.to_vec2::<f32>()?;
-        for (g, (a, b)) in [(0..2, (&a1, &b1)), (3..45, (&a2, &b2))] {
+        for (g, (a, b)) in [(0..3, (&a1, &b1)), (4..45, (&a2, &b2))] {
             let at = Tensor::from_slice(a, (rank, in_f), &dev)?;
             let bt = Tensor::from_slice(b, (rank, out_f), &dev)?;
             let delta = xt
@@ -262,7 +306,7 @@ mod tests {
         }
         assert!(gap(&got, &want.concat()) < 1e-5);
         // The row outside every group is y's.
-        assert_eq!(&got[2 * out_f..3 * out_f], &y[2 * out_f..3 * out_f]);
+        assert_eq!(&got[3 * out_f..4 * out_f], &y[3 * out_f..4 * out_f]);
         Ok(())
     }
 
