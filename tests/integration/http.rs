@@ -243,15 +243,7 @@ async fn every_route_group_over_http() {
     assert_eq!(r.status().as_u16(), 404);
 
     // Metrics count what happened.
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = app.text("/metrics").await;
     assert!(
         metrics.contains("domainrag_answer_seconds_count 2"),
         "{metrics}"
@@ -274,15 +266,7 @@ async fn every_route_group_over_http() {
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let m = app
-            .client
-            .get(format!("{}/metrics", app.base))
-            .send()
-            .await
-            .expect("m")
-            .text()
-            .await
-            .expect("t");
+        let m = app.text("/metrics").await;
         if m.contains("domainrag_answer_scoring_pending 0") {
             break;
         }
