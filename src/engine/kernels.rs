@@ -58,12 +58,18 @@ pub(super) fn add_lora_rows(
         for (k, hk) in h.chunks_exact_mut(n).enumerate() {
             dots_rows(&g.a[k * in_f..(k + 1) * in_f], xs, hk);
         }
-        let h_of = |i: usize| (0..g.rank).map(|k| h[k * n + i]).collect::<Vec<f32>>();
-        let mut rows = dst.chunks_exact_mut(out_f).enumerate();
-        while let Some((i, r0)) = rows.next() {
+        // Row i's h, contiguous: h_rows[i * rank + k] = h[k][i] (one buffer per task).
+        let mut h_rows = vec![0f32; n * g.rank];
+        for (k, hk) in h.chunks_exact(n).enumerate() {
+            for (i, v) in hk.iter().enumerate() {
+                h_rows[i * g.rank + k] = *v;
+            }
+        }
+        let mut rows = dst.chunks_exact_mut(out_f).zip(h_rows.chunks_exact(g.rank));
+        while let Some((r0, h0)) = rows.next() {
             match rows.next() {
-                Some((_, r1)) => add_rank_update([r0, r1], [&h_of(i), &h_of(i + 1)], g.b_t),
-                None => add_rank_update([r0], [&h_of(i)], g.b_t),
+                Some((r1, h1)) => add_rank_update([r0, r1], [h0, h1], g.b_t),
+                None => add_rank_update([r0], [h0], g.b_t),
             }
         }
     });
