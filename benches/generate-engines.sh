@@ -6,14 +6,15 @@
 # bench/generate/<engine>-<isq>-<shape>.json and bench/generate/summary.md.
 #   bash benches/generate-engines.sh      (make bench-generate)
 #   BENCH_RUNS="native:none" bash benches/generate-engines.sh   (some engine:isq pairs only; the
-#   summary still lists every file in bench/generate)
+#   summary still lists every file in bench/generate). A run may name the LoRA matrices' dtype:
+#   native:none:f16 (generate.lora_dtype; files <engine>-<isq>-f16-<shape>.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}"
 BIN="${DOMAINRAG_BIN:-$CARGO_TARGET_DIR/release/domainrag}"
 OUT=bench/generate
 TOKENS="${BENCH_TOKENS:-64}"
-RUNS="${BENCH_RUNS:-native:none native:q8_0 native:q4_0 mistralrs:none}"
+RUNS="${BENCH_RUNS:-native:none native:none:f16 native:q8_0 native:q4_0 mistralrs:none}"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
@@ -21,12 +22,14 @@ for shape in 8:attention 16:all; do
     rank=${shape%%:*}
     modules=${shape#*:}
     for run in $RUNS; do
-        engine=${run%%:*}
-        isq=${run#*:}
-        echo "== $engine (isq $isq), rank $rank on $modules" >&2
-        DOMAINRAG__GENERATE__ISQ=$isq "$BIN" --data-dir "$WORK" bench generate --engine "$engine" \
-            --adapters 10 --adapter-rank "$rank" --adapter-modules "$modules" --max-tokens "$TOKENS" \
-            --out "$OUT/$engine-$isq-r$rank-$modules.json" > /dev/null
+        IFS=: read -r engine isq lora <<< "$run"
+        lora=${lora:-f32}
+        tag=$engine-$isq$([ "$lora" = f32 ] || echo "-$lora")
+        echo "== $engine (isq $isq, LoRA $lora), rank $rank on $modules" >&2
+        DOMAINRAG__GENERATE__ISQ=$isq DOMAINRAG__GENERATE__LORA_DTYPE=$lora "$BIN" --data-dir "$WORK" \
+            bench generate --engine "$engine" --adapters 10 --adapter-rank "$rank" \
+            --adapter-modules "$modules" --max-tokens "$TOKENS" \
+            --out "$OUT/$tag-r$rank-$modules.json" > /dev/null
     done
 done
 python3 - "$OUT" > "$OUT/summary.md" <<'PY'
@@ -51,16 +54,18 @@ for path in sorted(glob.glob(os.path.join(out, "*-*-r*-*.json"))):
     most = max(rss, key=int)
     single = b["throughput_tokens_per_s"]["1"]
     rows.append([
-        f'{b["engine"]} ({b["isq"]})', b["adapters"],
+        f'{b["engine"]} ({b["isq"]}' + (f', LoRA {b["lora_dtype"]})' if b.get("lora_dtype", "f32") != "f32" else ")"),
+        b["adapters"],
         f'{b["base"]["first_token_ms"]:.0f} / {b["base"]["decode_tokens_per_s"]:.1f}',
         f'{b["adapter"]["first_token_ms"]:.0f} / {b["adapter"]["decode_tokens_per_s"]:.1f}',
         never_used(b),
-        f'{base:.0f}',
-        f'{rss[most]:.0f} with {most} ({rss[most] / base:.2f}x)',
+        f'{base:.0f}' + (f' / {b["rss_base_served_mib"]:.0f}' if "rss_base_served_mib" in b else ""),
+        f'{rss[most]:.0f} with {most} ({rss[most] / base:.2f}x'
+        + (f' / {rss[most] / b["rss_base_served_mib"]:.2f}x)' if "rss_base_served_mib" in b else ")"),
         f'{single:.1f} / {b["throughput_tokens_per_s"]["8"]:.1f}',
         f'{b["mixed_8_over_4_tokens_per_s"]:.1f} ({b["mixed_8_over_4_tokens_per_s"] / single:.2f}x one request)',
     ])
-print("| engine | adapters | base TTFT ms / decode tok/s | adapter TTFT / decode | never-used adapter TTFT ms | RSS base MiB | RSS with adapters resident | 1 / 8 concurrent base tok/s | 8 requests over 4 adapters tok/s |")
+print("| engine | adapters | base TTFT ms / decode tok/s | adapter TTFT / decode | never-used adapter TTFT ms | RSS base MiB (loaded / after answering) | RSS with adapters resident (x each) | 1 / 8 concurrent base tok/s | 8 requests over 4 adapters tok/s |")
 print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     print("| " + " | ".join(r) + " |")

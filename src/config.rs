@@ -207,6 +207,9 @@ pub struct GenerateConfig {
     /// In-situ quantisation of the linear layers after loading (and after merging an adapter):
     /// `none` or one of [`ISQ_TYPES`].
     pub isq: String,
+    /// Native engine: how resident LoRA matrices are kept, `f32`, `f16` (half the memory) or `q8`
+    /// (8-bit blocks, 0.28x; CPU only); computed in f32 either way.
+    pub lora_dtype: String,
     /// Threads for the matrix kernels (0 = one per core).
     pub threads: usize,
     pub max_resident_adapters: usize,
@@ -446,6 +449,16 @@ impl Settings {
                 "generate.engine",
                 "native loads f32 weights and quantises them to q8_0, q4_0 or not: set \
                  generate.dtype = \"f32\" and generate.isq to \"none\", \"q8_0\" or \"q4_0\"",
+            );
+        }
+        if !["f32", "f16", "q8"].contains(&self.generate.lora_dtype.as_str()) {
+            return invalid("generate.lora_dtype", "must be f32, f16 or q8");
+        }
+        if self.generate.engine != "native" && self.generate.lora_dtype != "f32" {
+            return invalid(
+                "generate.lora_dtype",
+                "only the native engine keeps adapters unmerged; mistralrs merges them into f32 \
+                 weights: set it to \"f32\" or generate.engine = \"native\"",
             );
         }
         if self.generate.kv_budget_tokens < 256 {
@@ -711,6 +724,11 @@ mod tests {
         for (body, key) in [
             ("[embedding]\nbatch_size = 0\n", "embedding.batch_size"),
             ("[generate]\nisq = \"q9\"\n", "generate.isq"),
+            ("[generate]\nlora_dtype = \"bf16\"\n", "generate.lora_dtype"),
+            (
+                "[generate]\nengine = \"mistralrs\"\nlora_dtype = \"f16\"\n",
+                "generate.lora_dtype",
+            ),
             (
                 "[collection_defaults.chunking]\nmax_words = 50\noverlap_words = 50\n",
                 "chunking.overlap_words",

@@ -132,11 +132,16 @@ pub struct GenerateBench {
     pub engine: String,
     /// `generate.isq` (weight quantisation).
     pub isq: String,
+    /// `generate.lora_dtype` (how the native engine keeps LoRA matrices).
+    pub lora_dtype: String,
     /// Rank and modules of the synthetic adapters.
     pub adapters: String,
     pub max_tokens: usize,
     pub base_load_s: f64,
     pub rss_after_base_mib: f64,
+    /// RSS after the base alone has answered (its warm-up and measured runs), before any adapter
+    /// is loaded: the base's working memory included, as it is in `rss_with_adapters_mib`.
+    pub rss_base_served_mib: f64,
     pub base: DecodeSpeed,
     pub adapter: DecodeSpeed,
     /// Making the first adapter resident (mistral.rs: merge and load a model; native: read its
@@ -219,6 +224,7 @@ pub async fn generate_speed(
     // Warm-up, then the measured base run.
     g.complete(None, user("Hi"), sampling).await?;
     let base = speed(&g, None, question, sampling).await?;
+    let rss_base_served_mib = rss_mib();
 
     let t = Instant::now();
     g.preload(&adapters[..1]).await?;
@@ -256,10 +262,12 @@ pub async fn generate_speed(
     Ok(GenerateBench {
         engine: g.engine_name().to_string(),
         isq: settings.generate.isq.clone(),
+        lora_dtype: settings.generate.lora_dtype.clone(),
         adapters: adapters_desc.to_string(),
         max_tokens,
         base_load_s,
         rss_after_base_mib,
+        rss_base_served_mib,
         base,
         adapter,
         adapter_cold_switch_s,
@@ -277,9 +285,9 @@ pub async fn generate_speed(
 /// A short table of a generation benchmark.
 pub fn generate_table(b: &GenerateBench) -> String {
     let mut out = format!(
-        "engine {} (isq {}), adapters {}; base load {:.2} s, RSS {:.0} MiB\n\
+        "engine {} (isq {}, LoRA {}), adapters {}; base load {:.2} s, RSS {:.0} MiB\n\
          | request | TTFT ms | decode tok/s | tokens |\n|---|---|---|---|\n",
-        b.engine, b.isq, b.adapters, b.base_load_s, b.rss_after_base_mib,
+        b.engine, b.isq, b.lora_dtype, b.adapters, b.base_load_s, b.rss_after_base_mib,
     );
     for (what, s) in [
         ("base", &b.base),
@@ -307,7 +315,9 @@ pub fn generate_table(b: &GenerateBench) -> String {
     ));
     for (n, mib) in &b.rss_with_adapters_mib {
         out.push_str(&format!(
-            "RSS with {n} adapter(s) resident: {mib:.0} MiB ({:.3}x the base alone)\n",
+            "RSS with {n} adapter(s) resident: {mib:.0} MiB ({:.3}x the base alone once it has \
+             answered, {:.3}x just after loading)\n",
+            mib / b.rss_base_served_mib,
             mib / b.rss_after_base_mib
         ));
     }

@@ -71,6 +71,8 @@ pub struct ModeLatency {
 pub struct SearchBench {
     pub collection: String,
     pub chunks: usize,
+    /// Segments of the BM25 index (each query visits every one).
+    pub bm25_segments: usize,
     pub queries: usize,
     pub k: usize,
     /// Embedding one query alone.
@@ -152,6 +154,7 @@ pub async fn search_latency(
     Ok(SearchBench {
         collection: collection.name().to_string(),
         chunks,
+        bm25_segments: collection.index.num_segments(),
         queries: n,
         k,
         embed_query: Latency::from_samples(embed_ms),

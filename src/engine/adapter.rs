@@ -16,8 +16,52 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::kernels::Q8Matrix;
 use crate::adapters::{AdapterInfo, AdapterKind};
 use crate::llama::{LINEAR_MODULES, LlamaConfig, VirtualKv, Weights, module_path};
+
+/// How LoRA matrices are kept resident (`generate.lora_dtype`): f32; f16 at half the memory; or
+/// 8 bits in blocks of 32 with a scale each ([`Q8Matrix`], 0.28x the memory, CPU only). The
+/// kernels widen them to f32, so compute stays f32. (IA)³ vectors and virtual tokens are small
+/// and stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraDtype {
+    F32,
+    F16,
+    Q8,
+}
+
+impl LoraDtype {
+    /// The `generate.lora_dtype` value naming this; `None` for other values.
+    pub fn from_setting(value: &str) -> Option<LoraDtype> {
+        match value {
+            "f32" => Some(LoraDtype::F32),
+            "f16" => Some(LoraDtype::F16),
+            "q8" => Some(LoraDtype::Q8),
+            _ => None,
+        }
+    }
+}
+
+/// f16's largest finite value: a LoRA matrix with a value beyond it cannot be kept in f16.
+const F16_MAX: f32 = 65504.0;
+
+/// A LoRA matrix as kept: a tensor on the base's device (f32 or f16), or 8-bit on the CPU.
+#[derive(Debug)]
+pub enum LoraMatrix {
+    Tensor(Tensor),
+    Q8(Q8Matrix),
+}
+
+impl LoraMatrix {
+    /// Bytes it takes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            LoraMatrix::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            LoraMatrix::Q8(q) => q.bytes(),
+        }
+    }
+}
 
 /// One LoRA pair of a linear module, ready to apply: `y += (x·Aᵀ)·(scale·B)ᵀ`. Both row-major
 /// and contiguous: the decode kernel takes `A`'s rows as dot-product operands and `(scale·B)ᵀ`'s
@@ -25,9 +69,9 @@ use crate::llama::{LINEAR_MODULES, LlamaConfig, VirtualKv, Weights, module_path}
 #[derive(Debug)]
 pub struct LoraPair {
     /// `(rank, in_features)`: `A`.
-    pub a: Tensor,
+    pub a: LoraMatrix,
     /// `(rank, out_features)`: `(scale·B)ᵀ`.
-    pub b_t: Tensor,
+    pub b_t: LoraMatrix,
     pub rank: usize,
 }
 
@@ -101,16 +145,17 @@ impl ResidentAdapter {
     }
 
     /// Load a registered PEFT adapter (checked at registration: names, shapes, layout) from its
-    /// directory, as f32 on the base's device (prompt tuning's keys and values computed by the
-    /// base).
+    /// directory, on the base's device, LoRA matrices as `lora_dtype`, the rest as f32 (prompt
+    /// tuning's keys and values computed by the base).
     pub fn load(
         info: &AdapterInfo,
         dir: &Path,
         base: &Weights,
+        lora_dtype: LoraDtype,
     ) -> candle_core::Result<ResidentAdapter> {
         let (config, device) = (&base.config, &base.device);
         match info.kind {
-            AdapterKind::Lora => Self::load_lora(info, dir, config, device),
+            AdapterKind::Lora => Self::load_lora(info, dir, config, device, lora_dtype),
             AdapterKind::Ia3 => Self::load_ia3(info, dir, config, device),
             AdapterKind::Prompt | AdapterKind::Prefix => Self::load_prefix(info, dir, base),
         }
@@ -188,12 +233,13 @@ impl ResidentAdapter {
         })
     }
 
-    /// A LoRA adapter: one pair per targeted module of every layer.
+    /// A LoRA adapter: one pair per targeted module of every layer, kept as `dtype`.
     fn load_lora(
         info: &AdapterInfo,
         dir: &Path,
         config: &LlamaConfig,
         device: &Device,
+        dtype: LoraDtype,
     ) -> candle_core::Result<ResidentAdapter> {
         let scale = info.alpha / info.rank as f64;
         let mut bytes = 0;
@@ -213,11 +259,11 @@ impl ResidentAdapter {
                 );
             }
             let pair = LoraPair {
-                a: a.contiguous()?,
-                b_t: (b * scale)?.t()?.contiguous()?,
+                a: kept_as(a.contiguous()?, dtype, info, path)?,
+                b_t: kept_as((b * scale)?.t()?.contiguous()?, dtype, info, path)?,
                 rank: info.rank,
             };
-            bytes += 4 * (pair.a.elem_count() + pair.b_t.elem_count());
+            bytes += pair.a.bytes() + pair.b_t.bytes();
             Ok(pair)
         })?;
         Ok(ResidentAdapter {
@@ -225,6 +271,45 @@ impl ResidentAdapter {
             weights: AdapterWeights::Lora(layers),
             bytes,
         })
+    }
+}
+
+/// An f32 LoRA matrix kept as `dtype`; an error naming the module when a value does not fit f16,
+/// or when 8 bits are asked of a matrix on a GPU (the CPU kernels alone read them).
+fn kept_as(
+    t: Tensor,
+    dtype: LoraDtype,
+    info: &AdapterInfo,
+    path: &str,
+) -> candle_core::Result<LoraMatrix> {
+    match dtype {
+        LoraDtype::F32 => Ok(LoraMatrix::Tensor(t)),
+        LoraDtype::F16 => {
+            let largest = t.abs()?.max_all()?.to_scalar::<f32>()?;
+            // NaN fails this too.
+            if largest.is_nan() || largest > F16_MAX {
+                candle_core::bail!(
+                    "adapter {}: {path} has a value of magnitude {largest}, beyond f16's range: \
+                     set generate.lora_dtype = \"f32\"",
+                    info.name
+                );
+            }
+            Ok(LoraMatrix::Tensor(t.to_dtype(DType::F16)?))
+        }
+        LoraDtype::Q8 => {
+            if !t.device().is_cpu() {
+                candle_core::bail!(
+                    "adapter {}: generate.lora_dtype = \"q8\" is for the CPU; on a GPU use \
+                     \"f16\" or \"f32\"",
+                    info.name
+                );
+            }
+            let values = t.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                candle_core::bail!("adapter {}: {path} has a value {v}", info.name);
+            }
+            Ok(LoraMatrix::Q8(Q8Matrix::quantize(&values)))
+        }
     }
 }
 

@@ -4,22 +4,89 @@
 //!
 //! - [`add_lora_rows`]: every group of rows (a sequence's decode row or prompt chunk) adds its own
 //!   adapter's LoRA update in one pass (`h = A·x` by dot products, `y += hᵀ·(scale·B)ᵀ` by row
-//!   updates), blocks of rows in parallel.
+//!   updates), blocks of rows in parallel; matrices kept in f16 or 8 bits ([`Q8Matrix`]) are
+//!   widened to f32 per task.
 //! - [`decode_attention`]: one query row per sequence attending over that sequence's cached keys
 //!   and values, all sequences, key/value heads and runs of cached positions in parallel (the
 //!   runs' partial softmaxes merged), each key read once for the query heads that share it.
 
 use std::ops::Range;
 
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::llama::simd::dots_rows;
 
-/// One group's LoRA pair as slices: `a` `(rank, in)`, `b_t` `(rank, out)` = `(scale·B)ᵀ`.
+/// A LoRA matrix's values as the adapter keeps them (`generate.lora_dtype`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum LoraValues<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    Q8(&'a Q8Matrix),
+}
+
+impl LoraValues<'_> {
+    /// The values as f32: borrowed, or widened into `scratch`.
+    fn as_f32<'s>(&'s self, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        match self {
+            LoraValues::F32(v) => v,
+            LoraValues::F16(v) => {
+                scratch.resize(v.len(), 0.0);
+                v.convert_to_f32_slice(scratch);
+                scratch
+            }
+            LoraValues::Q8(q) => {
+                q.widen_into(scratch);
+                scratch
+            }
+        }
+    }
+}
+
+/// Values per scale of a [`Q8Matrix`] (as GGML's q8_0).
+pub(super) const Q8_BLOCK: usize = 32;
+
+/// A row-major matrix in blocks of [`Q8_BLOCK`] consecutive values, each block one f32 scale
+/// (its largest magnitude / 127) and a signed byte per value: 1.125 bytes a value.
+#[derive(Debug)]
+pub struct Q8Matrix {
+    values: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl Q8Matrix {
+    pub fn quantize(values: &[f32]) -> Q8Matrix {
+        let mut q = Vec::with_capacity(values.len());
+        let mut scales = Vec::with_capacity(values.len().div_ceil(Q8_BLOCK));
+        for block in values.chunks(Q8_BLOCK) {
+            let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = largest / 127.0;
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            q.extend(block.iter().map(|v| (v * inverse).round() as i8));
+            scales.push(scale);
+        }
+        Q8Matrix { values: q, scales }
+    }
+
+    /// Bytes it takes.
+    pub fn bytes(&self) -> usize {
+        self.values.len() + 4 * self.scales.len()
+    }
+
+    fn widen_into(&self, out: &mut Vec<f32>) {
+        out.clear();
+        out.reserve(self.values.len());
+        for (block, scale) in self.values.chunks(Q8_BLOCK).zip(&self.scales) {
+            out.extend(block.iter().map(|v| f32::from(*v) * scale));
+        }
+    }
+}
+
+/// One group's LoRA pair: `a` `(rank, in)`, `b_t` `(rank, out)` = `(scale·B)ᵀ`.
 pub(super) struct LoraRows<'a> {
     pub(super) rows: Range<usize>,
-    pub(super) a: &'a [f32],
-    pub(super) b_t: &'a [f32],
+    pub(super) a: LoraValues<'a>,
+    pub(super) b_t: LoraValues<'a>,
     pub(super) rank: usize,
 }
 
@@ -30,6 +97,8 @@ const LORA_ROWS_PER_TASK: usize = 16;
 /// `y` `(rows, out)` plus each group's update for its rows of `x` `(rows, in)`: decode rows (one
 /// per sequence) and prompt chunks alike, in tasks of up to [`LORA_ROWS_PER_TASK`] rows of one
 /// group, each computing `h = x·Aᵀ` four rows per load of `A`'s rows, then `y += h·(scale·B)ᵀ`.
+/// f16 and 8-bit matrices are widened once per task: a rank-16 pair is ~34k values on the demo
+/// model, as many as one row's multiply-adds, against the base layer's ~900k per row.
 pub(super) fn add_lora_rows(
     x: &[f32],
     y: &[f32],
@@ -53,10 +122,12 @@ pub(super) fn add_lora_rows(
     tasks.into_par_iter().for_each(|(first, dst, g)| {
         let n = dst.len() / out_f;
         let xs = &x[first * in_f..(first + n) * in_f];
+        let (mut a_f32, mut b_f32) = (Vec::new(), Vec::new());
+        let (a, b_t) = (g.a.as_f32(&mut a_f32), g.b_t.as_f32(&mut b_f32));
         // h[k][i] = A_k · x_i
         let mut h = vec![0f32; g.rank * n];
         for (k, hk) in h.chunks_exact_mut(n).enumerate() {
-            dots_rows(&g.a[k * in_f..(k + 1) * in_f], xs, hk);
+            dots_rows(&a[k * in_f..(k + 1) * in_f], xs, hk);
         }
         // Row i's h, contiguous: h_rows[i * rank + k] = h[k][i] (one buffer per task).
         let mut h_rows = vec![0f32; n * g.rank];
@@ -68,8 +139,8 @@ pub(super) fn add_lora_rows(
         let mut rows = dst.chunks_exact_mut(out_f).zip(h_rows.chunks_exact(g.rank));
         while let Some((r0, h0)) = rows.next() {
             match rows.next() {
-                Some((r1, h1)) => add_rank_update([r0, r1], [h0, h1], g.b_t),
-                None => add_rank_update([r0], [h0], g.b_t),
+                Some((r1, h1)) => add_rank_update([r0, r1], [h0, h1], b_t),
+                None => add_rank_update([r0], [h0], b_t),
             }
         }
     });
@@ -268,7 +339,8 @@ mod tests {
 
     /// Two groups with different adapters and an untouched row between them, against the same
     /// products in candle; the second group a prompt chunk of 41 rows (three tasks, the last
-    /// one short). Odd row counts (a row updated alone) and 70 output columns (a register block
+    /// one short) whose matrices are kept in f16 (checked against the products of their f16
+    /// values). Odd row counts (a row updated alone) and 70 output columns (a register block
     /// of 32 twice and a tail of 6).
     #[test]
     fn lora_rows_match_matrix_products() -> candle_core::Result<()> {
@@ -278,18 +350,30 @@ mod tests {
         let x = rand(&mut rng, rows * in_f);
         let y = rand(&mut rng, rows * out_f);
         let (a1, b1) = (rand(&mut rng, rank * in_f), rand(&mut rng, rank * out_f));
-        let (a2, b2) = (rand(&mut rng, rank * in_f), rand(&mut rng, rank * out_f));
+        let half = |v: Vec<f32>| {
+            v.iter()
+                .map(|x| half::f16::from_f32(*x))
+                .collect::<Vec<_>>()
+        };
+        let (a2h, b2h) = (
+            half(rand(&mut rng, rank * in_f)),
+            half(rand(&mut rng, rank * out_f)),
+        );
+        let (a2, b2): (Vec<f32>, Vec<f32>) = (
+            a2h.iter().map(|x| x.to_f32()).collect(),
+            b2h.iter().map(|x| x.to_f32()).collect(),
+        );
         let groups = [
             LoraRows {
                 rows: 0..3,
-                a: &a1,
-                b_t: &b1,
+                a: LoraValues::F32(&a1),
+                b_t: LoraValues::F32(&b1),
                 rank,
             },
             LoraRows {
                 rows: 4..45,
-                a: &a2,
-                b_t: &b2,
+                a: LoraValues::F16(&a2h),
+                b_t: LoraValues::F16(&b2h),
                 rank,
             },
         ];
@@ -314,6 +398,61 @@ mod tests {
         // The row outside every group is y's.
         assert_eq!(&got[3 * out_f..4 * out_f], &y[3 * out_f..4 * out_f]);
         Ok(())
+    }
+
+    /// An 8-bit matrix widens to within half a step of each value (a block of zeros to zeros),
+    /// and the kernel gives with it exactly what it gives with the widened values in f32.
+    #[test]
+    fn q8_matrices_widen_to_within_half_a_step() {
+        let (rows, in_f, out_f, rank) = (5, 70, 40, 3);
+        let mut rng = Rng::new(11);
+        let mut a = rand(&mut rng, rank * in_f);
+        a[..Q8_BLOCK].fill(0.0);
+        let b = rand(&mut rng, rank * out_f);
+        let (qa, qb) = (Q8Matrix::quantize(&a), Q8Matrix::quantize(&b));
+        assert_eq!(
+            qa.bytes(),
+            rank * in_f + 4 * (rank * in_f).div_ceil(Q8_BLOCK)
+        );
+        let (mut wa, mut wb) = (Vec::new(), Vec::new());
+        qa.widen_into(&mut wa);
+        qb.widen_into(&mut wb);
+        assert!(wa[..Q8_BLOCK].iter().all(|v| *v == 0.0));
+        for (q, (w, v)) in [(&qa, (&wa, &a)), (&qb, (&wb, &b))] {
+            for ((block, scale), (wb, vb)) in q
+                .values
+                .chunks(Q8_BLOCK)
+                .zip(&q.scales)
+                .zip(w.chunks(Q8_BLOCK).zip(v.chunks(Q8_BLOCK)))
+            {
+                assert_eq!(block.len(), wb.len());
+                assert!(gap(wb, vb) <= scale / 2.0 + 1e-7, "{scale}");
+            }
+        }
+        let (x, y) = (rand(&mut rng, rows * in_f), rand(&mut rng, rows * out_f));
+        let group = |a, b_t| {
+            [LoraRows {
+                rows: 0..rows,
+                a,
+                b_t,
+                rank,
+            }]
+        };
+        let got = add_lora_rows(
+            &x,
+            &y,
+            in_f,
+            out_f,
+            &group(LoraValues::Q8(&qa), LoraValues::Q8(&qb)),
+        );
+        let want = add_lora_rows(
+            &x,
+            &y,
+            in_f,
+            out_f,
+            &group(LoraValues::F32(&wa), LoraValues::F32(&wb)),
+        );
+        assert_eq!(got, want);
     }
 
     /// Decode attention with grouped heads against softmax(q·kᵀ/√d)·v per head, with the keys

@@ -35,7 +35,7 @@ pub mod sample;
 mod scheduler;
 mod step;
 
-pub use adapter::ResidentAdapter;
+pub use adapter::{LoraDtype, ResidentAdapter};
 pub use chat::{ChatMessage, ChatTokenizer, Detokenizer, Role};
 pub use sample::SamplingParams;
 use scheduler::Scheduler;
@@ -187,6 +187,7 @@ pub struct Engine {
     weights: Arc<Weights>,
     chat: Arc<ChatTokenizer>,
     adapters: RwLock<HashMap<String, Arc<ResidentAdapter>>>,
+    lora_dtype: LoraDtype,
     shared: Arc<Shared>,
     limits: EngineLimits,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -201,11 +202,13 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Load the base model of `dir` and its tokenizer, and start the scheduler thread.
+    /// Load the base model of `dir` and its tokenizer, and start the scheduler thread; adapters
+    /// loaded later keep their LoRA matrices as `lora_dtype`.
     pub fn start(
         dir: &Path,
         device: &Device,
         quant: Quant,
+        lora_dtype: LoraDtype,
         limits: EngineLimits,
     ) -> Result<Engine, EngineError> {
         let load = |what: &str, message: String| EngineError::Load {
@@ -243,6 +246,7 @@ impl Engine {
             weights,
             chat,
             adapters: RwLock::new(HashMap::new()),
+            lora_dtype,
             shared,
             limits,
             worker: Mutex::new(Some(worker)),
@@ -261,12 +265,17 @@ impl Engine {
     /// Load an adapter's matrices (replacing a resident one of the same name).
     pub fn load_adapter(&self, info: &AdapterInfo, dir: &Path) -> Result<(), EngineError> {
         let adapter =
-            ResidentAdapter::load(info, dir, &self.weights).map_err(|e| EngineError::Load {
-                what: format!("adapter {}", info.name),
-                message: e.to_string(),
+            ResidentAdapter::load(info, dir, &self.weights, self.lora_dtype).map_err(|e| {
+                EngineError::Load {
+                    what: format!("adapter {}", info.name),
+                    message: e.to_string(),
+                }
             })?;
         self.write_adapters()
             .insert(info.name.clone(), Arc::new(adapter));
+        // Loading read the file and made f32 intermediates, freed now between the matrices kept:
+        // hand those pages back rather than leave them as holes that count as resident.
+        crate::heap::release_freed_heap();
         Ok(())
     }
 

@@ -14,10 +14,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 
-use super::adapter::{LoraPair, ResidentAdapter};
-use super::kernels::{self, DecodeRow, LoraRows};
+use super::adapter::{LoraMatrix, LoraPair, ResidentAdapter};
+use super::kernels::{self, DecodeRow, LoraRows, LoraValues, Q8Matrix};
 use crate::llama::{Hooks, LlamaConfig, VirtualKv};
 
 /// The f32 values of a contiguous CPU tensor, from its storage and layout.
@@ -25,6 +25,42 @@ fn host<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f
     crate::llama::ops::f32_values(storage, layout).ok_or_else(|| {
         candle_core::Error::Msg("the engine's CPU kernels need contiguous f32 CPU tensors".into())
     })
+}
+
+/// A LoRA matrix's values (f32 or f16) of a contiguous CPU tensor.
+fn lora_values<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<LoraValues<'a>> {
+    if let Storage::Cpu(CpuStorage::F16(data)) = storage {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("the engine's LoRA kernel needs contiguous matrices".into())
+        })?;
+        return Ok(LoraValues::F16(&data[start..end]));
+    }
+    host(storage, layout).map(LoraValues::F32)
+}
+
+/// A LoRA matrix held for reading by the CPU kernel: a tensor's storage, or 8-bit values.
+enum Held<'a> {
+    Tensor(std::sync::RwLockReadGuard<'a, Storage>, &'a Layout),
+    Q8(&'a Q8Matrix),
+}
+
+impl<'a> Held<'a> {
+    fn of(m: &'a LoraMatrix) -> Held<'a> {
+        match m {
+            LoraMatrix::Tensor(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                Held::Tensor(storage, layout)
+            }
+            LoraMatrix::Q8(q) => Held::Q8(q),
+        }
+    }
+
+    fn values(&self) -> candle_core::Result<LoraValues<'_>> {
+        match self {
+            Held::Tensor(storage, layout) => lora_values(storage, layout),
+            Held::Q8(q) => Ok(LoraValues::Q8(q)),
+        }
+    }
 }
 
 /// One sequence's keys and values.
@@ -149,24 +185,17 @@ impl StepHooks<'_> {
         let (ys, yl) = y.storage_and_layout();
         let xs = &host(&xs, xl)?[..rows * in_f];
         let ys = &host(&ys, yl)?[..rows * out_f];
-        let guards: Vec<_> = pairs
+        let held: Vec<_> = pairs
             .iter()
-            .map(|(r, p)| {
-                (
-                    r,
-                    p.a.storage_and_layout(),
-                    p.b_t.storage_and_layout(),
-                    p.rank,
-                )
-            })
+            .map(|(r, p)| (r, Held::of(&p.a), Held::of(&p.b_t), p.rank))
             .collect();
-        let groups = guards
+        let groups = held
             .iter()
-            .map(|(rows, (a, al), (b, bl), rank)| {
+            .map(|(rows, a, b, rank)| {
                 Ok(LoraRows {
                     rows: (*rows).clone(),
-                    a: host(a, al)?,
-                    b_t: host(b, bl)?,
+                    a: a.values()?,
+                    b_t: b.values()?,
                     rank: *rank,
                 })
             })
@@ -214,10 +243,18 @@ impl Hooks for StepHooks<'_> {
             return self.lora_on_cpu(x, &y, &pairs);
         }
         per_group(&y, &pairs, |y_rows, range, pair| {
+            // f16 pairs (`generate.lora_dtype`) widened on the device (a no-op for f32); 8-bit
+            // ones are refused on a GPU when the adapter is loaded.
+            let on_device = |m: &LoraMatrix| match m {
+                LoraMatrix::Tensor(t) => t.to_dtype(x.dtype()),
+                LoraMatrix::Q8(_) => Err(candle_core::Error::Msg(
+                    "8-bit LoRA matrices are read by the CPU kernel only".into(),
+                )),
+            };
             let delta = x
                 .narrow(0, range.start, range.len())?
-                .matmul(&pair.a.t()?)?
-                .matmul(&pair.b_t)?;
+                .matmul(&on_device(&pair.a)?.t()?)?
+                .matmul(&on_device(&pair.b_t)?)?;
             y_rows + delta
         })
     }

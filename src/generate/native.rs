@@ -11,7 +11,9 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc};
 use super::{ChatMessage, GenEvent, GenerateError, Sampling};
 use crate::adapters::{AdapterRegistry, BaseModelInfo};
 use crate::config::GenerateConfig;
-use crate::engine::{Engine, EngineLimits, GenRequest, Quant, ResidentAdapter, SamplingParams};
+use crate::engine::{
+    Engine, EngineLimits, GenRequest, LoraDtype, Quant, ResidentAdapter, SamplingParams,
+};
 
 pub(super) struct NativeBackend {
     engine: Arc<Engine>,
@@ -63,8 +65,9 @@ impl NativeBackend {
         let device = device()?;
         // `Settings::validate` lets only these through for the native engine.
         let quant = Quant::from_isq(&config.isq).unwrap_or(Quant::F32);
+        let lora = LoraDtype::from_setting(&config.lora_dtype).unwrap_or(LoraDtype::F32);
         let engine =
-            tokio::task::spawn_blocking(move || Engine::start(&dir, &device, quant, limits))
+            tokio::task::spawn_blocking(move || Engine::start(&dir, &device, quant, lora, limits))
                 .await
                 .map_err(|e| GenerateError::Generation(e.to_string()))?
                 .map_err(engine_error)?;

@@ -362,6 +362,31 @@ impl Bm25Index {
         Ok(())
     }
 
+    /// Merge the index's segments into one, when more than one is searchable (background merges
+    /// finished first), and release the writer; returns how many were merged (0: nothing to do).
+    /// Called at the end of a write run: every query visits every segment (a term lookup and a
+    /// scorer per query word and field, its own top-k), and an ingest of many batches leaves
+    /// tens of them.
+    pub fn compact(&self) -> Result<usize, IndexError> {
+        self.close_writer()?;
+        let ids = self
+            .index
+            .searchable_segment_ids()
+            .map_err(|e| self.tantivy_err(e))?;
+        if ids.len() <= 1 {
+            return Ok(0);
+        }
+        self.with_writer(|writer, _| writer.merge(&ids).wait().map(|_| ()))?;
+        self.close_writer()?;
+        self.reader.reload().map_err(|e| self.tantivy_err(e))?;
+        Ok(ids.len())
+    }
+
+    /// Number of segments searchable now.
+    pub fn num_segments(&self) -> usize {
+        self.reader.searcher().segment_readers().len()
+    }
+
     /// Number of chunks searchable now.
     pub fn num_chunks(&self) -> Result<usize, IndexError> {
         self.reader
@@ -709,5 +734,38 @@ mod tests {
             chunk_key("c1"),
             "a heavy title outranks the text: {hits:?}"
         );
+    }
+
+    /// Writes in several commits leave several segments; compacting merges them into one and
+    /// every search answers as before (a second compaction has nothing to do).
+    #[test]
+    fn compaction_merges_segments_and_keeps_every_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
+        let words = ["vacuum", "index", "replica", "backup", "planner", "toast"];
+        for (i, word) in words.iter().enumerate() {
+            let doc = format!("d{i}");
+            let text = format!("the {word} chapter covers {word} settings");
+            index
+                .replace_documents(
+                    std::slice::from_ref(&doc),
+                    &[chunk(&format!("c{i}"), &doc, &text)],
+                )
+                .expect("write");
+        }
+        index.delete_documents(&["d5".into()]).expect("delete");
+        let segments = index.num_segments();
+        assert!(segments > 1, "one commit per write");
+        let before: Vec<_> = words
+            .iter()
+            .map(|w| index.search(w, 3, &S).expect("search"))
+            .collect();
+        assert_eq!(index.compact().expect("compact"), segments);
+        assert_eq!(index.num_segments(), 1);
+        assert_eq!(index.num_chunks().expect("count"), 5);
+        for (w, want) in words.iter().zip(&before) {
+            assert_eq!(&index.search(w, 3, &S).expect("search"), want, "{w}");
+        }
+        assert_eq!(index.compact().expect("compact again"), 0);
     }
 }

@@ -1,5 +1,6 @@
 //! The native engine (`generate.engine = "native"`) on the real converted SmolLM2-135M-Instruct:
 //! the same greedy tokens as mistral.rs with and without an adapter (a RAG prompt among them),
+//! and with the adapter's matrices kept in f16 or 8 bits,
 //! the same prompt tokens, requests for different adapters batched together answering as they
 //! do alone, adapters loaded and forgotten without a restart, a dropped request leaving the
 //! engine, and prompts too long for the KV budget refused as bad input.
@@ -12,7 +13,10 @@ use domainrag::error::ErrorKind;
 use domainrag::generate::{ChatMessage, GenEvent, Generator};
 use domainrag::rag::build_messages_from_context;
 
-use crate::helpers::{exclusive_generation, generator, greedy, models_dir, native_generator, user};
+use crate::helpers::{
+    exclusive_generation, generator, greedy, models_dir, native_generator, native_lora_generator,
+    user,
+};
 
 /// Register a deterministic synthetic LoRA adapter on all seven modules.
 pub(crate) fn register_adapter(g: &Generator, tag: &str, seed: usize) -> String {
@@ -91,6 +95,18 @@ async fn native_engine_gives_mistralrs_greedy_tokens_with_and_without_an_adapter
             assert_eq!(got.text, want.text, "adapter {adapter:?}, {messages:?}");
             assert_eq!(got.completion_tokens, want.completion_tokens);
             assert_eq!(got.prompt_tokens, want.prompt_tokens);
+            if adapter.is_some() {
+                // The same adapter kept in f16 or 8 bits (`generate.lora_dtype`): the same
+                // greedy tokens.
+                for dtype in ["f16", "q8"] {
+                    let kept = native_lora_generator(dtype)
+                        .await
+                        .complete(adapter, messages.clone(), greedy(64))
+                        .await
+                        .expect("native answers");
+                    assert_eq!(kept.text, got.text, "{dtype}, {messages:?}");
+                }
+            }
             texts.push(got.text);
         }
         changed += usize::from(texts[0] != texts[1]);

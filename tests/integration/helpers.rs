@@ -141,6 +141,26 @@ pub async fn native_generator() -> Arc<Generator> {
         .clone()
 }
 
+/// A native engine on the same data dir keeping LoRA matrices as `dtype` (`generate.lora_dtype`:
+/// "f16" or "q8").
+pub async fn native_lora_generator(dtype: &str) -> Arc<Generator> {
+    static F16: OnceCell<Arc<Generator>> = OnceCell::const_new();
+    static Q8: OnceCell<Arc<Generator>> = OnceCell::const_new();
+    let cell = match dtype {
+        "f16" => &F16,
+        "q8" => &Q8,
+        other => panic!("no test engine keeps LoRA as {other}"),
+    };
+    cell.get_or_init(|| async {
+        let mut s = settings(adapter_data_dir());
+        s.generate.engine = "native".into();
+        s.generate.lora_dtype = dtype.into();
+        Generator::load(&s).await.expect("native engine loads")
+    })
+    .await
+    .clone()
+}
+
 /// Held by every test that compares outputs of the shared generator: mistral.rs batches
 /// concurrent requests to one model, and batched logits differ slightly from a lone request's, which
 /// can flip a greedy token of a 135M model.

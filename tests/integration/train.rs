@@ -16,7 +16,9 @@ use domainrag::train::{
     register, train as run_training,
 };
 
-use crate::helpers::{exclusive_generation, generator, greedy, models_dir, native_generator};
+use crate::helpers::{
+    exclusive_generation, generator, greedy, models_dir, native_generator, native_lora_generator,
+};
 
 pub(crate) fn base_dir() -> std::path::PathBuf {
     models_dir().join("SmolLM2-135M-Instruct-hf")
@@ -275,6 +277,19 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
             .await
             .expect("the native engine serves the adapter");
         assert_eq!(native.text, served.text, "{:?}", t.query);
+        // Kept in f16 or 8 bits, the same adapter still says what it learned.
+        for dtype in ["f16", "q8"] {
+            let kept = native_lora_generator(dtype)
+                .await
+                .complete(
+                    Some("zorblat"),
+                    build_messages_from_context(&t.query, &t.context),
+                    greedy12,
+                )
+                .await
+                .expect("the native engine serves the adapter");
+            assert_eq!(kept.text, served.text, "{dtype}: {:?}", t.query);
+        }
     }
 }
 
