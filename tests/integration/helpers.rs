@@ -142,11 +142,12 @@ pub async fn native_generator() -> Arc<Generator> {
 }
 
 /// A native engine on the same data dir keeping LoRA matrices as `dtype` (`generate.lora_dtype`:
-/// "f16" or "q8").
+/// "f32", the default, is [`native_generator`]).
 pub async fn native_lora_generator(dtype: &str) -> Arc<Generator> {
     static F16: OnceCell<Arc<Generator>> = OnceCell::const_new();
     static Q8: OnceCell<Arc<Generator>> = OnceCell::const_new();
     let cell = match dtype {
+        "f32" => return native_generator().await,
         "f16" => &F16,
         "q8" => &Q8,
         other => panic!("no test engine keeps LoRA as {other}"),

@@ -266,19 +266,9 @@ async fn trained_adapter_overfits_and_both_engines_serve_it_identically() {
             "the adapter learned {:?}",
             t.query
         );
-        // The native engine serves the trained adapter unmerged: the same answer.
-        let native = native_generator()
-            .await
-            .complete(
-                Some("zorblat"),
-                build_messages_from_context(&t.query, &t.context),
-                greedy12,
-            )
-            .await
-            .expect("the native engine serves the adapter");
-        assert_eq!(native.text, served.text, "{:?}", t.query);
-        // Kept in f16 or 8 bits, the same adapter still says what it learned.
-        for dtype in ["f16", "q8"] {
+        // The native engine serves the trained adapter unmerged, its matrices kept in f32, f16
+        // or 8 bits: the same answer.
+        for dtype in ["f32", "f16", "q8"] {
             let kept = native_lora_generator(dtype)
                 .await
                 .complete(
