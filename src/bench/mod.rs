@@ -81,6 +81,24 @@ pub struct SearchBench {
     /// The vector store alone: its own search (HNSW where built) against an exact search of
     /// every vector, top 10 of the same query vectors.
     pub dense_index: DenseIndexBench,
+    /// Where a hybrid search's time goes: each part alone, one after another.
+    pub hybrid_parts: HybridParts,
+}
+
+/// The parts of a hybrid search, each timed alone over the same queries (pre-embedded): a hybrid
+/// search runs the two retrievers side by side, then fuses and joins.
+#[derive(Debug, Clone, Serialize)]
+pub struct HybridParts {
+    /// Candidates each retriever is asked for (the collection's fusion setting).
+    pub candidates: usize,
+    /// BM25's top candidates' keys (the index alone, on the calling thread).
+    pub bm25_candidates: Latency,
+    /// The vector store's top candidates' keys.
+    pub dense_candidates: Latency,
+    /// Fusing the two lists.
+    pub fuse: Latency,
+    /// Reading the `k` results' stored chunks by key.
+    pub join: Latency,
 }
 
 /// How the vector store's search compares with exact search.
@@ -150,6 +168,7 @@ pub async fn search_latency(
             },
         );
     }
+    let hybrid_parts = hybrid_parts(collection, &queries, &vectors, k).await?;
     let dense_index = dense_vs_exact(collection, vectors.into_iter().flatten().collect()).await?;
     Ok(SearchBench {
         collection: collection.name().to_string(),
@@ -160,6 +179,52 @@ pub async fn search_latency(
         embed_query: Latency::from_samples(embed_ms),
         modes,
         dense_index,
+        hybrid_parts,
+    })
+}
+
+/// Time each part of a hybrid search alone (see [`HybridParts`]).
+async fn hybrid_parts(
+    collection: &Collection,
+    queries: &[String],
+    vectors: &[Option<Vec<f32>>],
+    k: usize,
+) -> Result<HybridParts, RetrieveError> {
+    let settings = collection.settings().search();
+    let candidates = settings.fusion.candidates.max(k);
+    let index = &collection.index;
+    let err = |e| RetrieveError::from(CollectionError::from(e));
+    let mut parts: [Vec<f64>; 4] = Default::default();
+    for (q, v) in queries.iter().zip(vectors) {
+        let Some(v) = v else { continue };
+        let t = Instant::now();
+        let bm25 = index.search(q, candidates, &settings.bm25).map_err(err)?;
+        parts[0].push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let dense: Vec<(u64, f32)> = collection
+            .vectors
+            .search(v.clone(), candidates)
+            .await
+            .map_err(CollectionError::from)?
+            .into_iter()
+            .map(|h| (h.key, h.score))
+            .collect();
+        parts[1].push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let fused = crate::retrieve::fuse(&bm25, &dense, &settings.fusion, candidates);
+        parts[2].push(t.elapsed().as_secs_f64() * 1e3);
+        let keys: Vec<u64> = fused.iter().take(k).map(|f| f.key).collect();
+        let t = Instant::now();
+        index.chunks_by_key(&keys).map_err(err)?;
+        parts[3].push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let [bm25, dense, fuse, join] = parts.map(Latency::from_samples);
+    Ok(HybridParts {
+        candidates,
+        bm25_candidates: bm25,
+        dense_candidates: dense,
+        fuse,
+        join,
     })
 }
 
@@ -223,6 +288,17 @@ pub fn search_table(b: &SearchBench) -> String {
         "vector store: recall@10 against exact search {:.4}; p50 {:.2} ms (exact {:.2} ms), \
          p95 {:.2} ms (exact {:.2} ms)\n",
         d.recall_at_10_vs_exact, d.search.p50_ms, d.exact.p50_ms, d.search.p95_ms, d.exact.p95_ms
+    ));
+    let h = &b.hybrid_parts;
+    out.push_str(&format!(
+        "hybrid, each part alone (p50 ms, {} candidates, {} BM25 segments): BM25 {:.2}, dense {:.2}, \
+         fuse {:.3}, join {:.2}\n",
+        h.candidates,
+        b.bm25_segments,
+        h.bm25_candidates.p50_ms,
+        h.dense_candidates.p50_ms,
+        h.fuse.p50_ms,
+        h.join.p50_ms
     ));
     out
 }
