@@ -150,6 +150,34 @@ fn create_ingest_search_eval_list_delete() {
             "3 paragraphs: every gold is in the top 5"
         );
     }
+    // `bench search`: every mode's latency, each part of a hybrid search, and the BM25 index
+    // left in one segment by the ingest's end.
+    let out = dir.path().join("search.json");
+    ok(&domainrag(
+        &data,
+        &[
+            "bench",
+            "search",
+            "--collection",
+            "squad",
+            "--format",
+            "squad",
+            "--questions",
+            squad.to_str().unwrap(),
+            "--n",
+            "20",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let bench: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out).expect("bench search writes its JSON"))
+            .expect("JSON");
+    assert_eq!(bench["bm25_segments"], 1, "{bench}");
+    for part in ["bm25_candidates", "dense_candidates", "fuse", "join"] {
+        assert_eq!(bench["hybrid_parts"][part]["n"], 20, "{part}: {bench}");
+    }
+    assert_eq!(bench["modes"]["hybrid"]["without_embedding"]["n"], 20);
 
     let list = json(&domainrag(&data, &["collection", "list", "--json"]));
     let names: Vec<&str> = list
