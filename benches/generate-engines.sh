@@ -7,14 +7,14 @@
 #   bash benches/generate-engines.sh      (make bench-generate)
 #   BENCH_RUNS="native:none" bash benches/generate-engines.sh   (some engine:isq pairs only; the
 #   summary still lists every file in bench/generate). A run may name the LoRA matrices' dtype:
-#   native:none:f16 (generate.lora_dtype; files <engine>-<isq>-f16-<shape>.json).
+#   native:none:q8 (generate.lora_dtype f16 or q8; files <engine>-<isq>-q8-<shape>.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/domainrag-target}"
 BIN="${DOMAINRAG_BIN:-$CARGO_TARGET_DIR/release/domainrag}"
 OUT=bench/generate
 TOKENS="${BENCH_TOKENS:-64}"
-RUNS="${BENCH_RUNS:-native:none native:none:f16 native:q8_0 native:q4_0 mistralrs:none}"
+RUNS="${BENCH_RUNS:-native:none native:none:q8 native:q8_0 native:q4_0 mistralrs:none}"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
