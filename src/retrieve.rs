@@ -223,11 +223,7 @@ pub async fn search_with_vector(
     if !(1..=1000).contains(&k) {
         return Err(RetrieveError::InvalidK(k));
     }
-    let candidates = match mode {
-        Mode::Bm25 => k,
-        Mode::Dense => k + SPARE,
-        Mode::Hybrid => fusion.candidates.max(k + SPARE),
-    };
+    let candidates = candidates(mode, k, fusion);
     let vector = match (mode, vector) {
         (Mode::Bm25, _) => None,
         (_, Some(v)) => Some(v),
@@ -244,6 +240,15 @@ pub async fn search_with_vector(
         Mode::Hybrid => fuse(&bm25, &dense, fusion, candidates),
     };
     join(collection, fused, k).await
+}
+
+/// How many results each retriever is asked for, for `k` results in `mode`.
+pub(crate) fn candidates(mode: Mode, k: usize, fusion: &FusionConfig) -> usize {
+    match mode {
+        Mode::Bm25 => k,
+        Mode::Dense => k + SPARE,
+        Mode::Hybrid => fusion.candidates.max(k + SPARE),
+    }
 }
 
 /// Dense candidates asked for beyond `k`, so that dense hits without a stored chunk (dropped by
@@ -271,7 +276,7 @@ async fn bm25_keys(
 }
 
 /// The vector store's top `n` keys for `vector` (none without one).
-async fn dense_keys(
+pub(crate) async fn dense_keys(
     collection: &Collection,
     vector: Option<Vec<f32>>,
     n: usize,

@@ -18,7 +18,7 @@ pub use generate::{DecodeSpeed, GenerateBench, decode_rate, generate_speed, gene
 use crate::collection::{Collection, CollectionError};
 use crate::embed::Embedder;
 use crate::eval::Question;
-use crate::retrieve::{Mode, RetrieveError, Retriever, search_with_vector};
+use crate::retrieve::{self, Mode, RetrieveError, Retriever, search_with_vector};
 
 /// Latency summary in milliseconds.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -89,7 +89,8 @@ pub struct SearchBench {
 /// search runs the two retrievers side by side, then fuses and joins.
 #[derive(Debug, Clone, Serialize)]
 pub struct HybridParts {
-    /// Candidates each retriever is asked for (the collection's fusion setting).
+    /// Candidates each retriever is asked for, as a hybrid search asks them (the collection's
+    /// fusion setting, at least `k` + a spare).
     pub candidates: usize,
     /// BM25's top candidates' keys (the index alone, on the calling thread).
     pub bm25_candidates: Latency,
@@ -191,7 +192,7 @@ async fn hybrid_parts(
     k: usize,
 ) -> Result<HybridParts, RetrieveError> {
     let settings = collection.settings().search();
-    let candidates = settings.fusion.candidates.max(k);
+    let candidates = retrieve::candidates(Mode::Hybrid, k, &settings.fusion);
     let index = &collection.index;
     let err = |e| RetrieveError::from(CollectionError::from(e));
     let mut parts: [Vec<f64>; 4] = Default::default();
@@ -201,17 +202,10 @@ async fn hybrid_parts(
         let bm25 = index.search(q, candidates, &settings.bm25).map_err(err)?;
         parts[0].push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        let dense: Vec<(u64, f32)> = collection
-            .vectors
-            .search(v.clone(), candidates)
-            .await
-            .map_err(CollectionError::from)?
-            .into_iter()
-            .map(|h| (h.key, h.score))
-            .collect();
+        let dense = retrieve::dense_keys(collection, Some(v.clone()), candidates).await?;
         parts[1].push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        let fused = crate::retrieve::fuse(&bm25, &dense, &settings.fusion, candidates);
+        let fused = retrieve::fuse(&bm25, &dense, &settings.fusion, candidates);
         parts[2].push(t.elapsed().as_secs_f64() * 1e3);
         let keys: Vec<u64> = fused.iter().take(k).map(|f| f.key).collect();
         let t = Instant::now();

@@ -123,20 +123,13 @@ fn create_ingest_search_eval_list_delete() {
             squad.to_str().unwrap(),
         ],
     ));
-    let eval = json(&domainrag(
-        &data,
-        &[
-            "eval",
-            "retrieval",
-            "--collection",
-            "squad",
-            "--format",
-            "squad",
-            "--questions",
-            squad.to_str().unwrap(),
-            "--json",
-        ],
-    ));
+    // `eval retrieval` and `bench search` over collection squad with its own questions.
+    let on_squad = |command: &[&str], rest: &[&str]| {
+        let questions = ["--collection", "squad", "--format", "squad", "--questions"];
+        let args = [command, &questions, &[squad.to_str().unwrap()], rest].concat();
+        domainrag(&data, &args)
+    };
+    let eval = json(&on_squad(&["eval", "retrieval"], &["--json"]));
     assert_eq!(eval["questions"], 4);
     for mode in ["bm25", "dense", "hybrid"] {
         for metric in ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"] {
@@ -153,22 +146,9 @@ fn create_ingest_search_eval_list_delete() {
     // `bench search`: every mode's latency, each part of a hybrid search, and the BM25 index
     // left in one segment by the ingest's end.
     let out = dir.path().join("search.json");
-    ok(&domainrag(
-        &data,
-        &[
-            "bench",
-            "search",
-            "--collection",
-            "squad",
-            "--format",
-            "squad",
-            "--questions",
-            squad.to_str().unwrap(),
-            "--n",
-            "20",
-            "--out",
-            out.to_str().unwrap(),
-        ],
+    ok(&on_squad(
+        &["bench", "search"],
+        &["--n", "20", "--out", out.to_str().unwrap()],
     ));
     let bench: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&out).expect("bench search writes its JSON"))
