@@ -163,8 +163,13 @@ pub struct GenerateBench {
     /// Total completion tokens per second with N concurrent requests (base model; median of
     /// [`THROUGHPUT_REPS`] runs, as the next).
     pub throughput_tokens_per_s: BTreeMap<usize, f64>,
+    /// Their aggregate decode rate: completion tokens after each one's first, per second of the
+    /// decode window (see `concurrent`); for one request, its decode rate.
+    pub decode_throughput_tokens_per_s: BTreeMap<usize, f64>,
     /// Total completion tokens per second of 8 concurrent requests over 4 adapters (2 each).
     pub mixed_8_over_4_tokens_per_s: f64,
+    /// Their aggregate decode rate, as `decode_throughput_tokens_per_s`.
+    pub mixed_8_over_4_decode_tokens_per_s: f64,
 }
 
 fn user(q: &str) -> Vec<ChatMessage> {
@@ -174,15 +179,24 @@ fn user(q: &str) -> Vec<ChatMessage> {
     }]
 }
 
+/// Throughput of requests run together: medians of [`THROUGHPUT_REPS`] runs.
+struct Throughput {
+    /// All completion tokens over the wall time from the requests' start to the last one's end
+    /// (every prompt's prefill included).
+    tokens_per_s: f64,
+    /// Completion tokens after each request's first over the decode window: from the first
+    /// first token to the last request's end (any prefill still running then included).
+    decode_tokens_per_s: f64,
+}
+
 /// Run `jobs` (adapter, question) at once, [`THROUGHPUT_REPS`] times (each time with the
-/// questions marked by the rep, so no engine answers from a prompt cache); the median of the
-/// total completion tokens per second.
+/// questions marked by the rep, so no engine answers from a prompt cache).
 async fn concurrent(
     g: &Arc<Generator>,
     jobs: Vec<(Option<String>, String)>,
     sampling: Sampling,
-) -> Result<f64, GenerateError> {
-    let mut rates = Vec::with_capacity(THROUGHPUT_REPS);
+) -> Result<Throughput, GenerateError> {
+    let (mut totals, mut decodes) = (Vec::new(), Vec::new());
     for rep in 0..THROUGHPUT_REPS {
         let t = Instant::now();
         let runs = jobs.iter().map(|(adapter, q)| {
@@ -190,14 +204,38 @@ async fn concurrent(
             let (adapter, q) = (adapter.clone(), format!("{q} (rep {rep})"));
             async move { g.complete(adapter.as_deref(), user(&q), sampling).await }
         });
-        let tokens: usize = futures::future::join_all(runs)
+        let done = futures::future::join_all(runs)
             .await
             .into_iter()
-            .map(|r| r.map(|c| c.completion_tokens))
-            .sum::<Result<usize, _>>()?;
-        rates.push(tokens as f64 / t.elapsed().as_secs_f64());
+            .collect::<Result<Vec<Completion>, _>>()?;
+        let tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
+        totals.push(tokens as f64 / t.elapsed().as_secs_f64());
+        decodes.push(decode_rate_together(&done));
     }
-    Ok(super::median(rates))
+    Ok(Throughput {
+        tokens_per_s: super::median(totals),
+        decode_tokens_per_s: super::median(decodes),
+    })
+}
+
+/// [`decode_rate`] of requests that started together: their tokens after the first, over the
+/// time from the earliest first token to the latest end (each request's times count from the
+/// common start).
+fn decode_rate_together(done: &[Completion]) -> f64 {
+    let first = done
+        .iter()
+        .map(|c| c.first_token_ms)
+        .fold(f64::MAX, f64::min);
+    let end = done.iter().map(|c| c.total_ms).fold(0.0, f64::max);
+    let tokens: usize = done
+        .iter()
+        .map(|c| c.completion_tokens.saturating_sub(1))
+        .sum();
+    if end > first {
+        tokens as f64 / ((end - first) / 1e3)
+    } else {
+        0.0
+    }
 }
 
 /// Measure the configured engine: see [`GenerateBench`]. `adapters` must name at least 5
@@ -245,12 +283,15 @@ pub async fn generate_speed(
     }
     let never_used = never_used_beside_base(&g, &adapters[4..], question, sampling).await?;
 
-    let mut throughput_tokens_per_s = BTreeMap::new();
+    let (mut throughput_tokens_per_s, mut decode_throughput_tokens_per_s) =
+        (BTreeMap::new(), BTreeMap::new());
     for n in [1usize, 4, 8] {
         let jobs = (0..n)
             .map(|i| (None, format!("{question} (variant {i})")))
             .collect();
-        throughput_tokens_per_s.insert(n, concurrent(&g, jobs, sampling).await?);
+        let t = concurrent(&g, jobs, sampling).await?;
+        throughput_tokens_per_s.insert(n, t.tokens_per_s);
+        decode_throughput_tokens_per_s.insert(n, t.decode_tokens_per_s);
     }
     let mixed = (0..8)
         .map(|i| {
@@ -258,7 +299,7 @@ pub async fn generate_speed(
             (Some(adapter), format!("{question} (variant {i})"))
         })
         .collect();
-    let mixed_8_over_4_tokens_per_s = concurrent(&g, mixed, sampling).await?;
+    let mixed = concurrent(&g, mixed, sampling).await?;
     Ok(GenerateBench {
         engine: g.engine_name().to_string(),
         isq: settings.generate.isq.clone(),
@@ -278,7 +319,9 @@ pub async fn generate_speed(
         never_used_ttft_ratio: never_used.ttft_ratio,
         never_used_ttft_ratio_ci95: never_used.ttft_ratio_ci95,
         throughput_tokens_per_s,
-        mixed_8_over_4_tokens_per_s,
+        decode_throughput_tokens_per_s,
+        mixed_8_over_4_tokens_per_s: mixed.tokens_per_s,
+        mixed_8_over_4_decode_tokens_per_s: mixed.decode_tokens_per_s,
     })
 }
 
@@ -321,14 +364,27 @@ pub fn generate_table(b: &GenerateBench) -> String {
             mib / b.rss_after_base_mib
         ));
     }
+    let one = |m: &BTreeMap<usize, f64>| m.get(&1).copied().unwrap_or(f64::NAN);
+    let (single, single_decode) = (
+        one(&b.throughput_tokens_per_s),
+        one(&b.decode_throughput_tokens_per_s),
+    );
     for (n, tps) in &b.throughput_tokens_per_s {
+        let decode = b.decode_throughput_tokens_per_s[n];
         out.push_str(&format!(
-            "{n} concurrent requests: {tps:.1} tokens/s total\n"
+            "{n} concurrent requests: {tps:.1} tokens/s total ({:.2}x one request), \
+             {decode:.1} decode tokens/s ({:.2}x)\n",
+            tps / single,
+            decode / single_decode
         ));
     }
     out.push_str(&format!(
-        "8 concurrent requests over 4 adapters: {:.1} tokens/s total\n",
-        b.mixed_8_over_4_tokens_per_s
+        "8 concurrent requests over 4 adapters: {:.1} tokens/s total ({:.2}x one request), \
+         {:.1} decode tokens/s ({:.2}x)\n",
+        b.mixed_8_over_4_tokens_per_s,
+        b.mixed_8_over_4_tokens_per_s / single,
+        b.mixed_8_over_4_decode_tokens_per_s,
+        b.mixed_8_over_4_decode_tokens_per_s / single_decode
     ));
     out
 }

@@ -290,11 +290,20 @@ fn few_rows_linear(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f3
 
 /// [`few_rows_linear`] for several weights `(nᵢ, k)` read by the same rows `x`, as if stacked
 /// into one `(Σnᵢ, k)` matrix: one parallel pass over all their rows, `(m, Σnᵢ)`.
+/// Weight rows go [`simd::TILE_ROWS`] at a time through [`simd::dots_tile`].
 pub(crate) fn few_rows_linear_stacked(x: &[f32], ws: &[&[f32]], m: usize, k: usize) -> Vec<f32> {
     let stack = Stacked::new(ws.iter().map(|w| w.len() / k));
-    by_weight_rows(m, stack.rows(), |j, dst, _: &mut ()| {
-        let (i, r) = stack.locate(j);
-        simd::dots_rows(&ws[i][r * k..(r + 1) * k], x, dst)
+    by_weight_blocks(m, stack.rows(), |first, block| {
+        for (t, dst) in block.chunks_mut(simd::TILE_ROWS * m).enumerate() {
+            let j = first + t * simd::TILE_ROWS;
+            let n = dst.len() / m;
+            let mut rows: [&[f32]; simd::TILE_ROWS] = [&[]; simd::TILE_ROWS];
+            for (a, row) in rows[..n].iter_mut().enumerate() {
+                let (i, r) = stack.locate(j + a);
+                *row = &ws[i][r * k..(r + 1) * k];
+            }
+            simd::dots_tile(&rows[..n], x, m, dst);
+        }
     })
 }
 
@@ -327,12 +336,27 @@ impl Stacked {
 
 /// The `(m, n)` output of a few-rows product, weight row by weight row: `row(j, dst, scratch)`
 /// writes the `m` entries of output column `j` (every input row against weight row `j`) into
-/// `dst`; `scratch` is the caller's buffer, reused between the rows of one task. Blocks of
-/// weight rows run in parallel.
+/// `dst`; `scratch` is the caller's buffer, reused between the rows of one task.
 pub(crate) fn by_weight_rows<S: Default>(
     m: usize,
     n: usize,
     row: impl Fn(usize, &mut [f32], &mut S) + Sync,
+) -> Vec<f32> {
+    by_weight_blocks(m, n, |first, block| {
+        let mut scratch = S::default();
+        for (jj, dst) in block.chunks_exact_mut(m).enumerate() {
+            row(first + jj, dst, &mut scratch);
+        }
+    })
+}
+
+/// The `(m, n)` output of a few-rows product in blocks of weight rows, the blocks in parallel:
+/// `block(first, dst)` writes output columns `first..` (as many as `dst` holds, `m` entries
+/// each: every input row against that weight row) into `dst`.
+pub(crate) fn by_weight_blocks(
+    m: usize,
+    n: usize,
+    block: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     const BLOCK: usize = 64;
     // Output columns in blocks, transposed `(n, m)`, so each task writes one slice.
@@ -340,12 +364,7 @@ pub(crate) fn by_weight_rows<S: Default>(
     out_t
         .par_chunks_mut(BLOCK * m)
         .enumerate()
-        .for_each(|(b, chunk)| {
-            let mut scratch = S::default();
-            for (jj, dst) in chunk.chunks_exact_mut(m).enumerate() {
-                row(b * BLOCK + jj, dst, &mut scratch);
-            }
-        });
+        .for_each(|(b, chunk)| block(b * BLOCK, chunk));
     if m == 1 {
         return out_t;
     }
