@@ -53,7 +53,13 @@ def mixed_decode(b):
     if "mixed_8_over_4_decode_tokens_per_s" not in b:
         return "-"
     d = b["mixed_8_over_4_decode_tokens_per_s"]
-    return f'{d:.1f} ({d / b["decode_throughput_tokens_per_s"]["1"]:.2f}x one request)'
+    text = f'{d:.1f} ({d / b["decode_throughput_tokens_per_s"]["1"]:.2f}x one request)'
+    p = b.get("mixed_8_over_4_against_one")
+    if p and p["end_to_end_ci95"] and p["decode_ci95"]:
+        e, c = p["end_to_end_ci95"], p["decode_ci95"]
+        text += (f'; paired with one request ({p["pairs"]}): end to end {e[1]:.2f}x '
+                 f'({e[0]:.2f}..{e[2]:.2f}), decode {c[1]:.2f}x ({c[0]:.2f}..{c[2]:.2f})')
+    return text
 
 
 for path in sorted(glob.glob(os.path.join(out, "*-*-r*-*.json"))):

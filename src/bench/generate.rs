@@ -170,6 +170,8 @@ pub struct GenerateBench {
     pub mixed_8_over_4_tokens_per_s: f64,
     /// Their aggregate decode rate, as `decode_throughput_tokens_per_s`.
     pub mixed_8_over_4_decode_tokens_per_s: f64,
+    /// The same load against one request just before it, paired.
+    pub mixed_8_over_4_against_one: MixedPairs,
 }
 
 fn user(q: &str) -> Vec<ChatMessage> {
@@ -179,7 +181,8 @@ fn user(q: &str) -> Vec<ChatMessage> {
     }]
 }
 
-/// Throughput of requests run together: medians of [`THROUGHPUT_REPS`] runs.
+/// Throughput of requests run together (one run, or medians of several).
+#[derive(Debug, Clone, Copy)]
 struct Throughput {
     /// All completion tokens over the wall time from the requests' start to the last one's end
     /// (every prompt's prefill included).
@@ -189,33 +192,86 @@ struct Throughput {
     decode_tokens_per_s: f64,
 }
 
-/// Run `jobs` (adapter, question) at once, [`THROUGHPUT_REPS`] times (each time with the
-/// questions marked by the rep, so no engine answers from a prompt cache).
+/// Run `jobs` (adapter, question) at once, [`THROUGHPUT_REPS`] times; the medians.
 async fn concurrent(
     g: &Arc<Generator>,
     jobs: Vec<(Option<String>, String)>,
     sampling: Sampling,
 ) -> Result<Throughput, GenerateError> {
-    let (mut totals, mut decodes) = (Vec::new(), Vec::new());
+    let mut runs = Vec::with_capacity(THROUGHPUT_REPS);
     for rep in 0..THROUGHPUT_REPS {
-        let t = Instant::now();
-        let runs = jobs.iter().map(|(adapter, q)| {
-            let g = Arc::clone(g);
-            let (adapter, q) = (adapter.clone(), format!("{q} (rep {rep})"));
-            async move { g.complete(adapter.as_deref(), user(&q), sampling).await }
-        });
-        let done = futures::future::join_all(runs)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<Completion>, _>>()?;
-        let tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
-        totals.push(tokens as f64 / t.elapsed().as_secs_f64());
-        decodes.push(decode_rate_together(&done));
+        runs.push(together(g, &jobs, sampling, &format!("rep {rep}")).await?);
     }
     Ok(Throughput {
-        tokens_per_s: super::median(totals),
-        decode_tokens_per_s: super::median(decodes),
+        tokens_per_s: super::median(runs.iter().map(|t| t.tokens_per_s).collect()),
+        decode_tokens_per_s: super::median(runs.iter().map(|t| t.decode_tokens_per_s).collect()),
     })
+}
+
+/// One run of `jobs` (adapter, question) at once, each question marked by `mark` (a new prompt
+/// each run, so no engine answers from a prompt cache).
+async fn together(
+    g: &Arc<Generator>,
+    jobs: &[(Option<String>, String)],
+    sampling: Sampling,
+    mark: &str,
+) -> Result<Throughput, GenerateError> {
+    let t = Instant::now();
+    let runs = jobs.iter().map(|(adapter, q)| {
+        let g = Arc::clone(g);
+        let (adapter, q) = (adapter.clone(), format!("{q} ({mark})"));
+        async move { g.complete(adapter.as_deref(), user(&q), sampling).await }
+    });
+    let done = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<Completion>, _>>()?;
+    let tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
+    Ok(Throughput {
+        tokens_per_s: tokens as f64 / t.elapsed().as_secs_f64(),
+        decode_tokens_per_s: decode_rate_together(&done),
+    })
+}
+
+/// Mixed traffic against one request, paired: [`MIXED_PAIRS`] times one request, then the 8
+/// over 4 adapters, back to back. A single request's rate moves by tens of percent between
+/// minutes on a shared machine; each pair's ratio shares the machine's state.
+async fn mixed_against_one(
+    g: &Arc<Generator>,
+    one: &[(Option<String>, String)],
+    mixed: &[(Option<String>, String)],
+    sampling: Sampling,
+) -> Result<MixedPairs, GenerateError> {
+    let (mut end_to_end, mut decode) = (Vec::new(), Vec::new());
+    for pair in 0..MIXED_PAIRS {
+        let mark = format!("pair {pair}");
+        let a = together(g, one, sampling, &mark).await?;
+        let b = together(g, mixed, sampling, &mark).await?;
+        end_to_end.push(b.tokens_per_s / a.tokens_per_s);
+        decode.push(b.decode_tokens_per_s / a.decode_tokens_per_s);
+    }
+    Ok(MixedPairs {
+        end_to_end_ci95: geometric_mean_ci95(&end_to_end),
+        decode_ci95: geometric_mean_ci95(&decode),
+        end_to_end_median: super::median(end_to_end),
+        decode_median: super::median(decode),
+        pairs: MIXED_PAIRS,
+    })
+}
+
+/// Pairs behind [`MixedPairs`].
+pub const MIXED_PAIRS: usize = 8;
+
+/// 8 requests over 4 adapters against one request just before them, as ratios of their
+/// throughputs: medians and geometric means with 95% intervals (`[low, mean, high]`) over
+/// [`MIXED_PAIRS`] pairs, end to end (prefill included) and of the decode rates.
+#[derive(Debug, Clone, Serialize)]
+pub struct MixedPairs {
+    pub end_to_end_median: f64,
+    pub end_to_end_ci95: Option<[f64; 3]>,
+    pub decode_median: f64,
+    pub decode_ci95: Option<[f64; 3]>,
+    pub pairs: usize,
 }
 
 /// [`decode_rate`] of requests that started together: their tokens after the first, over the
@@ -293,12 +349,19 @@ pub async fn generate_speed(
         throughput_tokens_per_s.insert(n, t.tokens_per_s);
         decode_throughput_tokens_per_s.insert(n, t.decode_tokens_per_s);
     }
-    let mixed = (0..8)
+    let mixed: Vec<(Option<String>, String)> = (0..8)
         .map(|i| {
             let adapter = adapters[i % 4].clone();
             (Some(adapter), format!("{question} (variant {i})"))
         })
         .collect();
+    let paired = mixed_against_one(
+        &g,
+        &[(None, format!("{question} (variant 0)"))],
+        &mixed,
+        sampling,
+    )
+    .await?;
     let mixed = concurrent(&g, mixed, sampling).await?;
     Ok(GenerateBench {
         engine: g.engine_name().to_string(),
@@ -322,6 +385,7 @@ pub async fn generate_speed(
         decode_throughput_tokens_per_s,
         mixed_8_over_4_tokens_per_s: mixed.tokens_per_s,
         mixed_8_over_4_decode_tokens_per_s: mixed.decode_tokens_per_s,
+        mixed_8_over_4_against_one: paired,
     })
 }
 
@@ -385,6 +449,21 @@ pub fn generate_table(b: &GenerateBench) -> String {
         b.mixed_8_over_4_tokens_per_s / single,
         b.mixed_8_over_4_decode_tokens_per_s,
         b.mixed_8_over_4_decode_tokens_per_s / single_decode
+    ));
+    let p = &b.mixed_8_over_4_against_one;
+    let ci = |c: Option<[f64; 3]>| {
+        c.map_or(String::new(), |[lo, mean, hi]| {
+            format!(", geometric mean {mean:.2}x (95% CI {lo:.2}..{hi:.2})")
+        })
+    };
+    out.push_str(&format!(
+        "paired with one request just before ({} pairs): end to end median {:.2}x{}; decode \
+         median {:.2}x{}\n",
+        p.pairs,
+        p.end_to_end_median,
+        ci(p.end_to_end_ci95),
+        p.decode_median,
+        ci(p.decode_ci95)
     ));
     out
 }
