@@ -67,8 +67,9 @@ impl Collection {
 
     /// End of a write run (an ingest, a delete): the vector store builds its index over what was
     /// written (HNSW once a segment is large enough; searches go on meanwhile), the BM25 index
-    /// merges its segments into one (searches go on over the old ones meanwhile), `kill_point` is
-    /// reached, then the collection is flushed and its index writer released.
+    /// merges segments, size tiered (`Bm25Index::compact`; searches go on over the old ones
+    /// meanwhile), `kill_point` is reached, then the collection is flushed and its index writer
+    /// released.
     pub async fn settle(&self, kill_point: &str) -> Result<(), CollectionError> {
         self.vectors.optimize().await?;
         let index = Arc::clone(&self.index);
@@ -76,7 +77,7 @@ impl Collection {
         let merged = tokio::task::spawn_blocking(move || index.compact()).await??;
         if merged > 0 {
             tracing::info!(collection = %self.name, segments = merged,
-                seconds = started.elapsed().as_secs_f64(), "BM25 segments merged into one");
+                seconds = started.elapsed().as_secs_f64(), "BM25 segments merged");
         }
         killpoint::reach(kill_point);
         self.close().await

@@ -6,9 +6,11 @@
 //!
 //! One [`Bm25Index`] owns the collection's single `IndexWriter` (tantivy allows one per index; a
 //! second process gets [`IndexError::Locked`]). Calls are blocking: async callers go through
-//! `spawn_blocking`. Knows nothing of vectors or fusion. Query building is in [`query`]; the
-//! one-time rebuild of an index written before keys existed in [`migrate`].
+//! `spawn_blocking`. Knows nothing of vectors or fusion. Query building is in [`query`]; which
+//! segments a compaction merges in [`merge`]; the one-time rebuild of an index written before keys
+//! existed in [`migrate`].
 
+mod merge;
 mod migrate;
 mod query;
 mod window;
@@ -362,18 +364,27 @@ impl Bm25Index {
         Ok(())
     }
 
-    /// Merge the index's segments into one, when more than one is searchable (background merges
-    /// finished first), and release the writer; returns how many were merged (0: nothing to do).
+    /// Merge searchable segments (background merges finished first) as [`merge::to_merge`]
+    /// picks them, and release the writer; returns how many were merged (0: nothing to do).
     /// Called at the end of a write run: every query visits every segment (a term lookup and a
     /// scorer per query word and field, its own top-k), and an ingest of many batches leaves
     /// tens of them.
     pub fn compact(&self) -> Result<usize, IndexError> {
         self.close_writer()?;
-        let ids = self
+        let metas = self
             .index
-            .searchable_segment_ids()
+            .searchable_segment_metas()
             .map_err(|e| self.tantivy_err(e))?;
-        if ids.len() <= 1 {
+        let sizes: Vec<_> = metas
+            .iter()
+            .map(|m| merge::SegmentSize {
+                id: m.id(),
+                max_doc: m.max_doc(),
+                deleted: m.num_deleted_docs(),
+            })
+            .collect();
+        let ids = merge::to_merge(&sizes);
+        if ids.is_empty() {
             return Ok(0);
         }
         self.with_writer(|writer, _| writer.merge(&ids).wait().map(|_| ()))?;
@@ -734,6 +745,42 @@ mod tests {
             chunk_key("c1"),
             "a heavy title outranks the text: {hits:?}"
         );
+    }
+
+    /// Small writes beside a large segment are merged among themselves, leaving the large one as
+    /// it is; every chunk stays searchable.
+    #[test]
+    fn small_writes_beside_a_large_segment_merge_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
+        let docs: Vec<String> = (0..40).map(|i| format!("d{i}")).collect();
+        let chunks: Vec<_> = docs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| chunk(&format!("c{i}"), d, &format!("chapter {i} of the manual")))
+            .collect();
+        index
+            .replace_documents(&docs, &chunks)
+            .expect("large write");
+        assert_eq!(index.compact().expect("compact"), 0, "one segment");
+        for word in ["vacuum", "replica", "toast"] {
+            let doc = format!("small-{word}");
+            let text = format!("the {word} settings");
+            index
+                .replace_documents(
+                    std::slice::from_ref(&doc),
+                    &[chunk(&format!("s-{word}"), &doc, &text)],
+                )
+                .expect("small write");
+        }
+        assert_eq!(index.num_segments(), 4);
+        assert_eq!(index.compact().expect("compact"), 3, "the three small ones");
+        assert_eq!(index.num_segments(), 2);
+        assert_eq!(index.num_chunks().expect("count"), 43);
+        for word in ["vacuum", "replica", "toast"] {
+            let hits = index.search(word, 3, &S).expect("search");
+            assert_eq!(hits[0].0, chunk_key(&format!("s-{word}")), "{word}");
+        }
     }
 
     /// Writes in several commits leave several segments; compacting merges them into one and
