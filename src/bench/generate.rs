@@ -349,7 +349,7 @@ pub async fn generate_speed(
         throughput_tokens_per_s.insert(n, t.tokens_per_s);
         decode_throughput_tokens_per_s.insert(n, t.decode_tokens_per_s);
     }
-    let mixed: Vec<(Option<String>, String)> = (0..8)
+    let mixed_jobs: Vec<(Option<String>, String)> = (0..8)
         .map(|i| {
             let adapter = adapters[i % 4].clone();
             (Some(adapter), format!("{question} (variant {i})"))
@@ -358,11 +358,11 @@ pub async fn generate_speed(
     let paired = mixed_against_one(
         &g,
         &[(None, format!("{question} (variant 0)"))],
-        &mixed,
+        &mixed_jobs,
         sampling,
     )
     .await?;
-    let mixed = concurrent(&g, mixed, sampling).await?;
+    let mixed = concurrent(&g, mixed_jobs, sampling).await?;
     Ok(GenerateBench {
         engine: g.engine_name().to_string(),
         isq: settings.generate.isq.clone(),

@@ -506,6 +506,13 @@ mod tests {
 
     const S: Bm25Config = Bm25Config::BEFORE_SETTINGS;
 
+    /// Write document `doc` as its one chunk `id` (a commit of its own: a segment).
+    fn write_one(index: &Bm25Index, doc: &str, id: &str, text: &str) {
+        index
+            .replace_documents(&[doc.to_string()], &[chunk(id, doc, text)])
+            .expect("write");
+    }
+
     fn chunk(id: &str, doc: &str, text: &str) -> ChunkRecord {
         ChunkRecord {
             chunk_id: id.into(),
@@ -764,14 +771,13 @@ mod tests {
             .expect("large write");
         assert_eq!(index.compact().expect("compact"), 0, "one segment");
         for word in ["vacuum", "replica", "toast"] {
-            let doc = format!("small-{word}");
             let text = format!("the {word} settings");
-            index
-                .replace_documents(
-                    std::slice::from_ref(&doc),
-                    &[chunk(&format!("s-{word}"), &doc, &text)],
-                )
-                .expect("small write");
+            write_one(
+                &index,
+                &format!("small-{word}"),
+                &format!("s-{word}"),
+                &text,
+            );
         }
         assert_eq!(index.num_segments(), 4);
         assert_eq!(index.compact().expect("compact"), 3, "the three small ones");
@@ -791,14 +797,8 @@ mod tests {
         let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
         let words = ["vacuum", "index", "replica", "backup", "planner", "toast"];
         for (i, word) in words.iter().enumerate() {
-            let doc = format!("d{i}");
             let text = format!("the {word} chapter covers {word} settings");
-            index
-                .replace_documents(
-                    std::slice::from_ref(&doc),
-                    &[chunk(&format!("c{i}"), &doc, &text)],
-                )
-                .expect("write");
+            write_one(&index, &format!("d{i}"), &format!("c{i}"), &text);
         }
         index.delete_documents(&["d5".into()]).expect("delete");
         let segments = index.num_segments();

@@ -158,15 +158,7 @@ mod avx512 {
                 // Lanes 0-7 and 8-15: `dots`' two accumulators, added as it adds them.
                 let lo = _mm512_castps512_ps256(z);
                 let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1));
-                let v = _mm256_add_ps(lo, hi);
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-                let mut sum = _mm_cvtss_f32(s);
-                for (p, q) in xs[r][whole..k].iter().zip(&ws[a][whole..]) {
-                    sum = p.mul_add(*q, sum);
-                }
-                out[a][r] = sum;
+                out[a][r] = super::finish(_mm256_add_ps(lo, hi), &xs[r][whole..k], &ws[a][whole..]);
             }
         }
         out
@@ -211,18 +203,38 @@ fn dots<const R: usize>(xs: [&[f32]; R], w: &[f32]) -> [f32; R] {
             c += STEP;
         }
         for r in 0..R {
-            let v = _mm256_add_ps(acc0[r], acc1[r]);
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            let mut sum = _mm_cvtss_f32(s);
-            for (a, b) in xs[r][whole..k].iter().zip(&w[whole..]) {
-                sum = a.mul_add(*b, sum);
-            }
-            out[r] = sum;
+            out[r] = finish(
+                _mm256_add_ps(acc0[r], acc1[r]),
+                &xs[r][whole..k],
+                &w[whole..],
+            );
         }
     }
     out
+}
+
+/// A dot product's end: the 8 lanes of `v` added up (halves, then pairs, then the last two, in
+/// that order), then the tail `x · w` beyond the vector steps, element by element. [`dots`] and
+/// the AVX-512 tiles both end here, which is what keeps their sums bit for bit equal.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[inline(always)]
+fn finish(v: std::arch::x86_64::__m256, x: &[f32], w: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: register arithmetic only; avx2 is enabled at compile time (the cfg above).
+    let mut sum = unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    };
+    for (a, b) in x.iter().zip(w) {
+        sum = a.mul_add(*b, sum);
+    }
+    sum
 }
 
 /// `[x · w for x in xs]` without AVX2: 16 independent lanes per row.
@@ -318,11 +330,7 @@ fn dots_i8<const R: usize>(xs: [QRow<'_>; R], w: QRow<'_>) -> [f32; R] {
             }
         }
         for r in 0..R {
-            let v = acc[r];
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            out[r] = _mm_cvtss_f32(s);
+            out[r] = finish(acc[r], &[], &[]);
         }
     }
     out
