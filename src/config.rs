@@ -231,9 +231,12 @@ pub struct GenerateConfig {
     pub step_tokens: usize,
     /// Native engine: seed of sampling when the temperature is above 0 (0 = from the clock).
     pub seed: u64,
-    /// Heap blocks of at least this many KiB get a mapping of their own, returned to the kernel
-    /// when freed (0 = glibc's dynamic threshold); see [`crate::heap::pin_mmap_threshold`].
+    /// glibc's heap blocks of at least this many KiB get a mapping of their own, returned to the
+    /// kernel when freed (0 = glibc's dynamic threshold); see [`crate::heap::serve`].
     pub heap_mmap_threshold_kib: usize,
+    /// MiB of freed mapped blocks kept for reuse until an answer ends; see
+    /// [`crate::heap::serve`].
+    pub heap_block_cache_mib: usize,
 }
 
 /// The in-situ quantisation types `generate.isq` accepts (GGML block formats that mistral.rs

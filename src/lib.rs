@@ -11,6 +11,10 @@
 
 #![warn(unreachable_pub)]
 
+/// Big blocks from reusable mappings, the rest from the system allocator (see [`heap::blocks`]).
+#[global_allocator]
+static ALLOCATOR: heap::Allocator = heap::Allocator;
+
 pub mod access;
 pub mod adapt;
 pub mod adapters;

@@ -34,7 +34,10 @@ fn main() -> std::process::ExitCode {
             std::env::set_var("RAYON_NUM_THREADS", settings.generate.threads.to_string());
         }
     }
-    domainrag::heap::pin_mmap_threshold(settings.generate.heap_mmap_threshold_kib);
+    domainrag::heap::serve(
+        settings.generate.heap_mmap_threshold_kib,
+        settings.generate.heap_block_cache_mib,
+    );
     domainrag::telemetry::init(&settings.log.level);
     match std::env::current_exe() {
         Ok(exe) => domainrag::ingest::pdf::use_helper(exe),

@@ -7,7 +7,7 @@
 //! over one sequence; the engine's attention of each sequence over its KV cache).
 //!
 //! `ops` holds the fused CPU ops, `simd` the vector dot products under them, `quant` the 8- and
-//! 4-bit weights. Knows nothing of prompts, tokenizers, adapters' files or scheduling.
+//! 4-bit weights, `qgemm` their prompt-chunk products. Knows nothing of prompts, tokenizers, adapters' files or scheduling.
 
 use std::path::Path;
 
@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 pub(crate) mod ops;
+pub(crate) mod qgemm;
 pub mod quant;
 pub(crate) mod simd;
 
@@ -119,17 +120,19 @@ impl Linear {
         }
     }
 
-    /// `[x·Wᵢᵀ]` for sibling linears that read the same few rows `x` on the CPU (q/k/v, gate/up
-    /// of a decode step), as one parallel pass over all their weight rows instead of one per
-    /// module (and quantised weights quantise `x` once); each product is the one
-    /// [`Linear::forward`] gives. `None` where that does not apply (more rows, another device,
-    /// mixed formats). No gradient reaches `x`: serving only.
+    /// `[x·Wᵢᵀ]` for sibling linears that read the same rows `x` on the CPU (q/k/v, gate/up), as
+    /// one parallel pass over all their weight rows instead of one per module (and quantised
+    /// weights quantise `x` once); each product is the one [`Linear::forward`] gives. `None` where
+    /// that does not apply (another device, mixed formats, more rows than a decode step's with
+    /// f32 weights or without [`qgemm`]). No gradient reaches `x`: serving only.
     pub fn forward_stacked(
         linears: &[&Linear],
         x: &Tensor,
     ) -> candle_core::Result<Option<Vec<Tensor>>> {
         let (m, k) = x.dims2()?;
-        if m > ops::FEW_ROWS || !x.device().is_cpu() {
+        let chunk = m > ops::FEW_ROWS;
+        let quantised = linears.iter().all(|l| matches!(l, Linear::Quant(_)));
+        if !x.device().is_cpu() || (chunk && !(quantised && qgemm::available())) {
             return Ok(None);
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -167,7 +170,7 @@ impl Linear {
             .collect::<Option<Vec<_>>>()
         {
             widths.extend(qs.iter().map(|q| q.rows));
-            quant::few_rows_stacked(&qs, &xs, m)
+            quant::stacked(&qs, &xs, m)
         } else {
             return Ok(None);
         };

@@ -7,8 +7,10 @@
 //!
 //! A few input rows (decode steps) are quantised to 8-bit blocks themselves and multiplied with
 //! integer multiply-adds ([`simd::dots_i8_rows`]), one weight row at a time, 4-bit rows widened to
-//! bytes once for all input rows. Prompt chunks (more rows) dequantise the matrix for one f32
-//! product. Serving only: training keeps f32 weights (gradients flow through them).
+//! bytes once for all input rows. Prompt chunks (more rows) are quantised the same way and
+//! multiplied in panels of 16 weight rows by AVX-512 VNNI ([`super::qgemm`]) where the CPU has it,
+//! and otherwise dequantise the matrix for one f32 product. Serving only: training keeps f32
+//! weights (gradients flow through them).
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -98,8 +100,14 @@ impl QMatrix {
         codes + 4 * self.scales.len()
     }
 
+    /// Row `j`'s scales, one per block.
+    pub(super) fn row_scales(&self, j: usize) -> &[f32] {
+        let nb = self.cols / BLOCK;
+        &self.scales[j * nb..(j + 1) * nb]
+    }
+
     /// Row `j`'s codes, widened to bytes in `scratch` when they are packed.
-    fn row_codes<'a>(&'a self, j: usize, scratch: &'a mut Vec<i8>) -> &'a [i8] {
+    pub(super) fn row_codes<'a>(&'a self, j: usize, scratch: &'a mut Vec<i8>) -> &'a [i8] {
         let k = self.cols;
         match &self.codes {
             Codes::I8(q) => &q[j * k..(j + 1) * k],
@@ -130,8 +138,9 @@ impl QMatrix {
         Tensor::from_vec(out, (self.rows, k), device)
     }
 
-    /// `x·Wᵀ` for `x` `(m, cols)` on the CPU: a few rows quantised and multiplied straight from
-    /// the codes, more through a dequantised matrix product.
+    /// `x·Wᵀ` for `x` `(m, cols)`: on the CPU a few rows quantised and multiplied straight from
+    /// the codes, more too where the CPU has AVX-512 VNNI ([`super::qgemm`]); otherwise through a
+    /// dequantised matrix product.
     pub fn linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (m, k) = x.dims2()?;
         if k != self.cols {
@@ -140,12 +149,24 @@ impl QMatrix {
                 self.cols
             );
         }
-        if m > super::ops::FEW_ROWS || !x.device().is_cpu() {
+        let chunk = m > super::ops::FEW_ROWS;
+        if !x.device().is_cpu() || (chunk && !super::qgemm::available()) {
             return x.matmul(&self.dequantize(x.device())?.t()?);
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let out = few_rows_stacked(&[self], &xs, m);
+        let out = stacked(&[self], &xs, m);
         Tensor::from_vec(out, (m, self.rows), x.device())
+    }
+}
+
+/// `x·Wᵢᵀ` on the CPU for `x` `(m, cols)` (row-major f32) and matrices of `cols` columns read by
+/// the same rows, as if stacked into one, `(m, Σ rows)`: a few rows through
+/// [`few_rows_stacked`], more through [`super::qgemm`] (the caller checks it is available).
+pub(crate) fn stacked(mats: &[&QMatrix], x: &[f32], m: usize) -> Vec<f32> {
+    if m > super::ops::FEW_ROWS {
+        super::qgemm::stacked(mats, x, m)
+    } else {
+        few_rows_stacked(mats, x, m)
     }
 }
 
@@ -180,7 +201,7 @@ pub(crate) fn few_rows_stacked(mats: &[&QMatrix], x: &[f32], m: usize) -> Vec<f3
 /// Quantise one block `ws` into `qs` and return its scale: the value of largest magnitude maps
 /// to code `top` (127 for 8 bits; -8 for 4 bits, whose codes run -8..=7), the rest round to the
 /// nearest code within range.
-fn quantize_block(ws: &[f32], top: f32, qs: &mut [i8]) -> f32 {
+pub(super) fn quantize_block(ws: &[f32], top: f32, qs: &mut [i8]) -> f32 {
     let m = ws
         .iter()
         .fold(0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
@@ -208,7 +229,8 @@ mod tests {
 
     /// Both formats: dequantising stays within half a step of each block's scale (and keeps each
     /// block's largest weight exact), and products for a few rows (the integer kernel, which
-    /// also quantises its input) and many (the dequantised product) stay near the f32 product.
+    /// also quantises its input) and many (the chunk kernel, or the dequantised product without
+    /// it) stay near the f32 product.
     #[test]
     fn quantised_products_are_close_to_f32() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -245,7 +267,7 @@ mod tests {
                 let ours = q.linear(&xt)?;
                 let err = max_gap(&ours, &exact)?;
                 assert!(err < tolerance, "{format:?} m={m}: {err}");
-                if m > crate::llama::ops::FEW_ROWS {
+                if m > crate::llama::ops::FEW_ROWS && !crate::llama::qgemm::available() {
                     let via_back = xt.matmul(&back.t()?)?;
                     assert!(max_gap(&ours, &via_back)? < 1e-4, "{format:?} m={m}");
                 }

@@ -1,7 +1,13 @@
-//! The process heap (glibc malloc): what domainrag asks of the allocator (when big blocks are
-//! mapped on their own, handing freed pages back to the kernel) and what it reads from it (bytes
-//! in use). Owns the allocator policy: serving pins the mmap threshold, training raises it for its
-//! duration and puts it back. Elsewhere than glibc every call here does nothing.
+//! The process heap: what domainrag asks of its allocators (when big blocks are mapped on their
+//! own, how many freed mappings wait for reuse, handing freed pages back to the kernel) and what it
+//! reads from them (bytes in use). Owns the allocator policy: serving pins glibc's mmap threshold
+//! and caps the cache of freed mappings ([`blocks`], the global allocator for blocks of 256 KiB
+//! and more); training raises both for its duration and puts them back. Elsewhere than glibc the
+//! glibc calls do nothing.
+
+pub mod blocks;
+
+pub use blocks::Allocator;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -11,28 +17,40 @@ pub const MAX_MMAP_THRESHOLD_KIB: usize = 32 << 10;
 /// The threshold this process was configured with (KiB; 0 = glibc's own, dynamic one).
 static SERVING_THRESHOLD_KIB: AtomicUsize = AtomicUsize::new(0);
 
-/// Serve every allocation of at least `kib` KiB from its own mapping, returned to the kernel when
-/// freed (`generate.heap_mmap_threshold_kib`; 0 leaves glibc's dynamic threshold).
+/// The cap of the cache of freed mapped blocks this process was configured with (MiB).
+static SERVING_CACHE_MIB: AtomicUsize = AtomicUsize::new(0);
+
+/// Freed mapped blocks training keeps for its next steps, at most.
+const TRAINING_CACHE_MIB: usize = 2048;
+
+/// Serving's policy, set once at start before threads exist: glibc serves every allocation of at
+/// least `kib` KiB (those of C libraries; Rust's blocks of 256 KiB and more are [`blocks`]') from
+/// its own mapping, returned to the kernel when freed (`generate.heap_mmap_threshold_kib`; 0
+/// leaves glibc's dynamic threshold), and up to `cache_mib` MiB of freed mapped blocks wait for
+/// reuse until the next [`release_freed_heap`] (`generate.heap_block_cache_mib`).
 ///
 /// Why: glibc starts at 128 KiB but raises its threshold to the size of each mapped block freed,
 /// up to 32 MiB, so after a few answers every KV cache block and prefill activation (hundreds of
 /// KiB to tens of MiB, a new size with each prompt length) is carved out of the arenas, whose
 /// free space then fragments: over 300 answers resident memory grew by ~17 MiB per 100 answers
 /// with the live heap flat (`bench/soak/eval.json`). A fixed threshold keeps those blocks out of
-/// the arenas. Call once at start, before threads exist.
-pub fn pin_mmap_threshold(kib: usize) {
+/// the arenas; the cache spares a prompt chunk from page-faulting each of them in afresh.
+pub fn serve(kib: usize, cache_mib: usize) {
     SERVING_THRESHOLD_KIB.store(kib, Ordering::Relaxed);
+    SERVING_CACHE_MIB.store(cache_mib, Ordering::Relaxed);
     if kib > 0 {
         set_mmap_threshold(kib);
     }
+    blocks::set_cache_cap(cache_mib << 20);
 }
 
-/// For as long as it lives: keep freed blocks of up to 32 MiB in the heap (training).
+/// For as long as it lives: keep freed blocks of up to 32 MiB in glibc's heap and up to 2 GiB of
+/// freed mapped blocks in [`blocks`]' cache (training).
 ///
 /// Every training step allocates and frees the same few hundred MB of activations; handed back
 /// to the kernel on free, each step would page-fault them in again (zeroed by the kernel).
 /// Keeping them in the heap measured ~10% more training tokens/s. Dropped, it puts the serving
-/// threshold back, so a server that ran a training job serves on as configured.
+/// policy back, so a server that ran a training job serves on as configured.
 pub struct TrainingHeap {
     _private: (),
 }
@@ -41,6 +59,7 @@ impl TrainingHeap {
     pub fn enter() -> TrainingHeap {
         set_mmap_threshold(MAX_MMAP_THRESHOLD_KIB);
         set_trim_threshold(1 << 30);
+        blocks::set_cache_cap(TRAINING_CACHE_MIB << 20);
         TrainingHeap { _private: () }
     }
 }
@@ -52,6 +71,7 @@ impl Drop for TrainingHeap {
         set_mmap_threshold(if kib > 0 { kib } else { 128 });
         // glibc's default: trim the top of the heap once 128 KiB of it is free.
         set_trim_threshold(128 * 1024);
+        blocks::set_cache_cap(SERVING_CACHE_MIB.load(Ordering::Relaxed) << 20);
         release_freed_heap();
     }
 }
@@ -83,19 +103,19 @@ fn set_trim_threshold(bytes: usize) {
 }
 
 /// Bytes of live heap allocations (glibc's `mallinfo2`: in-use bytes of the arenas plus mmapped
-/// blocks); 0 elsewhere. Unlike RSS it does not move with what the allocator keeps free or with
-/// how scattered the live allocations are: a series of it tells a leak of live objects from
-/// allocator growth.
+/// blocks, plus [`blocks`]' live mapped blocks); [`blocks`]' alone elsewhere. Unlike RSS it does
+/// not move with what the allocator keeps free or with how scattered the live allocations are: a
+/// series of it tells a leak of live objects from allocator growth.
 pub fn in_use_bytes() -> u64 {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 only reads the allocator's statistics; it is thread-safe.
         let info = unsafe { libc::mallinfo2() };
-        (info.uordblks + info.hblkhd) as u64
+        (info.uordblks + info.hblkhd + blocks::live_bytes()) as u64
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
-        0
+        blocks::live_bytes() as u64
     }
 }
 
@@ -105,17 +125,17 @@ pub fn in_use_mib() -> f64 {
 }
 
 /// Bytes of live allocations that have a mapping of their own (glibc's `mallinfo2().hblkhd`:
-/// blocks at or over the mmap threshold), in MiB; 0 elsewhere.
+/// blocks at or over the mmap threshold, and [`blocks`]' live ones), in MiB.
 pub fn mapped_mib() -> f64 {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: as in `in_use_bytes`.
         let info = unsafe { libc::mallinfo2() };
-        info.hblkhd as f64 / (1024.0 * 1024.0)
+        (info.hblkhd + blocks::live_bytes()) as f64 / (1024.0 * 1024.0)
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
-        0.0
+        blocks::live_bytes() as f64 / (1024.0 * 1024.0)
     }
 }
 
@@ -135,8 +155,10 @@ impl Drop for ReleaseFreedOnDrop {
     }
 }
 
-/// Return free heap pages of every allocator arena to the kernel (glibc); a no-op elsewhere.
+/// Return free heap pages of every allocator arena to the kernel (glibc), and unmap the freed
+/// mapped blocks waiting for reuse.
 pub fn release_freed_heap() {
+    blocks::drain();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases memory the allocator holds as free; it is thread-safe.
     unsafe {
