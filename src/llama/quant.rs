@@ -7,7 +7,7 @@
 //!
 //! A few input rows (decode steps) are quantised to 8-bit blocks themselves and multiplied with
 //! integer multiply-adds ([`simd::dots_i8_rows`]), one weight row at a time, 4-bit rows widened to
-//! bytes once for all input rows. Prompt chunks (more rows) are quantised the same way and
+//! bytes once for all input rows. Prompt chunks (more rows) are quantised to 16-bit blocks and
 //! multiplied in panels of 16 weight rows by AVX-512 VNNI ([`super::qgemm`]) where the CPU has it,
 //! and otherwise dequantise the matrix for one f32 product. Serving only: training keeps f32
 //! weights (gradients flow through them).
@@ -201,7 +201,7 @@ pub(crate) fn few_rows_stacked(mats: &[&QMatrix], x: &[f32], m: usize) -> Vec<f3
 /// Quantise one block `ws` into `qs` and return its scale: the value of largest magnitude maps
 /// to code `top` (127 for 8 bits; -8 for 4 bits, whose codes run -8..=7), the rest round to the
 /// nearest code within range.
-pub(super) fn quantize_block(ws: &[f32], top: f32, qs: &mut [i8]) -> f32 {
+fn quantize_block(ws: &[f32], top: f32, qs: &mut [i8]) -> f32 {
     let m = ws
         .iter()
         .fold(0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
