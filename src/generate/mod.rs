@@ -169,6 +169,9 @@ impl Generator {
                 base,
             )))
         };
+        // Loading read the files and made intermediates, freed now: hand their pages back rather
+        // than keep them (some cached for reuse, `heap::blocks`) until the first answer ends.
+        crate::heap::release_freed_heap();
         Ok(Self::with_backend(settings, base_dir, registry, backend))
     }
 

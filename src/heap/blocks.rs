@@ -154,7 +154,9 @@ fn page_len(size: usize) -> usize {
 /// A block of `size` bytes, zeroed if `zeroed`: from the cache, or a fresh mapping.
 fn map_block(size: usize, zeroed: bool) -> *mut u8 {
     let len = page_len(size);
-    if let Some(p) = lock().take(len) {
+    // Taken on its own line: the lock is released before the block is zeroed.
+    let cached = lock().take(len);
+    if let Some(p) = cached {
         LIVE.fetch_add(len, Ordering::Relaxed);
         if zeroed {
             // SAFETY: the cached mapping is `len >= size` bytes, readable and writable.
