@@ -227,9 +227,9 @@ mod kernel {
                         *v = _mm512_loadu_si512(codes.add(pair * LANES * 2) as *const _);
                     }
                     for (t, w) in w.iter().enumerate() {
-                        let col = b * BLOCK + 2 * (half * HELD + t);
+                        let column = b * BLOCK + 2 * (half * HELD + t);
                         for (r, s) in sums.iter_mut().enumerate() {
-                            let at = x.add((first + r) * k + col) as *const i32;
+                            let at = x.add((first + r) * k + column) as *const i32;
                             let xv = _mm512_set1_epi32(at.read_unaligned());
                             *s = _mm512_dpwssd_epi32(*s, xv, *w);
                         }
