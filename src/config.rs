@@ -506,6 +506,12 @@ impl Settings {
                 "must be between 0 (glibc's dynamic threshold) and 32768 (32 MiB, glibc's largest)",
             );
         }
+        if self.generate.heap_block_cache_mib > crate::heap::MAX_BLOCK_CACHE_MIB {
+            return invalid(
+                "generate.heap_block_cache_mib",
+                "must be between 0 (map every block afresh) and 65536 (64 GiB)",
+            );
+        }
         if self.generate.max_concurrent == 0 {
             return invalid("generate.max_concurrent", "must be > 0");
         }
@@ -728,6 +734,10 @@ mod tests {
             ("[embedding]\nbatch_size = 0\n", "embedding.batch_size"),
             ("[generate]\nisq = \"q9\"\n", "generate.isq"),
             ("[generate]\nlora_dtype = \"bf16\"\n", "generate.lora_dtype"),
+            (
+                "[generate]\nheap_block_cache_mib = 17592186044416\n",
+                "generate.heap_block_cache_mib",
+            ),
             (
                 "[generate]\nengine = \"mistralrs\"\nlora_dtype = \"f16\"\n",
                 "generate.lora_dtype",

@@ -17,6 +17,9 @@ pub const MAX_MMAP_THRESHOLD_KIB: usize = 32 << 10;
 /// The threshold this process was configured with (KiB; 0 = glibc's own, dynamic one).
 static SERVING_THRESHOLD_KIB: AtomicUsize = AtomicUsize::new(0);
 
+/// The largest cap of the cache of freed mapped blocks a configuration may set (MiB).
+pub const MAX_BLOCK_CACHE_MIB: usize = 64 << 10;
+
 /// The cap of the cache of freed mapped blocks this process was configured with (MiB).
 static SERVING_CACHE_MIB: AtomicUsize = AtomicUsize::new(0);
 

@@ -7,7 +7,8 @@
 //! over one sequence; the engine's attention of each sequence over its KV cache).
 //!
 //! `ops` holds the fused CPU ops, `simd` the vector dot products under them, `quant` the 8- and
-//! 4-bit weights, `qgemm` their prompt-chunk products. Knows nothing of prompts, tokenizers, adapters' files or scheduling.
+//! 4-bit weights, `qgemm` their prompt-chunk products. Knows nothing of prompts, tokenizers,
+//! adapters' files or scheduling.
 
 use std::path::Path;
 
@@ -124,15 +125,14 @@ impl Linear {
     /// one parallel pass over all their weight rows instead of one per module (and quantised
     /// weights quantise `x` once); each product is the one [`Linear::forward`] gives. `None` where
     /// that does not apply (another device, mixed formats, more rows than a decode step's with
-    /// f32 weights or without [`qgemm`]). No gradient reaches `x`: serving only.
+    /// f32 weights or without [`quant::from_codes`]). No gradient reaches `x`: serving only.
     pub fn forward_stacked(
         linears: &[&Linear],
         x: &Tensor,
     ) -> candle_core::Result<Option<Vec<Tensor>>> {
         let (m, k) = x.dims2()?;
-        let chunk = m > ops::FEW_ROWS;
         let quantised = linears.iter().all(|l| matches!(l, Linear::Quant(_)));
-        if !x.device().is_cpu() || (chunk && !(quantised && qgemm::available())) {
+        if !x.device().is_cpu() || (m > ops::FEW_ROWS && !(quantised && quant::from_codes(m))) {
             return Ok(None);
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;

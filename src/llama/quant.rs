@@ -149,8 +149,7 @@ impl QMatrix {
                 self.cols
             );
         }
-        let chunk = m > super::ops::FEW_ROWS;
-        if !x.device().is_cpu() || (chunk && !super::qgemm::available()) {
+        if !x.device().is_cpu() || !from_codes(m) {
             return x.matmul(&self.dequantize(x.device())?.t()?);
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -159,9 +158,15 @@ impl QMatrix {
     }
 }
 
+/// Whether [`stacked`] multiplies `m` input rows on this CPU: a few rows always, more where
+/// [`super::qgemm`] runs; otherwise the caller dequantises.
+pub(crate) fn from_codes(m: usize) -> bool {
+    m <= super::ops::FEW_ROWS || super::qgemm::available()
+}
+
 /// `x·Wᵢᵀ` on the CPU for `x` `(m, cols)` (row-major f32) and matrices of `cols` columns read by
 /// the same rows, as if stacked into one, `(m, Σ rows)`: a few rows through
-/// [`few_rows_stacked`], more through [`super::qgemm`] (the caller checks it is available).
+/// [`few_rows_stacked`], more through [`super::qgemm`] (the caller checks [`from_codes`]).
 pub(crate) fn stacked(mats: &[&QMatrix], x: &[f32], m: usize) -> Vec<f32> {
     if m > super::ops::FEW_ROWS {
         super::qgemm::stacked(mats, x, m)
