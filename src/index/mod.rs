@@ -6,13 +6,15 @@
 //!
 //! One [`Bm25Index`] owns the collection's single `IndexWriter` (tantivy allows one per index; a
 //! second process gets [`IndexError::Locked`]). Calls are blocking: async callers go through
-//! `spawn_blocking`. Knows nothing of vectors or fusion. Query building is in [`query`]; which
+//! `spawn_blocking`. Knows nothing of vectors or fusion. Query building is in [`query`]; scoring a
+//! query's top `k` in [`topk`]; which
 //! segments a compaction merges in [`merge`]; the one-time rebuild of an index written before keys
 //! existed in [`migrate`].
 
 mod merge;
 mod migrate;
 mod query;
+mod topk;
 mod window;
 
 use std::collections::hash_map::Entry;
@@ -418,11 +420,9 @@ impl Bm25Index {
             return Ok(Vec::new());
         }
         let searcher = self.reader.searcher();
-        let query = query::free_text(&self.index, &self.fields, query, settings)
+        let clauses = query::free_text(&self.index, &self.fields, query, settings)
             .map_err(|e| self.tantivy_err(e))?;
-        let top = searcher
-            .search(&query, &TopDocs::with_limit(k).order_by_score())
-            .map_err(|e| self.tantivy_err(e))?;
+        let top = topk::top_k(&searcher, &clauses, k).map_err(|e| self.tantivy_err(e))?;
         let mut columns: HashMap<u32, Column<u64>> = HashMap::new();
         let mut out = Vec::with_capacity(top.len());
         for (score, addr) in top {

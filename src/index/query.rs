@@ -1,21 +1,22 @@
-//! Free text -> a BM25 query over a chunk's title and text, with no query syntax.
+//! Free text -> the weighted clauses of a BM25 query over a chunk's title, text and window, with
+//! no query syntax.
 //!
-//! Every clause is a term (or, for a word the analyzer splits, a phrase) that may match: a
-//! disjunction of term clauses is what tantivy scores with block-max WAND, which skips the blocks
-//! of common words' long postings that cannot change the top `k`. Stopwords stay (dropping them,
-//! from the query or from the index as well, ranked worse on SQuAD dev, new_wiki and Amazon).
+//! Every clause is a term (or, for a word the analyzer splits, a phrase) that may match; a search
+//! sums the scores of those that do ([`super::topk`]). Stopwords stay (dropping them, from the
+//! query or from the index as well, ranked worse on SQuAD dev, new_wiki and Amazon).
 
-use tantivy::query::{BooleanQuery, BoostQuery, Occur, PhraseQuery, Query, TermQuery};
-use tantivy::schema::IndexRecordOption;
+use std::collections::hash_map::{Entry, HashMap};
+
 use tantivy::{Index, Term};
 
 use super::Fields;
+use super::topk::Clause;
 use crate::config::Bm25Config;
 
 /// Words of a search query that count (a question is a few dozen; a pasted page is cut here).
 pub const MAX_QUERY_WORDS: usize = 512;
 
-/// Free text as plain disjunctive BM25 over title, text and window: each whitespace-separated word,
+/// Free text as the clauses of disjunctive BM25 over title, text and window: each whitespace-separated word,
 /// without an English possessive `'s` (the text's "Beyoncé's" indexes "beyoncé" then "s", and a
 /// question's "Beyoncé's" must match a text that says "Beyoncé"), through the field's own
 /// analyzer, is a term, or a phrase when it splits into several (`pg_dump` -> "pg dump"). Title
@@ -29,8 +30,10 @@ pub(super) fn free_text(
     fields: &Fields,
     text: &str,
     settings: &Bm25Config,
-) -> tantivy::Result<BooleanQuery> {
-    let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+) -> tantivy::Result<Vec<Clause>> {
+    let mut clauses: Vec<Clause> = Vec::new();
+    // A word asked twice is one clause counted twice (the same sum, one pass over its postings).
+    let mut seen: HashMap<Vec<Term>, usize> = HashMap::new();
     for (field, weight) in [
         (Some(fields.title), settings.title_weight),
         (Some(fields.text), 1.0),
@@ -46,23 +49,22 @@ pub(super) fn free_text(
             while stream.advance() {
                 terms.push(Term::from_field_text(field, &stream.token().text));
             }
-            let query: Box<dyn Query> = match terms.len() {
-                0 => continue,
-                1 => Box::new(TermQuery::new(
-                    terms.remove(0),
-                    IndexRecordOption::WithFreqs,
-                )),
-                _ => Box::new(PhraseQuery::new(terms)),
-            };
-            let query = if weight == 1.0 {
-                query
-            } else {
-                Box::new(BoostQuery::new(query, weight))
-            };
-            clauses.push((Occur::Should, query));
+            if terms.is_empty() {
+                continue;
+            }
+            match seen.entry(terms) {
+                Entry::Occupied(at) => clauses[*at.get()].weight += weight,
+                Entry::Vacant(slot) => {
+                    clauses.push(Clause {
+                        terms: slot.key().clone(),
+                        weight,
+                    });
+                    slot.insert(clauses.len() - 1);
+                }
+            }
         }
     }
-    Ok(BooleanQuery::new(clauses))
+    Ok(clauses)
 }
 
 /// `word` without a trailing English possessive (`'s`, `’s`).

@@ -1,0 +1,628 @@
+//! The exact BM25 top `k` of a disjunction of weighted clauses (terms, or phrases of several):
+//! the scores and the top `k` that tantivy's `BooleanQuery` of `Should` clauses gives under
+//! `TopDocs`, computed the way a question's long disjunction is cheapest.
+//!
+//! A question of a dozen words over title, text and window is ~30 clauses, a third of them common
+//! words with postings in most chunks. Tantivy's block-max WAND re-sorts every clause's cursor at
+//! each document it evaluates, which at that width costs more than the postings themselves (two
+//! thirds of a search's time in `block_wand` at 100k chunks). Here each segment is scored term at
+//! a time into one accumulator per document, the clauses that can add most first, with a
+//! histogram of the accumulated scores kept on the side. Once what the remaining (common) clauses
+//! could add is below the `k`-th best score so far, no untouched document can enter the top `k`:
+//! only the documents still within reach are completed, by seeking the remaining postings
+//! (MaxScore), the `k` best first so that the bar is high before the rest are tried. When to stop
+//! scoring whole lists is a cost rule: another list is accumulated while that is cheaper than the
+//! seeks it saves. Pure over a [`Searcher`]: no I/O of its own; knows nothing of fields or chunks.
+
+use std::cell::RefCell;
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
+
+use tantivy::fieldnorm::FieldNormReader;
+use tantivy::postings::{Postings, SegmentPostings, TermInfo};
+use tantivy::query::{Bm25Weight, EnableScoring, PhraseQuery, Query, Weight};
+use tantivy::schema::{Field, IndexRecordOption};
+use tantivy::{DocAddress, DocId, DocSet, Score, Searcher, SegmentReader, TERMINATED, Term};
+
+/// One clause: a term, or a phrase of several terms (of one field), counted `weight` times.
+#[derive(Debug, Clone)]
+pub(super) struct Clause {
+    pub(super) terms: Vec<Term>,
+    pub(super) weight: Score,
+}
+
+/// Buckets of the accumulated-score histogram (linear over 0..the sum of the clauses' bounds).
+const BUCKETS: usize = 1024;
+
+/// Copies of the histogram, by document number: postings in a row often move documents into the
+/// same bucket, and counting them in one place made each count wait for the one before (a fifth
+/// of the accumulation's time).
+const COPIES: usize = 4;
+
+/// What one seek into a long posting list costs against accumulating one posting (measured on
+/// the 100k-chunk benchmark collection: ~100 ns against ~4 ns).
+const SEEK_COST: usize = 24;
+
+thread_local! {
+    /// One accumulator per blocking thread, reused across searches (a segment's `max_doc` floats).
+    static ACCUMULATOR: RefCell<Vec<Score>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The best `k` documents for `clauses` with their scores, best first (equal scores in document
+/// order).
+pub(super) fn top_k(
+    searcher: &Searcher,
+    clauses: &[Clause],
+    k: usize,
+) -> tantivy::Result<Vec<(Score, DocAddress)>> {
+    if k == 0 || clauses.is_empty() {
+        return Ok(Vec::new());
+    }
+    let query = Prepared::new(searcher, clauses)?;
+    let mut best = Vec::new();
+    for (ord, segment) in searcher.segment_readers().iter().enumerate() {
+        let hits =
+            ACCUMULATOR.with(|acc| query.segment_top_k(ord, segment, k, &mut acc.borrow_mut()))?;
+        best.extend(
+            hits.into_iter()
+                .map(|(doc, score)| (score, DocAddress::new(ord as u32, doc))),
+        );
+    }
+    best.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    best.truncate(k);
+    Ok(best)
+}
+
+/// A term clause in one segment: its postings' place and how its matches score.
+struct List {
+    weight: Bm25Weight,
+    /// The most one match can add (BM25's limit as the term frequency grows, times the weight).
+    bound: Score,
+    field: Field,
+    info: TermInfo,
+}
+
+/// The clauses with what every segment shares: term clauses' BM25 weights from the whole index's
+/// statistics (as tantivy's `TermQuery` computes them) and each term's postings per segment;
+/// phrase clauses as tantivy weights.
+struct Prepared {
+    /// Per segment, per term clause that occurs in it: its list (unsorted).
+    lists: Vec<Vec<List>>,
+    phrases: Vec<(Box<dyn Weight>, Score)>,
+}
+
+impl Prepared {
+    fn new(searcher: &Searcher, clauses: &[Clause]) -> tantivy::Result<Prepared> {
+        let segments = searcher.segment_readers();
+        let total_docs: u64 = segments.iter().map(|s| u64::from(s.max_doc())).sum();
+        let mut lists: Vec<Vec<List>> = segments.iter().map(|_| Vec::new()).collect();
+        let mut phrases = Vec::new();
+        let mut average_norm: HashMap<Field, Score> = HashMap::new();
+        for clause in clauses {
+            let [term] = clause.terms.as_slice() else {
+                let phrase = PhraseQuery::new(clause.terms.clone());
+                let weight = phrase.weight(EnableScoring::enabled_from_searcher(searcher))?;
+                phrases.push((weight, clause.weight));
+                continue;
+            };
+            let field = term.field();
+            let mut infos = Vec::with_capacity(segments.len());
+            for segment in segments {
+                infos.push(segment.inverted_index(field)?.get_term_info(term)?);
+            }
+            let doc_freq: u64 = infos.iter().flatten().map(|i| u64::from(i.doc_freq)).sum();
+            if doc_freq == 0 {
+                continue;
+            }
+            let average = match average_norm.get(&field) {
+                Some(a) => *a,
+                None => {
+                    let mut tokens = 0u64;
+                    for segment in segments {
+                        tokens += segment.inverted_index(field)?.total_num_tokens();
+                    }
+                    *average_norm
+                        .entry(field)
+                        .or_insert(tokens as Score / total_docs as Score)
+                }
+            };
+            let weight = Bm25Weight::for_one_term_without_explain(doc_freq, total_docs, average)
+                .boost_by(clause.weight);
+            for (ord, info) in infos.into_iter().enumerate() {
+                if let Some(info) = info {
+                    lists[ord].push(List {
+                        bound: weight.max_score(),
+                        weight: weight.clone(),
+                        field,
+                        info,
+                    });
+                }
+            }
+        }
+        Ok(Prepared { lists, phrases })
+    }
+
+    /// The best `k` live documents of segment `ord`, unordered, with their exact scores.
+    fn segment_top_k(
+        &self,
+        ord: usize,
+        segment: &SegmentReader,
+        k: usize,
+        acc: &mut Vec<Score>,
+    ) -> tantivy::Result<Vec<(DocId, Score)>> {
+        let mut lists: Vec<&List> = self.lists[ord].iter().collect();
+        lists.sort_by(|a, b| b.bound.total_cmp(&a.bound));
+        // reach[i]: the most lists i.. can add to any document.
+        let mut reach = vec![0.0; lists.len() + 1];
+        for i in (0..lists.len()).rev() {
+            reach[i] = reach[i + 1] + lists[i].bound;
+        }
+        acc.clear();
+        acc.resize(segment.max_doc() as usize, 0.0);
+        let mut histogram = Histogram::new(reach[0]);
+        for (weight, boost) in &self.phrases {
+            let mut scorer = weight.scorer(segment, *boost)?;
+            let mut doc = scorer.doc();
+            while doc != TERMINATED {
+                if segment.alive_bitset().is_none_or(|a| a.is_alive(doc)) {
+                    histogram.add(doc, &mut acc[doc as usize], scorer.score());
+                }
+                doc = scorer.advance();
+            }
+        }
+        let mut done = 0;
+        let mut bar = None;
+        while done < lists.len() {
+            bar = histogram.stop_before(k, &reach[done..], lists[done].info.doc_freq);
+            if bar.is_some() {
+                #[cfg(test)]
+                tests::STOPPED.with(|s| s.set(s.get() + 1));
+                break;
+            }
+            accumulate(segment, lists[done], acc, &mut histogram)?;
+            done += 1;
+        }
+        // Untouched documents (0) are out of reach once there is a bar (reach[done] < bar).
+        let cut = bar.map_or(Score::MIN_POSITIVE, |b| b - reach[done]);
+        let candidates = at_least(acc, cut);
+        complete(segment, &lists[done..], &reach[done..], candidates, k)
+    }
+}
+
+/// Add every live match of `list` to the accumulator.
+fn accumulate(
+    segment: &SegmentReader,
+    list: &List,
+    acc: &mut [Score],
+    histogram: &mut Histogram,
+) -> tantivy::Result<()> {
+    let norms = segment.get_fieldnorms_reader(list.field)?;
+    let mut block = segment
+        .inverted_index(list.field)?
+        .read_block_postings_from_terminfo(&list.info, IndexRecordOption::WithFreqs)?;
+    let alive = segment.alive_bitset();
+    while block.block_len() > 0 {
+        for (&doc, &freq) in block.docs().iter().zip(block.freqs()) {
+            if alive.is_none_or(|a| a.is_alive(doc)) {
+                let score = list.weight.score(norms.fieldnorm_id(doc), freq);
+                histogram.add(doc, &mut acc[doc as usize], score);
+            }
+        }
+        block.advance();
+    }
+    Ok(())
+}
+
+/// The documents whose accumulated score is at least `cut`, in document order.
+fn at_least(acc: &[Score], cut: Score) -> Vec<(DocId, Score)> {
+    const LANES: usize = 16;
+    let mut out = Vec::new();
+    for (block, scores) in acc.chunks(LANES).enumerate() {
+        // The block's largest score, as a fold the compiler turns into vector maxima.
+        if scores.iter().fold(Score::MIN, |m, &s| m.max(s)) >= cut {
+            for (lane, &s) in scores.iter().enumerate() {
+                if s >= cut {
+                    out.push(((block * LANES + lane) as DocId, s));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The best `k` of `candidates` (document order, partial scores) once `lists` (best bound first,
+/// `reach` their suffix sums) are added: the `k` best partial scores are completed first, which
+/// sets a bar; every other candidate is completed only while it can still pass the bar.
+fn complete(
+    segment: &SegmentReader,
+    lists: &[&List],
+    reach: &[Score],
+    mut candidates: Vec<(DocId, Score)>,
+    k: usize,
+) -> tantivy::Result<Vec<(DocId, Score)>> {
+    if lists.is_empty() {
+        return Ok(best(candidates, k));
+    }
+    let mut rest = Vec::new();
+    if candidates.len() > k {
+        candidates.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+        rest = candidates.split_off(k);
+        candidates.sort_unstable_by_key(|c| c.0);
+        rest.sort_unstable_by_key(|c| c.0);
+    }
+    let mut cursors = Cursors::open(segment, lists)?;
+    let mut out = Vec::with_capacity(candidates.len() + k);
+    for (doc, partial) in candidates {
+        if let Some(score) = cursors.complete(doc, partial, reach, Score::MIN) {
+            out.push((doc, score));
+        }
+    }
+    if rest.is_empty() {
+        return Ok(out);
+    }
+    let mut kept: BinaryHeap<Reverse<Ranked>> = out.iter().map(|c| Reverse(Ranked(c.1))).collect();
+    let mut bar = kept.peek().map_or(Score::MIN, |r| r.0.0);
+    let mut cursors = Cursors::open(segment, lists)?;
+    for (doc, partial) in rest {
+        if partial + reach[0] < bar {
+            continue;
+        }
+        let Some(score) = cursors.complete(doc, partial, reach, bar) else {
+            continue;
+        };
+        if score >= bar {
+            out.push((doc, score));
+            kept.pop();
+            kept.push(Reverse(Ranked(score)));
+            bar = kept.peek().map_or(Score::MIN, |r| r.0.0);
+        }
+    }
+    Ok(best(out, k))
+}
+
+/// The best `k` of `hits`, best first, equal scores in document order.
+fn best(mut hits: Vec<(DocId, Score)>, k: usize) -> Vec<(DocId, Score)> {
+    hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    hits.truncate(k);
+    hits
+}
+
+/// A score ordered by `total_cmp` (for the heap of the `k` best).
+#[derive(PartialEq)]
+struct Ranked(Score);
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// One forward cursor per remaining list, for documents visited in increasing order.
+struct Cursors<'a> {
+    lists: &'a [&'a List],
+    postings: Vec<(SegmentPostings, FieldNormReader)>,
+}
+
+impl<'a> Cursors<'a> {
+    fn open(segment: &SegmentReader, lists: &'a [&'a List]) -> tantivy::Result<Cursors<'a>> {
+        let mut postings = Vec::with_capacity(lists.len());
+        for list in lists {
+            let inverted = segment.inverted_index(list.field)?;
+            postings.push((
+                inverted.read_postings_from_terminfo(&list.info, IndexRecordOption::WithFreqs)?,
+                segment.get_fieldnorms_reader(list.field)?,
+            ));
+        }
+        Ok(Cursors { lists, postings })
+    }
+
+    /// `doc`'s score with every list added to `partial`, or `None` as soon as it cannot reach
+    /// `bar` (`reach[j]`: the most lists j.. can add).
+    fn complete(
+        &mut self,
+        doc: DocId,
+        partial: Score,
+        reach: &[Score],
+        bar: Score,
+    ) -> Option<Score> {
+        let mut score = partial;
+        for (j, (postings, norms)) in self.postings.iter_mut().enumerate() {
+            if score + reach[j] < bar {
+                return None;
+            }
+            let mut at = postings.doc();
+            if at < doc {
+                at = postings.seek(doc);
+            }
+            if at == doc {
+                score += self.lists[j]
+                    .weight
+                    .score(norms.fieldnorm_id(doc), postings.term_freq());
+            }
+        }
+        Some(score)
+    }
+}
+
+/// How many documents have accumulated how much, in linear buckets over `0..top` (scores above
+/// `top`, from phrases, count in the last bucket; bucket 0 holds what is below one bucket and is
+/// never used as a bar).
+struct Histogram {
+    counts: [[i32; BUCKETS]; COPIES],
+    scale: Score,
+}
+
+impl Histogram {
+    fn new(top: Score) -> Histogram {
+        Histogram {
+            counts: [[0; BUCKETS]; COPIES],
+            scale: (BUCKETS - 1) as Score / top.max(Score::MIN_POSITIVE),
+        }
+    }
+
+    fn bucket(&self, score: Score) -> usize {
+        ((score * self.scale) as usize).min(BUCKETS - 1)
+    }
+
+    /// Add `score` to document `doc`, whose accumulator is `slot`.
+    #[inline]
+    fn add(&mut self, doc: DocId, slot: &mut Score, score: Score) {
+        let old = *slot;
+        *slot = old + score;
+        let (from, to) = (self.bucket(old), self.bucket(old + score));
+        let counts = &mut self.counts[doc as usize % COPIES];
+        counts[from] -= 1;
+        counts[to] += 1;
+    }
+
+    /// The documents in bucket `b`.
+    fn count(&self, b: usize) -> i64 {
+        self.counts.iter().map(|c| i64::from(c[b])).sum()
+    }
+
+    /// A score at most the `k`-th best accumulated so far (the lower edge of its bucket).
+    fn kth_floor(&self, k: usize) -> Option<Score> {
+        let mut seen = 0i64;
+        for b in (1..BUCKETS).rev() {
+            seen += self.count(b);
+            if seen >= k as i64 {
+                return Some(b as Score / self.scale);
+            }
+        }
+        None
+    }
+
+    /// How many documents have accumulated at least (about) `score`.
+    fn count_from(&self, score: Score) -> usize {
+        let first = self.bucket(score.max(0.0)).max(1);
+        (first..BUCKETS).map(|b| self.count(b) as usize).sum()
+    }
+
+    /// The bar to complete candidates against, when scoring whole lists should stop before the
+    /// next one (`reach[0]`: what it and the rest can add; `reach[1]`: the rest without it;
+    /// `doc_freq`: its length); `None` to accumulate it. Stopping needs the bar to be out of
+    /// every untouched document's reach, and to cost fewer seeks than accumulating the list
+    /// would save.
+    fn stop_before(&self, k: usize, reach: &[Score], doc_freq: u32) -> Option<Score> {
+        let bar = self.kth_floor(k)?;
+        if reach[0] >= bar {
+            return None;
+        }
+        let now = self.count_from(bar - reach[0]);
+        let after = self.count_from(bar - reach[1]);
+        (now * SEEK_COST <= doc_freq as usize + after * SEEK_COST).then_some(bar)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use tantivy::collector::TopDocs;
+    use tantivy::query::{BooleanQuery, BoostQuery, Occur, TermQuery};
+    use tantivy::schema::{STRING, Schema, TextFieldIndexing, TextOptions};
+    use tantivy::{Index, IndexWriter, doc};
+
+    use super::*;
+    use crate::rng::Rng;
+
+    thread_local! {
+        /// Searches that stopped accumulating whole lists and completed candidates by seeking.
+        pub(super) static STOPPED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// The words of the documents that say a few common words many times.
+    const DENSE: [&str; 2] = ["w1", "w2"];
+
+    /// A word of a 300-word vocabulary, drawn with Zipf-like odds (word 0 is in nearly every
+    /// document, as "the" is; the tail is rare).
+    fn word(rng: &mut Rng) -> String {
+        let u = rng.uniform().max(1e-6);
+        format!("w{}", ((1.0 / u) as usize - 1).min(299))
+    }
+
+    /// 3,000 documents of 1..=120 words in two fields (every 25th one a few common words said
+    /// many times), written in three segments (no merging), a tenth of them deleted afterwards.
+    fn corpus(rng: &mut Rng) -> (Index, Field, Field) {
+        let mut builder = Schema::builder();
+        let id = builder.add_text_field("id", STRING);
+        let text = TextOptions::default().set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer("en_stem")
+                .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+        );
+        let a = builder.add_text_field("a", text.clone());
+        let b = builder.add_text_field("b", text);
+        let index = Index::create_in_ram(builder.build());
+        let mut writer: IndexWriter = index
+            .writer_with_num_threads(1, 15_000_000)
+            .expect("writer");
+        writer.set_merge_policy(Box::new(tantivy::indexer::NoMergePolicy));
+        for n in 0..3000 {
+            let len = 1 + (rng.next_u64() % 120) as usize;
+            let mut words: Vec<String> = (0..len).map(|_| word(rng)).collect();
+            if n % 25 == 0 {
+                // Common words said many times, interleaved: such a document gets nearly all that
+                // those words' clauses can give, so the bound on what lists left to seek can add
+                // is nearly reached (queries that ask for exactly these words test that bound).
+                let times = 20 + (rng.next_u64() % 40) as usize;
+                words = DENSE
+                    .iter()
+                    .cycle()
+                    .take(times)
+                    .map(|w| w.to_string())
+                    .collect();
+                words.push(word(rng));
+            }
+            let short = words[..words.len().min(6)].join(" ");
+            writer
+                .add_document(doc!(id => n.to_string(), a => short, b => words.join(" ")))
+                .expect("add");
+            if n % 1000 == 999 {
+                writer.commit().expect("commit");
+            }
+        }
+        for n in (0..3000).step_by(10) {
+            writer.delete_term(Term::from_field_text(id, &n.to_string()));
+        }
+        writer.commit().expect("commit deletes");
+        (index, a, b)
+    }
+
+    /// What tantivy gives for the same clauses: a `BooleanQuery` of boosted `Should` clauses.
+    fn tantivy_top(searcher: &Searcher, clauses: &[Clause], k: usize) -> Vec<(Score, DocAddress)> {
+        let query = BooleanQuery::new(
+            clauses
+                .iter()
+                .map(|c| {
+                    let inner: Box<dyn Query> = match c.terms.as_slice() {
+                        [term] => {
+                            Box::new(TermQuery::new(term.clone(), IndexRecordOption::WithFreqs))
+                        }
+                        terms => Box::new(PhraseQuery::new(terms.to_vec())),
+                    };
+                    let boosted: Box<dyn Query> = Box::new(BoostQuery::new(inner, c.weight));
+                    (Occur::Should, boosted)
+                })
+                .collect(),
+        );
+        searcher
+            .search(&query, &TopDocs::with_limit(k).order_by_score())
+            .expect("tantivy search")
+    }
+
+    /// Same length, the same score at every rank, and the same documents wherever a score is
+    /// clear of the last one kept (which of several equal scores make the cut may differ).
+    fn assert_same(ours: &[(Score, DocAddress)], theirs: &[(Score, DocAddress)], what: &str) {
+        assert_eq!(ours.len(), theirs.len(), "{what}: lengths");
+        let close = |x: Score, y: Score| (x - y).abs() <= 1e-4 * x.abs().max(1.0);
+        for (rank, (o, t)) in ours.iter().zip(theirs).enumerate() {
+            assert!(close(o.0, t.0), "{what}: rank {rank}: {} vs {}", o.0, t.0);
+        }
+        let Some(last) = theirs.last().map(|t| t.0) else {
+            return;
+        };
+        // Clear of the last score by ten times the tolerance, so that no tie reaches across.
+        let sure = |hits: &[(Score, DocAddress)]| {
+            let mut docs: Vec<DocAddress> = hits
+                .iter()
+                .filter(|h| h.0 - last > 1e-3 * last.abs().max(1.0))
+                .map(|h| h.1)
+                .collect();
+            docs.sort();
+            docs
+        };
+        let (ours, theirs) = (sure(ours), sure(theirs));
+        let only = |x: &[DocAddress], y: &[DocAddress]| -> Vec<DocAddress> {
+            x.iter().filter(|d| !y.contains(d)).copied().collect()
+        };
+        assert!(
+            ours == theirs,
+            "{what}: only ours {:?}, only tantivy's {:?}",
+            only(&ours, &theirs),
+            only(&theirs, &ours)
+        );
+    }
+
+    #[test]
+    fn the_top_k_is_tantivys_over_segments_deletes_weights_and_phrases() {
+        let mut rng = Rng::new(7);
+        let (index, a, b) = corpus(&mut rng);
+        let reader = index.reader().expect("reader");
+        let searcher = reader.searcher();
+        assert_eq!(searcher.segment_readers().len(), 3);
+        STOPPED.with(|s| s.set(0));
+        for q in 0..300 {
+            let mut clauses = Vec::new();
+            if q % 3 == 0 {
+                for field in [a, b] {
+                    for w in DENSE {
+                        clauses.push(Clause {
+                            terms: vec![Term::from_field_text(field, w)],
+                            weight: 1.0,
+                        });
+                    }
+                }
+            }
+            for _ in 0..1 + rng.next_u64() % 24 {
+                let field = if rng.uniform() < 0.3 { a } else { b };
+                let weight = [0.5, 1.0, 2.0][(rng.next_u64() % 3) as usize];
+                let words = if rng.uniform() < 0.05 { 2 } else { 1 };
+                let terms = (0..words)
+                    .map(|_| Term::from_field_text(field, &word(&mut rng)))
+                    .collect();
+                clauses.push(Clause { terms, weight });
+            }
+            for k in [1, 10, 50, 400] {
+                let ours = top_k(&searcher, &clauses, k).expect("top k");
+                assert_same(
+                    &ours,
+                    &tantivy_top(&searcher, &clauses, k),
+                    &format!("query {q}, k {k}"),
+                );
+            }
+        }
+        let stopped = STOPPED.with(Cell::get);
+        assert!(stopped > 100, "the seek path ran in {stopped} searches");
+    }
+
+    #[test]
+    fn nothing_to_match_is_nothing_found() {
+        let mut rng = Rng::new(1);
+        let (index, a, _) = corpus(&mut rng);
+        let searcher = index.reader().expect("reader").searcher();
+        let absent = Clause {
+            terms: vec![Term::from_field_text(a, "absent")],
+            weight: 1.0,
+        };
+        assert!(top_k(&searcher, &[absent], 10).expect("search").is_empty());
+        assert!(top_k(&searcher, &[], 10).expect("search").is_empty());
+    }
+
+    #[test]
+    fn the_histograms_floor_is_never_above_the_kth_best() {
+        let mut rng = Rng::new(3);
+        let mut histogram = Histogram::new(40.0);
+        let mut acc = vec![0.0; 500];
+        for _ in 0..5000 {
+            let doc = (rng.next_u64() % 500) as usize;
+            histogram.add(doc as DocId, &mut acc[doc], rng.uniform() * 3.0);
+        }
+        let mut sorted = acc.clone();
+        sorted.sort_by(|x, y| y.total_cmp(x));
+        for k in [1, 10, 50, 200] {
+            let floor = histogram.kth_floor(k).expect("enough documents");
+            assert!(floor <= sorted[k - 1], "k {k}: {floor} > {}", sorted[k - 1]);
+            assert!(sorted[k - 1] - floor <= 40.0 / (BUCKETS - 1) as Score + 1e-4);
+        }
+        assert_eq!(histogram.kth_floor(501), None);
+    }
+}
