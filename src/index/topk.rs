@@ -14,9 +14,9 @@
 //! scoring whole lists is a cost rule: another list is accumulated while that is cheaper than the
 //! seeks it saves. Pure over a [`Searcher`]: no I/O of its own; knows nothing of fields or chunks.
 
-use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::Mutex;
 
 use tantivy::fieldnorm::FieldNormReader;
 use tantivy::postings::{Postings, SegmentPostings, TermInfo};
@@ -43,9 +43,27 @@ const COPIES: usize = 4;
 /// the 100k-chunk benchmark collection: ~100 ns against ~4 ns).
 const SEEK_COST: usize = 24;
 
-thread_local! {
-    /// One accumulator per blocking thread, reused across searches (a segment's `max_doc` floats).
-    static ACCUMULATOR: RefCell<Vec<Score>> = const { RefCell::new(Vec::new()) };
+/// Accumulators (a segment's `max_doc` floats each) kept for the next searches: as many as ran at
+/// once, up to [`POOLED`], whichever blocking thread runs them.
+static POOL: Mutex<Vec<Vec<Score>>> = Mutex::new(Vec::new());
+
+/// The most accumulators kept between searches.
+const POOLED: usize = 4;
+
+/// Run `f` with an accumulator from the pool (or a new one), and keep it for the next search.
+fn with_accumulator<T>(f: impl FnOnce(&mut Vec<Score>) -> T) -> T {
+    let mut acc = POOL
+        .lock()
+        .ok()
+        .and_then(|mut pool| pool.pop())
+        .unwrap_or_default();
+    let out = f(&mut acc);
+    if let Ok(mut pool) = POOL.lock()
+        && pool.len() < POOLED
+    {
+        pool.push(acc);
+    }
+    out
 }
 
 /// The best `k` documents for `clauses` with their scores, best first (equal scores in document
@@ -61,8 +79,7 @@ pub(super) fn top_k(
     let query = Prepared::new(searcher, clauses)?;
     let mut best = Vec::new();
     for (ord, segment) in searcher.segment_readers().iter().enumerate() {
-        let hits =
-            ACCUMULATOR.with(|acc| query.segment_top_k(ord, segment, k, &mut acc.borrow_mut()))?;
+        let hits = with_accumulator(|acc| query.segment_top_k(ord, segment, k, acc))?;
         best.extend(
             hits.into_iter()
                 .map(|(doc, score)| (score, DocAddress::new(ord as u32, doc))),
