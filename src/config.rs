@@ -72,7 +72,27 @@ pub struct VectorsConfig {
     pub backend: VectorBackend,
     /// Candidates the embedded store's HNSW search explores (higher: closer to exact, slower).
     pub hnsw_ef: usize,
+    /// Whether the embedded store's HNSW segments keep int8 copies of the vectors to search with.
+    pub quantization: VectorQuantization,
+    /// With int8 vectors: a search re-scores this many times `k` of them with the full vectors.
+    pub oversampling: f64,
     pub qdrant: QdrantConfig,
+}
+
+impl VectorsConfig {
+    /// The oversampling a search uses when the vectors are quantized, else `None`.
+    pub fn int8_oversampling(&self) -> Option<f64> {
+        (self.quantization == VectorQuantization::Int8).then_some(self.oversampling)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VectorQuantization {
+    /// Full f32 vectors only.
+    None,
+    /// int8 scalars beside the f32 vectors (a quarter of their size), re-scored with the f32 ones.
+    Int8,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -414,6 +434,9 @@ impl Settings {
         if self.embedding.batch_size == 0 {
             return invalid("embedding.batch_size", "must be > 0");
         }
+        if !(1.0..=16.0).contains(&self.vectors.oversampling) {
+            return invalid("vectors.oversampling", "must be between 1 and 16");
+        }
         if self.embedding.onnx_file.is_empty() {
             return invalid(
                 "embedding.onnx_file",
@@ -734,6 +757,8 @@ mod tests {
             ("[embedding]\nbatch_size = 0\n", "embedding.batch_size"),
             ("[generate]\nisq = \"q9\"\n", "generate.isq"),
             ("[generate]\nlora_dtype = \"bf16\"\n", "generate.lora_dtype"),
+            ("[vectors]\noversampling = 0.5\n", "vectors.oversampling"),
+            ("[vectors]\nquantization = \"int4\"\n", "quantization"),
             (
                 "[generate]\nheap_block_cache_mib = 17592186044416\n",
                 "generate.heap_block_cache_mib",

@@ -22,8 +22,9 @@ use qdrant_edge::{
     Condition, CountRequest, CreateIndex, DEFAULT_VECTOR_NAME, Distance, EdgeConfig, EdgeShard,
     EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, NamedQuery,
     PayloadFieldSchema, PayloadSchemaType, PointId, PointInsertOperations, PointOperations,
-    PointStruct, PointStructPersisted, QueryEnum, QueryRequest, ScoredPoint, ScoringQuery,
-    SearchParams, UpdateOperation, VectorInternal, WithPayloadInterface, WithVector,
+    PointStruct, PointStructPersisted, QuantizationConfig, QuantizationSearchParams, QueryEnum,
+    QueryRequest, ScalarQuantizationConfig, ScalarType, ScoredPoint, ScoringQuery, SearchParams,
+    UpdateOperation, VectorInternal, WithPayloadInterface, WithVector,
 };
 use serde_json::json;
 
@@ -53,6 +54,8 @@ struct Inner {
     dimension: usize,
     /// Candidates an HNSW search explores.
     hnsw_ef: usize,
+    /// With int8 vectors: how many times `k` of them a search re-scores with the full vectors.
+    int8_oversampling: Option<f64>,
     /// `None` once [`VectorStore::drop_store`] has closed and removed the shard.
     shard: RwLock<Option<EdgeShard>>,
 }
@@ -76,7 +79,9 @@ impl fmt::Debug for EdgeStore {
 }
 
 impl EdgeStore {
-    /// Open the shard in `dir`, creating it (and `dir`) when there is none yet.
+    /// Open the shard in `dir`, creating it (and `dir`) when there is none yet. With
+    /// `int8_oversampling`, HNSW segments keep int8 copies of their vectors for the search (see
+    /// [`open_shard`]).
     ///
     /// An existing shard must hold one unnamed cosine vector of `dimension` values, else
     /// [`VectorError::Dimension`] (size differs) or [`VectorError::Edge`] (another layout).
@@ -84,14 +89,18 @@ impl EdgeStore {
         dir: PathBuf,
         dimension: usize,
         hnsw_ef: usize,
+        int8_oversampling: Option<f64>,
     ) -> Result<Self, VectorError> {
         let path = dir.clone();
-        let shard = tokio::task::spawn_blocking(move || open_shard(&path, dimension)).await??;
+        let int8 = int8_oversampling.is_some();
+        let shard =
+            tokio::task::spawn_blocking(move || open_shard(&path, dimension, int8)).await??;
         Ok(Self {
             inner: Arc::new(Inner {
                 path: dir,
                 dimension,
                 hnsw_ef,
+                int8_oversampling,
                 shard: RwLock::new(Some(shard)),
             }),
         })
@@ -206,8 +215,17 @@ impl VectorStore for EdgeStore {
     }
 
     async fn search(&self, vector: Vec<f32>, k: usize) -> Result<Vec<VectorHit>, VectorError> {
+        // Segments without int8 vectors (small ones, or built before they were asked for) are
+        // searched with their full vectors whatever these parameters say.
         let params = SearchParams {
             hnsw_ef: Some(self.inner.hnsw_ef),
+            quantization: self.inner.int8_oversampling.map(|oversampling| {
+                QuantizationSearchParams {
+                    ignore: false,
+                    rescore: Some(true),
+                    oversampling: Some(oversampling),
+                }
+            }),
             ..SearchParams::default()
         };
         self.query(vector, k, params).await
@@ -220,6 +238,11 @@ impl VectorStore for EdgeStore {
     ) -> Result<Vec<VectorHit>, VectorError> {
         let params = SearchParams {
             exact: true,
+            // Every full vector compared: the int8 copies are what is being checked against this.
+            quantization: Some(QuantizationSearchParams {
+                ignore: true,
+                ..QuantizationSearchParams::default()
+            }),
             ..SearchParams::default()
         };
         self.query(vector, k, params).await
@@ -278,10 +301,26 @@ impl VectorStore for EdgeStore {
     }
 }
 
-/// Load the shard at `path`, or create it when the directory holds none.
-fn open_shard(path: &Path, dimension: usize) -> Result<EdgeShard, VectorError> {
+/// Load the shard at `path`, or create it when the directory holds none; `int8`: whether its HNSW
+/// segments keep int8 copies of their vectors. A shard whose stored config says otherwise is
+/// loaded with this one: its segments are rebuilt to match at the next `optimize` (qdrant's
+/// config-mismatch optimiser, the end of an ingest), and searched as they are until then.
+fn open_shard(path: &Path, dimension: usize, int8: bool) -> Result<EdgeShard, VectorError> {
     if holds_shard(path) {
-        let shard = EdgeShard::load(path, None).map_err(|e| {
+        let config = match EdgeConfig::load(path) {
+            Some(Ok(mut stored)) => {
+                stored.quantization_config = quantization(int8);
+                Some(stored)
+            }
+            Some(Err(e)) => {
+                return Err(edge_error(
+                    path,
+                    format!("cannot read the shard's config: {e}"),
+                ));
+            }
+            None => None,
+        };
+        let shard = EdgeShard::load(path, config).map_err(|e| {
             let message = e.to_string();
             // The shard's WAL is file-locked by whichever process (or handle) opened it first.
             if message.contains("WouldBlock") {
@@ -307,7 +346,7 @@ fn open_shard(path: &Path, dimension: usize) -> Result<EdgeShard, VectorError> {
     // (qdrant's defaults: m 16, ef_construct 100) over segments past qdrant's indexing threshold;
     // smaller ones are searched exactly. Payloads are only read for hits and deletes, so they stay
     // on disk.
-    let config = EdgeConfig::builder()
+    let mut config = EdgeConfig::builder()
         .vector(
             DEFAULT_VECTOR_NAME,
             EdgeVectorParams::builder(dimension, Distance::Cosine)
@@ -316,6 +355,7 @@ fn open_shard(path: &Path, dimension: usize) -> Result<EdgeShard, VectorError> {
         )
         .on_disk_payload(true)
         .build();
+    config.quantization_config = quantization(int8);
     let shard = EdgeShard::new(path, config)
         .map_err(|e| edge_error(path, format!("cannot create the shard: {e}")))?;
     shard
@@ -329,6 +369,18 @@ fn open_shard(path: &Path, dimension: usize) -> Result<EdgeShard, VectorError> {
     // Loading does not replay the WAL, so write the new shard and its index out now.
     shard.flush();
     Ok(shard)
+}
+
+/// The shard-wide quantization: int8 scalars (the 0.99 quantile of the values sets their range),
+/// kept in RAM, or none.
+fn quantization(int8: bool) -> Option<QuantizationConfig> {
+    int8.then(|| {
+        QuantizationConfig::from(ScalarQuantizationConfig {
+            r#type: ScalarType::Int8,
+            quantile: Some(0.99),
+            always_ram: Some(true),
+        })
+    })
 }
 
 /// Whether qdrant-edge has written a shard into `path` before.
@@ -464,7 +516,7 @@ mod tests {
     }
 
     async fn store_with_three_points(dir: &Path) -> EdgeStore {
-        let store = EdgeStore::open(dir.join("vectors"), DIM, 128)
+        let store = EdgeStore::open(dir.join("vectors"), DIM, 128, None)
             .await
             .expect("a new store opens");
         store
@@ -481,7 +533,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_store_is_empty() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = EdgeStore::open(dir.path().join("vectors"), DIM, 128)
+        let store = EdgeStore::open(dir.path().join("vectors"), DIM, 128, None)
             .await
             .expect("a new store opens");
         assert_eq!(store.count().await.expect("count"), 0);
@@ -573,7 +625,7 @@ mod tests {
             store.flush().await.expect("flush");
         }
 
-        let store = EdgeStore::open(dir.path().join("vectors"), DIM, 128)
+        let store = EdgeStore::open(dir.path().join("vectors"), DIM, 128, None)
             .await
             .expect("the store reopens");
 
@@ -631,7 +683,7 @@ mod tests {
 
         store.flush().await.expect("flush");
         drop(store);
-        let err = EdgeStore::open(dir.path().join("vectors"), 8, 128)
+        let err = EdgeStore::open(dir.path().join("vectors"), 8, 128, None)
             .await
             .expect_err("reopening with another dimension fails");
         assert!(matches!(
@@ -654,56 +706,64 @@ mod tests {
         assert!(matches!(store.count().await, Err(VectorError::Edge { .. })));
     }
 
-    /// Past qdrant's indexing threshold (~6,600 vectors of 384 values), `optimize` builds HNSW;
-    /// its search finds what exact search finds, and writes after it still count.
-    #[tokio::test]
-    async fn optimize_builds_an_index_that_agrees_with_exact_search() {
-        const D: usize = 384;
-        const N: usize = 8000;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = EdgeStore::open(dir.path().join("vectors"), D, 128)
-            .await
-            .expect("a new store opens");
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut vector = || -> Vec<f32> {
+    const D: usize = 384;
+    const N: usize = 8000;
+
+    /// Clustered vectors, as embeddings of text are (uniform random vectors in 384 dimensions
+    /// have no neighbourhoods for a graph to follow, and no embedding model makes them): `N`
+    /// points around 64 centres, and queries near those centres.
+    struct Clustered {
+        seed: u64,
+        centres: Vec<Vec<f32>>,
+    }
+
+    impl Clustered {
+        fn new() -> Clustered {
+            let mut c = Clustered {
+                seed: 0x2545_f491_4f6c_dd1d,
+                centres: Vec::new(),
+            };
+            c.centres = (0..64).map(|_| c.noise()).collect();
+            c
+        }
+
+        fn noise(&mut self) -> Vec<f32> {
             (0..D)
                 .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                    self.seed ^= self.seed << 13;
+                    self.seed ^= self.seed >> 7;
+                    self.seed ^= self.seed << 17;
+                    (self.seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
                 })
                 .collect()
-        };
-        let id = |i: usize| format!("{i:016x}{}", "0".repeat(48));
-        // Clustered, as embeddings of text are (uniform random vectors in 384 dimensions have no
-        // neighbourhoods for a graph to follow, and no embedding model makes them).
-        let centres: Vec<Vec<f32>> = (0..64).map(|_| vector()).collect();
-        let near = |centre: &[f32], noise: Vec<f32>| -> Vec<f32> {
-            centre.iter().zip(noise).map(|(c, n)| c + 0.5 * n).collect()
-        };
-        let points: Vec<VectorPoint> = (0..N)
-            .map(|i| VectorPoint {
-                chunk_id: id(i),
-                doc_id: format!("doc-{}", i / 4),
-                vector: near(&centres[i % centres.len()], vector()),
-            })
-            .collect();
-        store.upsert(points).await.expect("upsert");
-        assert!(
-            store.optimize().await.expect("optimize"),
-            "an index was built"
-        );
-        let indexed = {
-            let guard = store.inner.shard.read().expect("guard");
-            guard.as_ref().expect("open").info().indexed_vectors_count
-        };
-        assert!(indexed >= N / 2, "HNSW holds the vectors: {indexed}");
-        store.flush().await.expect("flush");
+        }
 
+        fn near(&mut self, centre: usize) -> Vec<f32> {
+            let noise = self.noise();
+            let c = &self.centres[centre % self.centres.len()];
+            c.iter().zip(noise).map(|(c, n)| c + 0.5 * n).collect()
+        }
+
+        fn id(i: usize) -> String {
+            format!("{i:016x}{}", "0".repeat(48))
+        }
+
+        fn points(&mut self) -> Vec<VectorPoint> {
+            (0..N)
+                .map(|i| VectorPoint {
+                    chunk_id: Clustered::id(i),
+                    doc_id: format!("doc-{}", i / 4),
+                    vector: self.near(i),
+                })
+                .collect()
+        }
+    }
+
+    /// Of 20 queries' top 10, how many the store's search shares with exact search.
+    async fn overlap_with_exact(store: &EdgeStore, data: &mut Clustered) -> usize {
         let mut overlap = 0;
         for n in 0..20 {
-            let q = near(&centres[n * 3], vector());
+            let q = data.near(n * 3);
             let approx = store.search(q.clone(), 10).await.expect("search");
             let exact = store.search_exact(q, 10).await.expect("exact");
             overlap += approx
@@ -711,28 +771,104 @@ mod tests {
                 .filter(|a| exact.iter().any(|e| e.key == a.key))
                 .count();
         }
-        assert!(overlap >= 180, "recall@10 against exact: {overlap}/200");
+        overlap
+    }
 
-        // A point written after the build is found, a deleted document is gone.
-        let fresh = vector();
-        let new_point = VectorPoint {
-            chunk_id: id(N),
-            doc_id: "doc-new".into(),
-            vector: fresh.clone(),
-        };
-        store.upsert(vec![new_point]).await.expect("upsert after");
-        assert_eq!(
-            store.search(fresh, 1).await.expect("search")[0].key,
-            crate::chunk::chunk_key(&id(N))
-        );
-        store
-            .delete_docs(vec!["doc-0".into()])
-            .await
-            .expect("delete");
-        assert_eq!(store.count().await.expect("count"), N + 1 - 4);
-        assert!(
-            !store.optimize().await.expect("optimize again"),
-            "nothing left to build"
-        );
+    /// Whether a segment of the shard in `dir` holds int8 copies of its vectors.
+    fn has_int8_vectors(dir: &Path) -> bool {
+        std::fs::read_dir(dir.join(SEGMENTS_DIR))
+            .expect("segments")
+            .flatten()
+            .any(|s| s.path().join("vector_storage/quantized.data").is_file())
+    }
+
+    /// Past qdrant's indexing threshold (~6,600 vectors of 384 values), `optimize` builds HNSW
+    /// (with and without int8 vectors); its search finds what exact search finds, and writes
+    /// after it still count.
+    #[tokio::test]
+    async fn optimize_builds_an_index_that_agrees_with_exact_search() {
+        for int8 in [None, Some(2.0)] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("vectors");
+            let store = EdgeStore::open(path.clone(), D, 128, int8)
+                .await
+                .expect("a new store opens");
+            let mut data = Clustered::new();
+            store.upsert(data.points()).await.expect("upsert");
+            assert!(
+                store.optimize().await.expect("optimize"),
+                "an index was built"
+            );
+            let indexed = {
+                let guard = store.inner.shard.read().expect("guard");
+                guard.as_ref().expect("open").info().indexed_vectors_count
+            };
+            assert!(indexed >= N / 2, "HNSW holds the vectors: {indexed}");
+            assert_eq!(has_int8_vectors(&path), int8.is_some(), "int8 {int8:?}");
+            store.flush().await.expect("flush");
+            let overlap = overlap_with_exact(&store, &mut data).await;
+            assert!(
+                overlap >= 180,
+                "int8 {int8:?}: recall@10 against exact: {overlap}/200"
+            );
+
+            // A point written after the build is found, a deleted document is gone.
+            let fresh = data.noise();
+            let new_point = VectorPoint {
+                chunk_id: Clustered::id(N),
+                doc_id: "doc-new".into(),
+                vector: fresh.clone(),
+            };
+            store.upsert(vec![new_point]).await.expect("upsert after");
+            assert_eq!(
+                store.search(fresh, 1).await.expect("search")[0].key,
+                crate::chunk::chunk_key(&Clustered::id(N))
+            );
+            store
+                .delete_docs(vec!["doc-0".into()])
+                .await
+                .expect("delete");
+            assert_eq!(store.count().await.expect("count"), N + 1 - 4);
+            assert!(
+                !store.optimize().await.expect("optimize again"),
+                "nothing left to build"
+            );
+        }
+    }
+
+    /// A store built without int8 vectors and opened with them is rebuilt at its next
+    /// `optimize`, keeps every point, and still agrees with exact search; and back again.
+    #[tokio::test]
+    async fn a_store_opened_with_other_quantization_is_rebuilt_to_match() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("vectors");
+        let mut data = Clustered::new();
+        {
+            let store = EdgeStore::open(path.clone(), D, 128, None)
+                .await
+                .expect("open");
+            store.upsert(data.points()).await.expect("upsert");
+            assert!(store.optimize().await.expect("optimize"));
+            store.flush().await.expect("flush");
+        }
+        assert!(!has_int8_vectors(&path));
+        for int8 in [Some(2.0), None] {
+            let store = EdgeStore::open(path.clone(), D, 128, int8)
+                .await
+                .expect("reopen");
+            assert_eq!(store.count().await.expect("count"), N, "searchable before");
+            assert!(
+                store.optimize().await.expect("optimize"),
+                "int8 {int8:?}: the segments were rebuilt"
+            );
+            assert_eq!(has_int8_vectors(&path), int8.is_some(), "int8 {int8:?}");
+            assert_eq!(store.count().await.expect("count"), N, "every point kept");
+            let overlap = overlap_with_exact(&store, &mut data).await;
+            assert!(
+                overlap >= 180,
+                "int8 {int8:?}: recall@10 against exact: {overlap}/200"
+            );
+            store.flush().await.expect("flush");
+        }
     }
 }

@@ -111,7 +111,13 @@ pub async fn open(
 ) -> Result<Arc<dyn VectorStore>, VectorError> {
     match config.backend {
         VectorBackend::Edge => Ok(Arc::new(
-            edge::EdgeStore::open(dir.join("vectors"), dimension, config.hnsw_ef).await?,
+            edge::EdgeStore::open(
+                dir.join("vectors"),
+                dimension,
+                config.hnsw_ef,
+                config.int8_oversampling(),
+            )
+            .await?,
         )),
         VectorBackend::Qdrant => Ok(Arc::new(
             remote::RemoteStore::connect(&config.qdrant, name, dimension).await?,
