@@ -38,10 +38,15 @@ def rss(path):
 parts = {p: json.load(open(f"{d}/ingest-{p}.json")) for p in ("squad", "distractors")}
 chunks = sum(v["chunks"] for v in parts.values())
 seconds = sum(v["seconds"] for v in parts.values())
-json.dump({"documents": sum(v["documents"] for v in parts.values()), "chunks": chunks,
-           "seconds": seconds, "chunks_per_second": chunks / seconds,
-           "distractors_chunks_per_second": parts["distractors"]["chunks"] / parts["distractors"]["seconds"],
-           "peak_rss_mib": max(rss(f"{d}/ingest-{p}.time") for p in parts)}, open(out, "w"), indent=2)
+result = {"documents": sum(v["documents"] for v in parts.values()), "chunks": chunks,
+          "seconds": seconds, "chunks_per_second": chunks / seconds,
+          "distractors_chunks_per_second": parts["distractors"]["chunks"] / parts["distractors"]["seconds"],
+          "peak_rss_mib": max(rss(f"{d}/ingest-{p}.time") for p in parts)}
+try:  # a note written by hand about the ingest these figures come from (kept across reruns)
+    result["note"] = json.load(open(out))["note"]
+except (OSError, KeyError, ValueError):
+    pass
+json.dump(result, open(out, "w"), indent=2)
 PY
 "$BIN" --data-dir "$D/data" eval retrieval --collection scale --format squad --questions "$SQUAD" \
     --limit 2000 --json > "$OUT/scale-eval.json"
