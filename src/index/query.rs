@@ -16,15 +16,15 @@ use crate::config::Bm25Config;
 /// Words of a search query that count (a question is a few dozen; a pasted page is cut here).
 pub const MAX_QUERY_WORDS: usize = 512;
 
-/// Free text as the clauses of disjunctive BM25 over title, text and window: each whitespace-separated word,
-/// without an English possessive `'s` (the text's "Beyoncé's" indexes "beyoncé" then "s", and a
-/// question's "Beyoncé's" must match a text that says "Beyoncé"), through the field's own
-/// analyzer, is a term, or a phrase when it splits into several (`pg_dump` -> "pg dump"). Title
-/// and window clauses are weighted by `settings.title_weight` and `settings.window_weight` (left
-/// out at 0). There is no query syntax:
-/// nothing a user types is an operator (`-Fc` is not a negation, `title:` not a field), and
-/// nothing nests, so no input can overflow the stack (tantivy's parser recursed once per `(`: 100k
-/// of them aborted the process). The first [`MAX_QUERY_WORDS`] words count.
+/// Free text as the clauses of disjunctive BM25 over title, text and window: each
+/// whitespace-separated word, without an English possessive `'s` (the text's "Beyoncé's" indexes
+/// "beyoncé" then "s", and a question's "Beyoncé's" must match a text that says "Beyoncé"),
+/// through the field's own analyzer, is a term, or a phrase when it splits into several
+/// (`pg_dump` -> "pg dump"). Title and window clauses are weighted by `settings.title_weight` and
+/// `settings.window_weight` (left out at 0). There is no query syntax: nothing a user types is an
+/// operator (`-Fc` is not a negation, `title:` not a field), and nothing nests, so no input can
+/// overflow the stack (tantivy's parser recursed once per `(`: 100k of them aborted the
+/// process). The first [`MAX_QUERY_WORDS`] words count.
 pub(super) fn free_text(
     index: &Index,
     fields: &Fields,

@@ -93,10 +93,15 @@ pub(super) fn top_k(
 /// A term clause in one segment: its postings' place and how its matches score.
 struct List {
     weight: Bm25Weight,
-    /// The most one match can add (BM25's limit as the term frequency grows, times the weight).
-    bound: Score,
     field: Field,
     info: TermInfo,
+}
+
+impl List {
+    /// The most one match can add (BM25's limit as the term frequency grows, times the weight).
+    fn bound(&self) -> Score {
+        self.weight.max_score()
+    }
 }
 
 /// The clauses with what every segment shares: term clauses' BM25 weights from the whole index's
@@ -148,7 +153,6 @@ impl Prepared {
             for (ord, info) in infos.into_iter().enumerate() {
                 if let Some(info) = info {
                     lists[ord].push(List {
-                        bound: weight.max_score(),
                         weight: weight.clone(),
                         field,
                         info,
@@ -168,11 +172,11 @@ impl Prepared {
         acc: &mut Vec<Score>,
     ) -> tantivy::Result<Vec<(DocId, Score)>> {
         let mut lists: Vec<&List> = self.lists[ord].iter().collect();
-        lists.sort_by(|a, b| b.bound.total_cmp(&a.bound));
+        lists.sort_by(|a, b| b.bound().total_cmp(&a.bound()));
         // reach[i]: the most lists i.. can add to any document.
         let mut reach = vec![0.0; lists.len() + 1];
         for i in (0..lists.len()).rev() {
-            reach[i] = reach[i + 1] + lists[i].bound;
+            reach[i] = reach[i + 1] + lists[i].bound();
         }
         acc.clear();
         acc.resize(segment.max_doc() as usize, 0.0);
