@@ -28,7 +28,7 @@ use qdrant_edge::{
 };
 use serde_json::json;
 
-use super::{VectorError, VectorHit, VectorPoint, VectorStore};
+use super::{BlockingSearch, VectorError, VectorHit, VectorPoint, VectorStore};
 
 /// Payload key holding the chunk id of a point.
 const CHUNK_ID: &str = "chunk_id";
@@ -106,19 +106,66 @@ impl EdgeStore {
         })
     }
 
+    /// Run `op` on the shard on the blocking pool, under the guard `access` asks for.
+    async fn run<T, F>(&self, access: Access, op: F) -> Result<T, VectorError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Path, &EdgeShard) -> Result<T, VectorError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.with_shard(access, op)).await?
+    }
+}
+
+impl Inner {
     fn check_dimension(&self, got: usize) -> Result<(), VectorError> {
-        if got == self.inner.dimension {
+        if got == self.dimension {
             Ok(())
         } else {
             Err(VectorError::Dimension {
-                expected: self.inner.dimension,
+                expected: self.dimension,
                 got,
             })
         }
     }
 
-    /// The `k` nearest points, searched with `params`.
-    async fn query(
+    /// `op` on the shard, on this thread, under the guard `access` asks for.
+    fn with_shard<T>(
+        &self,
+        access: Access,
+        op: impl FnOnce(&Path, &EdgeShard) -> Result<T, VectorError>,
+    ) -> Result<T, VectorError> {
+        let path = self.path.as_path();
+        match access {
+            Access::Shared => {
+                let guard = self.shard.read().map_err(|_| poisoned(path))?;
+                op(path, guard.as_ref().ok_or_else(|| dropped(path))?)
+            }
+            Access::Exclusive => {
+                let guard = self.shard.write().map_err(|_| poisoned(path))?;
+                op(path, guard.as_ref().ok_or_else(|| dropped(path))?)
+            }
+        }
+    }
+
+    /// How [`VectorStore::search`] searches. Segments without int8 vectors (small ones, or built
+    /// before they were asked for) are searched with their full vectors whatever this says.
+    fn search_params(&self) -> SearchParams {
+        SearchParams {
+            hnsw_ef: Some(self.hnsw_ef),
+            quantization: self
+                .int8_oversampling
+                .map(|oversampling| QuantizationSearchParams {
+                    ignore: false,
+                    rescore: Some(true),
+                    oversampling: Some(oversampling),
+                }),
+            ..SearchParams::default()
+        }
+    }
+
+    /// The `k` nearest points, searched with `params`, on this thread.
+    fn query(
         &self,
         vector: Vec<f32>,
         k: usize,
@@ -128,7 +175,7 @@ impl EdgeStore {
         if k == 0 {
             return Ok(Vec::new());
         }
-        self.run(Access::Shared, move |path, shard| {
+        self.with_shard(Access::Shared, move |path, shard| {
             // Segments below qdrant's full-scan threshold, and every segment before the first
             // optimisation, are searched exactly; HNSW segments with `params`.
             let points = shard
@@ -139,32 +186,6 @@ impl EdgeStore {
                 .filter_map(|point| hit(path, point))
                 .collect())
         })
-        .await
-    }
-
-    /// Run `op` on the shard on the blocking pool, under the guard `access` asks for.
-    async fn run<T, F>(&self, access: Access, op: F) -> Result<T, VectorError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Path, &EdgeShard) -> Result<T, VectorError> + Send + 'static,
-    {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let path = inner.path.as_path();
-            match access {
-                Access::Shared => {
-                    let guard = inner.shard.read().map_err(|_| poisoned(path))?;
-                    let shard = guard.as_ref().ok_or_else(|| dropped(path))?;
-                    op(path, shard)
-                }
-                Access::Exclusive => {
-                    let guard = inner.shard.write().map_err(|_| poisoned(path))?;
-                    let shard = guard.as_ref().ok_or_else(|| dropped(path))?;
-                    op(path, shard)
-                }
-            }
-        })
-        .await?
     }
 }
 
@@ -173,7 +194,7 @@ impl VectorStore for EdgeStore {
     async fn upsert(&self, points: Vec<VectorPoint>) -> Result<(), VectorError> {
         // Check every vector before writing any, so a bad batch leaves the store untouched.
         for point in &points {
-            self.check_dimension(point.vector.len())?;
+            self.inner.check_dimension(point.vector.len())?;
         }
         if points.is_empty() {
             return Ok(());
@@ -215,20 +236,15 @@ impl VectorStore for EdgeStore {
     }
 
     async fn search(&self, vector: Vec<f32>, k: usize) -> Result<Vec<VectorHit>, VectorError> {
-        // Segments without int8 vectors (small ones, or built before they were asked for) are
-        // searched with their full vectors whatever these parameters say.
-        let params = SearchParams {
-            hnsw_ef: Some(self.inner.hnsw_ef),
-            quantization: self.inner.int8_oversampling.map(|oversampling| {
-                QuantizationSearchParams {
-                    ignore: false,
-                    rescore: Some(true),
-                    oversampling: Some(oversampling),
-                }
-            }),
-            ..SearchParams::default()
-        };
-        self.query(vector, k, params).await
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.query(vector, k, inner.search_params())).await?
+    }
+
+    fn blocking_search(&self) -> Option<BlockingSearch> {
+        let inner = Arc::clone(&self.inner);
+        Some(Arc::new(move |vector, k| {
+            inner.query(vector, k, inner.search_params())
+        }))
     }
 
     async fn search_exact(
@@ -245,7 +261,8 @@ impl VectorStore for EdgeStore {
             }),
             ..SearchParams::default()
         };
-        self.query(vector, k, params).await
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.query(vector, k, params)).await?
     }
 
     async fn optimize(&self) -> Result<bool, VectorError> {

@@ -77,6 +77,10 @@ impl VectorError {
     }
 }
 
+/// A search run on the calling thread (see [`VectorStore::blocking_search`]).
+pub type BlockingSearch =
+    Arc<dyn Fn(Vec<f32>, usize) -> Result<Vec<VectorHit>, VectorError> + Send + Sync>;
+
 /// A collection's dense vector index. Implementations are cheap to share (`Arc`) and safe to call
 /// from async code: blocking work happens on the blocking pool inside them.
 #[async_trait]
@@ -87,6 +91,13 @@ pub trait VectorStore: Send + Sync + std::fmt::Debug {
     async fn delete_docs(&self, doc_ids: Vec<String>) -> Result<(), VectorError>;
     /// The `k` nearest points to `vector`, best first (approximate where an index is built).
     async fn search(&self, vector: Vec<f32>, k: usize) -> Result<Vec<VectorHit>, VectorError>;
+    /// [`Self::search`] on the calling thread, where the store lives in this process (the
+    /// embedded shard), for callers already on the blocking pool: a hybrid search then runs both
+    /// retrievers and reads its results in one blocking task instead of handing work between
+    /// threads. `None` where a search crosses the network (await [`Self::search`]).
+    fn blocking_search(&self) -> Option<BlockingSearch> {
+        None
+    }
     /// The exact `k` nearest points, every vector compared (what [`Self::search`]'s recall is
     /// measured against).
     async fn search_exact(&self, vector: Vec<f32>, k: usize)
