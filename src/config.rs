@@ -129,9 +129,8 @@ pub enum FusionMethod {
     Weighted,
 }
 
-/// How a query is scored by BM25. Kept per collection. (BM25's k1 = 1.2 and b = 0.75 are
-/// tantivy's constants: across 0.9..2.0 and 0.4..0.9 they moved recall@5 by at most 0.5 points on
-/// SQuAD dev, new_wiki and Amazon reviews in the Python peer, and 1.2/0.75 was at or near the top.)
+/// How a query is scored by BM25. Kept per collection; `collection tune` picks them from the
+/// collection's own questions.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bm25Config {
@@ -143,6 +142,14 @@ pub struct Bm25Config {
     /// before windows existed has none set and keeps 0 until it is set or tuned.
     #[serde(default)]
     pub window_weight: f32,
+    /// BM25's term-frequency saturation: how much a word said again adds (0: nothing, the
+    /// match alone counts). A collection saved before this was a setting has 1.2, tantivy's.
+    #[serde(default = "Bm25Config::default_k1")]
+    pub k1: f32,
+    /// BM25's length normalisation: 0 scores a match the same in a short chunk and a long one,
+    /// 1 scales it fully by the chunk's length against the average (0.75 when not saved).
+    #[serde(default = "Bm25Config::default_b")]
+    pub b: f32,
 }
 
 impl Bm25Config {
@@ -151,7 +158,17 @@ impl Bm25Config {
     pub const BEFORE_SETTINGS: Bm25Config = Bm25Config {
         title_weight: 1.0,
         window_weight: 0.0,
+        k1: 1.2,
+        b: 0.75,
     };
+
+    fn default_k1() -> f32 {
+        Self::BEFORE_SETTINGS.k1
+    }
+
+    fn default_b() -> f32 {
+        Self::BEFORE_SETTINGS.b
+    }
 
     /// Checks the BM25 settings; the error names the key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
@@ -160,6 +177,12 @@ impl Bm25Config {
         }
         if !(self.window_weight.is_finite() && (0.0..=10.0).contains(&self.window_weight)) {
             return Err(("bm25.window_weight", "must be between 0 and 10".into()));
+        }
+        if !(self.k1.is_finite() && (0.0..=5.0).contains(&self.k1)) {
+            return Err(("bm25.k1", "must be between 0 and 5".into()));
+        }
+        if !(self.b.is_finite() && (0.0..=1.0).contains(&self.b)) {
+            return Err(("bm25.b", "must be between 0 and 1".into()));
         }
         Ok(())
     }
@@ -179,14 +202,15 @@ pub struct SearchSettings {
 }
 
 impl std::fmt::Display for SearchSettings {
-    /// `title weight 0.5, window weight 2, weighted 1/1, 50 candidates` (or `rrf k 60 bm25 x1`).
+    /// `title weight 0.5, window weight 2, k1 1.2, b 0.75, weighted 1/1, 50 candidates` (or
+    /// `rrf k 60 bm25 x1`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let fusion = &self.fusion;
         let bm25 = &self.bm25;
         write!(
             f,
-            "title weight {}, window weight {}, ",
-            bm25.title_weight, bm25.window_weight
+            "title weight {}, window weight {}, k1 {}, b {}, ",
+            bm25.title_weight, bm25.window_weight, bm25.k1, bm25.b
         )?;
         match fusion.method {
             FusionMethod::Weighted => {
@@ -771,6 +795,8 @@ mod tests {
                 "[collection_defaults.chunking]\nmax_words = 50\noverlap_words = 50\n",
                 "chunking.overlap_words",
             ),
+            ("[collection_defaults.bm25]\nk1 = 6.0\n", "bm25.k1"),
+            ("[collection_defaults.bm25]\nb = 1.5\n", "bm25.b"),
             (
                 "[collection_defaults.fusion]\nrrf_k = -1.0\n",
                 "fusion.rrf_k",

@@ -287,7 +287,10 @@
       else if (f.bm25_weight !== undefined) text += ` (bm25 ${f.bm25_weight}, dense ${f.dense_weight})`;
       rows.push(['Fusion', text]);
     }
-    if (c.bm25 && typeof c.bm25 === 'object') rows.push(['BM25 title weight', c.bm25.title_weight]);
+    if (c.bm25 && typeof c.bm25 === 'object') {
+      const b = c.bm25;
+      rows.push(['BM25', `title weight ${b.title_weight}, window weight ${b.window_weight}, k1 ${b.k1}, b ${b.b}`]);
+    }
     if (c.created_at) rows.push(['Created', fmtTime(c.created_at)]);
     for (const [key, value, testid] of rows) {
       if (value === undefined || value === null || value === '') continue;

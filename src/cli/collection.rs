@@ -104,6 +104,12 @@ pub struct SettingsArgs {
     /// in BM25 (0: windows not searched).
     #[arg(long)]
     pub window_weight: Option<f32>,
+    /// BM25's term-frequency saturation (0 to 5; 0: a word said again adds nothing).
+    #[arg(long)]
+    pub k1: Option<f32>,
+    /// BM25's length normalisation (0: none, 1: full).
+    #[arg(long)]
+    pub b: Option<f32>,
     /// The LoRA adapter answering for the collection.
     #[arg(long, conflicts_with = "no_adapter")]
     pub adapter: Option<String>,
@@ -150,6 +156,12 @@ impl SettingsArgs {
         }
         if let Some(v) = self.window_weight {
             s.bm25.window_weight = v;
+        }
+        if let Some(v) = self.k1 {
+            s.bm25.k1 = v;
+        }
+        if let Some(v) = self.b {
+            s.bm25.b = v;
         }
         if let Some(v) = &self.adapter {
             s.adapter = Some(v.clone());

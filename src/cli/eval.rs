@@ -74,6 +74,10 @@ pub enum EvalCmd {
         /// Override the collection's fusion for this run (to compare settings).
         #[command(flatten)]
         fusion: SettingsArgs,
+        /// Also write each question's metrics per mode here (JSON lines: id, mode, metrics),
+        /// to compare two runs question by question.
+        #[arg(long, value_name = "FILE")]
+        per_question: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -158,6 +162,7 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: EvalCmd) ->
             questions,
             limit,
             fusion,
+            per_question,
             json,
         } => {
             let mut qs = eval::load_questions(&questions, format)?;
@@ -181,6 +186,10 @@ pub(super) async fn run(catalog: &Catalog, settings: &Settings, cmd: EvalCmd) ->
             )
             .await?;
             bar.finish();
+            if let Some(path) = per_question {
+                std::fs::write(&path, report.per_question_jsonl())
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -263,6 +263,27 @@ pub fn mean(all: &[Metrics]) -> Metrics {
 pub struct RetrievalReport {
     pub questions: usize,
     pub modes: std::collections::BTreeMap<String, Metrics>,
+    /// Per mode, each question's id and metrics (in the order asked), for comparisons paired by
+    /// question ([`RetrievalReport::per_question_jsonl`]).
+    #[serde(skip)]
+    pub per_question: std::collections::BTreeMap<String, Vec<(String, Metrics)>>,
+}
+
+impl RetrievalReport {
+    /// One JSON line per question and mode: `{"id", "mode", "recall@1", ..., "ndcg@10"}`.
+    pub fn per_question_jsonl(&self) -> String {
+        let mut out = String::new();
+        for (mode, scores) in &self.per_question {
+            for (id, m) in scores {
+                let mut line = serde_json::to_value(m).expect("metrics serialise");
+                line["id"] = id.clone().into();
+                line["mode"] = mode.clone().into();
+                out += &line.to_string();
+                out.push('\n');
+            }
+        }
+        out
+    }
 }
 
 /// Evaluate each of `modes` on `questions`. `progress` is told after each question of each mode.
@@ -298,6 +319,7 @@ pub async fn evaluate(
     let mut report = RetrievalReport {
         questions: questions.len(),
         modes: Default::default(),
+        per_question: Default::default(),
     };
     // Chunks are fetched deeper than 10 so that 10 distinct documents remain after dedup.
     let depth = 30;
@@ -318,6 +340,10 @@ pub async fn evaluate(
         report
             .modes
             .insert(mode.name().to_string(), mean(&per_question));
+        let ids = questions.iter().map(|q| q.id.clone());
+        report
+            .per_question
+            .insert(mode.name().to_string(), ids.zip(per_question).collect());
     }
     Ok(report)
 }

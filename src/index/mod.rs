@@ -11,6 +11,7 @@
 //! segments a compaction merges in [`merge`]; the one-time rebuild of an index written before keys
 //! existed in [`migrate`].
 
+mod bm25;
 mod merge;
 mod migrate;
 mod query;
@@ -422,7 +423,11 @@ impl Bm25Index {
         let searcher = self.reader.searcher();
         let clauses = query::free_text(&self.index, &self.fields, query, settings)
             .map_err(|e| self.tantivy_err(e))?;
-        let top = topk::top_k(&searcher, &clauses, k).map_err(|e| self.tantivy_err(e))?;
+        let params = topk::Bm25Params {
+            k1: settings.k1,
+            b: settings.b,
+        };
+        let top = topk::top_k(&searcher, &clauses, params, k).map_err(|e| self.tantivy_err(e))?;
         let mut columns: HashMap<u32, Column<u64>> = HashMap::new();
         let mut out = Vec::with_capacity(top.len());
         for (score, addr) in top {

@@ -15,14 +15,16 @@
 //! seeks it saves. Pure over a [`Searcher`]: no I/O of its own; knows nothing of fields or chunks.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::Mutex;
 
 use tantivy::fieldnorm::FieldNormReader;
 use tantivy::postings::{Postings, SegmentPostings, TermInfo};
-use tantivy::query::{Bm25Weight, EnableScoring, PhraseQuery, Query, Weight};
 use tantivy::schema::{Field, IndexRecordOption};
-use tantivy::{DocAddress, DocId, DocSet, Score, Searcher, SegmentReader, TERMINATED, Term};
+use tantivy::{DocAddress, DocId, DocSet, Score, Searcher, SegmentReader, Term};
+
+pub(super) use super::bm25::Bm25Params;
+use super::bm25::{Bm25, Phrase, Statistics};
 
 /// One clause: a term, or a phrase of several terms (of one field), counted `weight` times.
 #[derive(Debug, Clone)]
@@ -71,12 +73,13 @@ fn with_accumulator<T>(f: impl FnOnce(&mut Vec<Score>) -> T) -> T {
 pub(super) fn top_k(
     searcher: &Searcher,
     clauses: &[Clause],
+    params: Bm25Params,
     k: usize,
 ) -> tantivy::Result<Vec<(Score, DocAddress)>> {
     if k == 0 || clauses.is_empty() {
         return Ok(Vec::new());
     }
-    let query = Prepared::new(searcher, clauses)?;
+    let query = Prepared::new(searcher, clauses, params)?;
     let mut best = Vec::new();
     for (ord, segment) in searcher.segment_readers().iter().enumerate() {
         let hits = with_accumulator(|acc| query.segment_top_k(ord, segment, k, acc))?;
@@ -92,64 +95,55 @@ pub(super) fn top_k(
 
 /// A term clause in one segment: its postings' place and how its matches score.
 struct List {
-    weight: Bm25Weight,
+    weight: Bm25,
     field: Field,
     info: TermInfo,
 }
 
 impl List {
-    /// The most one match can add (BM25's limit as the term frequency grows, times the weight).
+    /// The most one match can add.
     fn bound(&self) -> Score {
         self.weight.max_score()
     }
 }
 
-/// The clauses with what every segment shares: term clauses' BM25 weights from the whole index's
-/// statistics (as tantivy's `TermQuery` computes them) and each term's postings per segment;
-/// phrase clauses as tantivy weights.
+/// The clauses with what every segment shares: their BM25 weights from the whole index's
+/// statistics (as tantivy's `TermQuery` and `PhraseQuery` compute them) and each term clause's
+/// postings per segment.
 struct Prepared {
     /// Per segment, per term clause that occurs in it: its list (unsorted).
     lists: Vec<Vec<List>>,
-    phrases: Vec<(Box<dyn Weight>, Score)>,
+    phrases: Vec<Phrase>,
 }
 
 impl Prepared {
-    fn new(searcher: &Searcher, clauses: &[Clause]) -> tantivy::Result<Prepared> {
+    fn new(
+        searcher: &Searcher,
+        clauses: &[Clause],
+        params: Bm25Params,
+    ) -> tantivy::Result<Prepared> {
         let segments = searcher.segment_readers();
-        let total_docs: u64 = segments.iter().map(|s| u64::from(s.max_doc())).sum();
+        let mut stats = Statistics::new(segments, params);
         let mut lists: Vec<Vec<List>> = segments.iter().map(|_| Vec::new()).collect();
         let mut phrases = Vec::new();
-        let mut average_norm: HashMap<Field, Score> = HashMap::new();
         for clause in clauses {
+            let field = clause.terms[0].field();
             let [term] = clause.terms.as_slice() else {
-                let phrase = PhraseQuery::new(clause.terms.clone());
-                let weight = phrase.weight(EnableScoring::enabled_from_searcher(searcher))?;
-                phrases.push((weight, clause.weight));
+                let mut idf = 0.0;
+                for term in &clause.terms {
+                    idf += stats.idf(stats.term(term)?.1);
+                }
+                phrases.push(Phrase {
+                    terms: clause.terms.clone(),
+                    weight: stats.bm25(field, idf, clause.weight)?,
+                });
                 continue;
             };
-            let field = term.field();
-            let mut infos = Vec::with_capacity(segments.len());
-            for segment in segments {
-                infos.push(segment.inverted_index(field)?.get_term_info(term)?);
-            }
-            let doc_freq: u64 = infos.iter().flatten().map(|i| u64::from(i.doc_freq)).sum();
+            let (infos, doc_freq) = stats.term(term)?;
             if doc_freq == 0 {
                 continue;
             }
-            let average = match average_norm.get(&field) {
-                Some(a) => *a,
-                None => {
-                    let mut tokens = 0u64;
-                    for segment in segments {
-                        tokens += segment.inverted_index(field)?.total_num_tokens();
-                    }
-                    *average_norm
-                        .entry(field)
-                        .or_insert(tokens as Score / total_docs as Score)
-                }
-            };
-            let weight = Bm25Weight::for_one_term_without_explain(doc_freq, total_docs, average)
-                .boost_by(clause.weight);
+            let weight = stats.bm25(field, stats.idf(doc_freq), clause.weight)?;
             for (ord, info) in infos.into_iter().enumerate() {
                 if let Some(info) = info {
                     lists[ord].push(List {
@@ -181,15 +175,13 @@ impl Prepared {
         acc.clear();
         acc.resize(segment.max_doc() as usize, 0.0);
         let mut histogram = Histogram::new(reach[0]);
-        for (weight, boost) in &self.phrases {
-            let mut scorer = weight.scorer(segment, *boost)?;
-            let mut doc = scorer.doc();
-            while doc != TERMINATED {
-                if segment.alive_bitset().is_none_or(|a| a.is_alive(doc)) {
-                    histogram.add(doc, &mut acc[doc as usize], scorer.score());
+        let alive = segment.alive_bitset();
+        for phrase in &self.phrases {
+            phrase.for_each(segment, |doc, score| {
+                if alive.is_none_or(|a| a.is_alive(doc)) {
+                    histogram.add(doc, &mut acc[doc as usize], score);
                 }
-                doc = scorer.advance();
-            }
+            })?;
         }
         let mut done = 0;
         let mut bar = None;
@@ -450,9 +442,11 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
+    use std::collections::HashMap;
 
+    use tantivy::TERMINATED;
     use tantivy::collector::TopDocs;
-    use tantivy::query::{BooleanQuery, BoostQuery, Occur, TermQuery};
+    use tantivy::query::{BooleanQuery, BoostQuery, Occur, PhraseQuery, Query, TermQuery};
     use tantivy::schema::{STRING, Schema, TextFieldIndexing, TextOptions};
     use tantivy::{Index, IndexWriter, doc};
 
@@ -463,6 +457,9 @@ mod tests {
         /// Searches that stopped accumulating whole lists and completed candidates by seeking.
         pub(super) static STOPPED: Cell<usize> = const { Cell::new(0) };
     }
+
+    /// tantivy's own queries' parameters.
+    const TANTIVY: Bm25Params = Bm25Params { k1: 1.2, b: 0.75 };
 
     /// The words of the documents that say a few common words many times.
     const DENSE: [&str; 2] = ["w1", "w2"];
@@ -600,14 +597,18 @@ mod tests {
             for _ in 0..1 + rng.next_u64() % 24 {
                 let field = if rng.uniform() < 0.3 { a } else { b };
                 let weight = [0.5, 1.0, 2.0][(rng.next_u64() % 3) as usize];
-                let words = if rng.uniform() < 0.05 { 2 } else { 1 };
+                let words = if rng.uniform() < 0.08 {
+                    2 + rng.next_u64() % 2
+                } else {
+                    1
+                };
                 let terms = (0..words)
                     .map(|_| Term::from_field_text(field, &word(&mut rng)))
                     .collect();
                 clauses.push(Clause { terms, weight });
             }
             for k in [1, 10, 50, 400] {
-                let ours = top_k(&searcher, &clauses, k).expect("top k");
+                let ours = top_k(&searcher, &clauses, TANTIVY, k).expect("top k");
                 assert_same(
                     &ours,
                     &tantivy_top(&searcher, &clauses, k),
@@ -619,6 +620,98 @@ mod tests {
         assert!(stopped > 100, "the seek path ran in {stopped} searches");
     }
 
+    /// BM25 computed the plain way, in f64, every live document scored (term clauses only):
+    /// what [`top_k`] must rank with parameters tantivy's queries cannot take.
+    fn plain_top(
+        searcher: &Searcher,
+        clauses: &[Clause],
+        params: Bm25Params,
+        k: usize,
+    ) -> Vec<(Score, DocAddress)> {
+        let segments = searcher.segment_readers();
+        let docs: u64 = segments.iter().map(|s| u64::from(s.max_doc())).sum();
+        let (k1, b) = (f64::from(params.k1), f64::from(params.b));
+        let mut scores: HashMap<DocAddress, f64> = HashMap::new();
+        for clause in clauses {
+            let [term] = clause.terms.as_slice() else {
+                panic!("term clauses only");
+            };
+            let field = term.field();
+            let doc_freq = searcher.doc_freq(term).expect("doc freq");
+            let tokens: u64 = segments
+                .iter()
+                .map(|s| s.inverted_index(field).expect("field").total_num_tokens())
+                .sum();
+            let average = tokens as f64 / docs as f64;
+            let idf = (1.0 + ((docs - doc_freq) as f64 + 0.5) / (doc_freq as f64 + 0.5)).ln();
+            for (ord, segment) in segments.iter().enumerate() {
+                let norms = segment.get_fieldnorms_reader(field).expect("norms");
+                let Some(mut postings) = segment
+                    .inverted_index(field)
+                    .expect("field")
+                    .read_postings(term, IndexRecordOption::WithFreqs)
+                    .expect("postings")
+                else {
+                    continue;
+                };
+                let mut doc = postings.doc();
+                while doc != TERMINATED {
+                    if segment.alive_bitset().is_none_or(|a| a.is_alive(doc)) {
+                        let tf = f64::from(postings.term_freq());
+                        let length = f64::from(norms.fieldnorm(doc));
+                        let saturated = tf / (tf + k1 * (1.0 - b + b * length / average));
+                        *scores.entry(DocAddress::new(ord as u32, doc)).or_default() +=
+                            idf * (1.0 + k1) * f64::from(clause.weight) * saturated;
+                    }
+                    doc = postings.advance();
+                }
+            }
+        }
+        let mut out: Vec<(Score, DocAddress)> =
+            scores.into_iter().map(|(d, s)| (s as Score, d)).collect();
+        out.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        out.truncate(k);
+        out
+    }
+
+    #[test]
+    fn other_k1_and_b_rank_as_plain_bm25() {
+        let mut rng = Rng::new(11);
+        let (index, a, b) = corpus(&mut rng);
+        let searcher = index.reader().expect("reader").searcher();
+        for params in [(0.0, 0.75), (2.0, 0.0), (0.9, 1.0), (5.0, 0.3)] {
+            let params = Bm25Params {
+                k1: params.0,
+                b: params.1,
+            };
+            for q in 0..60 {
+                let mut clauses = Vec::new();
+                if q % 3 == 0 {
+                    for w in DENSE {
+                        clauses.push(Clause {
+                            terms: vec![Term::from_field_text(b, w)],
+                            weight: 1.0,
+                        });
+                    }
+                }
+                for _ in 0..1 + rng.next_u64() % 16 {
+                    let field = if rng.uniform() < 0.3 { a } else { b };
+                    clauses.push(Clause {
+                        terms: vec![Term::from_field_text(field, &word(&mut rng))],
+                        weight: [0.5, 1.0, 2.0][(rng.next_u64() % 3) as usize],
+                    });
+                }
+                for k in [1, 10, 100] {
+                    assert_same(
+                        &top_k(&searcher, &clauses, params, k).expect("top k"),
+                        &plain_top(&searcher, &clauses, params, k),
+                        &format!("{params:?}, query {q}, k {k}"),
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn nothing_to_match_is_nothing_found() {
         let mut rng = Rng::new(1);
@@ -628,8 +721,16 @@ mod tests {
             terms: vec![Term::from_field_text(a, "absent")],
             weight: 1.0,
         };
-        assert!(top_k(&searcher, &[absent], 10).expect("search").is_empty());
-        assert!(top_k(&searcher, &[], 10).expect("search").is_empty());
+        assert!(
+            top_k(&searcher, &[absent], TANTIVY, 10)
+                .expect("search")
+                .is_empty()
+        );
+        assert!(
+            top_k(&searcher, &[], TANTIVY, 10)
+                .expect("search")
+                .is_empty()
+        );
     }
 
     #[test]
