@@ -81,8 +81,8 @@ def tune_entry(work, name, out):
 
 def tune(out_dir):
     md = (
-        "| set | tuned on | checked on | applied | hybrid R@5 before | after | nDCG@10 before | after | best on the tuning part |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| set | tuned on | checked on | applied | hybrid R@5 before | after | nDCG@10 before | after | best on the tuning part | its held-out nDCG@10 gain (95%) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     for s in SETS:
         path = os.path.join(out_dir, f"tune-{s}.json")
@@ -94,12 +94,16 @@ def tune(out_dir):
             rep = t["tune"]
             chosen = rep["best"]["settings"]
             f = chosen["fusion"]
-            desc = f"title {chosen['bm25']['title_weight']}, {f['method']} {f['bm25_weight']}/{f['dense_weight']}, {f['candidates']} cand."
+            b = chosen["bm25"]
+            desc = (f"title {b['title_weight']}, window {b.get('window_weight', 0)}, k1/b {b.get('k1', 1.2)}/{b.get('b', 0.75)}, "
+                    f"{f['method']} {f['bm25_weight']}/{f['dense_weight']}, {f['candidates']} cand.")
+            g = rep.get("held_out_gain")
+            gain = f"{g['low']:+.4f}..{g['high']:+.4f}" if g else "-"
             checked = "other half" if how == "qa" else "all real questions"
             md += (
                 f"| {s} | {label} ({rep['questions']}) | {checked} ({t['checked_on_questions']}) | {rep['applied']} | "
                 f"{t['before']['recall@5']:.4f} | {t['after']['recall@5']:.4f} | {t['before']['ndcg@10']:.4f} | "
-                f"{t['after']['ndcg@10']:.4f} | {desc} |\n"
+                f"{t['after']['ndcg@10']:.4f} | {desc} | {gain} |\n"
             )
     with open(os.path.join(out_dir, "summary-tune.md"), "w") as f:
         f.write(md)

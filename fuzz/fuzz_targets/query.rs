@@ -65,6 +65,9 @@ fuzz_target!(|data: &[u8]| {
     let settings = Bm25Config {
         title_weight: [0.0, 0.5, 1.0][usize::from(pick) % 3],
         window_weight: [0.0, 2.0][usize::from(pick / 3) % 2],
+        // k1 0 makes every match its idf; b 0 and 1 are the ends of length normalisation.
+        k1: [1.2, 0.0, 0.6, 5.0][usize::from(pick / 6) % 4],
+        b: [0.75, 0.0, 1.0][usize::from(pick / 24) % 3],
     };
     let hits = index()
         .search(&query, K, &settings)

@@ -661,6 +661,39 @@ mod tests {
     }
 
     #[test]
+    fn phrases_past_the_cap_count_as_their_words() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
+        let words: Vec<String> = (0..100).map(|i| format!("w{i}_x")).collect();
+        let settings = Bm25Config {
+            window_weight: 0.0,
+            title_weight: 0.0,
+            ..S
+        };
+        let clauses = query::free_text(&index.index, &index.fields, &words.join(" "), &settings)
+            .expect("clauses");
+        let phrases = clauses.iter().filter(|c| c.terms.len() > 1).count();
+        assert_eq!(phrases, query::MAX_PHRASES);
+        let single = |w: &str| {
+            clauses
+                .iter()
+                .find(|c| c.terms == [Term::from_field_text(index.fields.text, w)])
+                .map(|c| c.weight)
+        };
+        assert_eq!(single("w99"), Some(1.0), "a word past the cap is its parts");
+        assert_eq!(single("w0"), None, "a word within the cap is a phrase");
+        assert_eq!(single("x"), Some((100 - query::MAX_PHRASES) as f32));
+        // A phrase asked again is the same clause, however many came between.
+        let again = format!("{} w0_x", words.join(" "));
+        let clauses =
+            query::free_text(&index.index, &index.fields, &again, &settings).expect("clauses");
+        let w0 = clauses.iter().find(|c| {
+            c.terms.len() == 2 && c.terms[0] == Term::from_field_text(index.fields.text, "w0")
+        });
+        assert_eq!(w0.map(|c| c.weight), Some(2.0));
+    }
+
+    #[test]
     fn a_word_the_analyzer_splits_is_a_phrase() {
         let dir = tempfile::tempdir().expect("tempdir");
         let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");

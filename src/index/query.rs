@@ -16,6 +16,11 @@ use crate::config::Bm25Config;
 /// Words of a search query that count (a question is a few dozen; a pasted page is cut here).
 pub const MAX_QUERY_WORDS: usize = 512;
 
+/// Phrase clauses per field of one query (a question has a few split words, if any). A phrase is
+/// an intersection of its terms' position lists; 512 phrases of two common words took 3.2 s to
+/// search at 100k chunks. Words split past this many count as their separate terms.
+pub(super) const MAX_PHRASES: usize = 32;
+
 /// Free text as the clauses of disjunctive BM25 over title, text and window: each
 /// whitespace-separated word, without an English possessive `'s` (the text's "Beyoncé's" indexes
 /// "beyoncé" then "s", and a question's "Beyoncé's" must match a text that says "Beyoncé"),
@@ -24,7 +29,8 @@ pub const MAX_QUERY_WORDS: usize = 512;
 /// `settings.window_weight` (left out at 0). There is no query syntax: nothing a user types is an
 /// operator (`-Fc` is not a negation, `title:` not a field), and nothing nests, so no input can
 /// overflow the stack (tantivy's parser recursed once per `(`: 100k of them aborted the
-/// process). The first [`MAX_QUERY_WORDS`] words count.
+/// process). The first [`MAX_QUERY_WORDS`] words count, and at most [`MAX_PHRASES`] phrases per
+/// field.
 pub(super) fn free_text(
     index: &Index,
     fields: &Fields,
@@ -43,28 +49,47 @@ pub(super) fn free_text(
             continue;
         };
         let mut analyzer = index.tokenizer_for_field(field)?;
+        let mut phrases = 0;
         for word in text.split_whitespace().take(MAX_QUERY_WORDS) {
             let mut terms = Vec::new();
             let mut stream = analyzer.token_stream(without_possessive(word));
             while stream.advance() {
                 terms.push(Term::from_field_text(field, &stream.token().text));
             }
-            if terms.is_empty() {
+            let new_phrase = terms.len() > 1 && !seen.contains_key(&terms);
+            if new_phrase && phrases == MAX_PHRASES {
+                // Past the cap, a split word's parts count as words of their own.
+                for term in terms {
+                    add(&mut clauses, &mut seen, vec![term], weight);
+                }
                 continue;
             }
-            match seen.entry(terms) {
-                Entry::Occupied(at) => clauses[*at.get()].weight += weight,
-                Entry::Vacant(slot) => {
-                    clauses.push(Clause {
-                        terms: slot.key().clone(),
-                        weight,
-                    });
-                    slot.insert(clauses.len() - 1);
-                }
+            phrases += usize::from(new_phrase);
+            if !terms.is_empty() {
+                add(&mut clauses, &mut seen, terms, weight);
             }
         }
     }
     Ok(clauses)
+}
+
+/// `terms` (one clause) counted `weight` more times: added to its clause when asked before.
+fn add(
+    clauses: &mut Vec<Clause>,
+    seen: &mut HashMap<Vec<Term>, usize>,
+    terms: Vec<Term>,
+    weight: f32,
+) {
+    match seen.entry(terms) {
+        Entry::Occupied(at) => clauses[*at.get()].weight += weight,
+        Entry::Vacant(slot) => {
+            clauses.push(Clause {
+                terms: slot.key().clone(),
+                weight,
+            });
+            slot.insert(clauses.len() - 1);
+        }
+    }
 }
 
 /// `word` without a trailing English possessive (`'s`, `’s`).

@@ -82,10 +82,13 @@ fn tune_reports_applies_only_what_holds_and_names_bad_input() {
 
     let run = json(&tune(&qa));
     let best = &run["best"];
+    let gain = &run["held_out_gain"];
+    assert!(gain["low"].as_f64() <= gain["high"].as_f64(), "{run}");
     if run["applied"] == true {
         assert!(
             best["held_out"]["ndcg@10"].as_f64() >= run["before"]["held_out"]["ndcg@10"].as_f64()
         );
+        assert!(gain["low"].as_f64().unwrap() > 0.0, "{run}");
         assert_eq!(
             title_weight(&data),
             best["settings"]["bm25"]["title_weight"].as_f64().unwrap()
