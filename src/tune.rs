@@ -477,31 +477,27 @@ mod tests {
 
     #[test]
     fn a_change_needs_a_held_out_gain_beyond_chance_and_no_recall_lost() {
-        let m = |ndcg_10: f64, recall_5: f64| Metrics {
+        let m = |ndcg_10: f64| Metrics {
             ndcg_10,
-            recall_5,
+            recall_5: 1.0,
             ..Metrics::default()
         };
-        // 40 questions, 3 better by 0.5 and 2 worse by 0.5: a mean gain of +0.0125, by chance.
-        let current = vec![m(0.5, 1.0); 40];
-        let mut lucky = current.clone();
-        for q in &mut lucky[..3] {
-            q.ndcg_10 = 1.0;
-        }
-        for q in &mut lucky[3..5] {
-            q.ndcg_10 = 0.0;
-        }
+        // `n` questions at 0.5, of which a change lifts `up` to 1 and drops `down` to 0.
+        let change = |n: usize, up: usize, down: usize| {
+            let current = vec![m(0.5); n];
+            let mut changed = current.clone();
+            changed[..up].iter_mut().for_each(|q| q.ndcg_10 = 1.0);
+            changed[up..up + down]
+                .iter_mut()
+                .for_each(|q| q.ndcg_10 = 0.0);
+            (current, changed)
+        };
+        // 40 questions, 3 up and 2 down: a mean gain of +0.0125, by chance.
+        let (current, lucky) = change(40, 3, 2);
         let (holds, gain) = confirmed(&current, &lucky);
         assert!(!holds && gain.low < 0.0 && gain.high > 0.0, "{gain:?}");
-        // 400 questions, 60 better and 10 worse: confirmed.
-        let current = vec![m(0.5, 1.0); 400];
-        let mut better = current.clone();
-        for q in &mut better[..60] {
-            q.ndcg_10 = 1.0;
-        }
-        for q in &mut better[60..70] {
-            q.ndcg_10 = 0.0;
-        }
+        // 400 questions, 60 up and 10 down: confirmed.
+        let (current, mut better) = change(400, 60, 10);
         let (holds, gain) = confirmed(&current, &better);
         assert!(holds && gain.low > 0.0, "{gain:?}");
         // The same gain with one question's recall@5 lost is not taken.

@@ -217,7 +217,11 @@ pub(super) async fn run(app: &App, cmd: CollectionCmd) -> Result<()> {
         CollectionCmd::Show { name, json } => {
             let col = catalog.open(&name).await?;
             let stats = col.stats().await?;
-            let value = serde_json::json!({ "settings": col.settings(), "stats": stats });
+            // Through text, so that an f32 setting reads as written (k1 1.2, not the f64
+            // 1.2000000476837158 a direct conversion gives).
+            let settings: serde_json::Value =
+                serde_json::from_str(&serde_json::to_string(&col.settings())?)?;
+            let value = serde_json::json!({ "settings": settings, "stats": stats });
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {

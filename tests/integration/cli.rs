@@ -177,15 +177,22 @@ fn create_ingest_search_eval_list_delete() {
             "weighted",
             "--bm25-weight",
             "0.4",
+            "--k1",
+            "0.9",
         ],
     ));
     let show = json(&domainrag(&data, &["collection", "show", "docs", "--json"]));
     assert_eq!(show["settings"]["fusion"]["method"], "weighted");
+    // Settings read as written, not as the f64 nearest the stored f32.
+    assert_eq!(show["settings"]["fusion"]["bm25_weight"], 0.4);
+    assert_eq!(show["settings"]["bm25"]["k1"], 0.9);
     assert_eq!(show["stats"]["documents"], 6);
     // The human-readable form (TOML) of a collection without an adapter (TOML has no null).
     let text = ok(&domainrag(&data, &["collection", "show", "docs"]));
     assert!(
-        text.contains("name = \"docs\"") && !text.contains("adapter"),
+        text.contains("name = \"docs\"")
+            && text.contains("k1 = 0.9\n")
+            && !text.contains("adapter"),
         "{text}"
     );
 
