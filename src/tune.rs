@@ -178,17 +178,23 @@ pub async fn tune(
         )
         .map(|(v, m)| (*v, m))
         .expect("the grid holds the current settings");
-    let scored = |settings: SearchSettings, tuning: Metrics| Scored {
-        settings,
-        held_out: scorer.score(&settings, held_out),
-        tuning,
-    };
-    let before = scored(current, scorer.score(&current, tuning));
-    let best = scored(best.0, best.1);
-    let (holds, held_out_gain) = confirmed(
-        &scorer.per_question(&current, held_out),
-        &scorer.per_question(&best.settings, held_out),
+    // Each side's held-out questions are scored once: their mean is reported, and the pairs
+    // decide whether the change holds.
+    let (held_before, held_best) = (
+        scorer.per_question(&current, held_out),
+        scorer.per_question(&best.0, held_out),
     );
+    let (holds, held_out_gain) = confirmed(&held_before, &held_best);
+    let before = Scored {
+        settings: current,
+        tuning: scorer.score(&current, tuning),
+        held_out: mean(&held_before),
+    };
+    let best = Scored {
+        settings: best.0,
+        tuning: best.1,
+        held_out: mean(&held_best),
+    };
     let changed = best.settings != before.settings;
     let (applied, decision) = match (changed, holds, req.apply) {
         (false, _, _) => (false, "the current settings are the best found".to_string()),

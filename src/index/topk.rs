@@ -1,6 +1,7 @@
-//! The exact BM25 top `k` of a disjunction of weighted clauses (terms, or phrases of several):
-//! the scores and the top `k` that tantivy's `BooleanQuery` of `Should` clauses gives under
-//! `TopDocs`, computed the way a question's long disjunction is cheapest.
+//! The exact BM25 top `k` of a disjunction of weighted clauses (terms, or phrases of several),
+//! scored as [`super::bm25`] says (at tantivy's k1 1.2 / b 0.75: the scores and the top `k` that
+//! tantivy's `BooleanQuery` of `Should` clauses gives under `TopDocs`), computed the way a
+//! question's long disjunction is cheapest.
 //!
 //! A question of a dozen words over title, text and window is ~30 clauses, a third of them common
 //! words with postings in most chunks. Tantivy's block-max WAND re-sorts every clause's cursor at

@@ -162,7 +162,6 @@ pub async fn search_with_vector(
         query: query.to_string(),
         mode,
         k,
-        candidates: candidates(mode, k, &settings.fusion),
         settings: *settings,
     };
     match (vector, collection.vectors.blocking_search()) {
@@ -170,7 +169,7 @@ pub async fn search_with_vector(
             let bm25 = search.clone();
             let (bm25, dense) = tokio::try_join!(
                 async { tokio::task::spawn_blocking(move || bm25.bm25()).await? },
-                dense_keys(collection, Some(vector), search.candidates),
+                dense_keys(collection, Some(vector), search.candidates()),
             )?;
             let fused = search.fuse(bm25, dense);
             tokio::task::spawn_blocking(move || search.join(fused)).await?
@@ -202,19 +201,22 @@ struct Search {
     query: String,
     mode: Mode,
     k: usize,
-    /// Asked of each retriever.
-    candidates: usize,
     settings: SearchSettings,
 }
 
 impl Search {
+    /// How many results each retriever is asked for.
+    fn candidates(&self) -> usize {
+        candidates(self.mode, self.k, &self.settings.fusion)
+    }
+
     /// The whole search on this thread (and, for a hybrid search, a helper): `dense` is the
     /// query vector and the store's own blocking search, absent in BM25 mode.
     fn run(
         self,
         dense: Option<(Vec<f32>, BlockingSearch)>,
     ) -> Result<Vec<SearchHit>, RetrieveError> {
-        let n = self.candidates;
+        let n = self.candidates();
         let dense = dense.map(|(vector, store)| move || keys(store(vector, n)));
         let (bm25, dense) = match (self.mode, dense) {
             (Mode::Hybrid, Some(dense)) => both(|| self.bm25(), dense),
@@ -232,7 +234,7 @@ impl Search {
         }
         Ok(self
             .index
-            .search(&self.query, self.candidates, &self.settings.bm25)
+            .search(&self.query, self.candidates(), &self.settings.bm25)
             .map_err(CollectionError::from)?)
     }
 
@@ -241,7 +243,7 @@ impl Search {
         match self.mode {
             Mode::Bm25 => only(bm25, true),
             Mode::Dense => only(dense, false),
-            Mode::Hybrid => fuse(&bm25, &dense, &self.settings.fusion, self.candidates),
+            Mode::Hybrid => fuse(&bm25, &dense, &self.settings.fusion, self.candidates()),
         }
     }
 
