@@ -7,9 +7,9 @@
 //! words with postings in most chunks. Tantivy's block-max WAND re-sorts every clause's cursor at
 //! each document it evaluates, which at that width costs more than the postings themselves (two
 //! thirds of a search's time in `block_wand` at 100k chunks). Here each segment is scored term at
-//! a time into one accumulator per document, the clauses that can add most first, with a
-//! histogram of the accumulated scores kept on the side. Once what the remaining (common) clauses
-//! could add is below the `k`-th best score so far, no untouched document can enter the top `k`:
+//! a time into one accumulator per document, the clauses that can add most first, with the `k`
+//! leading documents kept on the side. Once what the remaining (common) clauses could add is below
+//! the `k`-th best score so far, no untouched document can enter the top `k`:
 //! only the documents still within reach are completed, by seeking the remaining postings
 //! (MaxScore), the `k` best first so that the bar is high before the rest are tried. When to stop
 //! scoring whole lists is a cost rule: another list is accumulated while that is cheaper than the
@@ -34,16 +34,9 @@ pub(super) struct Clause {
     pub(super) weight: Score,
 }
 
-/// Buckets of the accumulated-score histogram (linear over 0..the sum of the clauses' bounds).
-const BUCKETS: usize = 1024;
-
-/// Copies of the histogram, by document number: postings in a row often move documents into the
-/// same bucket, and counting them in one place made each count wait for the one before (a fifth
-/// of the accumulation's time).
-const COPIES: usize = 4;
-
 /// What one seek into a long posting list costs against accumulating one posting (measured on
-/// the 100k-chunk benchmark collection: ~100 ns against ~4 ns).
+/// the 100k-chunk benchmark collection: ~100 ns against ~4 ns; since the leaders replaced a
+/// histogram, accumulating is cheaper, but 12, 24, 48 and 96 gave the same times within noise).
 const SEEK_COST: usize = 24;
 
 /// Accumulators (a segment's `max_doc` floats each) kept for the next searches: as many as ran at
@@ -175,25 +168,25 @@ impl Prepared {
         }
         acc.clear();
         acc.resize(segment.max_doc() as usize, 0.0);
-        let mut histogram = Histogram::new(reach[0]);
+        let mut leaders = Leaders::new(k, acc.len());
         let alive = segment.alive_bitset();
         for phrase in &self.phrases {
             phrase.for_each(segment, |doc, score| {
                 if alive.is_none_or(|a| a.is_alive(doc)) {
-                    histogram.add(doc, &mut acc[doc as usize], score);
+                    leaders.add(acc, doc, score);
                 }
             })?;
         }
         let mut done = 0;
         let mut bar = None;
         while done < lists.len() {
-            bar = histogram.stop_before(k, &reach[done..], lists[done].info.doc_freq);
+            bar = stop_before(&mut leaders, acc, &reach[done..], lists[done].info.doc_freq);
             if bar.is_some() {
                 #[cfg(test)]
                 tests::STOPPED.with(|s| s.set(s.get() + 1));
                 break;
             }
-            accumulate(segment, lists[done], acc, &mut histogram)?;
+            accumulate(segment, lists[done], acc, &mut leaders)?;
             done += 1;
         }
         // Untouched documents (0) are out of reach once there is a bar (reach[done] < bar).
@@ -208,7 +201,7 @@ fn accumulate(
     segment: &SegmentReader,
     list: &List,
     acc: &mut [Score],
-    histogram: &mut Histogram,
+    leaders: &mut Leaders,
 ) -> tantivy::Result<()> {
     let norms = segment.get_fieldnorms_reader(list.field)?;
     let mut block = segment
@@ -219,7 +212,7 @@ fn accumulate(
         for (&doc, &freq) in block.docs().iter().zip(block.freqs()) {
             if alive.is_none_or(|a| a.is_alive(doc)) {
                 let score = list.weight.score(norms.fieldnorm_id(doc), freq);
-                histogram.add(doc, &mut acc[doc as usize], score);
+                leaders.add(acc, doc, score);
             }
         }
         block.advance();
@@ -367,76 +360,119 @@ impl<'a> Cursors<'a> {
     }
 }
 
-/// How many documents have accumulated how much, in linear buckets over `0..top` (scores above
-/// `top`, from phrases, count in the last bucket; bucket 0 holds what is below one bucket and is
-/// never used as a bar).
-struct Histogram {
-    counts: [[i32; BUCKETS]; COPIES],
-    scale: Score,
+/// The bar to complete candidates against, when scoring whole lists should stop before the next
+/// one (`reach[0]`: what it and the rest can add; `reach[1]`: the rest without it; `doc_freq`: its
+/// length); `None` to accumulate it. Stopping needs the bar (the `k`-th best score so far) to be
+/// out of every untouched document's reach, and to cost fewer seeks than accumulating the list
+/// would save.
+fn stop_before(
+    leaders: &mut Leaders,
+    acc: &[Score],
+    reach: &[Score],
+    doc_freq: u32,
+) -> Option<Score> {
+    let bar = leaders.kth(acc)?;
+    if reach[0] >= bar {
+        return None;
+    }
+    let (now, after) = count_at_least(acc, bar - reach[0], bar - reach[1]);
+    (now * SEEK_COST <= doc_freq as usize + after * SEEK_COST).then_some(bar)
 }
 
-impl Histogram {
-    fn new(top: Score) -> Histogram {
-        Histogram {
-            counts: [[0; BUCKETS]; COPIES],
-            scale: (BUCKETS - 1) as Score / top.max(Score::MIN_POSITIVE),
+/// How many scores are at least `a`, and how many at least `b` (one pass the compiler turns into
+/// vector compares).
+fn count_at_least(acc: &[Score], a: Score, b: Score) -> (usize, usize) {
+    let (mut at_a, mut at_b) = (0u32, 0u32);
+    for &s in acc {
+        at_a += u32::from(s >= a);
+        at_b += u32::from(s >= b);
+    }
+    (at_a as usize, at_b as usize)
+}
+
+/// The `k` documents with the highest accumulated scores, kept as scores are added: an addition
+/// costs one compare against the lowest score kept, and only a document that passes it is looked
+/// at further. A kept document's score is not updated as it gains (that would cost a heap
+/// operation per posting): scores kept lag behind the accumulator and are brought up to date
+/// before the lowest is dropped and before the `k`-th best is read. So every document not kept
+/// has at most the lowest kept score, and the lowest kept score, brought up to date, is the
+/// `k`-th best.
+struct Leaders {
+    k: usize,
+    /// The kept documents, lowest (kept) score on top.
+    heap: BinaryHeap<Reverse<(Ranked, DocId)>>,
+    /// Which documents are kept, a bit per document.
+    kept: Vec<u64>,
+    /// The lowest kept score once `k` are kept (below any score until then).
+    low: Score,
+}
+
+impl Leaders {
+    fn new(k: usize, docs: usize) -> Leaders {
+        Leaders {
+            k,
+            heap: BinaryHeap::with_capacity(k + 1),
+            kept: vec![0; docs.div_ceil(64)],
+            low: Score::NEG_INFINITY,
         }
     }
 
-    fn bucket(&self, score: Score) -> usize {
-        let at = (score * self.scale).max(0.0).min((BUCKETS - 1) as Score);
-        // SAFETY: `at` is a number in 0..=BUCKETS-1 (`max` and `min` return the other operand for
-        // NaN), which a u32 holds. The checked `as` cast's range tests took a tenth of a search.
-        unsafe { at.to_int_unchecked::<u32>() as usize }
-    }
-
-    /// Add `score` to document `doc`, whose accumulator is `slot`.
+    /// Add `score` to document `doc`'s accumulator.
     #[inline]
-    fn add(&mut self, doc: DocId, slot: &mut Score, score: Score) {
-        let old = *slot;
-        *slot = old + score;
-        let (from, to) = (self.bucket(old), self.bucket(old + score));
-        let counts = &mut self.counts[doc as usize % COPIES];
-        counts[from] -= 1;
-        counts[to] += 1;
+    fn add(&mut self, acc: &mut [Score], doc: DocId, score: Score) {
+        let slot = &mut acc[doc as usize];
+        *slot += score;
+        if *slot > self.low {
+            self.offer(acc, doc);
+        }
     }
 
-    /// The documents in bucket `b`.
-    fn count(&self, b: usize) -> i64 {
-        self.counts.iter().map(|c| i64::from(c[b])).sum()
-    }
-
-    /// A score at most the `k`-th best accumulated so far (the lower edge of its bucket).
-    fn kth_floor(&self, k: usize) -> Option<Score> {
-        let mut seen = 0i64;
-        for b in (1..BUCKETS).rev() {
-            seen += self.count(b);
-            if seen >= k as i64 {
-                return Some(b as Score / self.scale);
+    /// Keep `doc` (whose score passed the lowest kept) unless it is kept already or, once the
+    /// lowest kept score is brought up to date, no longer above it.
+    #[inline(never)]
+    fn offer(&mut self, acc: &[Score], doc: DocId) {
+        let (word, bit) = (doc as usize / 64, 1u64 << (doc % 64));
+        if self.kept[word] & bit != 0 {
+            return;
+        }
+        let score = acc[doc as usize];
+        if self.heap.len() == self.k {
+            while let Some(mut lowest) = self.heap.peek_mut() {
+                let Reverse((kept, at)) = &mut *lowest;
+                let now = acc[*at as usize];
+                if now <= kept.0 {
+                    break;
+                }
+                // Sifted into place when `lowest` is dropped.
+                *kept = Ranked(now);
+            }
+            match self.heap.peek() {
+                Some(Reverse((lowest, _))) if score > lowest.0 => {}
+                _ => return,
+            }
+            if let Some(Reverse((_, out))) = self.heap.pop() {
+                self.kept[out as usize / 64] &= !(1u64 << (out % 64));
             }
         }
-        None
+        self.heap.push(Reverse((Ranked(score), doc)));
+        self.kept[word] |= bit;
+        if self.heap.len() == self.k {
+            self.low = self.heap.peek().map_or(Score::NEG_INFINITY, |r| r.0.0.0);
+        }
     }
 
-    /// How many documents have accumulated at least (about) `score`.
-    fn count_from(&self, score: Score) -> usize {
-        let first = self.bucket(score.max(0.0)).max(1);
-        (first..BUCKETS).map(|b| self.count(b) as usize).sum()
-    }
-
-    /// The bar to complete candidates against, when scoring whole lists should stop before the
-    /// next one (`reach[0]`: what it and the rest can add; `reach[1]`: the rest without it;
-    /// `doc_freq`: its length); `None` to accumulate it. Stopping needs the bar to be out of
-    /// every untouched document's reach, and to cost fewer seeks than accumulating the list
-    /// would save.
-    fn stop_before(&self, k: usize, reach: &[Score], doc_freq: u32) -> Option<Score> {
-        let bar = self.kth_floor(k)?;
-        if reach[0] >= bar {
+    /// The `k`-th best accumulated score, once `k` documents have one.
+    fn kth(&mut self, acc: &[Score]) -> Option<Score> {
+        if self.heap.len() < self.k {
             return None;
         }
-        let now = self.count_from(bar - reach[0]);
-        let after = self.count_from(bar - reach[1]);
-        (now * SEEK_COST <= doc_freq as usize + after * SEEK_COST).then_some(bar)
+        let mut kept = std::mem::take(&mut self.heap).into_vec();
+        for Reverse((score, doc)) in &mut kept {
+            *score = Ranked(acc[*doc as usize]);
+        }
+        self.heap = BinaryHeap::from(kept);
+        self.low = self.heap.peek().map_or(Score::NEG_INFINITY, |r| r.0.0.0);
+        Some(self.low)
     }
 }
 
@@ -735,21 +771,38 @@ mod tests {
     }
 
     #[test]
-    fn the_histograms_floor_is_never_above_the_kth_best() {
+    fn the_leaders_give_the_kth_best_score() {
         let mut rng = Rng::new(3);
-        let mut histogram = Histogram::new(40.0);
-        let mut acc = vec![0.0; 500];
-        for _ in 0..5000 {
-            let doc = (rng.next_u64() % 500) as usize;
-            histogram.add(doc as DocId, &mut acc[doc], rng.uniform() * 3.0);
-        }
-        let mut sorted = acc.clone();
-        sorted.sort_by(|x, y| y.total_cmp(x));
         for k in [1, 10, 50, 200] {
-            let floor = histogram.kth_floor(k).expect("enough documents");
-            assert!(floor <= sorted[k - 1], "k {k}: {floor} > {}", sorted[k - 1]);
-            assert!(sorted[k - 1] - floor <= 40.0 / (BUCKETS - 1) as Score + 1e-4);
+            let mut leaders = Leaders::new(k, 500);
+            let mut acc = vec![0.0; 500];
+            for step in 0..5000 {
+                // Few documents gain often (a kept one's score goes stale), most rarely.
+                let doc = if step % 3 == 0 {
+                    rng.next_u64() % 20
+                } else {
+                    rng.next_u64() % 500
+                };
+                leaders.add(&mut acc, doc as DocId, rng.uniform() * 3.0);
+                if step % 500 == 499 {
+                    let mut sorted = acc.clone();
+                    sorted.sort_by(|x, y| y.total_cmp(x));
+                    assert_eq!(leaders.kth(&acc), Some(sorted[k - 1]), "k {k}, step {step}");
+                }
+            }
         }
-        assert_eq!(histogram.kth_floor(501), None);
+        let mut leaders = Leaders::new(501, 500);
+        let mut acc = vec![0.0; 500];
+        for doc in 0..500 {
+            leaders.add(&mut acc, doc, 1.0);
+        }
+        assert_eq!(leaders.kth(&acc), None);
+    }
+
+    #[test]
+    fn counts_at_least_two_bars() {
+        let acc = [0.0, 0.5, 1.0, 1.5, 2.0, 2.0, 3.0];
+        assert_eq!(count_at_least(&acc, 2.0, 0.5), (3, 6));
+        assert_eq!(count_at_least(&acc, 9.0, Score::MIN_POSITIVE), (0, 6));
     }
 }
