@@ -9,7 +9,9 @@ fusion (k 60). Documents are paragraphs, named as domainrag names them (`squad:<
 the metrics are domainrag's (recall@1/5/10, MRR@10, nDCG@10 over documents).
 
 Writes JSON (metrics per mode, and per-query search time without query embedding) and prints a
-table. `--extra-jsonl FILE` adds the documents of a JSONL file (`benches/scale_corpus.py`'s
+table; `--per-question FILE` also writes each question's metrics per mode as JSONL in the shape of
+`domainrag eval retrieval --per-question` (the weighted fusion as mode `hybrid`, RRF as
+`hybrid_rrf`), for `benches/paired_retrieval.py`. `--extra-jsonl FILE` adds the documents of a JSONL file (`benches/scale_corpus.py`'s
 distractors) to time search at domainrag's scale collection's size: BM25 indexes their text, but
 their vectors are random unit vectors instead of embeddings (embedding 86k documents in Python
 would take longer than the whole benchmark; numpy's exact search costs the same for any values),
@@ -39,7 +41,7 @@ def load_squad(path):
             doc_id = f"squad:{title}:{n}"
             docs.append((doc_id, title, p["context"]))
             for qa in p["qas"]:
-                questions.append((qa["question"], doc_id))
+                questions.append((qa["question"], doc_id, qa["id"]))
     return docs, questions
 
 
@@ -130,6 +132,7 @@ def main():
     ap.add_argument("--extra-jsonl", help="more documents (random vectors): for timing at scale")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--candidates", type=int, default=50)
+    ap.add_argument("--per-question", help="also write each question's metrics per mode (JSONL)")
     args = ap.parse_args()
 
     import bm25s
@@ -158,12 +161,12 @@ def main():
         noise = rng.standard_normal((len(extra), doc_vecs.shape[1])).astype(np.float32)
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
         doc_vecs = np.concatenate([doc_vecs, noise])
-    query_vecs = emb.embed([q for q, _ in questions])
+    query_vecs = emb.embed([q for q, _, _ in questions])
 
     c = min(args.candidates, len(docs))
     per_mode = {m: [] for m in ("bm25", "dense", "hybrid_weighted", "hybrid_rrf")}
     times = {m: [] for m in per_mode}
-    for qi, (q, gold) in enumerate(questions):
+    for qi, (q, gold, _) in enumerate(questions):
         t0 = time.perf_counter()
         qt = bm25s.tokenize([q], stopwords="en", stemmer=stemmer, show_progress=False)
         if len(qt.vocab) == 0:
@@ -207,6 +210,12 @@ def main():
         },
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.per_question:
+        names = {"hybrid_weighted": "hybrid"}
+        with open(args.per_question, "w") as f:
+            for m, rows in per_mode.items():
+                for (_, _, qid), row in zip(questions, rows):
+                    f.write(json.dumps({**row, "id": qid, "mode": names.get(m, m)}) + "\n")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"peer on {args.squad}: {len(docs) + len(extra)} documents, {len(questions)} questions")
