@@ -34,10 +34,15 @@ pub(super) struct Clause {
     pub(super) weight: Score,
 }
 
-/// What one seek into a long posting list costs against accumulating one posting (measured on
-/// the 100k-chunk benchmark collection: ~100 ns against ~4 ns; since the leaders replaced a
-/// histogram, accumulating is cheaper, but 12, 24, 48 and 96 gave the same times within noise).
+/// What one seek into a long posting list costs against accumulating one posting: a tuning
+/// constant (on the 100k-chunk benchmark collection a seek took ~100 ns and a posting ~4 ns before
+/// [`Leaders`] made accumulating cheaper; since then 12, 24, 48 and 96 give the same times within
+/// noise).
 const SEEK_COST: usize = 24;
+
+/// Documents one pass of [`count_at_least`] covers in about the time one posting takes to
+/// accumulate (a vector compare of 8 scores against a scattered read-modify-write).
+const SCAN_SHARE: usize = 32;
 
 /// Accumulators (a segment's `max_doc` floats each) kept for the next searches: as many as ran at
 /// once, up to [`POOLED`], whichever blocking thread runs them.
@@ -371,6 +376,11 @@ fn stop_before(
     reach: &[Score],
     doc_freq: u32,
 ) -> Option<Score> {
+    // Counting passes over every document: before a list that short, accumulating it costs less
+    // than deciding not to (and the decision comes again before the next one).
+    if (doc_freq as usize).saturating_mul(SCAN_SHARE) < acc.len() {
+        return None;
+    }
     let bar = leaders.kth(acc)?;
     if reach[0] >= bar {
         return None;
@@ -390,20 +400,21 @@ fn count_at_least(acc: &[Score], a: Score, b: Score) -> (usize, usize) {
     (at_a as usize, at_b as usize)
 }
 
-/// The `k` documents with the highest accumulated scores, kept as scores are added: an addition
-/// costs one compare against the lowest score kept, and only a document that passes it is looked
-/// at further. A kept document's score is not updated as it gains (that would cost a heap
-/// operation per posting): scores kept lag behind the accumulator and are brought up to date
-/// before the lowest is dropped and before the `k`-th best is read. So every document not kept
-/// has at most the lowest kept score, and the lowest kept score, brought up to date, is the
-/// `k`-th best.
+/// The `k` documents with the highest accumulated scores, kept as scores (never negative) are
+/// added: an addition costs one compare against a bound under the lowest kept score, and only a
+/// document that passes it is looked at further. A kept document's score is not updated as it
+/// gains (that would cost a heap operation per posting): scores kept lag behind the accumulator
+/// and are brought up to date before the lowest is dropped and before the `k`-th best is read. So
+/// every document not kept has at most the lowest kept score brought up to date, and that score is
+/// the `k`-th best.
 struct Leaders {
     k: usize,
     /// The kept documents, lowest (kept) score on top.
     heap: BinaryHeap<Reverse<(Ranked, DocId)>>,
     /// Which documents are kept, a bit per document.
     kept: Vec<u64>,
-    /// The lowest kept score once `k` are kept (below any score until then).
+    /// At most the lowest kept score (up to date when last refreshed) once `k` are kept; below
+    /// any score until then.
     low: Score,
 }
 
@@ -420,45 +431,64 @@ impl Leaders {
     /// Add `score` to document `doc`'s accumulator.
     #[inline]
     fn add(&mut self, acc: &mut [Score], doc: DocId, score: Score) {
+        debug_assert!(score >= 0.0, "accumulated scores only grow");
         let slot = &mut acc[doc as usize];
         *slot += score;
-        if *slot > self.low {
+        if *slot > self.low && !self.is_kept(doc) {
             self.offer(acc, doc);
         }
     }
 
-    /// Keep `doc` (whose score passed the lowest kept) unless it is kept already or, once the
-    /// lowest kept score is brought up to date, no longer above it.
+    fn is_kept(&self, doc: DocId) -> bool {
+        self.kept[doc as usize / 64] & (1u64 << (doc % 64)) != 0
+    }
+
+    fn set_kept(&mut self, doc: DocId, kept: bool) {
+        let (word, bit) = (doc as usize / 64, 1u64 << (doc % 64));
+        if kept {
+            self.kept[word] |= bit;
+        } else {
+            self.kept[word] &= !bit;
+        }
+    }
+
+    /// Keep `doc` (not kept, its score above `low`) unless, once the lowest kept score is brought
+    /// up to date, it is no longer above it.
     #[inline(never)]
     fn offer(&mut self, acc: &[Score], doc: DocId) {
-        let (word, bit) = (doc as usize / 64, 1u64 << (doc % 64));
-        if self.kept[word] & bit != 0 {
-            return;
-        }
         let score = acc[doc as usize];
         if self.heap.len() == self.k {
-            while let Some(mut lowest) = self.heap.peek_mut() {
-                let Reverse((kept, at)) = &mut *lowest;
-                let now = acc[*at as usize];
-                if now <= kept.0 {
-                    break;
-                }
-                // Sifted into place when `lowest` is dropped.
-                *kept = Ranked(now);
-            }
-            match self.heap.peek() {
-                Some(Reverse((lowest, _))) if score > lowest.0 => {}
-                _ => return,
+            let lowest = self.refresh_lowest(acc);
+            // Up to date: the tightest bound for the postings to come.
+            self.low = lowest;
+            if score <= lowest || score.is_nan() {
+                return;
             }
             if let Some(Reverse((_, out))) = self.heap.pop() {
-                self.kept[out as usize / 64] &= !(1u64 << (out % 64));
+                self.set_kept(out, false);
             }
         }
         self.heap.push(Reverse((Ranked(score), doc)));
-        self.kept[word] |= bit;
+        self.set_kept(doc, true);
         if self.heap.len() == self.k {
             self.low = self.heap.peek().map_or(Score::NEG_INFINITY, |r| r.0.0.0);
         }
+    }
+
+    /// Bring the lowest kept score up to date (and each that comes to the top in its place), and
+    /// return it.
+    fn refresh_lowest(&mut self, acc: &[Score]) -> Score {
+        while let Some(mut lowest) = self.heap.peek_mut() {
+            let Reverse((kept, at)) = &mut *lowest;
+            let now = acc[*at as usize];
+            // A NaN (not a score BM25 gives) stops here rather than going round forever.
+            if now <= kept.0 || now.is_nan() {
+                break;
+            }
+            // Sifted into place when `lowest` is dropped.
+            *kept = Ranked(now);
+        }
+        self.heap.peek().map_or(Score::NEG_INFINITY, |r| r.0.0.0)
     }
 
     /// The `k`-th best accumulated score, once `k` documents have one.
@@ -773,17 +803,42 @@ mod tests {
     #[test]
     fn the_leaders_give_the_kth_best_score() {
         let mut rng = Rng::new(3);
-        for k in [1, 10, 50, 200] {
+        for (k, ties) in [
+            (1, false),
+            (10, false),
+            (50, false),
+            (200, false),
+            (10, true),
+            (50, true),
+        ] {
             let mut leaders = Leaders::new(k, 500);
             let mut acc = vec![0.0; 500];
             for step in 0..5000 {
-                // Few documents gain often (a kept one's score goes stale), most rarely.
+                // Few documents gain often (a kept one's score goes stale), most rarely; whole
+                // numbers make ties.
                 let doc = if step % 3 == 0 {
                     rng.next_u64() % 20
                 } else {
                     rng.next_u64() % 500
+                } as DocId;
+                let score = if ties {
+                    (rng.next_u64() % 3) as Score
+                } else {
+                    rng.uniform() * 3.0
                 };
-                leaders.add(&mut acc, doc as DocId, rng.uniform() * 3.0);
+                leaders.add(&mut acc, doc, score);
+                // Between reads of the bar: no document left out is above one kept.
+                let lowest_kept = (0..500)
+                    .filter(|&d| leaders.is_kept(d))
+                    .map(|d| acc[d as usize])
+                    .fold(Score::INFINITY, Score::min);
+                let highest_out = (0..500)
+                    .filter(|&d| !leaders.is_kept(d))
+                    .map(|d| acc[d as usize])
+                    .fold(0.0, Score::max);
+                if leaders.heap.len() == k {
+                    assert!(highest_out <= lowest_kept, "k {k}, step {step}");
+                }
                 if step % 500 == 499 {
                     let mut sorted = acc.clone();
                     sorted.sort_by(|x, y| y.total_cmp(x));
@@ -797,6 +852,17 @@ mod tests {
             leaders.add(&mut acc, doc, 1.0);
         }
         assert_eq!(leaders.kth(&acc), None);
+    }
+
+    #[test]
+    fn a_nan_among_the_leaders_does_not_hang() {
+        let mut leaders = Leaders::new(1, 2);
+        let mut acc = vec![0.0; 2];
+        leaders.add(&mut acc, 0, 1.0);
+        acc[0] = Score::NAN;
+        leaders.add(&mut acc, 1, 2.0);
+        assert!(leaders.is_kept(1));
+        assert_eq!(leaders.kth(&acc), Some(2.0));
     }
 
     #[test]
