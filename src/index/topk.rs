@@ -471,7 +471,7 @@ impl Leaders {
         self.heap.push(Reverse((Ranked(score), doc)));
         self.set_kept(doc, true);
         if self.heap.len() == self.k {
-            self.low = self.heap.peek().map_or(Score::NEG_INFINITY, |r| r.0.0.0);
+            self.low = self.lowest();
         }
     }
 
@@ -488,6 +488,11 @@ impl Leaders {
             // Sifted into place when `lowest` is dropped.
             *kept = Ranked(now);
         }
+        self.lowest()
+    }
+
+    /// The lowest score kept (as last brought up to date), or below any score when none is.
+    fn lowest(&self) -> Score {
         self.heap.peek().map_or(Score::NEG_INFINITY, |r| r.0.0.0)
     }
 
@@ -501,7 +506,7 @@ impl Leaders {
             *score = Ranked(acc[*doc as usize]);
         }
         self.heap = BinaryHeap::from(kept);
-        self.low = self.heap.peek().map_or(Score::NEG_INFINITY, |r| r.0.0.0);
+        self.low = self.lowest();
         Some(self.low)
     }
 }
