@@ -13,10 +13,10 @@
 //!
 //! Owns validating PEFT LoRA adapters against the base model's shapes *before* anything is copied
 //! (a refused adapter leaves the registry unchanged), installing them atomically (staged in a hidden
-//! directory next to the destination, then renamed), listing and removing them. It must not load
-//! models or touch collections: which collections use an adapter is the caller's to say
-//! (`used_by`), and loading belongs to `generate`. Calls are blocking file I/O; async callers go
-//! through `spawn_blocking`.
+//! directory next to the destination, then renamed, or swapped with the adapter it replaces, under
+//! a lock beside the registry), listing and removing them. It must not load models or touch
+//! collections: which collections use an adapter is the caller's to say (`used_by`), and loading
+//! belongs to `generate`. Calls are blocking file I/O; async callers go through `spawn_blocking`.
 //!
 //! What a valid PEFT adapter is (its config, tensor names, safetensors header and layout) is
 //! `peft`'s, and `prompt`'s for the kinds that learn virtual tokens (prompt and prefix tuning);
@@ -47,6 +47,12 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// Our record of an adapter, next to its PEFT files.
 const INFO_FILE: &str = "domainrag-adapter.json";
+/// `<data_dir>/adapters.lock` (beside the registry, so listings of it hold adapters only): an
+/// advisory lock held while an adapter's directory is placed, swapped or removed, so two installs
+/// or removals of one name, by threads of this process or by another process (`train` beside
+/// `serve`), never interleave: without it, two replaces of one name could each find the other's
+/// work half done and fail with `AlreadyExists`.
+const LOCK_FILE: &str = "adapters.lock";
 /// Errors of the adapter registry.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -270,6 +276,7 @@ impl AdapterRegistry {
 
     /// Keep a training record (`training.json`) with a registered adapter.
     pub fn set_training_record(&self, name: &str, record: &Path) -> Result<(), AdapterError> {
+        let _held = self.lock()?;
         self.get(name)?;
         let dest = self.dir(name).join("training.json");
         std::fs::copy(record, &dest).map_err(|e| io(&dest, e))?;
@@ -351,24 +358,8 @@ impl AdapterRegistry {
         std::fs::create_dir(&staging).map_err(|e| io(&staging, e))?;
         let installed = stage(&staging, &config_bytes, &weights_path, &info).and_then(|()| {
             crate::killpoint::reach("adapter.staged");
-            if replace && dest.exists() {
-                let old = self
-                    .root
-                    .join(format!(".replacing-{name}-{}", unique_suffix()));
-                std::fs::rename(&dest, &old).map_err(|e| io(&dest, e))?;
-                crate::killpoint::reach("adapter.replace.aside");
-                let moved = self.move_into_place(&staging, &dest, name);
-                if moved.is_err() {
-                    // Put the old adapter back: a failed replace must not lose it.
-                    let _ = std::fs::rename(&old, &dest);
-                } else {
-                    crate::killpoint::reach("adapter.replace.placed");
-                    let _ = std::fs::remove_dir_all(&old);
-                }
-                moved
-            } else {
-                self.move_into_place(&staging, &dest, name)
-            }
+            let _held = self.lock()?;
+            self.place(&staging, &dest, name, replace)
         });
         if installed.is_err() {
             // Best effort: the staging dir is hidden from `list`, and the error that matters is
@@ -378,13 +369,71 @@ impl AdapterRegistry {
         installed.map(|()| info)
     }
 
+    /// Hold the registry's lock ([`LOCK_FILE`]) until the returned lock is dropped.
+    fn lock(&self) -> Result<crate::datadir::FileLock, AdapterError> {
+        let path = self.root.with_file_name(LOCK_FILE);
+        crate::datadir::FileLock::exclusive(&path).map_err(|e| io(&path, e))
+    }
+
+    /// Move the staged adapter to `dest`; with `replace`, the adapter there is swapped for it in
+    /// one step where the file system can ([`exchange`]), so a request that reads the adapter
+    /// meanwhile finds the old or the new one, never none. The caller holds the lock.
+    fn place(
+        &self,
+        staging: &Path,
+        dest: &Path,
+        name: &str,
+        replace: bool,
+    ) -> Result<(), AdapterError> {
+        if !dest.exists() {
+            return self.move_into_place(staging, dest, name);
+        }
+        if !replace {
+            return Err(AdapterError::AlreadyExists {
+                name: name.to_string(),
+            });
+        }
+        if !exchange(staging, dest).map_err(|e| io(dest, e))? {
+            return self.replace_by_renames(staging, dest, name);
+        }
+        sync_dir(&self.root);
+        crate::killpoint::reach("adapter.replace.swapped");
+        // The staging name now holds the old adapter (a leftover `recover` clears if killed).
+        let _ = std::fs::remove_dir_all(staging);
+        Ok(())
+    }
+
+    /// Replace where directories cannot be exchanged: the adapter at `dest` is moved aside, the
+    /// staged one into place, and the old one away (or back, if the move failed).
+    fn replace_by_renames(
+        &self,
+        staging: &Path,
+        dest: &Path,
+        name: &str,
+    ) -> Result<(), AdapterError> {
+        let old = self
+            .root
+            .join(format!(".replacing-{name}-{}", unique_suffix()));
+        std::fs::rename(dest, &old).map_err(|e| io(dest, e))?;
+        crate::killpoint::reach("adapter.replace.aside");
+        let moved = self.move_into_place(staging, dest, name);
+        if moved.is_err() {
+            // Put the old adapter back: a failed replace must not lose it.
+            let _ = std::fs::rename(&old, dest);
+        } else {
+            crate::killpoint::reach("adapter.replace.placed");
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        moved
+    }
+
     fn move_into_place(&self, staging: &Path, dest: &Path, name: &str) -> Result<(), AdapterError> {
         match std::fs::rename(staging, dest) {
             Ok(()) => {
                 sync_dir(&self.root);
                 Ok(())
             }
-            // Another `add` of the same name won the race.
+            // A directory of that name made by hand, outside the lock.
             Err(_) if dest.exists() => Err(AdapterError::AlreadyExists {
                 name: name.to_string(),
             }),
@@ -397,6 +446,7 @@ impl AdapterRegistry {
     pub fn remove(&self, name: &str, used_by: &[String]) -> Result<(), AdapterError> {
         check_name(name)?;
         let dir = self.dir(name);
+        let _held = self.lock()?;
         // The directory, not the record, decides: one left without its record must still be
         // removable, or its name could never be used again.
         if !dir.is_dir() {
@@ -466,7 +516,41 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// A name part that no other staging or removal directory of this or another process has.
+/// Swap the directories `a` and `b` in one step (Linux `renameat2` with `RENAME_EXCHANGE`).
+/// `Ok(false)` where the platform or file system cannot (nothing was changed then).
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two NUL-terminated paths that live across the call; no other memory is touched.
+    let done = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if done == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<bool> {
+    Ok(false)
+}
+
 /// `.<kind>-<name>-<pid>-<nanos>-<n>` (see [`unique_suffix`]) -> (kind, name, pid).
 fn parse_work_dir(file_name: &str) -> Option<(&str, &str, u32)> {
     let rest = file_name.strip_prefix('.')?;
@@ -479,6 +563,7 @@ fn parse_work_dir(file_name: &str) -> Option<(&str, &str, u32)> {
     Some((kind, name, pid.parse().ok()?))
 }
 
+/// A name part that no other staging or removal directory of this or another process has.
 fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -1006,6 +1091,108 @@ mod tests {
         std::fs::create_dir_all(&mine).unwrap();
         assert!(f.registry.recover().is_empty());
         assert!(mine.exists());
+    }
+
+    /// Eight threads at once, each with a registry of its own (as `serve` and `train` have),
+    /// doing `op` on the fixture's adapter; their results.
+    fn at_once(
+        f: &Fixture,
+        op: fn(&AdapterRegistry, &Path, &BaseModelInfo) -> Result<AdapterInfo, AdapterError>,
+    ) -> Vec<Result<AdapterInfo, AdapterError>> {
+        let data_dir = f.registry.root.parent().unwrap();
+        let barrier = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        let registry = AdapterRegistry::new(data_dir);
+                        barrier.wait();
+                        op(&registry, &f.src, &f.base)
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn replaces_of_one_name_at_once_all_succeed_and_it_never_goes_missing() {
+        let f = fixture();
+        f.registry.add("legal", &f.src, &f.base).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let missing = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut missing = 0;
+                while !done.load(Ordering::Relaxed) {
+                    missing += usize::from(f.registry.get("legal").is_err());
+                }
+                missing
+            });
+            for _round in 0..20 {
+                for result in at_once(&f, |r, src, base| r.replace("legal", src, base)) {
+                    assert!(result.is_ok(), "{result:?}");
+                }
+                assert_eq!(entries(&f.registry), vec!["legal"]);
+            }
+            done.store(true, Ordering::Relaxed);
+            reader.join().unwrap()
+        });
+        assert_eq!(
+            missing, 0,
+            "reads that found no adapter during the replaces"
+        );
+    }
+
+    #[test]
+    fn a_replace_without_exchange_moves_the_old_adapter_away() {
+        let f = fixture();
+        f.registry.add("legal", &f.src, &f.base).unwrap();
+        let before = std::fs::read(f.registry.dir("legal").join(INFO_FILE)).unwrap();
+        let staging = f.registry.root.join(".adding-legal-1-0-0");
+        std::fs::create_dir(&staging).unwrap();
+        let info = f.registry.get("legal").unwrap();
+        let info = AdapterInfo {
+            created_at: info.created_at + 1,
+            ..info
+        };
+        stage(
+            &staging,
+            &std::fs::read(f.src.join(CONFIG_FILE)).unwrap(),
+            &f.src.join(WEIGHTS_FILE),
+            &info,
+        )
+        .unwrap();
+        let _held = f.registry.lock().unwrap();
+        f.registry
+            .replace_by_renames(&staging, &f.registry.dir("legal"), "legal")
+            .unwrap();
+        assert_ne!(
+            std::fs::read(f.registry.dir("legal").join(INFO_FILE)).unwrap(),
+            before
+        );
+        assert_eq!(f.registry.get("legal").unwrap(), info);
+        assert_eq!(entries(&f.registry), vec!["legal"]);
+    }
+
+    #[test]
+    fn adds_of_one_name_at_once_install_it_once() {
+        let f = fixture();
+        for _round in 0..20 {
+            let results = at_once(&f, |r, src, base| r.add("legal", src, base));
+            assert_eq!(
+                results.iter().filter(|r| r.is_ok()).count(),
+                1,
+                "{results:?}"
+            );
+            for result in results.iter().filter(|r| r.is_err()) {
+                assert!(
+                    matches!(result, Err(AdapterError::AlreadyExists { .. })),
+                    "{result:?}"
+                );
+            }
+            assert_eq!(entries(&f.registry), vec!["legal"]);
+            f.registry.remove("legal", &[]).unwrap();
+        }
     }
 
     #[test]

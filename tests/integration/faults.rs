@@ -303,13 +303,9 @@ fn collection_create_and_delete_and_adapter_replace_survive_kills() {
     let (old_weights, new_weights) = (weights(&old), weights(&new));
     let (old_arg, new_arg) = (old.to_str().expect("utf-8"), new.to_str().expect("utf-8"));
     ok(&run(&data, None, &["adapters", "add", "a1", old_arg]));
-    // Killed before the old adapter moved, with it aside, and with the new one in place: the
-    // next command finds one whole adapter (the new one only once it is in place).
-    for (point, expect_new) in [
-        ("adapter.staged", false),
-        ("adapter.replace.aside", false),
-        ("adapter.replace.placed", true),
-    ] {
+    // Killed with the new adapter staged, and right after the two were swapped: the next
+    // command finds one whole adapter (the new one only once swapped in).
+    for (point, expect_new) in [("adapter.staged", false), ("adapter.replace.swapped", true)] {
         run_killed(
             &data,
             point,
