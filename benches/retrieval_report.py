@@ -95,7 +95,7 @@ def tune(out_dir):
             chosen = rep["best"]["settings"]
             f = chosen["fusion"]
             b = chosen["bm25"]
-            desc = (f"title {b['title_weight']}, window {b.get('window_weight', 0)}, k1/b {b.get('k1', 1.2)}/{b.get('b', 0.75)}, "
+            desc = (f"title {b['title_weight']}, window {b.get('window_weight', 0)}, pair {b.get('pair_weight', 0)}, k1/b {b.get('k1', 1.2)}/{b.get('b', 0.75)}, "
                     f"{f['method']} {f['bm25_weight']}/{f['dense_weight']}, {f['candidates']} cand.")
             g = rep.get("held_out_gain")
             gain = f"{g['low']:+.4f}..{g['high']:+.4f}" if g else "-"

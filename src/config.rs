@@ -142,6 +142,11 @@ pub struct Bm25Config {
     /// before windows existed has none set and keeps 0 until it is set or tuned.
     #[serde(default)]
     pub window_weight: f32,
+    /// Weight of two adjacent words of a query found side by side in a chunk's text against one
+    /// word found there (0: pairs not searched). A collection saved before pairs existed has none
+    /// set and keeps 0 until it is set or tuned.
+    #[serde(default)]
+    pub pair_weight: f32,
     /// BM25's term-frequency saturation: how much a word said again adds (0: nothing, the
     /// match alone counts). A collection saved before this was a setting has 1.2, tantivy's.
     #[serde(default = "Bm25Config::default_k1")]
@@ -158,6 +163,7 @@ impl Bm25Config {
     pub const BEFORE_SETTINGS: Bm25Config = Bm25Config {
         title_weight: 1.0,
         window_weight: 0.0,
+        pair_weight: 0.0,
         k1: 1.2,
         b: 0.75,
     };
@@ -177,6 +183,9 @@ impl Bm25Config {
         }
         if !(self.window_weight.is_finite() && (0.0..=10.0).contains(&self.window_weight)) {
             return Err(("bm25.window_weight", "must be between 0 and 10".into()));
+        }
+        if !(self.pair_weight.is_finite() && (0.0..=10.0).contains(&self.pair_weight)) {
+            return Err(("bm25.pair_weight", "must be between 0 and 10".into()));
         }
         if !(self.k1.is_finite() && (0.0..=5.0).contains(&self.k1)) {
             return Err(("bm25.k1", "must be between 0 and 5".into()));
@@ -202,15 +211,15 @@ pub struct SearchSettings {
 }
 
 impl std::fmt::Display for SearchSettings {
-    /// `title weight 0.5, window weight 2, k1 1.2, b 0.75, weighted 1/1, 50 candidates` (or
-    /// `rrf k 60 bm25 x1`).
+    /// `title weight 0.5, window weight 2, pair weight 0.2, k1 1.2, b 0.75, weighted 1/1, 50
+    /// candidates` (or `rrf k 60 bm25 x1`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let fusion = &self.fusion;
         let bm25 = &self.bm25;
         write!(
             f,
-            "title weight {}, window weight {}, k1 {}, b {}, ",
-            bm25.title_weight, bm25.window_weight, bm25.k1, bm25.b
+            "title weight {}, window weight {}, pair weight {}, k1 {}, b {}, ",
+            bm25.title_weight, bm25.window_weight, bm25.pair_weight, bm25.k1, bm25.b
         )?;
         match fusion.method {
             FusionMethod::Weighted => {

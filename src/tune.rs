@@ -3,7 +3,7 @@
 //!
 //! The questions are split (seeded) into a tuning part and a held-out part. Each question's
 //! candidate lists are fetched once: dense top [`DEPTH`] and BM25 top [`DEPTH`] for each BM25
-//! setting of the grid (title weight x window weight x k1/b); every fusion variant of the grid is then scored in memory on the tuning
+//! setting of the grid (title weight x window weight x pair weight x k1/b); every fusion variant of the grid is then scored in memory on the tuning
 //! part by nDCG@10 over documents (as `eval retrieval` scores). The best variant is applied only
 //! when the held-out part confirms it: its nDCG@10 gain over the current settings, paired by
 //! question, has a 95% bootstrap interval above zero, and recall@5 does not fall. With thousands
@@ -35,6 +35,7 @@ pub const MIN_QUESTIONS: usize = 20;
 
 const TITLE_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 1.0, 2.0];
 const WINDOW_WEIGHTS: [f32; 3] = [0.0, 1.0, 2.0];
+const PAIR_WEIGHTS: [f32; 2] = [0.0, 0.75];
 /// BM25's (k1, b): the default and two steps towards the best of 22 pairs on SQuAD dev and
 /// new_wiki (which suits short passages better than long reviews).
 const SATURATION: [(f32, f32); 3] = [(0.6, 1.0), (0.9, 0.9), (1.2, 0.75)];
@@ -275,18 +276,21 @@ fn confirmed(current: &[Metrics], best: &[Metrics]) -> (bool, Interval) {
     (gain.low > 0.0 && recall_kept, gain)
 }
 
-/// The grid's BM25 settings: each title weight with each window weight and each (k1, b).
+/// The grid's BM25 settings: each title weight with each window weight, pair weight and (k1, b).
 fn grid_bm25() -> Vec<Bm25Config> {
     let mut out = Vec::new();
     for title_weight in TITLE_WEIGHTS {
         for window_weight in WINDOW_WEIGHTS {
-            for (k1, b) in SATURATION {
-                out.push(Bm25Config {
-                    title_weight,
-                    window_weight,
-                    k1,
-                    b,
-                });
+            for pair_weight in PAIR_WEIGHTS {
+                for (k1, b) in SATURATION {
+                    out.push(Bm25Config {
+                        title_weight,
+                        window_weight,
+                        pair_weight,
+                        k1,
+                        b,
+                    });
+                }
             }
         }
     }
@@ -441,6 +445,7 @@ mod tests {
             bm25: Bm25Config {
                 title_weight: 0.7,
                 window_weight: 0.0,
+                pair_weight: 0.0,
                 k1: 1.2,
                 b: 0.75,
             },
@@ -462,6 +467,7 @@ mod tests {
             grid.len(),
             1 + TITLE_WEIGHTS.len()
                 * WINDOW_WEIGHTS.len()
+                * PAIR_WEIGHTS.len()
                 * SATURATION.len()
                 * CANDIDATES.len()
                 * (9 + 12)
@@ -477,7 +483,7 @@ mod tests {
         );
         assert_eq!(
             fetched.len(),
-            TITLE_WEIGHTS.len() * WINDOW_WEIGHTS.len() * SATURATION.len() + 1
+            TITLE_WEIGHTS.len() * WINDOW_WEIGHTS.len() * PAIR_WEIGHTS.len() * SATURATION.len() + 1
         );
     }
 

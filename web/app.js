@@ -289,7 +289,7 @@
     }
     if (c.bm25 && typeof c.bm25 === 'object') {
       const b = c.bm25;
-      rows.push(['BM25', `title weight ${b.title_weight}, window weight ${b.window_weight}, k1 ${b.k1}, b ${b.b}`]);
+      rows.push(['BM25', `title weight ${b.title_weight}, window weight ${b.window_weight}, pair weight ${b.pair_weight}, k1 ${b.k1}, b ${b.b}`]);
     }
     if (c.created_at) rows.push(['Created', fmtTime(c.created_at)]);
     for (const [key, value, testid] of rows) {

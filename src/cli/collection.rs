@@ -104,6 +104,10 @@ pub struct SettingsArgs {
     /// in BM25 (0: windows not searched).
     #[arg(long)]
     pub window_weight: Option<f32>,
+    /// Weight of two adjacent query words found side by side in a chunk's text against one word
+    /// found there in BM25 (0: pairs not searched).
+    #[arg(long)]
+    pub pair_weight: Option<f32>,
     /// BM25's term-frequency saturation (0 to 5; 0: a word said again adds nothing).
     #[arg(long)]
     pub k1: Option<f32>,
@@ -156,6 +160,9 @@ impl SettingsArgs {
         }
         if let Some(v) = self.window_weight {
             s.bm25.window_weight = v;
+        }
+        if let Some(v) = self.pair_weight {
+            s.bm25.pair_weight = v;
         }
         if let Some(v) = self.k1 {
             s.bm25.k1 = v;

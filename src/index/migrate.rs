@@ -1,4 +1,5 @@
-//! The one-time rebuild of a BM25 index written before chunks had a `key` field.
+//! The one-time rebuild of a BM25 index written before its schema had every field it has now (a
+//! chunk's `key`, its `window`, its word `pairs`).
 //!
 //! Such an index is read whole from its own stored chunks into a new index beside it
 //! (`<dir>.rebuild`), with the current schema (no chunk is embedded again); then the old directory is renamed away
@@ -63,9 +64,9 @@ pub(super) fn recover(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Rebuild the index in `dir` with the current schema (every chunk under its key), then swap it
-/// in. Logs the chunks it copied and how long it took.
-pub(super) fn add_keys(dir: &Path, writer_heap_bytes: usize) -> Result<(), IndexError> {
+/// Rebuild the index in `dir` with the current schema (every chunk under its key, with its window
+/// and pairs), then swap it in. Logs the chunks it copied and how long it took.
+pub(super) fn rebuild(dir: &Path, writer_heap_bytes: usize) -> Result<(), IndexError> {
     let err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| IndexError::Tantivy { path, source }
@@ -87,6 +88,7 @@ pub(super) fn add_keys(dir: &Path, writer_heap_bytes: usize) -> Result<(), Index
     let rebuild = rebuild_dir(dir);
     std::fs::create_dir_all(&rebuild).map_err(|e| err(&rebuild)(e.into()))?;
     let new = Index::create_in_dir(&rebuild, schema()).map_err(err(&rebuild))?;
+    super::pairs::register(&new);
     let copied = copy_chunks(&old, &new, writer_heap_bytes).map_err(err(&rebuild))?;
     drop(new);
     let moved = old_dir(dir);
@@ -102,13 +104,14 @@ pub(super) fn add_keys(dir: &Path, writer_heap_bytes: usize) -> Result<(), Index
         path = %dir.display(),
         chunks = copied,
         seconds = started.elapsed().as_secs_f64(),
-        "BM25 index rebuilt with chunk keys (once, for an index an older domainrag wrote)"
+        "BM25 index rebuilt with the current fields (once, for an index an older domainrag wrote)"
     );
     Ok(())
 }
 
 /// Refuse a rebuild that would fill the disk: the new index (its text once more, plus the
-/// windows) is written beside the old one, so it needs about 1.5 times the old one's size.
+/// windows and pairs) is written beside the old one, so it needs about 1.5 times the old one's
+/// size.
 fn check_space(dir: &Path) -> Result<(), IndexError> {
     let io = |e: std::io::Error| IndexError::Tantivy {
         path: dir.to_path_buf(),
@@ -199,12 +202,28 @@ mod tests {
         }
     }
 
+    /// The schema domainrag wrote before word pairs: today's without the `pairs` field.
+    fn schema_before_pairs() -> Schema {
+        let mut builder = Schema::builder();
+        for (_, entry) in schema().fields() {
+            if entry.name() != super::super::PAIRS {
+                builder.add_field(entry.clone());
+            }
+        }
+        builder.build()
+    }
+
     /// An index as an older domainrag left it: two documents, one chunk deleted.
     fn write_old_index(dir: &Path) -> Vec<ChunkRecord> {
+        write_index(dir, schema_before_keys())
+    }
+
+    /// Two documents, one chunk deleted, in an index of `schema`.
+    fn write_index(dir: &Path, schema: Schema) -> Vec<ChunkRecord> {
         std::fs::create_dir_all(dir).expect("dir");
-        let index = Index::create_in_dir(dir, schema_before_keys()).expect("create");
+        let index = Index::create_in_dir(dir, schema).expect("create");
         let fields = Fields::of(&index.schema()).expect("fields");
-        assert!(fields.key.is_none());
+        assert!(fields.pairs.is_none());
         let mut writer: IndexWriter<TantivyDocument> = index.writer(20_000_000).expect("writer");
         let kept = vec![
             chunk(1, "a", "Vacuum reclaims storage occupied by dead tuples"),
@@ -249,6 +268,25 @@ mod tests {
         drop(index);
         let again = Bm25Index::open_or_create(&dir, 20).expect("reopen");
         assert_eq!(again.num_chunks().expect("count"), 2);
+    }
+
+    #[test]
+    fn an_index_without_pairs_is_rebuilt_once_and_searched_with_them() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("bm25");
+        let kept = write_index(&dir, schema_before_pairs());
+
+        let index = Bm25Index::open_or_create(&dir, 20).expect("open migrates");
+        assert!(index.fields.pairs.is_some());
+        assert_eq!(index.num_chunks().expect("count"), 2);
+        let pairs_only = Bm25Config {
+            title_weight: 0.0,
+            pair_weight: 1.0,
+            ..Bm25Config::BEFORE_SETTINGS
+        };
+        let hits = index.search("dead tuples", 5, &pairs_only).expect("search");
+        assert_eq!(hits[0].0, chunk_key(&kept[0].chunk_id));
+        assert!(!old_dir(&dir).exists() && !rebuild_dir(&dir).exists());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 mod bm25;
 mod merge;
 mod migrate;
+mod pairs;
 mod query;
 mod topk;
 mod window;
@@ -91,6 +92,8 @@ pub struct ChunkRecord {
 const KEY: &str = "key";
 /// The name of the indexed-only field holding each chunk's window ([`window`]).
 const WINDOW: &str = "window";
+/// The name of the indexed-only field holding each chunk's word pairs ([`pairs`]).
+const PAIRS: &str = "pairs";
 
 /// The fields of a chunk. `key` is `None` only in an index written before keys existed, which
 /// [`migrate`] reads once to rebuild.
@@ -105,6 +108,7 @@ struct Fields {
     metadata: Field,
     key: Option<Field>,
     window: Option<Field>,
+    pairs: Option<Field>,
 }
 
 impl Fields {
@@ -120,10 +124,11 @@ impl Fields {
             metadata: schema.get_field("metadata")?,
             key: schema.get_field(KEY).ok(),
             window: schema.get_field(WINDOW).ok(),
+            pairs: schema.get_field(PAIRS).ok(),
         })
     }
 
-    /// A chunk as a tantivy document (with its key and window, when the schema has them).
+    /// A chunk as a tantivy document (with its key, window and pairs, when the schema has them).
     fn document(&self, c: &ChunkRecord, window: &str) -> TantivyDocument {
         let mut doc = TantivyDocument::default();
         doc.add_text(self.chunk_id, &c.chunk_id);
@@ -138,6 +143,9 @@ impl Fields {
         }
         if let Some(field) = self.window {
             doc.add_text(field, window);
+        }
+        if let Some(field) = self.pairs {
+            doc.add_text(field, &c.text);
         }
         doc
     }
@@ -176,7 +184,23 @@ fn schema() -> Schema {
     builder.add_text_field("metadata", STORED);
     builder.add_u64_field(KEY, INDEXED | FAST);
     builder.add_text_field(WINDOW, analyzed);
+    builder.add_text_field(
+        PAIRS,
+        TextOptions::default().set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer(pairs::TOKENIZER)
+                .set_index_option(IndexRecordOption::WithFreqs),
+        ),
+    );
     builder.build()
+}
+
+/// Whether an index has every field of [`schema`] that a search or a write needs; one that does
+/// not is rebuilt once ([`migrate`]).
+fn is_current(schema: &Schema) -> bool {
+    [KEY, WINDOW, PAIRS]
+        .iter()
+        .all(|name| schema.get_field(name).is_ok())
 }
 
 /// One collection's BM25 index and chunk store.
@@ -215,16 +239,17 @@ impl Bm25Index {
         std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
         let index = if dir.join("meta.json").exists() {
             let index = Index::open_in_dir(dir).map_err(err)?;
-            if index.schema().get_field(KEY).is_ok() {
+            if is_current(&index.schema()) {
                 index
             } else {
                 drop(index);
-                migrate::add_keys(dir, writer_heap_bytes)?;
+                migrate::rebuild(dir, writer_heap_bytes)?;
                 Index::open_in_dir(dir).map_err(err)?
             }
         } else {
             Index::create_in_dir(dir, schema()).map_err(err)?
         };
+        pairs::register(&index);
         let fields = Fields::of(&index.schema()).map_err(err)?;
         let key = fields
             .key
@@ -748,6 +773,60 @@ mod tests {
             "b1's window is its own text, searched once more"
         );
         assert_eq!(with_window[0].0, chunk_key("a1"), "{with_window:?}");
+    }
+
+    #[test]
+    fn a_question_s_words_side_by_side_rank_above_the_same_words_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Bm25Index::open_or_create(dir.path(), 20).expect("open");
+        index
+            .replace_documents(
+                &["a".into(), "b".into()],
+                &[
+                    chunk("apart", "a", "tuples of rows that are dead"),
+                    chunk(
+                        "side",
+                        "b",
+                        "vacuum removes dead tuples from pages of the table",
+                    ),
+                ],
+            )
+            .expect("write");
+        let query = "What removes the dead tuples?";
+        let words = Bm25Config {
+            title_weight: 0.0,
+            ..S
+        };
+        let apart_wins = index.search("dead tuples", 5, &words).expect("search");
+        assert_eq!(
+            apart_wins[0].0,
+            chunk_key("apart"),
+            "the shorter chunk: {apart_wins:?}"
+        );
+        let paired = Bm25Config {
+            pair_weight: 0.5,
+            ..words
+        };
+        let hits = index.search("dead tuples", 5, &paired).expect("search");
+        assert_eq!(hits[0].0, chunk_key("side"), "{hits:?}");
+        // Pairs come from the question's words in order: "the dead" and "dead tuples" (the
+        // question mark and case aside); one-letter words and possessives do not break them.
+        let clauses = query::free_text(&index.index, &index.fields, query, &paired).expect("q");
+        let pairs: Vec<(String, f32)> = clauses
+            .iter()
+            .filter(|c| c.terms[0].field() == index.fields.pairs.expect("pairs"))
+            .map(|c| {
+                let text = c.terms[0].value().as_str().expect("text").to_string();
+                (text, c.weight)
+            })
+            .collect();
+        let want = ["what remov", "remov the", "the dead", "dead tupl"];
+        assert_eq!(pairs, want.map(|p| (p.to_string(), 0.5)));
+        let off = query::free_text(&index.index, &index.fields, query, &words).expect("q");
+        assert!(
+            off.iter()
+                .all(|c| Some(c.terms[0].field()) != index.fields.pairs)
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Free text -> the weighted clauses of a BM25 query over a chunk's title, text and window, with
-//! no query syntax.
+//! Free text -> the weighted clauses of a BM25 query over a chunk's title, text, window and word
+//! pairs, with no query syntax.
 //!
 //! Every clause is a term (or, for a word the analyzer splits, a phrase) that may match; a search
 //! sums the scores of those that do ([`super::topk`]). Stopwords stay (dropping them, from the
@@ -26,7 +26,9 @@ pub(super) const MAX_PHRASES: usize = 32;
 /// "beyoncé" then "s", and a question's "Beyoncé's" must match a text that says "Beyoncé"),
 /// through the field's own analyzer, is a term, or a phrase when it splits into several
 /// (`pg_dump` -> "pg dump"). Title and window clauses are weighted by `settings.title_weight` and
-/// `settings.window_weight` (left out at 0). There is no query syntax: nothing a user types is an
+/// `settings.window_weight`, and each two adjacent words of the text are a pair clause
+/// ([`super::pairs`]) weighted by `settings.pair_weight` (each left out at 0). There is no query
+/// syntax: nothing a user types is an
 /// operator (`-Fc` is not a negation, `title:` not a field), and nothing nests, so no input can
 /// overflow the stack (tantivy's parser recursed once per `(`: 100k of them aborted the
 /// process). The first [`MAX_QUERY_WORDS`] words count, and at most [`MAX_PHRASES`] phrases per
@@ -68,6 +70,16 @@ pub(super) fn free_text(
             if !terms.is_empty() {
                 add(&mut clauses, &mut seen, terms, weight);
             }
+        }
+    }
+    if let Some(field) = fields.pairs.filter(|_| settings.pair_weight > 0.0) {
+        let words: Vec<&str> = text.split_whitespace().take(MAX_QUERY_WORDS).collect();
+        let words = words.join(" ");
+        let mut analyzer = index.tokenizer_for_field(field)?;
+        let mut stream = analyzer.token_stream(&words);
+        while stream.advance() {
+            let pair = Term::from_field_text(field, &stream.token().text);
+            add(&mut clauses, &mut seen, vec![pair], settings.pair_weight);
         }
     }
     Ok(clauses)

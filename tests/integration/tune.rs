@@ -60,11 +60,13 @@ fn tune_reports_applies_only_what_holds_and_names_bad_input() {
         dry["tuned_on"].as_u64().unwrap() + dry["held_out"].as_u64().unwrap(),
         questions
     );
-    // 5 title weights x 3 window weights x 3 (k1, b) x 63 fusions, and the current settings.
-    assert_eq!(dry["variants_tried"], 2836);
+    // 5 title weights x 3 window weights x 2 pair weights x 3 (k1, b) x 63 fusions, and the
+    // current settings.
+    assert_eq!(dry["variants_tried"], 5671);
     assert_eq!(dry["applied"], false);
     assert_eq!(dry["before"]["settings"]["bm25"]["title_weight"], 0.5);
     assert_eq!(dry["before"]["settings"]["bm25"]["window_weight"], 2.0);
+    assert_eq!(dry["before"]["settings"]["bm25"]["pair_weight"], 0.75);
     assert_eq!(dry["before"]["settings"]["bm25"]["k1"], 1.2);
     for side in ["before", "best"] {
         for part in ["tuning", "held_out"] {
