@@ -129,9 +129,10 @@ fn check_space(dir: &Path) -> Result<(), IndexError> {
     Ok(())
 }
 
-/// Copy every live chunk of `old` into `new` (with its key and window), a document at a time,
-/// commit, and wait for the merges. Two reads of each stored chunk (its document, then the
-/// chunk), so memory holds the chunks' places and one document, never the collection's text.
+/// Copy every live chunk of `old` into `new` (with its key, window and pairs), a document at a
+/// time, commit, and merge them into one segment. Two reads of each stored chunk (its document,
+/// then the chunk), so memory holds the chunks' places and one document, never the collection's
+/// text.
 fn copy_chunks(old: &Index, new: &Index, writer_heap_bytes: usize) -> tantivy::Result<usize> {
     let from = Fields::of(&old.schema())?;
     let to = Fields::of(&new.schema())?;
@@ -157,6 +158,11 @@ fn copy_chunks(old: &Index, new: &Index, writer_heap_bytes: usize) -> tantivy::R
         }
     }
     writer.commit()?;
+    // One segment, as a compaction leaves a collection: a search visits every segment.
+    let segments = new.searchable_segment_ids()?;
+    if segments.len() > 1 {
+        writer.merge(&segments).wait()?;
+    }
     writer.wait_merging_threads()?;
     Ok(places.len())
 }
@@ -279,6 +285,7 @@ mod tests {
         let index = Bm25Index::open_or_create(&dir, 20).expect("open migrates");
         assert!(index.fields.pairs.is_some());
         assert_eq!(index.num_chunks().expect("count"), 2);
+        assert_eq!(index.num_segments(), 1);
         let pairs_only = Bm25Config {
             title_weight: 0.0,
             pair_weight: 1.0,
