@@ -54,6 +54,33 @@ async fn every_route_group_over_http() {
         .await;
     assert_eq!(status, 200, "{c}");
     assert_eq!(c["fusion"]["method"], "rrf");
+    // A BM25 setting named alone changes alone: windows and pairs stay on.
+    let (status, c) = app
+        .send(
+            Method::PATCH,
+            "/api/collections/docs",
+            json!({"bm25": {"k1": 0.9}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["bm25"]["k1"], 0.9);
+    assert_eq!(c["bm25"]["window_weight"], 2.0);
+    assert_eq!(c["bm25"]["pair_weight"], 0.75);
+    let (status, e) = app
+        .send(
+            Method::PATCH,
+            "/api/collections/docs",
+            json!({"bm25": {"pair_weight": -1.0}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bm25.pair_weight"),
+        "{e}"
+    );
     let (status, e) = app
         .send(
             Method::PATCH,
