@@ -35,6 +35,7 @@ pub const MIN_QUESTIONS: usize = 20;
 
 const TITLE_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 1.0, 2.0];
 const WINDOW_WEIGHTS: [f32; 3] = [0.0, 1.0, 2.0];
+/// Word pairs off, and a new collection's weight (the best of nine on SQuAD dev and new_wiki).
 const PAIR_WEIGHTS: [f32; 2] = [0.0, 0.75];
 /// BM25's (k1, b): the default and two steps towards the best of 22 pairs on SQuAD dev and
 /// new_wiki (which suits short passages better than long reviews).

@@ -7,9 +7,9 @@
 //! One [`Bm25Index`] owns the collection's single `IndexWriter` (tantivy allows one per index; a
 //! second process gets [`IndexError::Locked`]). Calls are blocking: async callers go through
 //! `spawn_blocking`. Knows nothing of vectors or fusion. Query building is in [`query`]; scoring a
-//! query's top `k` in [`topk`]; which
-//! segments a compaction merges in [`merge`]; the one-time rebuild of an index written before keys
-//! existed in [`migrate`].
+//! query's top `k` in [`topk`]; a chunk's window (its text between its neighbours') in [`window`]
+//! and its word pairs in [`pairs`]; which segments a compaction merges in [`merge`]; the one-time
+//! rebuild of an index written before keys, windows or pairs existed in [`migrate`].
 
 mod bm25;
 mod merge;
