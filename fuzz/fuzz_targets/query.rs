@@ -1,5 +1,5 @@
 //! Fuzz target: any text as a search of a small real tantivy BM25 index, with titles weighted and
-//! not searched. A query is free text (no syntax), so every input must give a result list (possibly
+//! not searched, windows and word pairs on and off. A query is free text (no syntax), so every input must give a result list (possibly
 //! empty) of at most `k` chunks: no error, no panic, no stack overflow.
 
 #![no_main]
@@ -68,6 +68,7 @@ fuzz_target!(|data: &[u8]| {
         // k1 0 makes every match its idf; b 0 and 1 are the ends of length normalisation.
         k1: [1.2, 0.0, 0.6, 5.0][usize::from(pick / 6) % 4],
         b: [0.75, 0.0, 1.0][usize::from(pick / 24) % 3],
+        pair_weight: [0.0, 0.75][usize::from(pick / 72) % 2],
     };
     let hits = index()
         .search(&query, K, &settings)
