@@ -408,6 +408,13 @@ impl Catalog {
     async fn delete_open(&self, collection: Arc<Collection>) -> Result<(), CollectionError> {
         let name = collection.name().to_string();
         collection.index.close_writer()?;
+        // The embedded store flushes and closes its files where they are, before the rename
+        // moves them (flushing after it failed on the old path).
+        if let Err(e) = collection.vectors.close().await {
+            // Its files are being deleted: a store that cannot flush (a full disk) must not keep
+            // the collection from going.
+            tracing::warn!(collection = %name, error = %e, "the vector store could not be flushed before the delete");
+        }
         killpoint::reach("collection.delete.closed");
         let trash = self.retire(&name)?;
         killpoint::reach("collection.delete.retired");

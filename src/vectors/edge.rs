@@ -129,6 +129,14 @@ impl Inner {
         }
     }
 
+    /// Drop the shard, which flushes it and closes its files (where they are: a caller that moves
+    /// them closes first, or the flush panics on the old path). The store is going away, so a
+    /// guard poisoned by an earlier panic is no reason to keep it open.
+    fn close(&self) {
+        let mut guard = self.shard.write().unwrap_or_else(PoisonError::into_inner);
+        drop(guard.take());
+    }
+
     /// `op` on the shard, on this thread, under the guard `access` asks for.
     fn with_shard<T>(
         &self,
@@ -299,15 +307,17 @@ impl VectorStore for EdgeStore {
         .await
     }
 
+    async fn close(&self) -> Result<(), VectorError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.close()).await?;
+        Ok(())
+    }
+
     async fn drop_store(&self) -> Result<(), VectorError> {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
             let path = inner.path.as_path();
-            // The store is being deleted, so a guard poisoned by an earlier panic is no reason to
-            // keep the files.
-            let mut guard = inner.shard.write().unwrap_or_else(PoisonError::into_inner);
-            // Dropping the shard flushes it and closes its files before they are removed.
-            drop(guard.take());
+            inner.close();
             match std::fs::remove_dir_all(path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -721,6 +731,24 @@ mod tests {
 
         assert!(!dir.path().join("vectors").exists());
         assert!(matches!(store.count().await, Err(VectorError::Edge { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_store_closed_before_its_directory_moves_is_dropped_cleanly() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_three_points(dir.path()).await;
+        // What a collection delete does: close, move the directory out of the catalog, drop.
+        store.close().await.expect("close");
+        assert!(matches!(store.count().await, Err(VectorError::Edge { .. })));
+        std::fs::rename(dir.path().join("vectors"), dir.path().join("moved")).expect("move");
+        store
+            .drop_store()
+            .await
+            .expect("nothing left to flush at the old path");
+        assert!(
+            dir.path().join("moved").join("segments").is_dir(),
+            "files kept as moved"
+        );
     }
 
     const D: usize = 384;

@@ -109,6 +109,11 @@ pub trait VectorStore: Send + Sync + std::fmt::Debug {
     async fn count(&self) -> Result<usize, VectorError>;
     /// Make everything written so far durable.
     async fn flush(&self) -> Result<(), VectorError>;
+    /// Flush and close what the store holds open in this process, before its files are moved
+    /// (the collection is being deleted); later calls fail. A server's store holds nothing here.
+    async fn close(&self) -> Result<(), VectorError> {
+        Ok(())
+    }
     /// Remove the whole store (the collection is being deleted).
     async fn drop_store(&self) -> Result<(), VectorError>;
 }
