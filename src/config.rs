@@ -197,6 +197,42 @@ impl Bm25Config {
     }
 }
 
+/// A change to some of a collection's BM25 settings (what a CLI flag or an API request names);
+/// the settings it leaves out keep their value.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bm25Change {
+    pub title_weight: Option<f32>,
+    pub window_weight: Option<f32>,
+    pub pair_weight: Option<f32>,
+    pub k1: Option<f32>,
+    pub b: Option<f32>,
+}
+
+impl Bm25Change {
+    /// Set what this change names in `to` (checked afterwards, with the rest of the settings).
+    pub fn apply(self, to: &mut Bm25Config) {
+        let Bm25Change {
+            title_weight,
+            window_weight,
+            pair_weight,
+            k1,
+            b,
+        } = self;
+        for (value, slot) in [
+            (title_weight, &mut to.title_weight),
+            (window_weight, &mut to.window_weight),
+            (pair_weight, &mut to.pair_weight),
+            (k1, &mut to.k1),
+            (b, &mut to.b),
+        ] {
+            if let Some(v) = value {
+                *slot = v;
+            }
+        }
+    }
+}
+
 impl Default for Bm25Config {
     fn default() -> Self {
         Bm25Config::BEFORE_SETTINGS
@@ -211,7 +247,7 @@ pub struct SearchSettings {
 }
 
 impl std::fmt::Display for SearchSettings {
-    /// `title weight 0.5, window weight 2, pair weight 0.2, k1 1.2, b 0.75, weighted 1/1, 50
+    /// `title weight 0.5, window weight 2, pair weight 0.75, k1 1.2, b 0.75, weighted 1/1, 50
     /// candidates` (or `rrf k 60 bm25 x1`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let fusion = &self.fusion;

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 
 use crate::app::App;
 use crate::collection::{Catalog, CollectionSettings};
-use crate::config::{FusionMethod, Settings};
+use crate::config::{Bm25Change, FusionMethod, Settings};
 use crate::embed::Embedder;
 use crate::eval::QuestionFormat;
 use crate::ingest::{Format, Progress};
@@ -155,21 +155,14 @@ impl SettingsArgs {
         if let Some(v) = self.candidates {
             s.fusion.candidates = v;
         }
-        if let Some(v) = self.title_weight {
-            s.bm25.title_weight = v;
+        Bm25Change {
+            title_weight: self.title_weight,
+            window_weight: self.window_weight,
+            pair_weight: self.pair_weight,
+            k1: self.k1,
+            b: self.b,
         }
-        if let Some(v) = self.window_weight {
-            s.bm25.window_weight = v;
-        }
-        if let Some(v) = self.pair_weight {
-            s.bm25.pair_weight = v;
-        }
-        if let Some(v) = self.k1 {
-            s.bm25.k1 = v;
-        }
-        if let Some(v) = self.b {
-            s.bm25.b = v;
-        }
+        .apply(&mut s.bm25);
         if let Some(v) = &self.adapter {
             s.adapter = Some(v.clone());
         }

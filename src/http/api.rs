@@ -14,7 +14,7 @@ use super::guard::Caller;
 use super::{ApiError, AppState, sse_event};
 use crate::answerlog::Who;
 use crate::collection::{CollectionSettings, CollectionStats};
-use crate::config::{Bm25Config, ChunkingConfig, FusionConfig};
+use crate::config::{Bm25Change, Bm25Config, ChunkingConfig, FusionConfig};
 use crate::ingest::{Format, Progress};
 use crate::rag::{self, AdapterChoice};
 use crate::retrieve::{Mode, Retriever};
@@ -92,7 +92,7 @@ struct CreateCollection {
     #[serde(default)]
     chunking: Option<ChunkingConfig>,
     #[serde(default)]
-    bm25: Option<Bm25Patch>,
+    bm25: Option<Bm25Change>,
     #[serde(default)]
     fusion: Option<FusionConfig>,
     #[serde(default)]
@@ -131,44 +131,9 @@ struct UpdateCollection {
     #[serde(default, deserialize_with = "some_option")]
     adapter: Option<Option<String>>,
     #[serde(default)]
-    bm25: Option<Bm25Patch>,
+    bm25: Option<Bm25Change>,
     #[serde(default)]
     fusion: Option<FusionConfig>,
-}
-
-/// The BM25 settings a request names; the others keep their value (a new collection's defaults,
-/// or the collection's own), so a client that sets one weight does not turn windows or pairs off.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Bm25Patch {
-    title_weight: Option<f32>,
-    window_weight: Option<f32>,
-    pair_weight: Option<f32>,
-    k1: Option<f32>,
-    b: Option<f32>,
-}
-
-impl Bm25Patch {
-    fn apply(self, to: &mut Bm25Config) {
-        let Bm25Patch {
-            title_weight,
-            window_weight,
-            pair_weight,
-            k1,
-            b,
-        } = self;
-        for (value, slot) in [
-            (title_weight, &mut to.title_weight),
-            (window_weight, &mut to.window_weight),
-            (pair_weight, &mut to.pair_weight),
-            (k1, &mut to.k1),
-            (b, &mut to.b),
-        ] {
-            if let Some(v) = value {
-                *slot = v;
-            }
-        }
-    }
 }
 
 /// Distinguishes a missing field (None) from an explicit null (Some(None)).
@@ -194,8 +159,9 @@ async fn update_collection(
     Ok(HttpResponse::Ok().json(view(s, c.stats().await?)))
 }
 
-/// The search settings a request names replace the collection's (absent: unchanged).
-fn set_search(s: &mut CollectionSettings, fusion: Option<FusionConfig>, bm25: Option<Bm25Patch>) {
+/// The search settings a request names replace the collection's (absent: unchanged; in `bm25`,
+/// each setting on its own, so a client that sets one weight does not turn windows or pairs off).
+fn set_search(s: &mut CollectionSettings, fusion: Option<FusionConfig>, bm25: Option<Bm25Change>) {
     if let Some(f) = fusion {
         s.fusion = f;
     }
